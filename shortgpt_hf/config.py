@@ -1,0 +1,115 @@
+"""`ShortGPTConfig`: the record of which layers were removed, and why.
+
+It lives in two places with the same content: as the ``shortgpt`` block of a
+pruned model's ``config.json`` (like ``quantization_config``, it round-trips
+through ``AutoConfig`` untouched), and later as a standalone recipe file.
+Indices are always ORIGINAL layer indices of the unpruned base, so pruning a
+pruned model composes without ambiguity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ShortGPTError
+
+MODES = ("remove",)
+CONFIG_TYPE = "shortgpt"
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@dataclass
+class ShortGPTConfig:
+    """Which original layers are gone from a model, and how they were chosen.
+
+    ``layer_scores`` has one entry per ORIGINAL layer (``None`` for a layer that
+    had already been removed when the scores were computed), so a card or a
+    plot can show every layer of the base in its own place.
+    """
+
+    removed_layers: list[int]
+    original_num_hidden_layers: int
+    metric: str | None = None
+    layer_scores: list[float | None] | None = None
+    block_size: int = 1
+    calibration: dict[str, Any] | None = None
+    mode: str = "remove"
+    model_type: str | None = None
+    base_model_name_or_path: str | None = None
+    base_revision: str | None = None
+    library_version: str = field(default_factory=_library_version)
+    config_type: str = CONFIG_TYPE
+
+    def __post_init__(self) -> None:
+        self.removed_layers = sorted(int(i) for i in self.removed_layers)
+        n = self.original_num_hidden_layers
+        if not isinstance(n, int) or n < 1:
+            raise ShortGPTError(f"original_num_hidden_layers must be a positive int, got {n!r}")
+        if len(set(self.removed_layers)) != len(self.removed_layers):
+            raise ShortGPTError(f"removed_layers has duplicates: {self.removed_layers}")
+        bad = [i for i in self.removed_layers if not 0 <= i < n]
+        if bad:
+            raise ShortGPTError(f"removed_layers {bad} are outside 0..{n - 1}")
+        if len(self.removed_layers) >= n:
+            raise ShortGPTError("removed_layers would remove every layer")
+        if self.mode not in MODES:
+            raise ShortGPTError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.layer_scores is not None and len(self.layer_scores) != n:
+            raise ShortGPTError(
+                f"layer_scores has {len(self.layer_scores)} entries for {n} original layers"
+            )
+        if self.config_type != CONFIG_TYPE:
+            raise ShortGPTError(f"not a ShortGPT config (config_type={self.config_type!r})")
+
+    @property
+    def kept_layers(self) -> list[int]:
+        """Original indices of the layers still present, in order."""
+        removed = set(self.removed_layers)
+        return [i for i in range(self.original_num_hidden_layers) if i not in removed]
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.original_num_hidden_layers - len(self.removed_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ShortGPTConfig":
+        """Build from a dict, warning about (not failing on) keys from newer versions."""
+        if not isinstance(data, dict):
+            raise ShortGPTError(f"a ShortGPT config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(f"ignoring unknown ShortGPT config keys {unknown} (written by a newer version?)")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as e:
+            raise ShortGPTError(f"invalid ShortGPT config: {e}") from None
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json_string(cls, text: str) -> "ShortGPTConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ShortGPTError(f"ShortGPT config is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_model(cls, model: Any) -> "ShortGPTConfig | None":
+        """The config recorded on a model by `prune`, or None for an unpruned model."""
+        data = getattr(model.config, "shortgpt", None)
+        return None if data is None else cls.from_dict(data)

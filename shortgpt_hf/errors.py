@@ -1,0 +1,10 @@
+"""The one exception type that means "the user asked for something impossible"."""
+
+
+class ShortGPTError(ValueError):
+    """A user mistake or an unsupported model, explained in one line.
+
+    The CLI prints these as ``error: <message>`` and exits non-zero without a
+    traceback; anything else that escapes is a bug in shortgpt_hf and keeps its
+    traceback.
+    """

@@ -1,0 +1,40 @@
+"""Resolving what a user calls "a model": a built-in name, a local folder or a Hub id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .builtin import BUILTINS, builtin_path
+from .errors import ShortGPTError
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A path or Hub id that ``from_pretrained`` understands."""
+    if name_or_path in BUILTINS:
+        return str(builtin_path(name_or_path))
+    path = Path(name_or_path)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ShortGPTError(f"{path} is not a model folder (no config.json)")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ShortGPTError(f"model path does not exist: {name_or_path}")
+    return name_or_path  # a Hub id: huggingface_hub resolves it (from its cache when offline)
+
+
+def load_model(name_or_path: str, tokenizer: bool = True, **from_pretrained_kwargs: Any) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` through ``AutoModelForCausalLM``; missing models become one-line errors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **from_pretrained_kwargs)
+        tok = AutoTokenizer.from_pretrained(source) if tokenizer else None
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ShortGPTError(f"cannot load {name_or_path!r}: {first}") from None
+    except ValueError as e:  # e.g. a config with no causal-LM class (BERT, T5 encoders)
+        first = str(e).strip().splitlines()[0]
+        raise ShortGPTError(f"{name_or_path!r} is not a supported causal LM: {first}") from None
+    return model, tok

@@ -1,0 +1,213 @@
+"""Per-layer importance scores: Block Influence and the paper's baselines.
+
+A low score means "this layer barely changes the residual stream, remove it
+first". Hidden-state metrics are measured with hooks on the decoder layers:
+each layer's raw input and raw output (never the final-normed hidden state the
+reference code compares the last layer with), row-wise cosine in fp32,
+padding masked out, and only one running sum per layer kept, so memory does
+not grow with the number of layers or tokens and no logits are computed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import CalibrationData, TokenWindows, prepare_calibration
+from .errors import ShortGPTError
+from .layers import find_decoder_layers
+
+HIDDEN_STATE_METRICS = ("bi", "angular", "relative_magnitude")
+ORDER_METRICS = ("sequential", "reverse", "random")
+METRICS = HIDDEN_STATE_METRICS + ORDER_METRICS
+
+
+@dataclass
+class LayerScores:
+    """Scores for the model's CURRENT layers (or, with ``block_size`` n > 1, for each
+    block of n consecutive layers, indexed by its first layer)."""
+
+    metric: str
+    scores: list[float]
+    num_layers: int
+    num_tokens: int = 0
+    calibration: str | None = None
+    seq_len: int | None = None
+    block_size: int = 1
+
+    def lowest(self, n: int) -> list[int]:
+        """The ``n`` layers to remove first: lowest scores, ties broken by index."""
+        if self.block_size > 1:
+            if n != self.block_size:
+                raise ShortGPTError(
+                    f"these {self.metric} scores rank blocks of {self.block_size} layers; remove exactly {self.block_size}"
+                )
+            start = min(range(len(self.scores)), key=lambda i: (self.scores[i], i))
+            return list(range(start, start + n))
+        return sorted(sorted(range(len(self.scores)), key=lambda i: (self.scores[i], i))[:n])
+
+    def calibration_summary(self) -> dict[str, Any]:
+        return {"description": self.calibration, "num_tokens": self.num_tokens, "seq_len": self.seq_len}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "LayerScores":
+        path = Path(text_or_path)
+        text = path.read_text() if path.suffix == ".json" and path.is_file() else str(text_or_path)
+        return cls(**json.loads(text))
+
+    def plot(self, path: str | Path, highlight: int = 0, title: str | None = None) -> Path:
+        """A bar chart of the scores, the ``highlight`` lowest in a second colour."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        chosen = set(self.lowest(highlight)) if highlight else set()
+        fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(self.scores)), 3.2))
+        colors = ["tab:red" if i in chosen else "tab:blue" for i in range(len(self.scores))]
+        ax.bar(range(len(self.scores)), self.scores, color=colors)
+        ax.set_xlabel("layer" if self.block_size == 1 else f"first layer of {self.block_size}-layer block")
+        ax.set_ylabel(self.metric)
+        ax.set_title(title or f"{self.metric} per layer ({self.num_tokens} tokens)" + (f", red: lowest {highlight}" if highlight else ""))
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)
+
+
+def _order_scores(metric: str, num_layers: int, seed: int) -> list[float]:
+    if metric == "sequential":  # remove from the first layer onwards
+        return [float(i) for i in range(num_layers)]
+    if metric == "reverse":  # remove from the last layer backwards
+        return [float(num_layers - 1 - i) for i in range(num_layers)]
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(num_layers, generator=gen, dtype=torch.float64).tolist()
+
+
+class _Accumulator:
+    """Hooks that add one metric term per (masked) token to a per-block running sum."""
+
+    def __init__(self, metric: str, layers: nn.ModuleList, block_size: int):
+        self.metric = metric
+        self.block_size = block_size
+        self.num_blocks = len(layers) - block_size + 1
+        self.sums: list[torch.Tensor | None] = [None] * self.num_blocks
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None
+        self.handles = []
+        for i, layer in enumerate(layers):
+            if i < self.num_blocks:
+                self.handles.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            if i >= block_size - 1:
+                self.handles.append(layer.register_forward_hook(self._post(i - block_size + 1), with_kwargs=True))
+
+    def _pre(self, start: int):
+        def hook(module, args, kwargs):
+            self.inputs[start] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def _post(self, start: int):
+        def hook(module, args, kwargs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            self._add(start, self.inputs.pop(start), out)
+
+        return hook
+
+    def _add(self, start: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        mask = self.mask.to(y.device).reshape(-1)
+        x = x.reshape(-1, x.shape[-1])[mask].float()
+        y = y.reshape(-1, y.shape[-1])[mask].float()
+        if self.metric == "relative_magnitude":  # ||f(x)|| / ||x + f(x)||, f(x) = y - x
+            term = (y - x).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)
+        else:
+            cos = F.cosine_similarity(x, y, dim=-1)
+            term = 1 - cos if self.metric == "bi" else torch.arccos(cos.clamp(-1, 1)) / math.pi
+        total = term.sum(dtype=torch.float64)
+        self.sums[start] = total if self.sums[start] is None else self.sums[start] + total
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _default_tokenizer(model: nn.Module) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model.name_or_path)
+    except (OSError, ValueError) as e:
+        raise ShortGPTError(f"no tokenizer given and none found at {model.name_or_path!r}: pass tokenizer=") from e
+
+
+@torch.no_grad()
+def score_layers(
+    model: nn.Module,
+    calibration: CalibrationData = None,
+    metric: str = "bi",
+    *,
+    tokenizer: Any = None,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    max_tokens: int | None = 8192,
+    block_size: int = 1,
+    text_column: str = "text",
+    seed: int = 0,
+    progress: bool = True,
+) -> LayerScores:
+    """Score every current decoder layer; low = least influential.
+
+    ``calibration`` may be None (packaged Shakespeare), a text file path, a list
+    of strings, a ``datasets.Dataset`` (``text_column``), or token tensors. It
+    is cut into windows of ``seq_len`` tokens and truncated to ``max_tokens``.
+    Works on models dispatched with an accelerate ``device_map``: each layer's
+    sum stays on that layer's device.
+    """
+    if metric not in METRICS:
+        raise ShortGPTError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    layers = find_decoder_layers(model).layers
+    num_layers = len(layers)
+    if block_size != 1 and metric != "angular":
+        raise ShortGPTError("block_size > 1 is defined for the angular metric only (Gromov et al.)")
+    if not 1 <= block_size < num_layers:
+        raise ShortGPTError(f"block_size must be between 1 and {num_layers - 1}, got {block_size}")
+    if metric in ORDER_METRICS:
+        return LayerScores(metric, _order_scores(metric, num_layers, seed), num_layers, calibration=f"none (seed {seed})" if metric == "random" else None)
+
+    if tokenizer is None and not isinstance(calibration, (torch.Tensor, dict)):
+        tokenizer = _default_tokenizer(model)
+    windows: TokenWindows = prepare_calibration(calibration, tokenizer, seq_len, max_tokens, text_column)
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    device = torch.device("cpu") if getattr(model, "hf_device_map", None) else model.device
+    acc = _Accumulator(metric, layers, block_size)
+    was_training = model.training
+    model.eval()
+    try:
+        bar = tqdm(total=windows.num_tokens, unit="tok", desc=f"scoring ({metric})", disable=not progress)
+        for ids, mask in windows.batches(batch_size, pad_id):
+            acc.mask = mask.bool()
+            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            bar.update(int(mask.sum()))
+        bar.close()
+    finally:
+        acc.remove()
+        model.train(was_training)
+    scores = [float(s.item()) / windows.num_tokens for s in acc.sums]
+    return LayerScores(metric, scores, num_layers, windows.num_tokens, windows.description, seq_len, block_size)
