@@ -225,10 +225,8 @@ def verify_pruned(model: nn.Module, reference: torch.Tensor | None = None) -> No
     device = _input_device(model)
     out = model(input_ids=ids[:, :split].to(device), use_cache=True)
     steps = [out.logits[:, -1]]
-    cache = out.past_key_values
     for t in range(split, ids.shape[1] - 1):
-        out = model(input_ids=ids[:, t : t + 1].to(device), past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=ids[:, t : t + 1].to(device), cache=out.cache, use_cache=True)
         steps.append(out.logits[:, -1])
     cached = torch.stack([s.float().cpu() for s in steps], dim=1)
     if not logits_close(cached, full[:, split - 1 : -1], tol):

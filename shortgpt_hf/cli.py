@@ -1,0 +1,154 @@
+"""The ``shortgpt`` command line: score layers, prune and save.
+
+User mistakes surface as `ShortGPTError` and are printed as one line on stderr
+with exit status 2; no output folder is created before all checks pass.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .builtin import DEFAULT_MODEL
+from .errors import ShortGPTError
+from .scoring import METRICS
+
+app = typer.Typer(
+    help="ShortGPT layer pruning for Hugging Face causal LMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+
+ModelArg = Annotated[str, typer.Argument(help="Built-in name (smollm2-135m, gemma3-270m), local folder, or Hub id (read from the local cache).")]
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _load(model: str, dtype: str, device_map: Optional[str]):
+    import torch
+
+    from .loading import load_model
+
+    if dtype not in DTYPES:
+        raise ShortGPTError(f"--dtype must be one of {', '.join(DTYPES)}")
+    kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+    if device_map:
+        kwargs["device_map"] = device_map
+    return load_model(model, **kwargs)
+
+
+def _parse_layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ShortGPTError(f"--layers must be comma-separated integers, got {text!r}") from None
+
+
+def _score_table(scores, marked: set[int], original: list[int] | None = None) -> Table:
+    table = Table(title=f"{scores.metric} per layer ({scores.num_tokens} calibration tokens)" if scores.num_tokens else scores.metric)
+    table.add_column("layer", justify="right")
+    if original is not None:
+        table.add_column("original", justify="right")
+    table.add_column(scores.metric, justify="right")
+    table.add_column("")
+    for i, value in enumerate(scores.scores):
+        row = [str(i)] + ([str(original[i])] if original is not None else []) + [f"{value:.5f}", "<- lowest" if i in marked else ""]
+        table.add_row(*row)
+    return table
+
+
+def _score(model, tokenizer, metric: str, calibration: Optional[Path], seq_len: int, max_tokens: int, batch_size: int, block_size: int = 1):
+    from .scoring import score_layers
+
+    return score_layers(model, calibration, metric, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, block_size=block_size)
+
+
+@app.command()
+def score(
+    model: ModelArg = DEFAULT_MODEL,
+    calibration: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (default: packaged Shakespeare).")] = None,
+    metric: Annotated[str, typer.Option(help=f"One of: {', '.join(METRICS)}.")] = "bi",
+    lowest: Annotated[int, typer.Option(help="How many lowest-scoring layers to mark.")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 256,
+    max_tokens: Annotated[int, typer.Option(help="Calibration tokens to use.")] = 8192,
+    batch_size: int = 8,
+    block_size: Annotated[int, typer.Option(help="Score blocks of n consecutive layers (angular metric).")] = 1,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the scores as JSON here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG bar chart here.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
+    device_map: Annotated[Optional[str], typer.Option(help="accelerate device_map, e.g. auto.")] = None,
+) -> None:
+    """Score every decoder layer (Block Influence by default) and mark the lowest."""
+    from .config import ShortGPTConfig
+
+    m, tok = _load(model, dtype, device_map)
+    result = _score(m, tok, metric, calibration, seq_len, max_tokens, batch_size, block_size)
+    marked = set(result.lowest(lowest if block_size == 1 else block_size)) if 0 < lowest < result.num_layers else set()
+    record = ShortGPTConfig.from_model(m)
+    out.print(_score_table(result, marked, record.kept_layers if record else None))
+    if json_out:
+        result.to_json(json_out)
+        out.print(f"scores written to {json_out}")
+    if plot:
+        result.plot(plot, highlight=len(marked) if block_size == 1 else 0)
+        out.print(f"chart written to {plot}")
+
+
+@app.command()
+def prune(
+    model: ModelArg = DEFAULT_MODEL,
+    n_layers: Annotated[Optional[int], typer.Option(help="Remove this many lowest-scoring layers.")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="Remove this fraction of layers (default 0.25 when nothing else is given).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Remove exactly these current layers, e.g. 3,7,9.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default ./<model>-shortgpt).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+    metric: Annotated[str, typer.Option(help=f"One of: {', '.join(METRICS)}.")] = "bi",
+    calibration: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (default: packaged Shakespeare).")] = None,
+    seq_len: int = 256,
+    max_tokens: int = 8192,
+    batch_size: int = 8,
+    verify: Annotated[bool, typer.Option(help="Check cache parity and the saved checkpoint's logits.")] = True,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
+    device_map: Annotated[Optional[str], typer.Option(help="accelerate device_map, e.g. auto.")] = None,
+) -> None:
+    """Score (if needed), remove layers, and save a native checkpoint."""
+    from .layers import find_decoder_layers
+    from .pruning import prune as prune_model
+    from .saving import check_destination, count_parameters, save_pruned
+
+    if n_layers is not None and ratio is not None:
+        raise ShortGPTError("give only one of --n-layers and --ratio")
+    if layers is not None and (n_layers is not None or ratio is not None):
+        raise ShortGPTError("--layers cannot be combined with --n-layers or --ratio")
+    chosen = _parse_layers(layers) if layers is not None else None
+    if chosen is None and n_layers is None and ratio is None:
+        ratio = 0.25
+    target = out_dir or Path(f"{Path(model.rstrip('/')).name}-shortgpt")
+    check_destination(target, overwrite)
+
+    m, tok = _load(model, dtype, device_map)
+    before = count_parameters(m)
+    num_before = len(find_decoder_layers(m).layers)
+    scores = None if chosen is not None else _score(m, tok, metric, calibration, seq_len, max_tokens, batch_size)
+    prune_model(m, chosen, n_layers=n_layers, ratio=ratio, scores=scores, verify=verify)
+    saved = save_pruned(m, target, tok, overwrite=overwrite, verify=verify)
+    record = m.config.shortgpt
+    after = count_parameters(m)
+    out.print(f"removed layers (original indices): {record['removed_layers']}" + (f" by {scores.metric}" if scores else ""))
+    out.print(f"layers: {num_before} -> {record['original_num_hidden_layers'] - len(record['removed_layers'])}")
+    out.print(f"parameters: {before:,} -> {after:,} ({100 * (1 - after / before):.1f}% fewer)")
+    out.print(f"saved to {saved}" + (" (verified: cache parity and reload logits)" if verify else ""))
+
+
+def main() -> None:
+    try:
+        app()
+    except ShortGPTError as e:
+        print(f"shortgpt: error: {e}", file=sys.stderr)
+        sys.exit(2)
