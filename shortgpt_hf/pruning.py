@@ -223,11 +223,14 @@ def verify_pruned(model: nn.Module, reference: torch.Tensor | None = None) -> No
         raise ShortGPTError("verification failed: the pruned model does not match the original with those layers skipped")
     split = ids.shape[1] // 2
     device = _input_device(model)
-    out = model(input_ids=ids[:, :split].to(device), use_cache=True)
-    steps = [out.logits[:, -1]]
-    for t in range(split, ids.shape[1] - 1):
-        out = model(input_ids=ids[:, t : t + 1].to(device), cache=out.cache, use_cache=True)
-        steps.append(out.logits[:, -1])
+    try:
+        out = model(input_ids=ids[:, :split].to(device), use_cache=True)
+        steps = [out.logits[:, -1]]
+        for t in range(split, ids.shape[1] - 1):
+            out = model(input_ids=ids[:, t : t + 1].to(device), cache=out.cache, use_cache=True)
+            steps.append(out.logits[:, -1])
+    except (IndexError, KeyError, RuntimeError) as e:  # e.g. a stale layer_idx past the cache's end
+        raise ShortGPTError(f"verification failed: cached decoding crashed after pruning ({type(e).__name__}: {e})") from e
     cached = torch.stack([s.float().cpu() for s in steps], dim=1)
     if not logits_close(cached, full[:, split - 1 : -1], tol):
         raise ShortGPTError(
