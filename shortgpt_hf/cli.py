@@ -120,6 +120,7 @@ def prune(
     """Score (if needed), remove layers, and save a native checkpoint."""
     from .layers import find_decoder_layers
     from .pruning import prune as prune_model
+    from .pruning import removal_count
     from .saving import check_destination, count_parameters, save_pruned
 
     if n_layers is not None and ratio is not None:
@@ -135,6 +136,8 @@ def prune(
     m, tok = _load(model, dtype, device_map)
     before = count_parameters(m)
     num_before = len(find_decoder_layers(m).layers)
+    if chosen is None:
+        removal_count(num_before, n_layers, ratio)  # refuse "none" or "all" before spending time scoring
     scores = None if chosen is not None else _score(m, tok, metric, calibration, seq_len, max_tokens, batch_size)
     prune_model(m, chosen, n_layers=n_layers, ratio=ratio, scores=scores, verify=verify)
     saved = save_pruned(m, target, tok, overwrite=overwrite, verify=verify)

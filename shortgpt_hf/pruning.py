@@ -49,6 +49,19 @@ def check_supported(model: nn.Module) -> None:
         raise ShortGPTError(f"{name} places MoE layers by moe_layer_freq={cfg.moe_layer_freq}, which cannot be renumbered")
 
 
+def removal_count(num_layers: int, n_layers: int | None = None, ratio: float | None = None) -> int:
+    """How many layers ``n_layers`` or ``ratio`` removes, refusing none or all (cheap: check before scoring)."""
+    if ratio is not None:
+        if not 0 < ratio < 1:
+            raise ShortGPTError(f"ratio must be between 0 and 1, got {ratio}")
+        n_layers = round(ratio * num_layers)
+        if n_layers == 0:
+            raise ShortGPTError(f"ratio {ratio} removes zero of {num_layers} layers")
+    if not 0 < n_layers < num_layers:
+        raise ShortGPTError(f"n_layers must remove between 1 and {num_layers - 1} of {num_layers} layers, got {n_layers}")
+    return n_layers
+
+
 def select_layers(
     num_layers: int,
     layers: Sequence[int] | None = None,
@@ -68,21 +81,14 @@ def select_layers(
         if bad:
             raise ShortGPTError(f"layer indices {bad} are out of range 0..{num_layers - 1}")
     else:
-        if ratio is not None:
-            if not 0 < ratio < 1:
-                raise ShortGPTError(f"ratio must be between 0 and 1, got {ratio}")
-            n_layers = round(ratio * num_layers)
-            if n_layers == 0:
-                raise ShortGPTError(f"ratio {ratio} removes zero of {num_layers} layers")
+        count = removal_count(num_layers, n_layers, ratio)
         if scores is None:
             raise ShortGPTError("n_layers and ratio need scores (from score_layers) to choose layers")
         if scores.num_layers != num_layers:
             raise ShortGPTError(
                 f"scores cover {scores.num_layers} layers but the model has {num_layers}; re-score the model"
             )
-        if not 0 < n_layers < num_layers:
-            raise ShortGPTError(f"n_layers must remove between 1 and {num_layers - 1} of {num_layers} layers, got {n_layers}")
-        chosen = scores.lowest(n_layers)
+        chosen = scores.lowest(count)
     if not chosen:
         raise ShortGPTError("no layers to remove")
     if len(chosen) >= num_layers:

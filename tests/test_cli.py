@@ -1,0 +1,144 @@
+"""The shortgpt command line: the main job end to end, and every bad input as a
+one-line error with a non-zero exit and no output folder."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import run_python
+from tiny_models import tiny_config
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shortgpt_hf import ShortGPTConfig
+from shortgpt_hf.cli import main
+
+
+def assert_one_line_error(err: str, message: str) -> None:
+    """Progress bars may precede it, but the error is one final line and no traceback."""
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("shortgpt: error:") and message in last, err
+    assert "Traceback" not in err and err.count("shortgpt: error:") == 1
+
+
+def run_cli(capsys, monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["shortgpt", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory, smollm2_path):
+    """Tiny checkpoints on disk (with a real tokenizer, so text calibration works)."""
+    root = tmp_path_factory.mktemp("cli_models")
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    config = tiny_config("llama")
+    config.vocab_size = len(tok)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+    config = tiny_config("gpt2")
+    config.scale_attn_by_inverse_layer_idx = True
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "gpt2_scaled")
+    tok.save_pretrained(root / "gpt2_scaled")
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32)).save_pretrained(root / "bert")
+    (root / "empty.txt").write_text("")
+    (root / "short.txt").write_text("Too short.")
+    return root
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ratio", "0.01"], "removes zero"),
+        (["--n-layers", "6"], "between 1 and 5"),
+        (["--n-layers", "0"], "between 1 and 5"),
+        (["--layers", "1,1"], "duplicate"),
+        (["--layers", "-1"], "out of range"),
+        (["--layers", "9"], "out of range"),
+        (["--layers", "a,b"], "comma-separated"),
+        (["--n-layers", "2", "--ratio", "0.3"], "only one of"),
+        (["--calibration", "{root}/empty.txt", "--n-layers", "2"], "empty"),
+        (["--calibration", "{root}/short.txt", "--n-layers", "2"], "fewer than one window"),
+        (["--calibration", "{root}/missing.txt", "--n-layers", "2"], "not found"),
+        (["--metric", "magic", "--n-layers", "2"], "unknown metric"),
+    ],
+)
+def test_bad_prune_input(tiny_dirs, tmp_path, capsys, monkeypatch, args, message):
+    out = tmp_path / "out"
+    args = [a.replace("{root}", str(tiny_dirs)) for a in args]
+    code, _, err = run_cli(capsys, monkeypatch, "prune", tiny_dirs / "llama", *args, "--out", out, "--seq-len", "16")
+    assert code == 2
+    assert_one_line_error(err, message)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [("{root}/nope", "does not exist"), ("{root}/bert", "no decoder layer list"), ("{root}/gpt2_scaled", "scale_attn_by_inverse_layer_idx"), ("{root}/empty.txt", "not a model folder")],
+)
+def test_bad_models(tiny_dirs, tmp_path, capsys, monkeypatch, model, message):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, monkeypatch, "prune", model.replace("{root}", str(tiny_dirs)), "--layers", "1", "--out", out)
+    assert code == 2
+    assert_one_line_error(err, message)
+    assert not out.exists()
+
+
+def test_existing_output_needs_overwrite(tiny_dirs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, monkeypatch, "prune", tiny_dirs / "llama", "--layers", "1", "--out", out)
+    assert code == 2 and "not empty" in err and (out / "keep.txt").read_text() == "mine"
+    code, stdout, _ = run_cli(capsys, monkeypatch, "prune", tiny_dirs / "llama", "--layers", "1", "--out", out, "--overwrite")
+    assert code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders must not be left behind"
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    result = subprocess.run(["shortgpt", "prune", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"shortgpt: error: model path does not exist: {tmp_path / 'missing'}"]
+
+
+def test_score_command_writes_json_and_plot(smollm2_path, tmp_path, capsys, monkeypatch):
+    code, stdout, _ = run_cli(capsys, monkeypatch, "score", smollm2_path, "--max-tokens", "1024", "--json", tmp_path / "s.json", "--plot", tmp_path / "s.png", "--lowest", "8")
+    assert code == 0
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["metric"] == "bi" and len(data["scores"]) == 30 and data["num_tokens"] == 1024
+    assert stdout.count("<- lowest") == 8
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_main_job_on_builtin_model_reloads_natively(tmp_path, capsys, monkeypatch):
+    """`shortgpt prune` with only --out (a folder here) on the default built-in model:
+    25% of layers go, and the folder reloads with plain transformers in a process
+    that never imports shortgpt_hf, giving the same logits as before saving."""
+    out = tmp_path / "pruned"
+    code, stdout, err = run_cli(capsys, monkeypatch, "prune", "--out", out, "--max-tokens", "2048")
+    assert code == 0, err
+    assert "layers: 30 -> 22" in stdout and "parameters: 134,515,008 -> 106,194,240" in stdout
+    record = ShortGPTConfig.from_dict(json.loads((out / "config.json").read_text())["shortgpt"])
+    assert len(record.removed_layers) == 8 and record.metric == "bi" and record.calibration["num_tokens"] == 2048
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 28, 2476]])
+    expected = model(input_ids=ids).logits[0, -1, :5].tolist()
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32)
+assert m.config.num_hidden_layers == 22 and len(m.model.layers) == 22
+print(m(input_ids=torch.tensor({ids.tolist()})).logits[0, -1, :5].tolist())
+assert "shortgpt_hf" not in sys.modules
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert eval(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, abs=1e-5)
