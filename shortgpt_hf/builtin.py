@@ -82,9 +82,7 @@ def _convert(spec: BuiltinModel, target: Path) -> None:
 
     try:
         gguf = spec.locate()
-    except importlib.metadata.PackageNotFoundError:
-        raise ShortGPTError(f"built-in model {spec.name!r} needs its weights package: {spec.install}") from None
-    except ModuleNotFoundError:
+    except (importlib.metadata.PackageNotFoundError, ModuleNotFoundError):
         raise ShortGPTError(f"built-in model {spec.name!r} needs its weights package: {spec.install}") from None
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -110,7 +110,7 @@ class _Accumulator:
         self.num_blocks = len(layers) - block_size + 1
         self.sums: list[torch.Tensor | None] = [None] * self.num_blocks
         self.inputs: dict[int, torch.Tensor] = {}
-        self.mask: torch.Tensor | None = None
+        self.masks: dict[torch.device, torch.Tensor] = {}  # this batch's token mask, per layer device
         self.handles = []
         for i, layer in enumerate(layers):
             if i < self.num_blocks:
@@ -131,8 +131,13 @@ class _Accumulator:
 
         return hook
 
+    def set_mask(self, mask: torch.Tensor) -> None:
+        self.masks = {mask.device: mask.reshape(-1).bool()}
+
     def _add(self, start: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        mask = self.mask.to(y.device).reshape(-1)
+        if y.device not in self.masks:
+            self.masks[y.device] = next(iter(self.masks.values())).to(y.device)
+        mask = self.masks[y.device]
         x = x.reshape(-1, x.shape[-1])[mask].float()
         y = y.reshape(-1, y.shape[-1])[mask].float()
         if self.metric == "relative_magnitude":  # ||f(x)|| / ||x + f(x)||, f(x) = y - x
@@ -202,7 +207,7 @@ def score_layers(
     try:
         bar = tqdm(total=windows.num_tokens, unit="tok", desc=f"scoring ({metric})", disable=not progress)
         for ids, mask in windows.batches(batch_size, pad_id):
-            acc.mask = mask.bool()
+            acc.set_mask(mask)
             model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             bar.update(int(mask.sum()))
         bar.close()
