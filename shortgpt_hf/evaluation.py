@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import prepare_calibration
+from .layers import input_device
 
 
 @torch.no_grad()
@@ -30,7 +31,7 @@ def perplexity(
     from .texts import heldout_texts
 
     windows = prepare_calibration(list(texts) if texts is not None else heldout_texts(), tokenizer, seq_len, max_tokens)
-    device = torch.device("cpu") if getattr(model, "hf_device_map", None) else model.device
+    device = input_device(model)
     nll, count = 0.0, 0
     was_training = model.training
     model.eval()

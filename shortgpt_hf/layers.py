@@ -90,6 +90,12 @@ def layers_as_identity(model: nn.Module, indices: Iterable[int]) -> Iterator[Non
             h.remove()
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where to put input ids. A model dispatched by accelerate moves inputs itself
+    (its first weights may even be on disk), so CPU is right for it."""
+    return torch.device("cpu") if getattr(model, "hf_device_map", None) else model.device
+
+
 def probe_ids(model: nn.Module, length: int = 12, seed: int = 0) -> torch.Tensor:
     """A fixed, model-independent batch of token ids for parity checks."""
     vocab = min(text_config(model).vocab_size, 32000)

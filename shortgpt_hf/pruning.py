@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
-from .layers import find_decoder_layers, layers_as_identity, probe_ids, text_config
+from .layers import find_decoder_layers, input_device, layers_as_identity, probe_ids, text_config
 
 if TYPE_CHECKING:
     from .scoring import LayerScores
@@ -161,18 +161,11 @@ def remove_layers(model: nn.Module, indices: Sequence[int]) -> None:
         model.hf_device_map = _rename_device_map(model.hf_device_map, found.path, kept)
 
 
-def _original_indices(model: nn.Module) -> tuple[list[int], int]:
-    """Original index of each current layer, and the original layer count."""
-    previous = ShortGPTConfig.from_model(model)
-    if previous is None:
-        n = text_config(model).num_hidden_layers
-        return list(range(n)), n
-    return previous.kept_layers, previous.original_num_hidden_layers
-
-
 def _record(model: nn.Module, current: list[int], scores: "LayerScores | None") -> ShortGPTConfig:
-    originals, original_n = _original_indices(model)
+    """The config after removing CURRENT layers ``current``, composed with any earlier pruning."""
     previous = ShortGPTConfig.from_model(model)
+    original_n = previous.original_num_hidden_layers if previous else text_config(model).num_hidden_layers
+    originals = previous.kept_layers if previous else list(range(original_n))
     removed = sorted(set(previous.removed_layers if previous else []) | {originals[i] for i in current})
     record = ShortGPTConfig(
         removed_layers=removed,
@@ -195,11 +188,6 @@ def _record(model: nn.Module, current: list[int], scores: "LayerScores | None") 
     return record
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    # A dispatched model moves inputs itself (accelerate hooks); CPU is always accepted then.
-    return torch.device("cpu") if getattr(model, "hf_device_map", None) else model.device
-
-
 def parity_tolerance(model: nn.Module) -> float:
     return 1e-4 if model.dtype == torch.float32 else 3e-2
 
@@ -211,7 +199,7 @@ def logits_close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
 
 @torch.no_grad()
 def uncached_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids.to(_input_device(model)), use_cache=False).logits.float().cpu()
+    return model(input_ids=ids.to(input_device(model)), use_cache=False).logits.float().cpu()
 
 
 @torch.no_grad()
@@ -228,7 +216,7 @@ def verify_pruned(model: nn.Module, reference: torch.Tensor | None = None) -> No
     if reference is not None and not logits_close(full, reference, tol):
         raise ShortGPTError("verification failed: the pruned model does not match the original with those layers skipped")
     split = ids.shape[1] // 2
-    device = _input_device(model)
+    device = input_device(model)
     try:
         out = model(input_ids=ids[:, :split].to(device), use_cache=True)
         steps = [out.logits[:, -1]]

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .calibration import CalibrationData, TokenWindows, prepare_calibration
 from .errors import ShortGPTError
-from .layers import find_decoder_layers
+from .layers import find_decoder_layers, input_device
 
 HIDDEN_STATE_METRICS = ("bi", "angular", "relative_magnitude")
 ORDER_METRICS = ("sequential", "reverse", "random")
@@ -200,7 +200,7 @@ def score_layers(
         tokenizer = _default_tokenizer(model)
     windows: TokenWindows = prepare_calibration(calibration, tokenizer, seq_len, max_tokens, text_column)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    device = torch.device("cpu") if getattr(model, "hf_device_map", None) else model.device
+    device = input_device(model)
     acc = _Accumulator(metric, layers, block_size)
     was_training = model.training
     model.eval()
