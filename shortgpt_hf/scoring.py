@@ -138,14 +138,16 @@ class _Accumulator:
         if y.device not in self.masks:
             self.masks[y.device] = next(iter(self.masks.values())).to(y.device)
         mask = self.masks[y.device]
-        x = x.reshape(-1, x.shape[-1])[mask].float()
-        y = y.reshape(-1, y.shape[-1])[mask].float()
+        # Compute on every row and zero the padding afterwards: cheaper than copying out
+        # the real rows, and torch.where keeps a NaN in a pad row out of the sum.
+        x = x.reshape(-1, x.shape[-1]).float()
+        y = y.reshape(-1, y.shape[-1]).float()
         if self.metric == "relative_magnitude":  # ||f(x)|| / ||x + f(x)||, f(x) = y - x
             term = (y - x).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)
         else:
             cos = F.cosine_similarity(x, y, dim=-1)
             term = 1 - cos if self.metric == "bi" else torch.arccos(cos.clamp(-1, 1)) / math.pi
-        total = term.sum(dtype=torch.float64)
+        total = torch.where(mask, term, 0).sum(dtype=torch.float64)
         self.sums[start] = total if self.sums[start] is None else self.sums[start] + total
 
     def remove(self) -> None:
