@@ -122,8 +122,8 @@ def builtin_path(name: str) -> Path:
 def load_builtin(name: str = DEFAULT_MODEL, **from_pretrained_kwargs: Any) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for a built-in real model; kwargs go to ``from_pretrained``
     (``dtype``, ``device_map``...)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .loading import load_model
 
-    path = builtin_path(name)
-    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
-    return model, AutoTokenizer.from_pretrained(path)
+    if name not in BUILTINS:
+        raise ShortGPTError(f"unknown built-in model {name!r}; choose from {', '.join(BUILTINS)}")
+    return load_model(name, **from_pretrained_kwargs)

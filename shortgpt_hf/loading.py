@@ -37,4 +37,7 @@ def load_model(name_or_path: str, tokenizer: bool = True, **from_pretrained_kwar
     except ValueError as e:  # e.g. a config with no causal-LM class (BERT, T5 encoders)
         first = str(e).strip().splitlines()[0]
         raise ShortGPTError(f"{name_or_path!r} is not a supported causal LM: {first}") from None
+    if name_or_path in BUILTINS:
+        # Record the portable name, not this machine's cache path (it ends up in ShortGPTConfig).
+        model.name_or_path = model.config.name_or_path = name_or_path
     return model, tok

@@ -158,8 +158,10 @@ class _Accumulator:
 def _default_tokenizer(model: nn.Module) -> Any:
     from transformers import AutoTokenizer
 
+    from .loading import resolve_model
+
     try:
-        return AutoTokenizer.from_pretrained(model.name_or_path)
+        return AutoTokenizer.from_pretrained(resolve_model(model.name_or_path))
     except (OSError, ValueError) as e:
         raise ShortGPTError(f"no tokenizer given and none found at {model.name_or_path!r}: pass tokenizer=") from e
 
