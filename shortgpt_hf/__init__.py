@@ -8,8 +8,9 @@ from .errors import ShortGPTError
 from .evaluation import perplexity
 from .layers import find_decoder_layers
 from .loading import load_model
+from .modeling import PrunedForCausalLM
 from .pruning import prune, remove_layers, verify_pruned
-from .saving import save_pruned
+from .saving import save_pruned, save_recipe
 from .scoring import METRICS, LayerScores, score_layers
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "METRICS",
     "LayerScores",
+    "PrunedForCausalLM",
     "ShortGPTConfig",
     "ShortGPTError",
     "builtin_path",
@@ -27,6 +29,7 @@ __all__ = [
     "prune",
     "remove_layers",
     "save_pruned",
+    "save_recipe",
     "score_layers",
     "verify_pruned",
 ]

@@ -30,17 +30,21 @@ ModelArg = Annotated[str, typer.Argument(help="Built-in name (smollm2-135m, gemm
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _load(model: str, dtype: str, device_map: Optional[str]):
+def _from_pretrained_kwargs(dtype: str, device_map: Optional[str]) -> dict:
     import torch
-
-    from .loading import load_model
 
     if dtype not in DTYPES:
         raise ShortGPTError(f"--dtype must be one of {', '.join(DTYPES)}")
     kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     if device_map:
         kwargs["device_map"] = device_map
-    return load_model(model, **kwargs)
+    return kwargs
+
+
+def _load(model: str, dtype: str, device_map: Optional[str]):
+    from .loading import load_model
+
+    return load_model(model, **_from_pretrained_kwargs(dtype, device_map))
 
 
 def _parse_layers(text: str) -> list[int]:
@@ -108,6 +112,7 @@ def prune(
     layers: Annotated[Optional[str], typer.Option(help="Remove exactly these current layers, e.g. 3,7,9.")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default ./<model>-shortgpt).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+    recipe: Annotated[bool, typer.Option(help="Write a recipe (base id + removed layers, a few KB) instead of a full checkpoint.")] = False,
     metric: Annotated[str, typer.Option(help=f"One of: {', '.join(METRICS)}.")] = "bi",
     calibration: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (default: packaged Shakespeare).")] = None,
     seq_len: int = 256,
@@ -121,7 +126,7 @@ def prune(
     from .layers import find_decoder_layers
     from .pruning import prune as prune_model
     from .pruning import removal_count
-    from .saving import check_destination, count_parameters, save_pruned
+    from .saving import check_destination, count_parameters, save_pruned, save_recipe
 
     if n_layers is not None and ratio is not None:
         raise ShortGPTError("give only one of --n-layers and --ratio")
@@ -140,13 +145,40 @@ def prune(
         removal_count(num_before, n_layers, ratio)  # refuse "none" or "all" before spending time scoring
     scores = None if chosen is not None else _score(m, tok, metric, calibration, seq_len, max_tokens, batch_size)
     prune_model(m, chosen, n_layers=n_layers, ratio=ratio, scores=scores, verify=verify)
-    saved = save_pruned(m, target, tok, overwrite=overwrite, verify=verify)
+    if recipe:
+        saved = save_recipe(m, target, tok, overwrite=overwrite, verify=verify)
+    else:
+        saved = save_pruned(m, target, tok, overwrite=overwrite, verify=verify)
     record = m.config.shortgpt
     after = count_parameters(m)
     out.print(f"removed layers (original indices): {record['removed_layers']}" + (f" by {scores.metric}" if scores else ""))
     out.print(f"layers: {num_before} -> {record['original_num_hidden_layers'] - len(record['removed_layers'])}")
     out.print(f"parameters: {before:,} -> {after:,} ({100 * (1 - after / before):.1f}% fewer)")
-    out.print(f"saved to {saved}" + (" (verified: cache parity and reload logits)" if verify else ""))
+    kind = "recipe" if recipe else "checkpoint"
+    out.print(f"{kind} saved to {saved}" + (" (verified: cache parity and reload logits)" if verify else ""))
+
+
+@app.command()
+def load(
+    model: Annotated[str, typer.Argument(help="Pruned checkpoint or recipe: local folder or Hub id.")],
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
+    device_map: Annotated[Optional[str], typer.Option(help="accelerate device_map, e.g. auto.")] = None,
+) -> None:
+    """Load a pruned checkpoint or a recipe and summarise it."""
+    from collections import Counter
+
+    from .config import ShortGPTConfig
+    from .modeling import PrunedForCausalLM
+    from .saving import count_parameters
+
+    m = PrunedForCausalLM.from_pretrained(model, **_from_pretrained_kwargs(dtype, device_map))
+    record = ShortGPTConfig.from_model(m)
+    out.print(f"{type(m).__name__}: {record.num_hidden_layers} of {record.original_num_hidden_layers} layers ({record.mode})")
+    out.print(f"removed layers (original indices): {record.removed_layers}" + (f" by {record.metric}" if record.metric else ""))
+    out.print(f"base: {record.base_model_name_or_path}" + (f" @ {record.base_revision}" if record.base_revision else ""))
+    out.print(f"parameters: {count_parameters(m):,} ({m.dtype})")
+    if getattr(m, "hf_device_map", None):
+        out.print("placement: " + ", ".join(f"{n} modules on {d}" for d, n in Counter(map(str, m.hf_device_map.values())).items()))
 
 
 def main() -> None:

@@ -13,12 +13,15 @@ import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from .builtin import BUILTINS
 from .errors import ShortGPTError
 
 MODES = ("remove",)
 CONFIG_TYPE = "shortgpt"
+CONFIG_NAME = "shortgpt_config.json"
 
 
 def _library_version() -> str:
@@ -108,8 +111,62 @@ class ShortGPTConfig:
             raise ShortGPTError(f"ShortGPT config is not valid JSON: {e}") from None
         return cls.from_dict(data)
 
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write ``shortgpt_config.json`` (the whole recipe; `save_recipe` adds the tokenizer, atomically)."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_NAME).write_text(self.to_json_string())
+        return path / CONFIG_NAME
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None, **hub_kwargs: Any) -> "ShortGPTConfig":
+        """Read a recipe from a local folder or a Hub repo (through huggingface_hub's cache)."""
+        path = Path(name_or_path)
+        if path.is_dir():
+            file = path / CONFIG_NAME
+            if not file.is_file():
+                raise ShortGPTError(f"{path} has no {CONFIG_NAME}: not a ShortGPT recipe")
+        else:
+            file = hub_file(str(name_or_path), CONFIG_NAME, revision, **hub_kwargs)
+            if file is None:
+                raise ShortGPTError(f"{name_or_path!r} is neither a local folder nor a Hub repo with {CONFIG_NAME}")
+        return cls.from_json_string(file.read_text())
+
     @classmethod
     def from_model(cls, model: Any) -> "ShortGPTConfig | None":
         """The config recorded on a model by `prune`, or None for an unpruned model."""
         data = getattr(model.config, "shortgpt", None)
         return None if data is None else cls.from_dict(data)
+
+
+def hub_file(repo_id: str, filename: str, revision: str | None = None, **hub_kwargs: Any) -> Path | None:
+    """A file of a Hub repo through huggingface_hub (its cache first; offline-aware), or None if absent."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, **hub_kwargs))
+    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, HFValidationError):
+        return None
+
+
+def hub_revision(name_or_path: str, revision: str | None = None) -> str | None:
+    """The commit a Hub id resolves to (from huggingface_hub's cache when offline); None for local models."""
+    if not name_or_path or name_or_path in BUILTINS or Path(name_or_path).exists():
+        return None
+    config = hub_file(name_or_path, "config.json", revision)
+    return config.parent.name if config is not None else None
+
+
+def base_name(name_or_path: str) -> str | None:
+    """How a recipe should name its base: built-in names and Hub ids as they are,
+    local folders as absolute paths (so the recipe works from any directory)."""
+    if not name_or_path or name_or_path in BUILTINS or not Path(name_or_path).exists():
+        return name_or_path or None
+    return str(Path(name_or_path).resolve())

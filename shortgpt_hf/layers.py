@@ -54,7 +54,8 @@ def find_decoder_layers(model: nn.Module) -> DecoderLayers:
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) != num_layers or not name:
             continue
-        if block_names and type(module[0]).__name__ not in block_names:
+        # any(): while loading a recipe, removed slots hold parameter-less stand-ins.
+        if block_names and not any(type(m).__name__ in block_names for m in module):
             continue
         candidates.append((name, module))
     causal = [c for c in candidates if "encoder" not in c[0] and "vision" not in c[0]]

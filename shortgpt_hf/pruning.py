@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .config import ShortGPTConfig
+from .config import ShortGPTConfig, base_name, hub_revision
 from .errors import ShortGPTError
 from .layers import find_decoder_layers, input_device, layers_as_identity, probe_ids, text_config
 
@@ -171,8 +171,8 @@ def _record(model: nn.Module, current: list[int], scores: "LayerScores | None") 
         removed_layers=removed,
         original_num_hidden_layers=original_n,
         model_type=text_config(model).model_type,
-        base_model_name_or_path=previous.base_model_name_or_path if previous else model.name_or_path or None,
-        base_revision=previous.base_revision if previous else None,
+        base_model_name_or_path=previous.base_model_name_or_path if previous else base_name(model.name_or_path),
+        base_revision=previous.base_revision if previous else hub_revision(model.name_or_path),
     )
     if scores is not None:
         per_original: list[float | None] = [None] * original_n

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from .config import ShortGPTConfig
 from .errors import ShortGPTError
 from .layers import probe_ids
 from .pruning import logits_close, parity_tolerance, uncached_logits
@@ -25,33 +28,18 @@ def check_destination(out_dir: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def save_pruned(
-    model: nn.Module,
-    out_dir: str | Path,
-    tokenizer: Any = None,
-    *,
-    overwrite: bool = False,
-    verify: bool = True,
-) -> Path:
-    """Save a native checkpoint atomically: write to a temporary sibling folder,
-    optionally reload it with plain ``AutoModelForCausalLM`` and compare logits,
-    then rename into place. On any failure nothing is left at ``out_dir``."""
-    from transformers import AutoModelForCausalLM
-
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces ``out_dir``
+    in one rename, on any exception it is deleted and ``out_dir`` is untouched."""
     out = check_destination(out_dir, overwrite).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's permissions
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if verify:
-            ids = probe_ids(model)
-            expected = uncached_logits(model, ids)
-            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype)
-            if not logits_close(uncached_logits(reloaded, ids), expected, parity_tolerance(model)):
-                raise ShortGPTError("verification failed: the saved checkpoint reloads with different logits")
-            del reloaded
+        yield tmp
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / out.name)
@@ -61,7 +49,65 @@ def save_pruned(
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+
+def save_pruned(
+    model: nn.Module,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+    verify: bool = True,
+) -> Path:
+    """Save a native checkpoint atomically. With ``verify``, the written folder is
+    reloaded with plain ``AutoModelForCausalLM`` and must give the same logits
+    before it is moved into place (this briefly holds a second copy in memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with atomic_folder(out_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if verify:
+            ids = probe_ids(model)
+            expected = uncached_logits(model, ids)
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype)
+            if not logits_close(uncached_logits(reloaded, ids), expected, parity_tolerance(model)):
+                raise ShortGPTError("verification failed: the saved checkpoint reloads with different logits")
+    return Path(out_dir).resolve()
+
+
+def save_recipe(
+    model_or_config: nn.Module | ShortGPTConfig,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+    verify: bool = False,
+) -> Path:
+    """Write the recipe form: ``shortgpt_config.json`` naming the base model and its
+    pinned revision (plus the tokenizer files), a few KB whatever the model size.
+    `PrunedForCausalLM.from_pretrained` rebuilds the pruned model from it; with
+    ``verify`` (a model given) it does so before the folder is moved into place
+    and must reproduce the model's logits."""
+    from .modeling import PrunedForCausalLM
+
+    is_model = not isinstance(model_or_config, ShortGPTConfig)
+    record = ShortGPTConfig.from_model(model_or_config) if is_model else model_or_config
+    if record is None:
+        raise ShortGPTError("this model has not been pruned: nothing to write as a recipe")
+    if not record.base_model_name_or_path:
+        raise ShortGPTError("cannot write a recipe: the base model is unknown (base_model_name_or_path is empty)")
+    with atomic_folder(out_dir, overwrite) as tmp:
+        record.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if verify and is_model:
+            ids = probe_ids(model_or_config)
+            rebuilt = PrunedForCausalLM.from_pretrained(tmp, dtype=model_or_config.dtype)
+            if not logits_close(uncached_logits(rebuilt, ids), uncached_logits(model_or_config, ids), parity_tolerance(model_or_config)):
+                raise ShortGPTError("verification failed: the recipe rebuilds a model with different logits")
+    return Path(out_dir).resolve()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,177 @@
+"""`PrunedForCausalLM`: one entry point for the three ways a pruned model is shared.
+
+(a) a native pruned checkpoint (``config.json`` carries ``shortgpt``): loaded as is;
+(b) a recipe (``shortgpt_config.json`` naming a base model and revision), like a
+    PEFT adapter: the base is loaded with only the kept layers;
+(c) a base model plus ``removed_layers=[...]``.
+
+Loading only the kept layers (DESIGN.md §3): a throwaway subclass of the native
+class swaps each removed layer for a parameter-less stand-in at the end of
+``__init__`` (``post_init``), so transformers never reads, allocates or places
+those weights, including under ``device_map="auto"``. After loading, the list is
+compacted with the same `remove_layers` that in-memory pruning uses, and the
+object becomes an instance of the native class again.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .builtin import BUILTINS, builtin_path
+from .config import CONFIG_NAME, ShortGPTConfig, hub_file, base_name, hub_revision
+from .errors import ShortGPTError
+from .layers import find_decoder_layers
+from .loading import load_model
+from .pruning import remove_layers
+
+
+class RemovedLayer(nn.Module):
+    """Holds a removed layer's slot during loading; it has no weights to read."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a removed layer was called: the model was not compacted after loading")
+
+
+def _without_layers(native: type, removed: Sequence[int]) -> type:
+    removed = list(removed)
+
+    class Partial(native):
+        def post_init(self) -> None:
+            found = find_decoder_layers(self)
+            for i in removed:
+                found.layers[i] = RemovedLayer()
+            super().post_init()
+            # The checkpoint still has the removed layers' tensors: skipping them is the point, not news.
+            skipped = rf"{re.escape(found.path)}\.({'|'.join(map(str, removed))})\."
+            self._keys_to_ignore_on_load_unexpected = set(self._keys_to_ignore_on_load_unexpected or ()) | {skipped}
+
+    Partial.__name__ = Partial.__qualname__ = native.__name__
+    return Partial
+
+
+def _resolve_base(record: ShortGPTConfig) -> tuple[str, str | None]:
+    """Where to load the recipe's base from, and at which revision (warning if the pinned one is gone)."""
+    name = record.base_model_name_or_path
+    if not name:
+        raise ShortGPTError("the recipe names no base model (base_model_name_or_path is empty)")
+    if name in BUILTINS:
+        return str(builtin_path(name)), None
+    if Path(name).is_dir():
+        return name, None
+    if name.startswith((".", "/", "~")):
+        raise ShortGPTError(f"base model not found: {name}")
+    pinned = record.base_revision
+    resolved = hub_revision(name, pinned)
+    if resolved is None and pinned is not None:
+        resolved = hub_revision(name)
+    if resolved is None:
+        raise ShortGPTError(f"base model {name!r} not found, locally or on the Hub (offline: is it in the huggingface_hub cache?)")
+    if pinned is not None and resolved != pinned:
+        warnings.warn(f"the recipe pins {name} at revision {pinned}, which is not available; loading revision {resolved} instead")
+    return name, resolved
+
+
+def _check_base(record: ShortGPTConfig, config: Any, where: str) -> None:
+    text = config.get_text_config(decoder=True)
+    if getattr(config, "shortgpt", None) is not None:
+        raise ShortGPTError(f"base {where} is itself a pruned model; a recipe applies to an unpruned base")
+    if record.model_type is not None and text.model_type != record.model_type:
+        raise ShortGPTError(f"the recipe is for a {record.model_type} model but base {where} is {text.model_type}")
+    if text.num_hidden_layers != record.original_num_hidden_layers:
+        raise ShortGPTError(
+            f"the recipe expects {record.original_num_hidden_layers} layers but base {where} has {text.num_hidden_layers}"
+        )
+
+
+def _load_kept_layers(source: str, record: ShortGPTConfig, revision: str | None, **kwargs: Any) -> nn.Module:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision)
+    except OSError as e:
+        raise ShortGPTError(f"cannot read the base model's config at {source!r}: {str(e).splitlines()[0]}") from None
+    _check_base(record, config, repr(record.base_model_name_or_path))
+    try:
+        native = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ShortGPTError(f"{config.model_type} has no causal-LM class in transformers") from None
+    model = _without_layers(native, record.removed_layers).from_pretrained(source, config=config, revision=revision, **kwargs)
+    remove_layers(model, record.removed_layers)
+    model.__class__ = native
+    model.config.shortgpt = record.to_dict()
+    return model
+
+
+class PrunedForCausalLM:
+    """Loads pruned models; like ``AutoModelForCausalLM``, it returns an instance
+    of the native transformers class (e.g. ``LlamaForCausalLM``), with
+    ``config.shortgpt`` set and, when dispatched, a correct ``hf_device_map``."""
+
+    def __init__(self) -> None:
+        raise OSError("PrunedForCausalLM is a loader: use PrunedForCausalLM.from_pretrained(...)")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        removed_layers: Sequence[int] | None = None,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> nn.Module:
+        """Load (a) a native pruned checkpoint, (b) a recipe, or (c) a base with
+        ``removed_layers`` (original indices). ``revision`` is that of the
+        checkpoint or recipe; a recipe pins its base's revision itself. Other
+        kwargs (``dtype``, ``device_map``, ``max_memory``, ``offload_folder``,
+        ``attn_implementation``...) go to ``from_pretrained``."""
+        name = str(pretrained_model_name_or_path)
+        if removed_layers is not None:
+            return cls._from_base(name, removed_layers, revision, **kwargs)
+        record = cls._recipe(name, revision)
+        if record is not None:
+            source, base_revision = _resolve_base(record)
+            return _load_kept_layers(source, record, base_revision, **kwargs)
+        model, _ = load_model(name, tokenizer=False, revision=revision, **kwargs)
+        if ShortGPTConfig.from_model(model) is None:
+            raise ShortGPTError(f"{name!r} is neither a pruned checkpoint nor a recipe; to prune on load pass removed_layers=[...]")
+        return model
+
+    @staticmethod
+    def _recipe(name: str, revision: str | None) -> ShortGPTConfig | None:
+        """The recipe at ``name``, or None when ``name`` is a full checkpoint."""
+        path = Path(name)
+        if path.is_dir():
+            return ShortGPTConfig.from_pretrained(path) if (path / CONFIG_NAME).is_file() and not (path / "config.json").is_file() else None
+        if name in BUILTINS or hub_file(name, "config.json", revision) is not None:
+            return None
+        if hub_file(name, CONFIG_NAME, revision) is not None:
+            return ShortGPTConfig.from_pretrained(name, revision=revision)
+        return None
+
+    @staticmethod
+    def _from_base(name: str, removed_layers: Sequence[int], revision: str | None, **kwargs: Any) -> nn.Module:
+        from transformers import AutoConfig
+
+        from .loading import resolve_model
+
+        source = resolve_model(name)
+        try:
+            config = AutoConfig.from_pretrained(source, revision=revision)
+        except OSError as e:
+            raise ShortGPTError(f"cannot load {name!r}: {str(e).splitlines()[0]}") from None
+        text = config.get_text_config(decoder=True)
+        record = ShortGPTConfig(
+            removed_layers=list(removed_layers),
+            original_num_hidden_layers=text.num_hidden_layers,
+            model_type=text.model_type,
+            base_model_name_or_path=base_name(name),
+            base_revision=revision or hub_revision(name),
+        )
+        return _load_kept_layers(source, record, revision or record.base_revision, **kwargs)
