@@ -142,3 +142,18 @@ assert "shortgpt_hf" not in sys.modules
     result = run_python(code)
     assert result.returncode == 0, result.stderr[-2000:]
     assert eval(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_recipe_and_load_commands(tiny_dirs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "recipe"
+    code, stdout, err = run_cli(capsys, monkeypatch, "prune", tiny_dirs / "llama", "--layers", "0,5", "--recipe", "--out", out)
+    assert code == 0, err
+    assert "recipe saved to" in stdout and (out / "shortgpt_config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert not list(out.glob("*.safetensors")) and (out / "shortgpt_config.json").stat().st_size < 10_000
+    code, stdout, err = run_cli(capsys, monkeypatch, "load", out)
+    assert code == 0, err
+    assert "LlamaForCausalLM: 4 of 6 layers" in stdout and "removed layers (original indices): [0, 5]" in stdout
+    assert f"base: {tiny_dirs / 'llama'}" in stdout
+    code, _, err = run_cli(capsys, monkeypatch, "load", tiny_dirs / "llama")
+    assert code == 2
+    assert_one_line_error(err, "neither a pruned checkpoint nor a recipe")
