@@ -9,6 +9,7 @@ from .evaluation import perplexity
 from .layers import find_decoder_layers
 from .loading import load_model
 from .modeling import PrunedForCausalLM
+from .prefill_skip import disable_prefill_skip, enable_prefill_skip
 from .pruning import prune, remove_layers, verify_pruned
 from .saving import save_pruned, save_recipe
 from .scoring import METRICS, LayerScores, score_layers
@@ -22,6 +23,8 @@ __all__ = [
     "ShortGPTConfig",
     "ShortGPTError",
     "builtin_path",
+    "disable_prefill_skip",
+    "enable_prefill_skip",
     "find_decoder_layers",
     "load_builtin",
     "load_model",

@@ -19,7 +19,7 @@ from typing import Any
 from .builtin import BUILTINS
 from .errors import ShortGPTError
 
-MODES = ("remove",)
+MODES = ("remove", "prefill_skip")
 CONFIG_TYPE = "shortgpt"
 CONFIG_NAME = "shortgpt_config.json"
 
@@ -34,6 +34,10 @@ def _library_version() -> str:
 class ShortGPTConfig:
     """Which original layers are gone from a model, and how they were chosen.
 
+    With ``mode="prefill_skip"`` (ShortGPT-gen) nothing is gone: the listed
+    layers are skipped while a prompt is processed and run for every decoded
+    token; ``prefill_boundary`` says whether the last prompt token runs dense.
+
     ``layer_scores`` has one entry per ORIGINAL layer (``None`` for a layer that
     had already been removed when the scores were computed), so a card or a
     plot can show every layer of the base in its own place.
@@ -46,6 +50,7 @@ class ShortGPTConfig:
     block_size: int = 1
     calibration: dict[str, Any] | None = None
     mode: str = "remove"
+    prefill_boundary: bool | None = None
     model_type: str | None = None
     base_model_name_or_path: str | None = None
     base_revision: str | None = None

@@ -89,7 +89,9 @@ def _check_base(record: ShortGPTConfig, config: Any, where: str) -> None:
         )
 
 
-def _load_kept_layers(source: str, record: ShortGPTConfig, revision: str | None, **kwargs: Any) -> nn.Module:
+def _load_from_base(source: str, record: ShortGPTConfig, revision: str | None, **kwargs: Any) -> nn.Module:
+    """Build the model a record describes from its unpruned base: only the kept
+    layers for ``mode="remove"``, every layer plus prefill skipping otherwise."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -102,11 +104,21 @@ def _load_kept_layers(source: str, record: ShortGPTConfig, revision: str | None,
         native = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:
         raise ShortGPTError(f"{config.model_type} has no causal-LM class in transformers") from None
+    if record.mode == "prefill_skip":
+        model = native.from_pretrained(source, config=config, revision=revision, **kwargs)
+        return _apply_prefill_skip(model, record)
     model = _without_layers(native, record.removed_layers).from_pretrained(source, config=config, revision=revision, **kwargs)
     remove_layers(model, record.removed_layers)
     model.__class__ = native
     model.config.shortgpt = record.to_dict()
     return model
+
+
+def _apply_prefill_skip(model: nn.Module, record: ShortGPTConfig) -> nn.Module:
+    from .prefill_skip import enable_prefill_skip
+
+    model.config.shortgpt = record.to_dict()  # enable_prefill_skip keeps its provenance (base, scores)
+    return enable_prefill_skip(model, record.removed_layers, boundary=record.prefill_boundary is not False)
 
 
 class PrunedForCausalLM:
@@ -123,25 +135,33 @@ class PrunedForCausalLM:
         pretrained_model_name_or_path: str | Path,
         *,
         removed_layers: Sequence[int] | None = None,
+        mode: str | None = None,
         revision: str | None = None,
         **kwargs: Any,
     ) -> nn.Module:
         """Load (a) a native pruned checkpoint, (b) a recipe, or (c) a base with
-        ``removed_layers`` (original indices). ``revision`` is that of the
-        checkpoint or recipe; a recipe pins its base's revision itself. Other
-        kwargs (``dtype``, ``device_map``, ``max_memory``, ``offload_folder``,
+        ``removed_layers`` (original indices). ``mode="prefill_skip"`` skips those
+        layers during prefill only instead of removing them (the default is the
+        recipe's own mode). ``revision`` is that of the checkpoint or recipe; a
+        recipe pins its base's revision itself. Other kwargs (``dtype``,
+        ``device_map``, ``max_memory``, ``offload_folder``,
         ``attn_implementation``...) go to ``from_pretrained``."""
         name = str(pretrained_model_name_or_path)
         if removed_layers is not None:
-            return cls._from_base(name, removed_layers, revision, **kwargs)
+            return cls._from_base(name, removed_layers, mode or "remove", revision, **kwargs)
         record = cls._recipe(name, revision)
         if record is not None:
+            if mode is not None:
+                record = ShortGPTConfig.from_dict({**record.to_dict(), "mode": mode})
             source, base_revision = _resolve_base(record)
-            return _load_kept_layers(source, record, base_revision, **kwargs)
+            return _load_from_base(source, record, base_revision, **kwargs)
         model, _ = load_model(name, tokenizer=False, revision=revision, **kwargs)
-        if ShortGPTConfig.from_model(model) is None:
+        record = ShortGPTConfig.from_model(model)
+        if record is None:
             raise ShortGPTError(f"{name!r} is neither a pruned checkpoint nor a recipe; to prune on load pass removed_layers=[...]")
-        return model
+        if mode is not None and mode != record.mode:
+            raise ShortGPTError(f"{name!r} is a full checkpoint saved in {record.mode!r} mode; it cannot be loaded in {mode!r} mode")
+        return _apply_prefill_skip(model, record) if record.mode == "prefill_skip" else model
 
     @staticmethod
     def _recipe(name: str, revision: str | None) -> ShortGPTConfig | None:
@@ -156,7 +176,7 @@ class PrunedForCausalLM:
         return None
 
     @staticmethod
-    def _from_base(name: str, removed_layers: Sequence[int], revision: str | None, **kwargs: Any) -> nn.Module:
+    def _from_base(name: str, removed_layers: Sequence[int], mode: str, revision: str | None, **kwargs: Any) -> nn.Module:
         from transformers import AutoConfig
 
         from .loading import resolve_model
@@ -173,5 +193,6 @@ class PrunedForCausalLM:
             model_type=text.model_type,
             base_model_name_or_path=base_name(name),
             base_revision=revision or hub_revision(name),
+            mode=mode,
         )
-        return _load_kept_layers(source, record, revision or record.base_revision, **kwargs)
+        return _load_from_base(source, record, revision or record.base_revision, **kwargs)
