@@ -103,13 +103,17 @@ def _boundary_forward(original, input_ids=None, attention_mask=None, position_id
 
         cache = DynamicCache(config=model.config)
 
-    def part(t, sl):  # ids, embeddings, position ids and the 2-D mask are all (batch, seq, ...)
+    def part(t, sl):  # ids, embeddings and position ids are (batch, seq, ...)
         return None if t is None else t[:, sl]
 
+    def mask(sl):  # 2-D: (batch, past + seq), the last column is the last token; 4-D: (batch, 1, seq, kv)
+        if attention_mask is None or attention_mask.dim() == 4:
+            return None if attention_mask is None else attention_mask[:, :, sl]
+        return attention_mask if sl is tail else attention_mask[:, sl]
+
     head, tail = slice(None, -1), slice(-1, None)
-    first_call = dict(call, attention_mask=part(attention_mask, head), position_ids=part(position_ids, head))
-    first = original(input_ids=part(input_ids, head), inputs_embeds=part(inputs_embeds, head), cache=cache, logits_to_keep=logits_to_keep, **first_call)
-    last = original(input_ids=part(input_ids, tail), inputs_embeds=part(inputs_embeds, tail), cache=first.cache, logits_to_keep=logits_to_keep, **dict(call, position_ids=part(position_ids, tail)))
+    first = original(input_ids=part(input_ids, head), inputs_embeds=part(inputs_embeds, head), cache=cache, logits_to_keep=logits_to_keep, **dict(call, attention_mask=mask(head), position_ids=part(position_ids, head)))
+    last = original(input_ids=part(input_ids, tail), inputs_embeds=part(inputs_embeds, tail), cache=first.cache, logits_to_keep=logits_to_keep, **dict(call, attention_mask=mask(tail), position_ids=part(position_ids, tail)))
     logits = torch.cat([first.logits, last.logits], dim=1)
     if isinstance(logits_to_keep, int) and logits_to_keep > 0:
         logits = logits[:, -logits_to_keep:]
