@@ -181,6 +181,62 @@ def load(
         out.print("placement: " + ", ".join(f"{n} modules on {d}" for d, n in Counter(map(str, m.hf_device_map.values())).items()))
 
 
+@app.command()
+def generate(
+    model: ModelArg = DEFAULT_MODEL,
+    prompt: Annotated[str, typer.Option(help="The prompt text.")] = "Friends, Romans, countrymen, lend me your ears;",
+    max_new_tokens: int = 64,
+    prefill_skip: Annotated[Optional[int], typer.Option(help="Skip this many lowest-BI layers during prefill.")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Skip exactly these layers during prefill, e.g. 12,13,14.")] = None,
+    boundary: Annotated[bool, typer.Option(help="Run the last prompt token through the full model (POP).")] = True,
+    sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
+    device_map: Annotated[Optional[str], typer.Option(help="accelerate device_map, e.g. auto.")] = None,
+) -> None:
+    """Generate text, optionally with ShortGPT-gen prefill skipping; print the time to first token."""
+    import time
+
+    from transformers.generation.streamers import BaseStreamer
+
+    from .layers import find_decoder_layers
+    from .prefill_skip import enable_prefill_skip
+    from .pruning import removal_count
+
+    if prefill_skip is not None and layers is not None:
+        raise ShortGPTError("give only one of --prefill-skip and --layers")
+    m, tok = _load(model, dtype, device_map)
+    chosen = _parse_layers(layers) if layers is not None else None
+    if prefill_skip is not None:
+        count = removal_count(len(find_decoder_layers(m).layers), n_layers=prefill_skip)
+        chosen = _score(m, tok, "bi", None, 256, 8192, 8).lowest(count)
+    if chosen is not None:
+        enable_prefill_skip(m, chosen, boundary=boundary)
+        out.print(f"skipping layers {chosen} during prefill" + (" (last prompt token dense)" if boundary else ""))
+
+    class FirstToken(BaseStreamer):
+        """Timestamps the first generated token (generate's first put() is the prompt)."""
+
+        def __init__(self) -> None:
+            self.calls, self.first = 0, None
+
+        def put(self, value) -> None:
+            self.calls += 1
+            if self.calls == 2:
+                self.first = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    inputs = tok(prompt, return_tensors="pt").to(m.device)
+    timer = FirstToken()
+    start = time.perf_counter()
+    ids = m.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sample, streamer=timer, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    total = time.perf_counter() - start
+    new = ids.shape[1] - inputs.input_ids.shape[1]
+    out.print(prompt + tok.decode(ids[0, inputs.input_ids.shape[1] :], skip_special_tokens=True), markup=False, highlight=False)
+    out.print(f"time to first token: {timer.first - start:.3f}s; {new} tokens in {total:.2f}s ({inputs.input_ids.shape[1]}-token prompt)")
+
+
 def main() -> None:
     try:
         app()

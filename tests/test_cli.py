@@ -157,3 +157,12 @@ def test_recipe_and_load_commands(tiny_dirs, tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(capsys, monkeypatch, "load", tiny_dirs / "llama")
     assert code == 2
     assert_one_line_error(err, "neither a pruned checkpoint nor a recipe")
+
+
+def test_generate_command(tiny_dirs, capsys, monkeypatch):
+    code, stdout, err = run_cli(capsys, monkeypatch, "generate", tiny_dirs / "llama", "--layers", "1,2", "--max-new-tokens", "4", "--prompt", "To be")
+    assert code == 0, err
+    assert "skipping layers [1, 2] during prefill" in stdout and "time to first token:" in stdout and "4 tokens in" in stdout
+    code, _, err = run_cli(capsys, monkeypatch, "generate", tiny_dirs / "llama", "--layers", "0,1,2,3,4,5")
+    assert code == 2
+    assert_one_line_error(err, "cannot skip every layer")
