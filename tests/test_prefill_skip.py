@@ -161,3 +161,23 @@ def test_real_model_quality_ordering(smollm2_path):
     static = matching_prefix(continuations(), dense)
     print(f"matching prefix: boundary {with_boundary:.2f}, no boundary {without_boundary:.2f}, static {static:.2f}")
     assert with_boundary > without_boundary >= static
+
+
+def test_dispatched_model_with_disk_offload(tmp_path):
+    """Under accelerate hooks the patch goes on ``_old_forward``; results must not change."""
+    model = tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "base")
+    layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    dispatched = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", device_map="auto", max_memory={"cpu": model.model.embed_tokens.weight.numel() * 4 + 3 * layer_bytes},
+        offload_folder=str(tmp_path / "offload"), attn_implementation="eager",
+    )
+    assert "disk" in dispatched.hf_device_map.values()
+    assert hasattr(dispatched, "_old_forward") and all(hasattr(dispatched.model.layers[i], "_old_forward") for i in SKIP)
+    for m in (model, dispatched):
+        enable_prefill_skip(m, SKIP)
+    assert torch.equal(dispatched.generate(IDS, **GREEDY), model.generate(IDS, **GREEDY))
+    disable_prefill_skip(dispatched)
+    disable_prefill_skip(model)
+    assert torch.equal(dispatched.generate(IDS, **GREEDY), model.generate(IDS, **GREEDY))
+    assert not hasattr(dispatched.model.layers[SKIP[0]], "_shortgpt_original_forward")
