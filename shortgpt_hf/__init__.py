@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .builtin import BUILTINS, DEFAULT_MODEL, builtin_path, load_builtin
+from .card import model_card
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
 from .evaluation import perplexity
@@ -11,6 +12,7 @@ from .loading import load_model
 from .modeling import PrunedForCausalLM
 from .prefill_skip import disable_prefill_skip, enable_prefill_skip
 from .pruning import prune, remove_layers, verify_pruned
+from .push import push_to_hub
 from .saving import save_pruned, save_recipe
 from .scoring import METRICS, LayerScores, score_layers
 
@@ -28,8 +30,10 @@ __all__ = [
     "find_decoder_layers",
     "load_builtin",
     "load_model",
+    "model_card",
     "perplexity",
     "prune",
+    "push_to_hub",
     "remove_layers",
     "save_pruned",
     "save_recipe",

@@ -126,7 +126,8 @@ def prune(
     from .layers import find_decoder_layers
     from .pruning import prune as prune_model
     from .pruning import removal_count
-    from .saving import check_destination, count_parameters, save_pruned, save_recipe
+    from .pruning import count_parameters
+    from .saving import check_destination, save_pruned, save_recipe
 
     if n_layers is not None and ratio is not None:
         raise ShortGPTError("give only one of --n-layers and --ratio")
@@ -169,7 +170,7 @@ def load(
 
     from .config import ShortGPTConfig
     from .modeling import PrunedForCausalLM
-    from .saving import count_parameters
+    from .pruning import count_parameters
 
     m = PrunedForCausalLM.from_pretrained(model, **_from_pretrained_kwargs(dtype, device_map))
     record = ShortGPTConfig.from_model(m)
@@ -235,6 +236,22 @@ def generate(
     new = ids.shape[1] - inputs.input_ids.shape[1]
     out.print(prompt + tok.decode(ids[0, inputs.input_ids.shape[1] :], skip_special_tokens=True), markup=False, highlight=False)
     out.print(f"time to first token: {timer.first - start:.3f}s; {new} tokens in {total:.2f}s ({inputs.input_ids.shape[1]}-token prompt)")
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(help="A pruned checkpoint or recipe folder (from shortgpt prune).")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo, e.g. your-name/smollm2-135m-shortgpt.")],
+    private: Annotated[bool, typer.Option(help="Create the repo as private.")] = False,
+    recipe: Annotated[bool, typer.Option(help="Push only the recipe (base id + removed layers), not the weights.")] = False,
+    create_pr: Annotated[bool, typer.Option(help="Open a pull request instead of committing to main.")] = False,
+    message: Annotated[Optional[str], typer.Option(help="Commit message.")] = None,
+) -> None:
+    """Upload a pruned model with its model card in one commit (token: `hf auth login` or HF_TOKEN)."""
+    from .push import push_to_hub
+
+    url = push_to_hub(folder, repo_id, "recipe" if recipe else "full", private=private, create_pr=create_pr, commit_message=message)
+    out.print(f"pushed {folder} to {repo_id}: {url}")
 
 
 def main() -> None:

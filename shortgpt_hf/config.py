@@ -51,6 +51,8 @@ class ShortGPTConfig:
     calibration: dict[str, Any] | None = None
     mode: str = "remove"
     prefill_boundary: bool | None = None
+    original_num_parameters: int | None = None
+    healing: dict[str, Any] | None = None
     model_type: str | None = None
     base_model_name_or_path: str | None = None
     base_revision: str | None = None

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .builtin import BUILTINS, builtin_path
@@ -28,7 +29,7 @@ from .config import CONFIG_NAME, ShortGPTConfig, hub_file, base_name, hub_revisi
 from .errors import ShortGPTError
 from .layers import find_decoder_layers
 from .loading import load_model
-from .pruning import remove_layers
+from .pruning import count_parameters, remove_layers
 
 
 class RemovedLayer(nn.Module):
@@ -130,7 +131,14 @@ class PrunedForCausalLM:
         raise OSError("PrunedForCausalLM is a loader: use PrunedForCausalLM.from_pretrained(...)")
 
     @classmethod
-    def from_pretrained(
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> nn.Module:
+        """See `_load`; the returned model's ``push_to_hub`` uploads our model card too."""
+        from .push import attach_push_to_hub
+
+        return attach_push_to_hub(cls._load(pretrained_model_name_or_path, **kwargs))
+
+    @classmethod
+    def _load(
         cls,
         pretrained_model_name_or_path: str | Path,
         *,
@@ -178,6 +186,7 @@ class PrunedForCausalLM:
     @staticmethod
     def _from_base(name: str, removed_layers: Sequence[int], mode: str, revision: str | None, **kwargs: Any) -> nn.Module:
         from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         from .loading import resolve_model
 
@@ -187,6 +196,8 @@ class PrunedForCausalLM:
         except OSError as e:
             raise ShortGPTError(f"cannot load {name!r}: {str(e).splitlines()[0]}") from None
         text = config.get_text_config(decoder=True)
+        with torch.device("meta"):  # the base's size, for the record and the card, without allocating it
+            original_num_parameters = count_parameters(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config))
         record = ShortGPTConfig(
             removed_layers=list(removed_layers),
             original_num_hidden_layers=text.num_hidden_layers,
@@ -194,5 +205,6 @@ class PrunedForCausalLM:
             base_model_name_or_path=base_name(name),
             base_revision=revision or hub_revision(name),
             mode=mode,
+            original_num_parameters=original_num_parameters,
         )
         return _load_from_base(source, record, revision or record.base_revision, **kwargs)

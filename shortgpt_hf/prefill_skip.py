@@ -135,9 +135,10 @@ def enable_prefill_skip(model: nn.Module, layers: Sequence[int], boundary: bool 
         raise ShortGPTError("prefill skipping needs a model with all its layers; this one has layers removed")
     disable_prefill_skip(model)
     found = find_decoder_layers(model)
-    chosen = sorted({int(i) for i in layers})
-    if len(chosen) != len(list(layers)) or any(not 0 <= i < len(found.layers) for i in chosen):
-        raise ShortGPTError(f"prefill-skip layers must be distinct indices in 0..{len(found.layers) - 1}, got {list(layers)}")
+    requested = [int(i) for i in layers]
+    chosen = sorted(set(requested))
+    if len(chosen) != len(requested) or any(not 0 <= i < len(found.layers) for i in chosen):
+        raise ShortGPTError(f"prefill-skip layers must be distinct indices in 0..{len(found.layers) - 1}, got {requested}")
     if len(chosen) >= len(found.layers):
         raise ShortGPTError("cannot skip every layer")
     for i in chosen:

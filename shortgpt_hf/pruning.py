@@ -161,6 +161,11 @@ def remove_layers(model: nn.Module, indices: Sequence[int]) -> None:
         model.hf_device_map = _rename_device_map(model.hf_device_map, found.path, kept)
 
 
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
 def _record(model: nn.Module, current: list[int], scores: "LayerScores | None") -> ShortGPTConfig:
     """The config after removing CURRENT layers ``current``, composed with any earlier pruning."""
     previous = ShortGPTConfig.from_model(model)
@@ -173,6 +178,7 @@ def _record(model: nn.Module, current: list[int], scores: "LayerScores | None") 
         model_type=text_config(model).model_type,
         base_model_name_or_path=previous.base_model_name_or_path if previous else base_name(model.name_or_path),
         base_revision=previous.base_revision if previous else hub_revision(model.name_or_path),
+        original_num_parameters=previous.original_num_parameters if previous else count_parameters(model),
     )
     if scores is not None:
         per_original: list[float | None] = [None] * original_n

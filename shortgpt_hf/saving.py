@@ -108,17 +108,3 @@ def save_recipe(
             if not logits_close(uncached_logits(rebuilt, ids), uncached_logits(model_or_config, ids), parity_tolerance(model_or_config)):
                 raise ShortGPTError("verification failed: the recipe rebuilds a model with different logits")
     return Path(out_dir).resolve()
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
-

@@ -1,0 +1,188 @@
+"""Model cards for pruned models, rendered with huggingface_hub's ``ModelCard``.
+
+The card is how others judge a pruned model: what was removed from which base,
+why (the per-layer scores), what it saved, and what it cost. The template is
+``model_cards/shortgpt_model_card.md.j2`` (shipped as ``shortgpt_hf.model_cards``).
+Only Hub ids ever appear in a card, never local paths.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .builtin import BUILTINS
+from .config import ShortGPTConfig
+from .errors import ShortGPTError
+from .pruning import count_parameters
+
+TEMPLATE = "shortgpt_model_card.md.j2"
+CHART = "layer_scores.png"
+START, END = "<!-- shortgpt:start -->", "<!-- shortgpt:end -->"
+KINDS = ("full", "recipe", "adapter")
+
+
+def _split_adapter(model: nn.Module) -> tuple[nn.Module, Any]:
+    """(the pruned transformers model, the PEFT config or None)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.get_base_model(), model.peft_config[model.active_adapter]
+    return model, None
+
+
+def hub_base_id(record: ShortGPTConfig) -> str | None:
+    """The base model as a Hub id: built-ins map to their upstream repo; local paths give None."""
+    name = record.base_model_name_or_path
+    if not name:
+        return None
+    if name in BUILTINS:
+        return BUILTINS[name].hub_id
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1
+    return None if looks_local else name
+
+
+def base_license(record: ShortGPTConfig) -> str | None:
+    """The base model's licence, from the built-in table or the base's own card (cache or Hub)."""
+    name = record.base_model_name_or_path
+    if name in BUILTINS:
+        return BUILTINS[name].license
+    base = hub_base_id(record)
+    if base is None:
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(base).data.license
+    except Exception:  # no card, offline without cache, gated...: the licence is simply unknown
+        return None
+
+
+def scores_chart(record: ShortGPTConfig, path: str | Path) -> Path | None:
+    """Bar chart of the recorded scores per ORIGINAL layer, removed ones in red."""
+    if not record.layer_scores:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    removed = set(record.removed_layers)
+    indices = [i for i, v in enumerate(record.layer_scores) if v is not None]
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * record.original_num_hidden_layers), 3.2))
+    ax.bar(indices, [record.layer_scores[i] for i in indices], color=["tab:red" if i in removed else "tab:blue" for i in indices])
+    ax.set_xlabel("layer (original index)")
+    ax.set_ylabel(record.metric or "score")
+    ax.set_title(f"{record.metric} per layer; red: {'skipped in prefill' if record.mode == 'prefill_skip' else 'removed'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _eval_rows(eval_results: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    rows = []
+    for r in eval_results or []:
+        missing = {"task", "metric", "pruned"} - set(r)
+        if missing:
+            raise ShortGPTError(f"each eval result needs task, metric and pruned (missing {sorted(missing)} in {r})")
+        fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+        rows.append({"task": r["task"], "dataset": r.get("dataset", "-"), "metric": r["metric"], "dense": fmt(r.get("dense")), "pruned": fmt(r["pruned"]), "value": r["pruned"]})
+    return rows
+
+
+def model_card(
+    model: nn.Module,
+    eval_results: list[dict[str, Any]] | None = None,
+    *,
+    repo_id: str = "<repo_id>",
+    kind: str | None = None,
+    chart: str | None = CHART,
+) -> "ModelCard":
+    """Render the card of a pruned model (or of a PEFT adapter on one).
+
+    ``eval_results``: dicts with ``task``, ``metric``, ``pruned`` and optionally
+    ``dataset`` and ``dense`` (the base's value, shown side by side).
+    ``kind``: "full", "recipe" or "adapter" (default: adapter for a PeftModel,
+    else full) decides the loading instructions.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    pruned, peft_config = _split_adapter(model)
+    record = ShortGPTConfig.from_model(pruned)
+    if record is None:
+        raise ShortGPTError("this model has not been pruned: there is nothing for a ShortGPT card to describe")
+    kind = kind or ("adapter" if peft_config is not None else "full")
+    if kind not in KINDS:
+        raise ShortGPTError(f"kind must be one of {KINDS}, got {kind!r}")
+    rows = _eval_rows(eval_results)
+    base = hub_base_id(record)
+    card_data = ModelCardData(
+        base_model=base,
+        library_name="peft" if kind == "adapter" else "transformers",
+        license=base_license(record),
+        pipeline_tag="text-generation",
+        tags=["shortgpt", "layer-pruning", "pruned"] + (["prefill-skip"] if record.mode == "prefill_skip" else []) + (["lora"] if peft_config is not None else []),
+        model_name=repo_id.split("/")[-1],
+        eval_results=[EvalResult(task_type="text-generation", dataset_type=r["dataset"], dataset_name=r["dataset"], metric_type=r["metric"], metric_value=r["value"]) for r in rows] or None,
+    )
+    params_after = count_parameters(pruned)
+    params_before = record.original_num_parameters
+    removed = set(record.removed_layers)
+    layer_rows = [
+        {"index": i, "score": f"{v:.5f}", "status": ("skipped in prefill" if record.mode == "prefill_skip" else "removed") if i in removed else ""}
+        for i, v in enumerate(record.layer_scores or [])
+        if v is not None
+    ]
+    recovery = dict(record.healing or {})
+    if peft_config is not None:
+        recovery.setdefault("method", f"{peft_config.peft_type.value} adapter (PEFT)")
+        recovery["rank / alpha"] = f"{peft_config.r} / {peft_config.lora_alpha}"
+        recovery["target modules"] = ", ".join(sorted(peft_config.target_modules or []))
+    template = files("shortgpt_hf.model_cards").joinpath(TEMPLATE).read_text()
+    return ModelCard.from_template(
+        card_data,
+        template_str=template,
+        title=repo_id.split("/")[-1],
+        base_display=base or "a local base model",
+        base_revision=record.base_revision,
+        mode=record.mode,
+        boundary=record.prefill_boundary is not False,
+        metric=record.metric,
+        n_original=record.original_num_hidden_layers,
+        n_removed=len(record.removed_layers),
+        removed_pct=round(100 * len(record.removed_layers) / record.original_num_hidden_layers, 1),
+        removed_layers=record.removed_layers,
+        params_before=params_before,
+        params_after=params_after if record.mode == "remove" else params_before,
+        params_saved_pct=round(100 * (1 - params_after / params_before), 1) if params_before else None,
+        layer_rows=layer_rows,
+        chart=chart if record.layer_scores else None,
+        calibration=record.calibration,
+        eval_rows=rows,
+        recovery=recovery,
+        kind=kind,
+        repo_id=repo_id,
+        library_version=record.library_version,
+    )
+
+
+def merge_into_existing(new: "ModelCard", existing_text: str | None) -> "ModelCard":
+    """Update a card already on the Hub in place: our marked section and our
+    front-matter keys are replaced, anything the user added is kept."""
+    from huggingface_hub import ModelCard
+
+    if not existing_text:
+        return new
+    old = ModelCard(existing_text)
+    section = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    ours = section.search(new.text).group(0)
+    text = section.sub(lambda _: ours, old.text, count=1) if section.search(old.text) else old.text.rstrip() + "\n\n" + ours + "\n"
+    data = {**old.data.to_dict(), **new.data.to_dict()}
+    merged = ModelCard("---\n---\n" + text)
+    merged.data = type(new.data)(**data)
+    return merged

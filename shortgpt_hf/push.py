@@ -1,0 +1,138 @@
+"""Publishing pruned models to the Hugging Face Hub with a real model card.
+
+transformers' own ``push_to_hub`` writes its default README.md, so we build
+the whole folder ourselves (checkpoint or recipe, tokenizer, card, score
+chart) and upload it in ONE commit with ``HfApi.upload_folder``: the repo is
+never left with a model and no card, or a card and no model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import types
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .card import CHART, _split_adapter, merge_into_existing, model_card, scores_chart
+from .config import CONFIG_NAME, ShortGPTConfig, hub_file
+from .errors import ShortGPTError
+
+KINDS = ("full", "recipe")
+
+
+def _check_target(repo_id: str, token: str | bool | None) -> str:
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ShortGPTError(f"invalid repo id {repo_id!r}: {str(e).splitlines()[0]}") from None
+    if "/" not in repo_id:
+        raise ShortGPTError(f"repo id {repo_id!r} needs a namespace: 'user-or-org/name'")
+    token = token if isinstance(token, str) else get_token()
+    if not token:
+        raise ShortGPTError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (or pass token=)")
+    return token
+
+
+def _load_dir(path: Path) -> nn.Module:
+    from .modeling import PrunedForCausalLM
+
+    return PrunedForCausalLM.from_pretrained(path)
+
+
+def _tokenizer_in(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _existing_card(repo_id: str, revision: str | None, token: str) -> str | None:
+    readme = hub_file(repo_id, "README.md", revision, token=token)
+    return readme.read_text() if readme is not None else None
+
+
+def push_to_hub(
+    model_or_dir: nn.Module | str | Path,
+    repo_id: str,
+    kind: str = "full",
+    *,
+    private: bool = False,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    tokenizer: Any = None,
+    eval_results: list[dict[str, Any]] | None = None,
+) -> str:
+    """Upload a pruned model (in memory, or a saved checkpoint / recipe folder) with
+    its card and score chart in one commit; returns the commit (or PR) URL.
+
+    ``kind="recipe"`` uploads only the recipe (plus tokenizer and card) even for a
+    full model; a recipe folder is always pushed as a recipe.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .saving import save_pruned, save_recipe
+
+    if kind not in KINDS:
+        raise ShortGPTError(f"kind must be one of {KINDS}, got {kind!r}")
+    token = _check_target(repo_id, token)
+    source = Path(model_or_dir) if isinstance(model_or_dir, (str, Path)) else None
+    if source is not None:
+        if not source.is_dir():
+            raise ShortGPTError(f"not a folder: {source}")
+        if (source / CONFIG_NAME).is_file() and not (source / "config.json").is_file():
+            kind = "recipe"
+        model, tokenizer = _load_dir(source), tokenizer or _tokenizer_in(source)
+    else:
+        model = model_or_dir
+    record = ShortGPTConfig.from_model(_split_adapter(model)[0])
+    if record is None:
+        raise ShortGPTError("this model has not been pruned: nothing to push as a ShortGPT model")
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="shortgpt-push-") as tmp:
+        folder = Path(tmp) / "repo"
+        if kind == "recipe":
+            save_recipe(record, folder, tokenizer)
+        elif source is not None:
+            shutil.copytree(source, folder)  # the user's checkpoint, byte for byte
+        else:
+            save_pruned(model, folder, tokenizer, verify=False)
+        chart = scores_chart(record, folder / CHART)
+        try:
+            card_kind = "adapter" if _split_adapter(model)[1] is not None else kind
+            card = model_card(model, eval_results, repo_id=repo_id, kind=card_kind, chart=CHART if chart else None)
+            card = merge_into_existing(card, _existing_card(repo_id, revision, token))
+            (folder / "README.md").write_text(str(card))
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                revision=revision,
+                commit_message=commit_message or f"Upload ShortGPT-pruned model ({len(record.removed_layers)} of {record.original_num_hidden_layers} layers {'skipped in prefill' if record.mode == 'prefill_skip' else 'removed'})",
+                create_pr=create_pr,
+            )
+        except HfHubHTTPError as e:
+            raise ShortGPTError(f"upload to {repo_id} failed: {str(e).splitlines()[0]}") from None
+    return info.pr_url if create_pr and info.pr_url else info.commit_url
+
+
+def attach_push_to_hub(model: nn.Module) -> nn.Module:
+    """Give a loaded pruned model our ``push_to_hub`` (card included) in place of transformers'."""
+
+    def push(self: nn.Module, repo_id: str, kind: str = "full", **kwargs: Any) -> str:
+        return push_to_hub(self, repo_id, kind, **kwargs)
+
+    model.push_to_hub = types.MethodType(push, model)
+    return model
