@@ -260,3 +260,7 @@ def main() -> None:
     except ShortGPTError as e:
         print(f"shortgpt: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
