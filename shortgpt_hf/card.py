@@ -19,6 +19,7 @@ from .builtin import BUILTINS
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
 from .pruning import count_parameters
+from .scoring import bar_chart
 
 TEMPLATE = "shortgpt_model_card.md.j2"
 CHART = "layer_scores.png"
@@ -66,22 +67,9 @@ def scores_chart(record: ShortGPTConfig, path: str | Path) -> Path | None:
     """Bar chart of the recorded scores per ORIGINAL layer, removed ones in red."""
     if not record.layer_scores:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    removed = set(record.removed_layers)
-    indices = [i for i, v in enumerate(record.layer_scores) if v is not None]
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * record.original_num_hidden_layers), 3.2))
-    ax.bar(indices, [record.layer_scores[i] for i in indices], color=["tab:red" if i in removed else "tab:blue" for i in indices])
-    ax.set_xlabel("layer (original index)")
-    ax.set_ylabel(record.metric or "score")
-    ax.set_title(f"{record.metric} per layer; red: {'skipped in prefill' if record.mode == 'prefill_skip' else 'removed'}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    values = {i: v for i, v in enumerate(record.layer_scores) if v is not None}
+    status = "skipped in prefill" if record.mode == "prefill_skip" else "removed"
+    return bar_chart(values, set(record.removed_layers), path, xlabel="layer (original index)", ylabel=record.metric or "score", title=f"{record.metric} per layer; red: {status}")
 
 
 def _eval_rows(eval_results: list[dict[str, Any]] | None) -> list[dict[str, Any]]:

@@ -74,22 +74,28 @@ class LayerScores:
 
     def plot(self, path: str | Path, highlight: int = 0, title: str | None = None) -> Path:
         """A bar chart of the scores, the ``highlight`` lowest in a second colour."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        xlabel = "layer" if self.block_size == 1 else f"first layer of {self.block_size}-layer block"
+        title = title or f"{self.metric} per layer ({self.num_tokens} tokens)" + (f", red: lowest {highlight}" if highlight else "")
         chosen = set(self.lowest(highlight)) if highlight else set()
-        fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(self.scores)), 3.2))
-        colors = ["tab:red" if i in chosen else "tab:blue" for i in range(len(self.scores))]
-        ax.bar(range(len(self.scores)), self.scores, color=colors)
-        ax.set_xlabel("layer" if self.block_size == 1 else f"first layer of {self.block_size}-layer block")
-        ax.set_ylabel(self.metric)
-        ax.set_title(title or f"{self.metric} per layer ({self.num_tokens} tokens)" + (f", red: lowest {highlight}" if highlight else ""))
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return Path(path)
+        return bar_chart(dict(enumerate(self.scores)), chosen, path, xlabel=xlabel, ylabel=self.metric, title=title)
+
+
+def bar_chart(values: dict[int, float], highlighted: set[int], path: str | Path, *, xlabel: str, ylabel: str, title: str) -> Path:
+    """Per-layer bars, ``highlighted`` layers in red (the score chart of the CLI and the model card)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * (max(values) + 1)), 3.2))
+    ax.bar(list(values), list(values.values()), color=["tab:red" if i in highlighted else "tab:blue" for i in values])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
 
 
 def _order_scores(metric: str, num_layers: int, seed: int) -> list[float]:

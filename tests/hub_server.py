@@ -5,16 +5,16 @@ it) end to end — create_repo, upload_folder/create_commit, hf_hub_download/sna
 with no access to huggingface.co. ``HF_ENDPOINT`` is read when huggingface_hub is imported: run the client in a
 subprocess::
 
-    with HubServer(token="hf_test") as hub:
-        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_test", "HF_HUB_OFFLINE": "0"}
+    with HubServer(token="hf_test") as hub:  # HF_HOME too, or the client caches the fake's answers in ~/.cache
+        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_test", "HF_HOME": str(tmp_path),
+               "HF_HUB_OFFLINE": "0"}
         subprocess.run([sys.executable, "-c", code], env=env, check=True)
         assert hub.files("tester/repo")["config.json"] == ...
 
-Only model repos, and only what those calls use, are implemented. The preupload endpoint answers "regular" for
-every file, so the client sends contents inline (base64) in the commit NDJSON and never takes the LFS or Xet paths
-(both are only for "lfs" files); downloads carry no ``X-Xet-Hash`` header, so they stay plain HTTP GETs. A commit
-is applied under one lock, entirely or (on any error or injected failure) not at all. Unknown requests get a 404
-and a line on stderr. Run ``python tests/hub_server.py --port P --token T`` to debug a client by hand.
+Only model repos, and only what those calls use, are implemented. Preupload answers "regular" for every file, so
+the client sends contents inline (base64) in the commit NDJSON and never takes the LFS or Xet paths (both are only
+for "lfs" files); downloads carry no ``X-Xet-Hash`` header, so they stay plain HTTP GETs. A commit applies under
+one lock, entirely or (on any error or injected failure) not at all. Unknown requests get a 404 and a stderr line.
 """
 
 from __future__ import annotations
@@ -56,8 +56,7 @@ class Repo:
 
 
 class HubError(Exception):
-    """An error answered as the Hub does: status, ``X-Error-Code`` (which the client maps to its exception
-    classes) and ``X-Error-Message`` headers, JSON ``{"error": message, **body}``."""
+    """An error answered as the Hub does: ``X-Error-Code`` (mapped to the client's exception classes) and more."""
 
     def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None, **body: str):
         super().__init__(message)
@@ -75,8 +74,9 @@ class HubServer:
     ``endpoint``: set once started. ``token``: the one valid token (writes need it, private repos are invisible
     without it, any other bearer token gets a 401). ``user``: its namespace. ``requests``: "METHOD /path" of each
     request. ``fail_commits``: the next n commit requests answer ``fail_status`` (500) and apply nothing. Mind that
-    ``upload_folder`` (hf_xet installed) retries a 408/429/5xx commit 5 times (1+2+4+8+8 s), ``create_commit`` does
-    not: ``fail_commits = 1`` makes create_commit raise but only delays upload_folder (set ``fail_status = 507``).
+    with hf_xet installed ``upload_folder`` retries a 408/429/5xx commit 5 times (1+2+4+8+8 s): ``fail_commits = 1``
+    only delays it (``fail_status = 507`` fails it at once); ``create_commit``, and ``upload_folder`` under
+    ``HF_HUB_DISABLE_XET=1`` (one plain create_commit), do not retry.
     """
 
     def __init__(self, token: str = "hf_test", user: str = "tester", port: int = 0):
@@ -165,7 +165,7 @@ class _Handler(BaseHTTPRequestHandler):
     ]
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (base-class signature)
-        """Quiet: only unknown requests are logged, by ``_dispatch``."""
+        """Quiet: only unknown requests are logged, by ``do_GET``."""
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
@@ -224,8 +224,6 @@ class _Handler(BaseHTTPRequestHandler):
     def on_create_repo(self) -> None:
         self._authed(required=True)
         payload = json.loads(self.body)
-        if payload.get("type", "model") != "model":
-            raise HubError(400, "hub_server only hosts model repos")
         repo_id = f"{payload.get('organization') or self.hub.user}/{payload['name']}"
         url = f"{self.hub.endpoint}/{repo_id}"
         with self.hub._lock:
@@ -287,8 +285,6 @@ class _Handler(BaseHTTPRequestHandler):
         new PR branched off it with ``?create_pr=1``; the lock is held from the checks to the ref update."""
         self._authed(required=True)
         lines = [json.loads(line) for line in self.body.splitlines() if line.strip()]
-        if not lines or lines[0]["key"] != "header":
-            raise HubError(400, "The commit payload must start with a header line")
         header, create_pr, hub = lines[0]["value"], self.query.get("create_pr") == "1", self.hub
         with hub._lock:
             state = hub._repo(repo)
@@ -311,9 +307,7 @@ class _Handler(BaseHTTPRequestHandler):
                     gone = [p for p in files if p == target or (key == "deletedFolder" and p.startswith(folder))]
                     if not gone:
                         raise HubError(404, f"Entry not found: {target}", "EntryNotFound")
-                    paths += gone
-                    for p in gone:
-                        del files[p]
+                    files, paths = {p: d for p, d in files.items() if p not in gone}, paths + gone
                 else:
                     raise HubError(400, f"hub_server does not accept {key!r} lines (it asks for regular uploads)")
             if create_pr:
@@ -348,17 +342,18 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Serve the fake Hugging Face Hub in the foreground.")
+    """Serve in the foreground, to debug a client by hand: ``python tests/hub_server.py --port P --token T``."""
+    parser = argparse.ArgumentParser(description="Serve the fake Hugging Face Hub until Ctrl-C.")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--token", default="hf_test")
     parser.add_argument("--user", default="tester")
     args = parser.parse_args()
-    hub = HubServer(token=args.token, user=args.user, port=args.port).start()
-    print(f"HF_ENDPOINT={hub.endpoint} HF_TOKEN={args.token}", flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        hub.stop()
+    with HubServer(token=args.token, user=args.user, port=args.port) as hub:
+        print(f"HF_ENDPOINT={hub.endpoint} HF_TOKEN={args.token}", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
 
 
 if __name__ == "__main__":
