@@ -63,7 +63,8 @@ print(json.dumps(out))
 @pytest.fixture
 def hub(tmp_path):
     with HubServer(token=TOKEN) as server:
-        server.env = dict(os.environ, HF_ENDPOINT=server.endpoint, HF_TOKEN=TOKEN, HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1")
+        home = tmp_path / "hf_home"  # the client also writes xet logs and a registry cache under HF_HOME
+        server.env = dict(os.environ, HF_ENDPOINT=server.endpoint, HF_TOKEN=TOKEN, HF_HOME=str(home), HF_HUB_CACHE=str(home / "hub"), HF_HUB_OFFLINE="0")
         yield server
 
 
@@ -111,7 +112,7 @@ def test_bad_input_and_server_failure(hub, tmp_path, monkeypatch):
         push_to_hub(tiny_model("llama"), "tester/x", token=TOKEN)
 
     model.save_pretrained(tmp_path / "pruned")
-    hub.fail_commits = 1
+    hub.fail_commits, hub.fail_status = 1, 507  # 507: not retried by upload_folder (5xx like 500 are, up to 5 times)
     cli = [sys.executable, "-m", "shortgpt_hf.cli", "push", str(tmp_path / "pruned"), "tester/broken"]
     result = subprocess.run(cli, capture_output=True, text=True, env=hub.env)
     assert result.returncode == 2 and "Traceback" not in result.stderr
