@@ -78,6 +78,13 @@ def _texts_and_description(calibration: CalibrationData, text_column: str) -> tu
     )
 
 
+def is_tokenized(calibration: CalibrationData) -> bool:
+    """Token tensors need no tokenizer; every other form does."""
+    if isinstance(calibration, (torch.Tensor, dict)):
+        return True
+    return isinstance(calibration, Sequence) and bool(calibration) and all(isinstance(t, torch.Tensor) for t in calibration)
+
+
 def _bos_id(tokenizer: Any) -> int | None:
     """The BOS id if this tokenizer normally starts sequences with it (Gemma needs it, SmolLM2 doesn't use it)."""
     bos = getattr(tokenizer, "bos_token_id", None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import prepare_calibration
+from .calibration import CalibrationData, prepare_calibration
 from .layers import input_device
 
 
@@ -19,7 +18,7 @@ from .layers import input_device
 def perplexity(
     model: nn.Module,
     tokenizer: Any,
-    texts: Sequence[str] | None = None,
+    texts: CalibrationData = None,
     *,
     seq_len: int = 256,
     max_tokens: int | None = 8192,
@@ -27,10 +26,10 @@ def perplexity(
     progress: bool = False,
 ) -> float:
     """Token-level perplexity over non-overlapping ``seq_len`` windows of ``texts``
-    (default: the packaged held-out plays, never used for calibration)."""
+    (any calibration form; default: the packaged held-out plays, never used for calibration)."""
     from .texts import heldout_texts
 
-    windows = prepare_calibration(list(texts) if texts is not None else heldout_texts(), tokenizer, seq_len, max_tokens)
+    windows = prepare_calibration(heldout_texts() if texts is None else texts, tokenizer, seq_len, max_tokens)
     device = input_device(model)
     nll, count = 0.0, 0
     was_training = model.training

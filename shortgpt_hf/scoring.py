@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import CalibrationData, TokenWindows, prepare_calibration
+from .calibration import CalibrationData, TokenWindows, is_tokenized, prepare_calibration
 from .errors import ShortGPTError
 from .layers import find_decoder_layers, input_device
 
@@ -206,7 +206,7 @@ def score_layers(
     if metric in ORDER_METRICS:
         return LayerScores(metric, _order_scores(metric, num_layers, seed), num_layers, calibration=f"none (seed {seed})" if metric == "random" else None)
 
-    if tokenizer is None and not isinstance(calibration, (torch.Tensor, dict)):
+    if tokenizer is None and not is_tokenized(calibration):
         tokenizer = _default_tokenizer(model)
     windows: TokenWindows = prepare_calibration(calibration, tokenizer, seq_len, max_tokens, text_column)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
