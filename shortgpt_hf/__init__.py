@@ -7,6 +7,7 @@ from .card import model_card
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
 from .evaluation import perplexity
+from .healing import heal, save_healed
 from .layers import find_decoder_layers
 from .loading import load_model
 from .modeling import PrunedForCausalLM
@@ -28,6 +29,7 @@ __all__ = [
     "disable_prefill_skip",
     "enable_prefill_skip",
     "find_decoder_layers",
+    "heal",
     "load_builtin",
     "load_model",
     "model_card",
@@ -35,6 +37,7 @@ __all__ = [
     "prune",
     "push_to_hub",
     "remove_layers",
+    "save_healed",
     "save_pruned",
     "save_recipe",
     "score_layers",

@@ -254,6 +254,40 @@ def push(
     out.print(f"pushed {folder} to {repo_id}: {url}")
 
 
+@app.command()
+def heal(
+    pruned_dir: Annotated[Path, typer.Argument(help="A saved pruned checkpoint (from shortgpt prune).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the adapter (or, with --merge, the merged checkpoint).")],
+    data: Annotated[Optional[Path], typer.Option(help="Training text file (default: packaged calibration plays).")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Dense model to distill from (built-in name, folder or Hub id).")] = None,
+    steps: int = 50,
+    lr: float = 2e-4,
+    r: int = 8,
+    alpha: int = 16,
+    layers: Annotated[str, typer.Option(help="all, adjacent, or post-pruning indices like 3,4,5.")] = "all",
+    seq_len: int = 256,
+    batch_size: int = 4,
+    kd_weight: float = 0.5,
+    merge: Annotated[bool, typer.Option(help="Merge the adapter and save a native checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+) -> None:
+    """LoRA-heal a pruned model (PEFT + accelerate; runs under `accelerate launch` too)."""
+    from .healing import heal as heal_model
+    from .healing import save_healed
+    from .saving import check_destination
+    from .texts import heldout_texts
+
+    check_destination(out_dir, overwrite)
+    m, tok = _load(str(pruned_dir), "float32", None)
+    dense = _load(teacher, "float32", None)[0] if teacher else None
+    chosen = layers if layers in ("all", "adjacent") else _parse_layers(layers)
+    healed = heal_model(m, data, tokenizer=tok, steps=steps, lr=lr, r=r, alpha=alpha, layers=chosen, seq_len=seq_len, batch_size=batch_size, teacher=dense, kd_weight=kd_weight, eval_data=heldout_texts()[:1])
+    saved = save_healed(healed, out_dir, tok, merge=merge, overwrite=overwrite)
+    record = healed.get_base_model().config.shortgpt["healing"]
+    out.print(f"held-out perplexity {record['perplexity_before']:.2f} -> {record['perplexity_after']:.2f} after {steps} steps ({record['tokens']:,} tokens)")
+    out.print(f"{'merged checkpoint' if merge else 'adapter'} saved to {saved}")
+
+
 def main() -> None:
     try:
         app()

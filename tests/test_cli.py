@@ -166,3 +166,17 @@ def test_generate_command(tiny_dirs, capsys, monkeypatch):
     code, _, err = run_cli(capsys, monkeypatch, "generate", tiny_dirs / "llama", "--layers", "0,1,2,3,4,5")
     assert code == 2
     assert_one_line_error(err, "cannot skip every layer")
+
+
+def test_heal_command_merges_into_native_checkpoint(tiny_dirs, tmp_path, capsys, monkeypatch):
+    pruned, healed = tmp_path / "pruned", tmp_path / "healed"
+    assert run_cli(capsys, monkeypatch, "prune", tiny_dirs / "llama", "--layers", "2", "--out", pruned)[0] == 0
+    code, stdout, err = run_cli(capsys, monkeypatch, "heal", pruned, "--out", healed, "--steps", "2", "--seq-len", "32", "--batch-size", "2", "--merge", "--layers", "adjacent")
+    assert code == 0, err
+    assert "held-out perplexity" in stdout and "merged checkpoint saved to" in stdout
+    record = ShortGPTConfig.from_dict(json.loads((healed / "config.json").read_text())["shortgpt"])
+    assert record.removed_layers == [2] and record.healing["steps"] == 2 and record.healing["layers"] == "adjacent"
+    assert AutoModelForCausalLM.from_pretrained(healed).config.num_hidden_layers == 5
+    code, _, err = run_cli(capsys, monkeypatch, "heal", pruned, "--out", healed, "--steps", "1")
+    assert code == 2
+    assert_one_line_error(err, "not empty")
