@@ -105,6 +105,9 @@ def _load_from_base(source: str, record: ShortGPTConfig, revision: str | None, *
         native = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:
         raise ShortGPTError(f"{config.model_type} has no causal-LM class in transformers") from None
+    if record.original_num_parameters is None:
+        with torch.device("meta"):  # the base's size, for the record and the card, without allocating it
+            record.original_num_parameters = count_parameters(native(config))
     if record.mode == "prefill_skip":
         model = native.from_pretrained(source, config=config, revision=revision, **kwargs)
         return _apply_prefill_skip(model, record)
@@ -186,7 +189,6 @@ class PrunedForCausalLM:
     @staticmethod
     def _from_base(name: str, removed_layers: Sequence[int], mode: str, revision: str | None, **kwargs: Any) -> nn.Module:
         from transformers import AutoConfig
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         from .loading import resolve_model
 
@@ -196,8 +198,6 @@ class PrunedForCausalLM:
         except OSError as e:
             raise ShortGPTError(f"cannot load {name!r}: {str(e).splitlines()[0]}") from None
         text = config.get_text_config(decoder=True)
-        with torch.device("meta"):  # the base's size, for the record and the card, without allocating it
-            original_num_parameters = count_parameters(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config))
         record = ShortGPTConfig(
             removed_layers=list(removed_layers),
             original_num_hidden_layers=text.num_hidden_layers,
@@ -205,6 +205,5 @@ class PrunedForCausalLM:
             base_model_name_or_path=base_name(name),
             base_revision=revision or hub_revision(name),
             mode=mode,
-            original_num_parameters=original_num_parameters,
         )
         return _load_from_base(source, record, revision or record.base_revision, **kwargs)
