@@ -29,6 +29,7 @@ from .calibration import CalibrationData, is_tokenized, prepare_calibration
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
 from .layers import find_decoder_layers, input_device
+from .loading import tokenizer_for
 
 METHODS = ("lora", "qlora")
 
@@ -111,7 +112,6 @@ def heal(
     from peft import LoraConfig, get_peft_model
 
     from .evaluation import perplexity
-    from .scoring import _default_tokenizer
 
     record = ShortGPTConfig.from_model(model)
     if record is None or record.mode != "remove":
@@ -122,7 +122,7 @@ def heal(
     if steps < 1:
         raise ShortGPTError(f"steps must be at least 1, got {steps}")
     if tokenizer is None and not (is_tokenized(data) and (eval_data is None or is_tokenized(eval_data))):
-        tokenizer = _default_tokenizer(model)
+        tokenizer = tokenizer_for(model)
     windows = prepare_calibration(data, tokenizer, seq_len)
     found = find_decoder_layers(model)
     if layers == "all":

@@ -41,3 +41,13 @@ def load_model(name_or_path: str, tokenizer: bool = True, **from_pretrained_kwar
         # Record the portable name, not this machine's cache path (it ends up in ShortGPTConfig).
         model.name_or_path = model.config.name_or_path = name_or_path
     return model, tok
+
+
+def tokenizer_for(model: Any) -> Any:
+    """The tokenizer saved with ``model`` (where it was loaded from), for calls that got none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(model.name_or_path))
+    except (OSError, ValueError) as e:
+        raise ShortGPTError(f"no tokenizer given and none found at {model.name_or_path!r}: pass tokenizer=") from e

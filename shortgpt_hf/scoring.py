@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationData, TokenWindows, is_tokenized, prepare_calibration
 from .errors import ShortGPTError
 from .layers import find_decoder_layers, input_device
+from .loading import tokenizer_for
 
 HIDDEN_STATE_METRICS = ("bi", "angular", "relative_magnitude")
 ORDER_METRICS = ("sequential", "reverse", "random")
@@ -161,17 +162,6 @@ class _Accumulator:
             h.remove()
 
 
-def _default_tokenizer(model: nn.Module) -> Any:
-    from transformers import AutoTokenizer
-
-    from .loading import resolve_model
-
-    try:
-        return AutoTokenizer.from_pretrained(resolve_model(model.name_or_path))
-    except (OSError, ValueError) as e:
-        raise ShortGPTError(f"no tokenizer given and none found at {model.name_or_path!r}: pass tokenizer=") from e
-
-
 @torch.no_grad()
 def score_layers(
     model: nn.Module,
@@ -207,7 +197,7 @@ def score_layers(
         return LayerScores(metric, _order_scores(metric, num_layers, seed), num_layers, calibration=f"none (seed {seed})" if metric == "random" else None)
 
     if tokenizer is None and not is_tokenized(calibration):
-        tokenizer = _default_tokenizer(model)
+        tokenizer = tokenizer_for(model)
     windows: TokenWindows = prepare_calibration(calibration, tokenizer, seq_len, max_tokens, text_column)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     device = input_device(model)
