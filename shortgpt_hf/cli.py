@@ -124,9 +124,8 @@ def prune(
 ) -> None:
     """Score (if needed), remove layers, and save a native checkpoint."""
     from .layers import find_decoder_layers
+    from .pruning import count_parameters, removal_count
     from .pruning import prune as prune_model
-    from .pruning import removal_count
-    from .pruning import count_parameters
     from .saving import check_destination, save_pruned, save_recipe
 
     if n_layers is not None and ratio is not None:
