@@ -33,6 +33,7 @@ from torch import nn
 from .config import ShortGPTConfig, base_name, hub_revision
 from .errors import ShortGPTError
 from .layers import find_decoder_layers, text_config
+from .pruning import count_parameters
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 _LAYER_ARGS = ("attention_mask", "position_ids", "cache", "use_cache", "position_embeddings")
@@ -152,6 +153,7 @@ def enable_prefill_skip(model: nn.Module, layers: Sequence[int], boundary: bool 
         model_type=cfg.model_type,
         base_model_name_or_path=base_name(model.name_or_path),
         base_revision=hub_revision(model.name_or_path),
+        original_num_parameters=count_parameters(model),
     )
     record.removed_layers, record.mode, record.prefill_boundary = chosen, "prefill_skip", boundary
     model.config.shortgpt = ShortGPTConfig.from_dict(record.to_dict()).to_dict()
