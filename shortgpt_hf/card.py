@@ -27,7 +27,7 @@ START, END = "<!-- shortgpt:start -->", "<!-- shortgpt:end -->"
 KINDS = ("full", "recipe", "adapter")
 
 
-def _split_adapter(model: nn.Module) -> tuple[nn.Module, Any]:
+def split_adapter(model: nn.Module) -> tuple[nn.Module, Any]:
     """(the pruned transformers model, the PEFT config or None)."""
     from peft import PeftModel
 
@@ -100,7 +100,7 @@ def model_card(
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    pruned, peft_config = _split_adapter(model)
+    pruned, peft_config = split_adapter(model)
     record = ShortGPTConfig.from_model(pruned)
     if record is None:
         raise ShortGPTError("this model has not been pruned: there is nothing for a ShortGPT card to describe")

@@ -16,14 +16,15 @@ from typing import Any
 
 from torch import nn
 
-from .card import CHART, _split_adapter, merge_into_existing, model_card, scores_chart
+from .card import CHART, split_adapter, merge_into_existing, model_card, scores_chart
 from .config import CONFIG_NAME, ShortGPTConfig, hub_file
 from .errors import ShortGPTError
 
 KINDS = ("full", "recipe")
 
 
-def _check_target(repo_id: str, token: str | bool | None) -> str:
+def _check_target(repo_id: str, token: str | None) -> str:
+    """Refuse a bad repo id or a missing token before any work is done."""
     from huggingface_hub import get_token
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -34,7 +35,7 @@ def _check_target(repo_id: str, token: str | bool | None) -> str:
         raise ShortGPTError(f"invalid repo id {repo_id!r}: {str(e).splitlines()[0]}") from None
     if "/" not in repo_id:
         raise ShortGPTError(f"repo id {repo_id!r} needs a namespace: 'user-or-org/name'")
-    token = token if isinstance(token, str) else get_token()
+    token = token or get_token()
     if not token:
         raise ShortGPTError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (or pass token=)")
     return token
@@ -96,7 +97,7 @@ def push_to_hub(
         model, tokenizer = _load_dir(source), tokenizer or _tokenizer_in(source)
     else:
         model = model_or_dir
-    record = ShortGPTConfig.from_model(_split_adapter(model)[0])
+    record = ShortGPTConfig.from_model(split_adapter(model)[0])
     if record is None:
         raise ShortGPTError("this model has not been pruned: nothing to push as a ShortGPT model")
 
@@ -111,7 +112,7 @@ def push_to_hub(
             save_pruned(model, folder, tokenizer, verify=False)
         chart = scores_chart(record, folder / CHART)
         try:
-            card_kind = "adapter" if _split_adapter(model)[1] is not None else kind
+            card_kind = "adapter" if split_adapter(model)[1] is not None else kind
             card = model_card(model, eval_results, repo_id=repo_id, kind=card_kind, chart=CHART if chart else None)
             card = merge_into_existing(card, _existing_card(repo_id, revision, token))
             (folder / "README.md").write_text(str(card))
