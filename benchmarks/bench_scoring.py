@@ -121,19 +121,17 @@ def setup():
     return model, windows, batches
 
 
-def step_a(model, ids, mask) -> list[float]:
-    """score_layers on one batch; returns per-layer sums of (1 - cos) over its tokens."""
+def _score(model, ids, mask):
+    """score_layers over pre-tokenized ``(ids, mask)``, so no tokenization is timed."""
     from shortgpt_hf.scoring import score_layers
 
-    s = score_layers(
-        model,
-        {"input_ids": ids, "attention_mask": mask},
-        "bi",
-        seq_len=SEQ_LEN,
-        batch_size=BATCH_SIZE,
-        max_tokens=None,
-        progress=False,
-    )
+    calibration = {"input_ids": ids, "attention_mask": mask}
+    return score_layers(model, calibration, "bi", seq_len=SEQ_LEN, batch_size=BATCH_SIZE, max_tokens=None, progress=False)
+
+
+def step_a(model, ids, mask) -> list[float]:
+    """score_layers on one batch; returns per-layer sums of (1 - cos) over its tokens."""
+    s = _score(model, ids, mask)
     return [v * s.num_tokens for v in s.scores]
 
 
@@ -164,27 +162,18 @@ STEPS = {"A": step_a, "B": step_b, "C": step_c}
 
 
 def lowest(sums: list[float], n: int = N_REMOVE) -> list[int]:
-    return sorted(sorted(range(len(sums)), key=lambda i: (sums[i], i))[:n])
+    from shortgpt_hf import LayerScores
+
+    return LayerScores("bi", sums, len(sums)).lowest(n)
 
 
 def run_whole(which: str, model, batches) -> list[int] | None:
     """One approach over all batches, as a user would run it (A: ONE score_layers call)."""
     if which == "A":
-        from shortgpt_hf.scoring import score_layers
-
         width = max(ids.shape[1] for ids, _ in batches)  # all batches as one padded dict, pad id 0
         ids = torch.cat([torch.nn.functional.pad(i, (0, width - i.shape[1]), value=PAD_ID) for i, _ in batches])
         mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for _, m in batches])
-        s = score_layers(
-            model,
-            {"input_ids": ids, "attention_mask": mask},
-            "bi",
-            seq_len=SEQ_LEN,
-            batch_size=BATCH_SIZE,
-            max_tokens=None,
-            progress=False,
-        )
-        return s.lowest(N_REMOVE)
+        return _score(model, ids, mask).lowest(N_REMOVE)
     sums = None
     for ids, mask in batches:
         res = STEPS[which](model, ids, mask)
