@@ -2,14 +2,16 @@
 
 __version__ = "0.1.0"
 
+from .ablation import Ablation, ablate
 from .builtin import BUILTINS, DEFAULT_MODEL, builtin_path, load_builtin
 from .card import model_card
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
-from .evaluation import perplexity
+from .evaluation import EvalReport, EvalResult, evaluate, perplexity
 from .healing import heal, save_healed
 from .layers import find_decoder_layers
 from .loading import load_model
+from .multiple_choice import multiple_choice
 from .modeling import PrunedForCausalLM
 from .prefill_skip import disable_prefill_skip, enable_prefill_skip
 from .pruning import prune, remove_layers, verify_pruned
@@ -18,21 +20,27 @@ from .saving import save_pruned, save_recipe
 from .scoring import METRICS, LayerScores, score_layers
 
 __all__ = [
+    "Ablation",
     "BUILTINS",
     "DEFAULT_MODEL",
+    "EvalReport",
+    "EvalResult",
     "METRICS",
     "LayerScores",
     "PrunedForCausalLM",
     "ShortGPTConfig",
     "ShortGPTError",
+    "ablate",
     "builtin_path",
     "disable_prefill_skip",
     "enable_prefill_skip",
+    "evaluate",
     "find_decoder_layers",
     "heal",
     "load_builtin",
     "load_model",
     "model_card",
+    "multiple_choice",
     "perplexity",
     "prune",
     "push_to_hub",

@@ -94,6 +94,22 @@ def _bos_id(tokenizer: Any) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
+def token_streams(calibration: CalibrationData, tokenizer: Any, text_column: str = "text") -> tuple[list[torch.Tensor], str, int | None]:
+    """One 1-D token tensor per document (no special tokens), its description,
+    and the BOS id to start each window with (None when the tokenizer uses none)."""
+    texts, token_rows, description = _texts_and_description(calibration, text_column)
+    if texts is None:
+        return [row.to(torch.long) for row in token_rows if len(row)], description, None
+    if tokenizer is None:
+        raise ShortGPTError("text calibration needs a tokenizer")
+    streams = [
+        torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False).input_ids, dtype=torch.long)
+        for text in texts
+        if text.strip()
+    ]
+    return streams, description, _bos_id(tokenizer)
+
+
 def prepare_calibration(
     calibration: CalibrationData,
     tokenizer: Any,
@@ -104,24 +120,13 @@ def prepare_calibration(
     """Tokenize and cut calibration data into windows of at most ``seq_len`` tokens."""
     if seq_len < 2:
         raise ShortGPTError(f"seq_len must be at least 2, got {seq_len}")
-    texts, token_rows, description = _texts_and_description(calibration, text_column)
+    streams, description, bos = token_streams(calibration, tokenizer, text_column)
+    step = seq_len - (bos is not None)
     windows: list[torch.Tensor] = []
-    if texts is not None:
-        if tokenizer is None:
-            raise ShortGPTError("text calibration needs a tokenizer")
-        bos = _bos_id(tokenizer)
-        step = seq_len - (bos is not None)
-        for text in texts:
-            if not text.strip():
-                continue
-            ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False).input_ids, dtype=torch.long)
-            for start in range(0, len(ids), step):
-                piece = ids[start : start + step]
-                windows.append(piece if bos is None else torch.cat([torch.tensor([bos]), piece]))
-    else:
-        for row in token_rows:
-            row = row.to(torch.long)
-            windows.extend(row[start : start + seq_len] for start in range(0, len(row), seq_len))
+    for ids in streams:
+        for start in range(0, len(ids), step):
+            piece = ids[start : start + step]
+            windows.append(piece if bos is None else torch.cat([torch.tensor([bos]), piece]))
     if max_tokens is not None:
         kept, total = [], 0
         for window in windows:

@@ -237,6 +237,125 @@ def generate(
     out.print(f"time to first token: {timer.first - start:.3f}s; {new} tokens in {total:.2f}s ({inputs.input_ids.shape[1]}-token prompt)")
 
 
+def _load_any(model: str, dtype: str, device_map: Optional[str]):
+    from .modeling import load_any
+
+    return load_any(model, **_from_pretrained_kwargs(dtype, device_map))
+
+
+def _split(text: Optional[str]) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def _eval_table(report) -> Table:
+    table = Table(title=f"evaluation of {report.model}")
+    for name in ("task", "dataset", "metric"):
+        table.add_column(name)
+    if report.baseline is not None:
+        table.add_column(f"{report.baseline.model}", justify="right")
+    table.add_column("value", justify="right")
+    table.add_column("chance", justify="right")
+    table.add_column("n", justify="right")
+    for r in report.results:
+        row = [r.task, r.dataset, r.metric]
+        if report.baseline is not None:
+            try:
+                row.append(f"{report.baseline.get(r.task, r.metric):.4g}")
+            except KeyError:
+                row.append("-")
+        row += [f"{r.value:.4g}", "-" if r.chance is None else f"{r.chance:.3f}", "-" if r.num_samples is None else str(r.num_samples)]
+        table.add_row(*row)
+    return table
+
+
+@app.command(name="eval")
+def eval_(
+    model: ModelArg = DEFAULT_MODEL,
+    tasks: Annotated[str, typer.Option(help="Comma-separated: ppl, ppl:FILE, mc, mc:general_knowledge+emoji_movie, mc:TASK.json.")] = "ppl,mc",
+    lm_eval_tasks: Annotated[Optional[str], typer.Option(help="Comma-separated lm-evaluation-harness tasks (needs lm-eval and the tasks' data).")] = None,
+    lm_eval_include: Annotated[Optional[Path], typer.Option(help="Folder of your own lm-eval task YAMLs.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many questions per multiple-choice / lm-eval task.")] = None,
+    with_base: Annotated[bool, typer.Option(help="Also evaluate the pruned model's recorded base and show both.")] = False,
+    seq_len: Annotated[int, typer.Option(help="Perplexity window in tokens.")] = 256,
+    stride: Annotated[int, typer.Option(help="Perplexity window stride (smaller: more context per token, slower).")] = 128,
+    max_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity.")] = 8192,
+    batch_size: int = 8,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here (shortgpt push --eval reads it).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
+    device_map: Annotated[Optional[str], typer.Option(help="accelerate device_map, e.g. auto.")] = None,
+) -> None:
+    """Evaluate a model, pruned checkpoint or recipe: perplexity, multiple choice, lm-eval tasks."""
+    from .config import ShortGPTConfig
+    from .evaluation import evaluate
+
+    if lm_eval_include is not None and not lm_eval_include.is_dir():
+        raise ShortGPTError(f"--lm-eval-include is not a folder: {lm_eval_include}")
+    options = dict(
+        tasks=_split(tasks), lm_eval_tasks=_split(lm_eval_tasks), lm_eval_include=lm_eval_include, lm_eval_limit=limit,
+        seq_len=seq_len, stride=stride, max_tokens=max_tokens, mc_limit=limit, batch_size=batch_size,
+    )
+    m, tok = _load_any(model, dtype, device_map)
+    record = ShortGPTConfig.from_model(m)
+    if with_base and record is None:
+        raise ShortGPTError(f"--with-base needs a pruned model; {model!r} is not one")
+    report = evaluate(m, tok, name=model, **options)
+    if with_base:
+        del m
+        base, base_tok = _load_any(record.base_model_name_or_path, dtype, device_map)
+        report.baseline = evaluate(base, base_tok, name=record.base_model_name_or_path, **options)
+    out.print(_eval_table(report))
+    if json_out:
+        report.to_json(json_out)
+        out.print(f"results written to {json_out}")
+
+
+@app.command()
+def ablate(
+    model: ModelArg = DEFAULT_MODEL,
+    ratios: Annotated[str, typer.Option(help="Comma-separated fractions of layers to remove.")] = "0.1,0.2,0.3",
+    metrics: Annotated[str, typer.Option(help=f"Comma-separated, from: {', '.join(METRICS)}.")] = ",".join(METRICS),
+    iterative: Annotated[bool, typer.Option(help="Also remove one layer at a time, re-scoring in between (hidden-state metrics).")] = False,
+    tasks: Annotated[str, typer.Option(help="Comma-separated evaluation tasks, as for shortgpt eval.")] = "ppl,mc",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder for ablation.json and the plots (default ./<model>-ablation).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+    calibration: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (default: packaged Shakespeare).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many questions per multiple-choice task.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity.")] = 4096,
+    seed: Annotated[int, typer.Option(help="Seed of the random baseline.")] = 0,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
+    device_map: Annotated[Optional[str], typer.Option(help="accelerate device_map, e.g. auto.")] = None,
+) -> None:
+    """Prune with every metric at every ratio, evaluate each, and plot (the paper's Figures 4-5)."""
+    from .ablation import ablate as run_ablation
+    from .saving import atomic_folder, check_destination
+
+    try:
+        fractions = [float(r) for r in _split(ratios)]
+    except ValueError:
+        raise ShortGPTError(f"--ratios must be comma-separated numbers, got {ratios!r}") from None
+    target = out_dir or Path(f"{Path(model.rstrip('/')).name}-ablation")
+    check_destination(target, overwrite)
+    m, tok = _load(model, dtype, device_map)
+    result = run_ablation(
+        m, tok, ratios=fractions, metrics=_split(metrics), schedules=("one-shot", "iterative") if iterative else ("one-shot",),
+        tasks=_split(tasks), calibration=calibration, seed=seed, name=model, mc_limit=limit, max_tokens=max_tokens, stride=None,
+    )
+    with atomic_folder(target, overwrite) as tmp:
+        result.to_json(tmp / "ablation.json")
+        plots = result.plot(tmp)
+    measures = result.measures()
+    table = Table(title=f"ablation of {model} ({result.num_layers} layers)")
+    for name in ("method", "removed", "layers (original)"):
+        table.add_column(name)
+    for task, metric in measures:
+        table.add_column(metric if task == metric else f"{task} {metric}", justify="right")
+    table.add_row("dense", "0", "", *(f"{r.value:.4g}" for r in result.dense))
+    for run in result.runs:
+        table.add_row(run.method, f"{len(run.removed_layers)} ({run.ratio:g})", ",".join(map(str, run.removed_layers)), *(f"{run.value(t, mt):.4g}" for t, mt in measures))
+    out.print(table)
+    out.print(f"ablation.json and {len(plots)} plots written to {target}")
+
+
 @app.command()
 def push(
     folder: Annotated[Path, typer.Argument(help="A pruned checkpoint or recipe folder (from shortgpt prune).")],
@@ -245,11 +364,14 @@ def push(
     recipe: Annotated[bool, typer.Option(help="Push only the recipe (base id + removed layers), not the weights.")] = False,
     create_pr: Annotated[bool, typer.Option(help="Open a pull request instead of committing to main.")] = False,
     message: Annotated[Optional[str], typer.Option(help="Commit message.")] = None,
+    eval_json: Annotated[Optional[Path], typer.Option("--eval", help="Results JSON from shortgpt eval (--with-base for a side-by-side table) for the card.")] = None,
 ) -> None:
     """Upload a pruned model with its model card in one commit (token: `hf auth login` or HF_TOKEN)."""
+    from .evaluation import EvalReport
     from .push import push_to_hub
 
-    url = push_to_hub(folder, repo_id, "recipe" if recipe else "full", private=private, create_pr=create_pr, commit_message=message)
+    rows = EvalReport.from_json(eval_json).card_rows() if eval_json else None
+    url = push_to_hub(folder, repo_id, "recipe" if recipe else "full", private=private, create_pr=create_pr, commit_message=message, eval_results=rows)
     out.print(f"pushed {folder} to {repo_id}: {url}")
 
 

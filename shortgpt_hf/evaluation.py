@@ -1,8 +1,17 @@
-"""Held-out perplexity, the quality measure every pruning claim here is asserted on."""
+"""Measuring what pruning cost: held-out perplexity, multiple-choice accuracy,
+and lm-evaluation-harness tasks, gathered in one `EvalReport`.
+
+An `EvalReport` is what ``shortgpt eval`` prints, writes as JSON, and hands to
+the model card; ``compare`` sets a pruned model's report beside its base's.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,34 +19,237 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import CalibrationData, prepare_calibration
+from .calibration import CalibrationData, token_streams
+from .errors import ShortGPTError
 from .layers import input_device
 
+DEFAULT_TASKS = ("ppl", "mc")
+HELDOUT_DATASET = "shakespeare-heldout"
 
-@torch.no_grad()
+
+def _windows(stream: torch.Tensor, seq_len: int, stride: int, bos: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Sliding windows over one document: ``(ids, is_target)`` pairs.
+
+    Each window holds ``seq_len`` tokens (the first being BOS for tokenizers
+    that use one) and starts ``stride`` tokens after the previous; only the
+    tokens no earlier window scored are targets, each with at least
+    ``seq_len - stride`` tokens of context after the first window. A stride of
+    the whole window gives non-overlapping windows, whose first tokens (no
+    context) are not scored; any shorter stride scores every token once."""
+    body = seq_len - (bos is not None)
+    out, scored_until = [], 0
+    for begin in range(0, len(stream), stride):
+        end = min(begin + body, len(stream))
+        piece = stream[begin:end]
+        positions = torch.arange(begin, end)
+        target = (positions >= scored_until) & ((positions > begin) | (bos is not None))
+        if bos is not None:
+            piece, target = torch.cat([torch.tensor([bos]), piece]), torch.cat([torch.tensor([False]), target])
+        out.append((piece, target))
+        scored_until = end
+        if end == len(stream):
+            break
+    return out
+
+
 def perplexity(
     model: nn.Module,
     tokenizer: Any,
     texts: CalibrationData = None,
     *,
     seq_len: int = 256,
+    stride: int | None = None,
     max_tokens: int | None = 8192,
     batch_size: int = 8,
     progress: bool = False,
 ) -> float:
-    """Token-level perplexity over non-overlapping ``seq_len`` windows of ``texts``
-    (any calibration form; default: the packaged held-out plays, never used for calibration)."""
+    """Token-level perplexity of ``texts`` (any calibration form; default: the
+    packaged held-out plays, never used for calibration), over the first
+    ``max_tokens`` tokens, in windows of ``seq_len`` tokens moved by ``stride``
+    (default: non-overlapping windows; smaller: more context per token, at
+    about ``seq_len / stride`` times the cost)."""
+    nll, count = _log_likelihood(model, tokenizer, texts, seq_len, stride, max_tokens, batch_size, progress)
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def _log_likelihood(
+    model: nn.Module, tokenizer: Any, texts: CalibrationData, seq_len: int, stride: int | None, max_tokens: int | None, batch_size: int, progress: bool
+) -> tuple[float, int]:
+    """Summed negative log-likelihood and the number of tokens it covers."""
     from .texts import heldout_texts
 
-    windows = prepare_calibration(heldout_texts() if texts is None else texts, tokenizer, seq_len, max_tokens)
+    if seq_len < 2:
+        raise ShortGPTError(f"seq_len must be at least 2, got {seq_len}")
+    streams, _, bos = token_streams(heldout_texts() if texts is None else texts, tokenizer)
+    body = seq_len - (bos is not None)
+    stride = body if stride is None else stride
+    if not 1 <= stride <= body:
+        raise ShortGPTError(f"stride must be between 1 and {body} (seq_len{' - 1 for BOS' if bos is not None else ''}), got {stride}")
+    if max_tokens is not None:
+        kept, budget = [], max_tokens
+        for s in streams:
+            if budget > 0:
+                kept.append(s[:budget])
+                budget -= len(kept[-1])
+        streams = kept
+    windows = [w for s in streams for w in _windows(s, seq_len, stride, bos)]
+    if sum(int(t.sum()) for _, t in windows) == 0:
+        raise ShortGPTError("no tokens to evaluate perplexity on")
     device = input_device(model)
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
     nll, count = 0.0, 0
     was_training = model.training
     model.eval()
-    for ids, mask in tqdm(list(windows.batches(batch_size, 0)), desc="perplexity", disable=not progress):
+    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
+        chunk = windows[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for row, (piece, target) in enumerate(chunk):
+            ids[row, : len(piece)] = piece
+            mask[row, : len(piece)] = 1
+            labels[row, : len(piece)] = piece.masked_fill(~target, -100)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float().cpu()
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        targets = labels[:, 1:]
         nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum").item()
         count += int((targets != -100).sum())
     model.train(was_training)
-    return math.exp(nll / count)
+    return nll, count
+
+
+@dataclass
+class EvalResult:
+    """One measured number. ``higher_is_better`` lets comparisons and plots read
+    perplexity and accuracy alike; ``chance`` is the random-guess level."""
+
+    task: str
+    dataset: str
+    metric: str
+    value: float
+    higher_is_better: bool
+    num_samples: int | None = None
+    chance: float | None = None
+
+
+@dataclass
+class EvalReport:
+    """A model's results, and optionally its dense baseline's (for side-by-side tables and the card)."""
+
+    model: str
+    results: list[EvalResult] = field(default_factory=list)
+    baseline: "EvalReport | None" = None
+
+    def get(self, task: str, metric: str) -> float:
+        for r in self.results:
+            if r.task == task and r.metric == metric:
+                return r.value
+        raise KeyError(f"no {task}/{metric} in this report")
+
+    def to_dict(self) -> dict[str, Any]:
+        base = self.baseline.to_dict() if self.baseline is not None else None
+        return {"model": self.model, "results": [asdict(r) for r in self.results], "baseline": base}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EvalReport":
+        base = data.get("baseline")
+        return cls(data["model"], [EvalResult(**r) for r in data["results"]], cls.from_dict(base) if base else None)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "EvalReport":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ShortGPTError(f"{path} is not an evaluation report written by shortgpt eval ({type(e).__name__}: {e})") from None
+
+    def card_rows(self) -> list[dict[str, Any]]:
+        """The ``eval_results`` of `model_card` / `push_to_hub`: this report as
+        "pruned", the baseline's matching numbers (if any) as "dense"."""
+        rows = []
+        for r in self.results:
+            row = {"task": r.task, "dataset": r.dataset, "metric": r.metric, "pruned": r.value}
+            if self.baseline is not None:
+                try:
+                    row["dense"] = self.baseline.get(r.task, r.metric)
+                except KeyError:
+                    pass
+            rows.append(row)
+        return rows
+
+
+def _perplexity_result(model: nn.Module, tokenizer: Any, spec: str, options: dict[str, Any]) -> EvalResult:
+    source = spec.partition(":")[2] or None
+    if source is not None and not Path(source).is_file():
+        raise ShortGPTError(f"perplexity text file not found: {source}")
+    keys = ("seq_len", "stride", "max_tokens", "batch_size", "progress")
+    nll, count = _log_likelihood(model, tokenizer, source, *(options[k] for k in keys))
+    dataset = f"file:{Path(source).name}" if source else HELDOUT_DATASET
+    return EvalResult("perplexity", dataset, "perplexity", math.exp(nll / count), False, count)
+
+
+def _multiple_choice_results(model: nn.Module, tokenizer: Any, spec: str, options: dict[str, Any]) -> list[EvalResult]:
+    from .multiple_choice import PACKAGED_TASKS, load_task, multiple_choice
+
+    names = spec.partition(":")[2]
+    results = []
+    for name in names.split("+") if names else PACKAGED_TASKS:
+        task = load_task(name, options["mc_limit"])
+        r = multiple_choice(model, tokenizer, task, batch_size=options["batch_size"], progress=options["progress"])
+        for metric in ("acc", "acc_norm"):
+            results.append(EvalResult(f"mc:{task.name}", task.source, metric, r[metric], True, r["num_questions"], r["chance"]))
+    return results
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any = None,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    *,
+    lm_eval_tasks: Sequence[str] | None = None,
+    lm_eval_include: str | Path | None = None,
+    lm_eval_limit: int | None = None,
+    seq_len: int = 256,
+    stride: int | None = 128,
+    max_tokens: int | None = 8192,
+    mc_limit: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    name: str | None = None,
+) -> EvalReport:
+    """Evaluate a (pruned) model on ``tasks``:
+
+    - ``"ppl"``: perplexity on the packaged held-out plays (``"ppl:FILE"``: a
+      text file), windows of ``seq_len`` moved by ``stride``, ``max_tokens``;
+    - ``"mc"``: every packaged BIG-bench multiple-choice task
+      (``"mc:general_knowledge+emoji_movie"`` or ``"mc:path/task.json"``),
+      ``mc_limit`` questions each (seeded sample);
+
+    and, with ``lm_eval_tasks``, lm-evaluation-harness tasks (``lm_eval_include``:
+    a folder of your own task YAMLs). Works on in-memory pruned models, loaded
+    recipes and accelerate-dispatched models alike.
+    """
+    from .loading import tokenizer_for
+
+    tokenizer = tokenizer or tokenizer_for(model)
+    options = dict(seq_len=seq_len, stride=stride, max_tokens=max_tokens, mc_limit=mc_limit, batch_size=batch_size, progress=progress)
+    report = EvalReport(name or str(getattr(model, "name_or_path", "") or type(model).__name__))
+    for spec in tasks:
+        kind = spec.partition(":")[0]
+        if kind == "ppl":
+            report.results.append(_perplexity_result(model, tokenizer, spec, options))
+        elif kind == "mc":
+            report.results.extend(_multiple_choice_results(model, tokenizer, spec, options))
+        else:
+            raise ShortGPTError(f"unknown task {spec!r}: use ppl, ppl:FILE, mc, mc:NAME[+NAME] or mc:FILE.json (lm-eval tasks go in lm_eval_tasks)")
+    if lm_eval_tasks:
+        from .lm_eval_bridge import run_lm_eval
+
+        report.results.extend(run_lm_eval(model, tokenizer, lm_eval_tasks, include_path=lm_eval_include, limit=lm_eval_limit, batch_size=batch_size))
+    return report

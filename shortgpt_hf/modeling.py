@@ -207,3 +207,20 @@ class PrunedForCausalLM:
             mode=mode,
         )
         return _load_from_base(source, record, revision or record.base_revision, **kwargs)
+
+
+def load_any(name: str, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` for anything a user may want to evaluate: a dense
+    model, a pruned checkpoint (with its mode applied) or a recipe."""
+    from transformers import AutoTokenizer
+
+    record = PrunedForCausalLM._recipe(name, kwargs.get("revision"))
+    if record is None:
+        model, tok = load_model(name, **kwargs)
+        saved = ShortGPTConfig.from_model(model)
+        return (_apply_prefill_skip(model, saved) if saved is not None and saved.mode == "prefill_skip" else model), tok
+    model = PrunedForCausalLM.from_pretrained(name, **kwargs)
+    try:
+        return model, AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError):  # a recipe saved without its tokenizer: the base's is the same
+        return model, AutoTokenizer.from_pretrained(_resolve_base(record)[0])

@@ -11,9 +11,10 @@ place (DESIGN.md §2), and `verify_pruned` proves it on every prune.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -279,6 +280,19 @@ def prune(
         finally:
             model.train(model_was_training)
     return model
+
+
+@contextlib.contextmanager
+def restored_after(model: nn.Module) -> Iterator[nn.Module]:
+    """Prune ``model`` in place as often as you like inside; on exit every removed
+    layer, config entry, cache index and device-map entry is back. Lets an
+    ablation evaluate many prunes of one model without a copy per prune (a
+    copy of a 7B model is 14+ GB), and re-score between prunes (iterative)."""
+    snapshot = _snapshot(model, find_decoder_layers(model))
+    try:
+        yield model
+    finally:
+        _restore(model, snapshot)
 
 
 def _snapshot(model: nn.Module, found: Any) -> dict[str, Any]:

@@ -1,0 +1,205 @@
+"""The paper's metric comparison (Figures 4-5) on any model: prune with each
+metric at each ratio, evaluate, plot.
+
+Every run prunes the one loaded model in place and puts it back afterwards
+(`restored_after`), so an ablation needs no copy of the model and works on a
+model dispatched over several devices. One-shot runs rank layers once on the
+dense model; iterative runs remove one layer at a time and re-score the
+shortened model before choosing the next, which the paper leaves open.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import CalibrationData
+from .config import ShortGPTConfig
+from .errors import ShortGPTError
+from .evaluation import DEFAULT_TASKS, EvalReport, EvalResult, evaluate
+from .layers import find_decoder_layers
+from .pruning import prune, removal_count, restored_after
+from .scoring import HIDDEN_STATE_METRICS, METRICS, LayerScores, score_layers
+
+SCHEMA_VERSION = 1
+SCHEDULES = ("one-shot", "iterative")
+
+
+@dataclass
+class AblationRun:
+    metric: str
+    schedule: str
+    ratio: float
+    removed_layers: list[int]  # original indices
+    results: list[EvalResult]
+
+    @property
+    def method(self) -> str:
+        return self.metric if self.schedule == "one-shot" else f"{self.metric} ({self.schedule})"
+
+    def value(self, task: str, metric: str) -> float:
+        return EvalReport("", self.results).get(task, metric)
+
+
+@dataclass
+class Ablation:
+    model: str
+    num_layers: int
+    dense: list[EvalResult]
+    scores: dict[str, list[float]]  # one-shot scores on the dense model, per metric
+    calibration: dict[str, Any]
+    runs: list[AblationRun] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, **asdict(self)}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Ablation":
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ShortGPTError(f"ablation schema {data.get('schema_version')} is not {SCHEMA_VERSION}")
+        runs = [AblationRun(**{**r, "results": [EvalResult(**x) for x in r["results"]]}) for r in data["runs"]]
+        fields = {k: data[k] for k in ("model", "num_layers", "scores", "calibration")}
+        return cls(**fields, dense=[EvalResult(**x) for x in data["dense"]], runs=runs)
+
+    def find(self, method: str, ratio: float) -> AblationRun:
+        for run in self.runs:
+            if run.method == method and abs(run.ratio - ratio) < 1e-9:
+                return run
+        raise KeyError(f"no run of {method} at ratio {ratio}")
+
+    def measures(self) -> list[tuple[str, str]]:
+        """The (task, metric) pairs measured, in report order."""
+        return [(r.task, r.metric) for r in self.dense]
+
+    def plot(self, folder: str | Path) -> list[Path]:
+        """One PNG per measure (value against the fraction removed, one line per
+        method, dense and chance levels dashed) and ``layer_scores.png``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        folder = Path(folder)
+        written = []
+        methods = list(dict.fromkeys(run.method for run in self.runs))
+        for (task, metric), dense in zip(self.measures(), self.dense):
+            fig, ax = plt.subplots(figsize=(6.4, 4))
+            for method in methods:
+                points = sorted((run.ratio, run.value(task, metric)) for run in self.runs if run.method == method)
+                ax.plot([0.0] + [p[0] for p in points], [dense.value] + [p[1] for p in points], marker="o", label=method, linestyle="--" if "iterative" in method else "-")
+            ax.axhline(dense.value, color="grey", linestyle=":", linewidth=1, label="dense")
+            if dense.chance is not None:
+                ax.axhline(dense.chance, color="black", linestyle="-.", linewidth=1, label="chance")
+            if metric == "perplexity":
+                ax.set_yscale("log")
+            ax.set_xlabel("fraction of layers removed")
+            ax.set_ylabel(f"{metric} ({dense.dataset})")
+            ax.set_title(f"{self.model}: {metric}" if task == metric else f"{self.model}: {task} {metric}")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = folder / (f"{metric}.png" if task == metric else f"{task.replace(':', '_')}_{metric}.png")
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+        if self.scores:
+            fig, axes = plt.subplots(len(self.scores), 1, figsize=(max(6, 0.28 * self.num_layers), 2.2 * len(self.scores)), squeeze=False)
+            for ax, (metric, values) in zip(axes[:, 0], self.scores.items()):
+                ax.bar(range(len(values)), values)
+                ax.set_ylabel(metric)
+            axes[-1, 0].set_xlabel("layer")
+            fig.suptitle(f"{self.model}: per-layer scores on the dense model (low = removed first)")
+            fig.tight_layout()
+            path = folder / "layer_scores.png"
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+        return written
+
+
+def ablate(
+    model: nn.Module,
+    tokenizer: Any = None,
+    *,
+    ratios: Sequence[float] = (0.1, 0.2, 0.3),
+    metrics: Sequence[str] = METRICS,
+    schedules: Sequence[str] = ("one-shot",),
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    calibration: CalibrationData = None,
+    calibration_tokens: int = 8192,
+    seed: int = 0,
+    name: str | None = None,
+    progress: bool = True,
+    **eval_kwargs: Any,
+) -> Ablation:
+    """Prune ``model`` with every metric at every ratio and evaluate each result.
+
+    ``schedules``: "one-shot" ranks once on the dense model; "iterative"
+    removes one layer at a time, re-scoring in between (hidden-state metrics
+    only: the order baselines do not change when re-scored). ``calibration``
+    and ``calibration_tokens`` go to `score_layers`; ``eval_kwargs`` (``stride``,
+    ``max_tokens``, ``mc_limit``...) to `evaluate`. The model is unchanged afterwards.
+    """
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ShortGPTError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    bad = [s for s in schedules if s not in SCHEDULES]
+    if bad or not schedules:
+        raise ShortGPTError(f"schedules must be among {', '.join(SCHEDULES)}, got {', '.join(schedules) or 'none'}")
+    num_layers = len(find_decoder_layers(model).layers)
+    if ShortGPTConfig.from_model(model) is not None:
+        raise ShortGPTError("ablate a dense model: this one is already pruned, and the ratios would not be of its original depth")
+    counts = {r: removal_count(num_layers, ratio=r) for r in sorted(set(ratios))}
+    if not counts:
+        raise ShortGPTError("give at least one ratio")
+    from .loading import tokenizer_for
+
+    tokenizer = tokenizer or tokenizer_for(model)
+    label = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
+
+    def run_eval(m: nn.Module) -> list[EvalResult]:
+        return evaluate(m, tokenizer, tasks, progress=False, **eval_kwargs).results
+
+    def score(m: nn.Module, metric: str) -> LayerScores:
+        return score_layers(m, calibration, metric, tokenizer=tokenizer, max_tokens=calibration_tokens, seed=seed, progress=False)
+
+    one_shot = {metric: score(model, metric) for metric in metrics}
+    calib = next((s.calibration_summary() for s in one_shot.values() if s.num_tokens), {})
+    result = Ablation(label, num_layers, run_eval(model), {m: s.scores for m, s in one_shot.items()}, calib)
+    plan = [("one-shot", m) for m in metrics if "one-shot" in schedules]
+    plan += [("iterative", m) for m in metrics if "iterative" in schedules and m in HIDDEN_STATE_METRICS]
+    bar = tqdm(total=len(plan) * len(counts), desc="ablation", disable=not progress)
+    for schedule, metric in plan:
+        if schedule == "one-shot":
+            for ratio, n in counts.items():
+                with restored_after(model):
+                    prune(model, n_layers=n, scores=one_shot[metric])
+                    result.runs.append(AblationRun(metric, schedule, ratio, _removed(model), run_eval(model)))
+                bar.update()
+        else:
+            with restored_after(model):
+                removed = 0
+                for ratio, n in counts.items():
+                    while removed < n:
+                        scores: LayerScores = one_shot[metric] if removed == 0 else score(model, metric)
+                        prune(model, n_layers=1, scores=scores)
+                        removed += 1
+                    result.runs.append(AblationRun(metric, schedule, ratio, _removed(model), run_eval(model)))
+                    bar.update()
+    bar.close()
+    return result
+
+
+def _removed(model: nn.Module) -> list[int]:
+    return list(ShortGPTConfig.from_model(model).removed_layers)
