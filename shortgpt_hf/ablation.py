@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationData
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
-from .evaluation import DEFAULT_TASKS, EvalReport, EvalResult, evaluate
+from .evaluation import DEFAULT_TASKS, EvalReport, EvalResult, check_tasks, evaluate
 from .layers import find_decoder_layers
 from .pruning import prune, removal_count, restored_after
 from .scoring import HIDDEN_STATE_METRICS, METRICS, LayerScores, score_layers
@@ -128,6 +128,22 @@ class Ablation:
         return written
 
 
+def check_request(ratios: Sequence[float], metrics: Sequence[str], schedules: Sequence[str], tasks: Sequence[str]) -> None:
+    """Refuse a bad ablation request before the model is loaded or scored."""
+    if not ratios:
+        raise ShortGPTError("give at least one ratio")
+    outside = [r for r in ratios if not 0 < r < 1]
+    if outside:
+        raise ShortGPTError(f"ratio must be between 0 and 1, got {outside[0]}")
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ShortGPTError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}")
+    bad = [s for s in schedules if s not in SCHEDULES]
+    if bad or not schedules:
+        raise ShortGPTError(f"schedules must be among {', '.join(SCHEDULES)}, got {', '.join(schedules) or 'none'}")
+    check_tasks(tasks)
+
+
 def ablate(
     model: nn.Module,
     tokenizer: Any = None,
@@ -151,18 +167,11 @@ def ablate(
     and ``calibration_tokens`` go to `score_layers`; ``eval_kwargs`` (``stride``,
     ``max_tokens``, ``mc_limit``...) to `evaluate`. The model is unchanged afterwards.
     """
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ShortGPTError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
-    bad = [s for s in schedules if s not in SCHEDULES]
-    if bad or not schedules:
-        raise ShortGPTError(f"schedules must be among {', '.join(SCHEDULES)}, got {', '.join(schedules) or 'none'}")
+    check_request(ratios, metrics, schedules, tasks)
     num_layers = len(find_decoder_layers(model).layers)
     if ShortGPTConfig.from_model(model) is not None:
         raise ShortGPTError("ablate a dense model: this one is already pruned, and the ratios would not be of its original depth")
     counts = {r: removal_count(num_layers, ratio=r) for r in sorted(set(ratios))}
-    if not counts:
-        raise ShortGPTError("give at least one ratio")
     from .loading import tokenizer_for
 
     tokenizer = tokenizer or tokenizer_for(model)

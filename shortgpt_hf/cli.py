@@ -286,10 +286,11 @@ def eval_(
 ) -> None:
     """Evaluate a model, pruned checkpoint or recipe: perplexity, multiple choice, lm-eval tasks."""
     from .config import ShortGPTConfig
-    from .evaluation import evaluate
+    from .evaluation import check_tasks, evaluate
 
     if lm_eval_include is not None and not lm_eval_include.is_dir():
         raise ShortGPTError(f"--lm-eval-include is not a folder: {lm_eval_include}")
+    check_tasks(_split(tasks))
     options = dict(
         tasks=_split(tasks), lm_eval_tasks=_split(lm_eval_tasks), lm_eval_include=lm_eval_include, lm_eval_limit=limit,
         seq_len=seq_len, stride=stride, max_tokens=max_tokens, mc_limit=limit, batch_size=batch_size,
@@ -319,6 +320,7 @@ def ablate(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder for ablation.json and the plots (default ./<model>-ablation).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
     calibration: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (default: packaged Shakespeare).")] = None,
+    calibration_tokens: Annotated[int, typer.Option(help="Calibration tokens for scoring.")] = 8192,
     limit: Annotated[Optional[int], typer.Option(help="At most this many questions per multiple-choice task.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity.")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of the random baseline.")] = 0,
@@ -327,19 +329,21 @@ def ablate(
 ) -> None:
     """Prune with every metric at every ratio, evaluate each, and plot (the paper's Figures 4-5)."""
     from .ablation import ablate as run_ablation
+    from .ablation import check_request
     from .saving import atomic_folder, check_destination
 
     try:
         fractions = [float(r) for r in _split(ratios)]
     except ValueError:
         raise ShortGPTError(f"--ratios must be comma-separated numbers, got {ratios!r}") from None
+    request = dict(ratios=fractions, metrics=_split(metrics), schedules=("one-shot", "iterative") if iterative else ("one-shot",), tasks=_split(tasks))
+    check_request(**request)
+    if calibration is not None and not calibration.is_file():
+        raise ShortGPTError(f"calibration file not found: {calibration}")
     target = out_dir or Path(f"{Path(model.rstrip('/')).name}-ablation")
     check_destination(target, overwrite)
     m, tok = _load(model, dtype, device_map)
-    result = run_ablation(
-        m, tok, ratios=fractions, metrics=_split(metrics), schedules=("one-shot", "iterative") if iterative else ("one-shot",),
-        tasks=_split(tasks), calibration=calibration, seed=seed, name=model, mc_limit=limit, max_tokens=max_tokens, stride=None,
-    )
+    result = run_ablation(m, tok, **request, calibration=calibration, calibration_tokens=calibration_tokens, seed=seed, name=model, mc_limit=limit, max_tokens=max_tokens, stride=None)
     with atomic_folder(target, overwrite) as tmp:
         result.to_json(tmp / "ablation.json")
         plots = result.plot(tmp)

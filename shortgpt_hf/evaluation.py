@@ -166,7 +166,7 @@ class EvalReport:
     def from_json(cls, path: str | Path) -> "EvalReport":
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ShortGPTError(f"{path} is not an evaluation report written by shortgpt eval ({type(e).__name__}: {e})") from None
 
     def card_rows(self) -> list[dict[str, Any]]:
@@ -184,10 +184,24 @@ class EvalReport:
         return rows
 
 
+def check_tasks(tasks: Sequence[str]) -> None:
+    """Refuse an unknown task or a missing task file before any model is loaded or run."""
+    from .multiple_choice import load_task
+
+    for spec in tasks:
+        kind, _, arg = spec.partition(":")
+        if kind == "ppl":
+            if arg and not Path(arg).is_file():
+                raise ShortGPTError(f"perplexity text file not found: {arg}")
+        elif kind == "mc":
+            for name in arg.split("+") if arg else []:
+                load_task(name)
+        else:
+            raise ShortGPTError(f"unknown task {spec!r}: use ppl, ppl:FILE, mc, mc:NAME[+NAME] or mc:FILE.json (lm-eval tasks go in lm_eval_tasks)")
+
+
 def _perplexity_result(model: nn.Module, tokenizer: Any, spec: str, options: dict[str, Any]) -> EvalResult:
     source = spec.partition(":")[2] or None
-    if source is not None and not Path(source).is_file():
-        raise ShortGPTError(f"perplexity text file not found: {source}")
     keys = ("seq_len", "stride", "max_tokens", "batch_size", "progress")
     nll, count = _log_likelihood(model, tokenizer, source, *(options[k] for k in keys))
     dataset = f"file:{Path(source).name}" if source else HELDOUT_DATASET
@@ -237,17 +251,15 @@ def evaluate(
     """
     from .loading import tokenizer_for
 
+    check_tasks(tasks)
     tokenizer = tokenizer or tokenizer_for(model)
     options = dict(seq_len=seq_len, stride=stride, max_tokens=max_tokens, mc_limit=mc_limit, batch_size=batch_size, progress=progress)
     report = EvalReport(name or str(getattr(model, "name_or_path", "") or type(model).__name__))
     for spec in tasks:
-        kind = spec.partition(":")[0]
-        if kind == "ppl":
+        if spec.startswith("ppl"):
             report.results.append(_perplexity_result(model, tokenizer, spec, options))
-        elif kind == "mc":
-            report.results.extend(_multiple_choice_results(model, tokenizer, spec, options))
         else:
-            raise ShortGPTError(f"unknown task {spec!r}: use ppl, ppl:FILE, mc, mc:NAME[+NAME] or mc:FILE.json (lm-eval tasks go in lm_eval_tasks)")
+            report.results.extend(_multiple_choice_results(model, tokenizer, spec, options))
     if lm_eval_tasks:
         from .lm_eval_bridge import run_lm_eval
 

@@ -10,7 +10,7 @@ import pytest
 from hub_server import HubServer
 from tiny_models import tiny_model
 
-from shortgpt_hf import ShortGPTError, prune, push_to_hub
+from shortgpt_hf import EvalReport, EvalResult, ShortGPTError, prune, push_to_hub
 
 TOKEN = "hf_test_token"
 
@@ -118,6 +118,13 @@ def test_bad_input_and_server_failure(hub, tmp_path, monkeypatch):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("shortgpt: error: upload to tester/broken failed")
     assert hub.files("tester/broken") == {}, "a failed commit must leave nothing behind"
-    result = subprocess.run(cli, capture_output=True, text=True, env=hub.env)
+    (tmp_path / "bad_eval.json").write_text("[1, 2]")
+    result = subprocess.run(cli + ["--eval", str(tmp_path / "bad_eval.json")], capture_output=True, text=True, env=hub.env)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("shortgpt: error:") and "not an evaluation report" in result.stderr
+    # The retry succeeds, with a `shortgpt eval --with-base` report in the card.
+    dense = EvalReport("base", [EvalResult("perplexity", "shakespeare-heldout", "perplexity", 51.76, False, 8191)])
+    EvalReport("pruned", [EvalResult("perplexity", "shakespeare-heldout", "perplexity", 150.5, False, 8191)], baseline=dense).to_json(tmp_path / "eval.json")
+    result = subprocess.run(cli + ["--eval", str(tmp_path / "eval.json")], capture_output=True, text=True, env=hub.env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "config.json" in hub.files("tester/broken")
+    assert "| perplexity | shakespeare-heldout | perplexity | 51.76 | 150.5 |" in hub.files("tester/broken")["README.md"].decode()
