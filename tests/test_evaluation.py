@@ -206,3 +206,42 @@ def test_lm_eval_bridge_on_a_local_task_agrees_with_our_scorer(smollm2, tmp_path
     assert report.get("lm_eval:tiny_facts", "acc_norm") == pytest.approx(ours["acc_norm"])
     with pytest.raises(ShortGPTError, match="lm-eval knows no task 'no_such_task'"):
         evaluate(model, tok, [], lm_eval_tasks=["no_such_task"], lm_eval_include=tmp_path / "tasks")
+
+
+def test_cli_eval_of_a_recipe_beside_its_base(smollm2, tmp_path, capsys, monkeypatch):
+    from test_cli import run_cli
+
+    from shortgpt_hf import save_recipe
+
+    model, tok = smollm2
+    model.name_or_path = "smollm2-135m"  # as load_builtin records it: the recipe's base is the built-in
+    prune(model, [12, 13, 14, 15])
+    save_recipe(model, tmp_path / "recipe", tok)
+    args = ["eval", tmp_path / "recipe", "--tasks", "ppl", "--max-tokens", "512", "--with-base", "--json", tmp_path / "eval.json"]
+    code, stdout, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 0, err
+    report = EvalReport.from_json(tmp_path / "eval.json")
+    assert report.baseline.model == "smollm2-135m" and report.model == str(tmp_path / "recipe")
+    pruned, dense = report.get("perplexity", "perplexity"), report.baseline.get("perplexity", "perplexity")
+    assert dense < pruned < 10 * dense
+    assert f"{dense:.4g}" in stdout and f"{pruned:.4g}" in stdout
+    assert pruned == pytest.approx(perplexity(model, tok, seq_len=256, stride=128, max_tokens=512), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["smollm2-135m", "--tasks", "ppl,bleu"], "unknown task 'bleu'"),
+        (["smollm2-135m", "--tasks", "mc:trivia"], "unknown multiple-choice task"),
+        (["smollm2-135m", "--tasks", "ppl:missing.txt"], "not found"),
+        (["smollm2-135m", "--lm-eval-include", "missing-dir"], "not a folder"),
+        (["smollm2-135m", "--tasks", "ppl", "--with-base", "--max-tokens", "64"], "needs a pruned model"),
+        (["./no-such-model"], "does not exist"),
+    ],
+)
+def test_cli_eval_bad_input(args, message, capsys, monkeypatch):
+    from test_cli import assert_one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, monkeypatch, "eval", *args)
+    assert code == 2
+    assert_one_line_error(err, message)
