@@ -24,6 +24,7 @@ from .config import ShortGPTConfig
 from .errors import ShortGPTError
 from .evaluation import DEFAULT_TASKS, EvalReport, EvalResult, check_tasks, evaluate
 from .layers import find_decoder_layers
+from .loading import tokenizer_for
 from .pruning import prune, removal_count, restored_after
 from .scoring import HIDDEN_STATE_METRICS, METRICS, LayerScores, score_layers
 
@@ -172,8 +173,6 @@ def ablate(
     if ShortGPTConfig.from_model(model) is not None:
         raise ShortGPTError("ablate a dense model: this one is already pruned, and the ratios would not be of its original depth")
     counts = {r: removal_count(num_layers, ratio=r) for r in sorted(set(ratios))}
-    from .loading import tokenizer_for
-
     tokenizer = tokenizer or tokenizer_for(model)
     label = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
 

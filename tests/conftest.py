@@ -17,6 +17,27 @@ def run_python(code: str, *args: str, timeout: int = 600) -> subprocess.Complete
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def assert_one_line_error(err: str, message: str) -> None:
+    """Progress bars may precede it, but the error is one final line and no traceback."""
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("shortgpt: error:") and message in last, err
+    assert "Traceback" not in err and err.count("shortgpt: error:") == 1
+
+
+def run_cli(capsys, monkeypatch, *args):
+    """Run ``shortgpt ARGS`` in this process: (exit code, stdout, stderr)."""
+    from shortgpt_hf.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["shortgpt", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The real SmolLM2-135M, converted once into the shared cache and reused by every test

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_cli import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli
 
 from shortgpt_hf import Ablation, ShortGPTError, ablate, prune
 from shortgpt_hf.layers import find_decoder_layers

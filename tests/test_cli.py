@@ -7,30 +7,11 @@ import sys
 
 import pytest
 import torch
-from conftest import run_python
+from conftest import assert_one_line_error, run_cli, run_python
 from tiny_models import tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shortgpt_hf import ShortGPTConfig
-from shortgpt_hf.cli import main
-
-
-def assert_one_line_error(err: str, message: str) -> None:
-    """Progress bars may precede it, but the error is one final line and no traceback."""
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("shortgpt: error:") and message in last, err
-    assert "Traceback" not in err and err.count("shortgpt: error:") == 1
-
-
-def run_cli(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["shortgpt", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

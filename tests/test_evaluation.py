@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_one_line_error, run_cli
 from tiny_models import tiny_model
 
-from shortgpt_hf import EvalReport, ShortGPTError, evaluate, model_card, multiple_choice, perplexity, prune, score_layers
+from shortgpt_hf import EvalReport, ShortGPTError, evaluate, model_card, multiple_choice, perplexity, prune, save_recipe, score_layers
 from shortgpt_hf.multiple_choice import PACKAGED_TASKS, MultipleChoiceTask, Question, choice_loglikelihoods, load_task
 
 GEN = torch.Generator().manual_seed(11)
@@ -209,10 +210,6 @@ def test_lm_eval_bridge_on_a_local_task_agrees_with_our_scorer(smollm2, tmp_path
 
 
 def test_cli_eval_of_a_recipe_beside_its_base(smollm2, tmp_path, capsys, monkeypatch):
-    from test_cli import run_cli
-
-    from shortgpt_hf import save_recipe
-
     model, tok = smollm2
     model.name_or_path = "smollm2-135m"  # as load_builtin records it: the recipe's base is the built-in
     prune(model, [12, 13, 14, 15])
@@ -240,8 +237,6 @@ def test_cli_eval_of_a_recipe_beside_its_base(smollm2, tmp_path, capsys, monkeyp
     ],
 )
 def test_cli_eval_bad_input(args, message, capsys, monkeypatch):
-    from test_cli import assert_one_line_error, run_cli
-
     code, _, err = run_cli(capsys, monkeypatch, "eval", *args)
     assert code == 2
     assert_one_line_error(err, message)
