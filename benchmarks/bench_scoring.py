@@ -6,7 +6,7 @@ running sum per layer kept, no logits. The claim to check is that this costs
 little more than the forward pass itself (target: at most 1.10x a bare forward)
 and far less memory than the reference code's approach.
 
-Three approaches, on the real SmolLM2-135M (fp32, CPU), over the SAME token
+Four approaches, on the real SmolLM2-135M (fp32, CPU), over the SAME token
 batches (the packaged default calibration text, Shakespeare, cut into
 256-token windows, 4096 tokens, batch size 8):
 
@@ -20,17 +20,67 @@ batches (the packaged default calibration text, Shakespeare, cut into
      ``(X @ Y.T).diagonal()`` over the batch's flattened token matrix (an N x N
      product for N = batch x seq tokens), in the model dtype, pad tokens
      included, last layer compared with the final-normed state.
+  D  the ``short-transformers`` package (PyPI 1.0.0), as its
+     ``ShortTransformer.from_model(model)`` + ``analyse_layers`` score: it
+     replaces every decoder layer's ``forward`` with a wrapper; in each
+     forward of the FULL model (logits included) the wrapper clones every
+     layer's output to the CPU, keeps all of them, and for each pair i <= j
+     computes a distance from the input of layer i to the output of layer j
+     (465 pairs for 30 layers), kept as a running mean over forward calls in
+     a 30 x 30 matrix. Its metric is NOT BI: the default
+     ``angular_distance_last_token`` (Gromov et al., "The Unreasonable
+     Ineffectiveness of the Deeper Layers") is arccos(cos)/pi of the LAST
+     token of each sequence only. It picks a contiguous block rather than
+     single layers: ``get_best_pruning_start(result, 8)`` then removes layers
+     s..s+7, but it reads matrix row 8, i.e. the distance from the input of
+     layer s to the output of layer s+8, which spans 9 layers (the paper's
+     d(x_l, x_l+n) spans the n removed layers, row 7 here). D's picks are the
+     library's; the run also reports the 8-block by row 7 and the 8 lowest
+     single layers by row 0.
 
-Timings are interleaved per batch: in each round, for each batch, A, B and C
-run back to back in a rotating order, so the noise of a shared machine hits
-all three alike. Reported: the median over rounds of each approach's total
+D needs an adapter to run with transformers 5.24; nothing else of the
+library is changed (its wrapper, clones, pair loop, running mean and block
+choice all run as shipped):
+
+  1. Decoder layers return a tensor in transformers 5, a tuple in 4. The
+     wrapper reads ``result[0]`` (the first SEQUENCE of a tensor, 2-D), so
+     its metric fails (IndexError, re-raised as a bare RuntimeError). The
+     adapter makes each layer return a 1-tuple inside the library's wrapper
+     and unwraps it outside.
+  2. The default metric calls ``.item()`` on a batch-sized tensor, so it
+     runs at batch size 1 only (``remove_layers`` asserts batch_size == 1).
+     For the same batches of 8 as A/B/C, D is given (through the library's
+     own ``distance=`` argument) ``angular_distance_last_token`` applied to
+     each sequence and averaged over the batch: with equal batch sizes the
+     same mean over sequences as the batch-1 running mean, and the same
+     number of metric calls. A check (``--no-native-check`` skips it) runs
+     D again one window at a time with the unmodified metric and compares.
+
+D is called on pre-tokenized batches as ``analyse_layers`` calls the model
+(``model(**inputs)`` under ``torch.no_grad()``), so, like A, no tokenization
+is timed. In timing, D installs itself on the shared model and is removed
+again for every batch (charged to D, like A's per-call setup).
+
+Timings are interleaved per batch: in each round, for each batch, A, B, C
+and D run back to back in a rotating order, so the noise of a shared machine
+hits all four alike. Reported: the median over rounds of each approach's total
 and its ratio to B, the median of the per-batch paired ratios (X/B measured
 seconds apart), and the ratio of the summed per-batch minima. The target is
 judged on the paired ratio (CPU-time ratios are in the JSON). In timing, A is
 one score_layers call per batch (its per-call setup is charged to A); the
 memory run makes one call over all batches, as a user would.
 
-Peak memory is measured per approach in a fresh subprocess (``--only A|B|C``),
+Each set of four records its contention: the share of the cores this run's
+threads need that other processes took meanwhile (``/proc/stat`` busy time
+minus this process's CPU time, beyond the cores the run leaves free). Sets
+with contention under 5% give a second paired ratio, "quiet sets", the one
+to read on a shared machine: contention does not just add noise, it
+distorts the ratios, because it slows a forward's many small multi-threaded
+ops far more than one large matrix product (e.g. C's and D's
+full-vocabulary lm_head). When another job holds one core for the whole
+run, ``--threads 1`` measures on the other.
+
+Peak memory is measured per approach in a fresh subprocess (``--only A|B|C|D``),
 run before the parent loads anything (a child's ``ru_maxrss`` starts from its
 parent's peak): ``ru_maxrss`` after the run minus the RSS right after the
 model is loaded (weights faulted in, peak counter reset where the kernel
@@ -39,14 +89,15 @@ allows), i.e. the extra memory the approach needs. The children run with
 dynamic threshold otherwise leaves a varying amount of freed temporaries in
 the heap, which made A's peak swing by 2-3x between runs.
 
-Usage::
+Usage (D needs the ``bench`` extra, ``pip install -e '.[bench]'``)::
 
-    python benchmarks/bench_scoring.py [--rounds 3] [--json OUT]
+    python benchmarks/bench_scoring.py [--rounds 3] [--threads N] [--no-native-check] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -57,9 +108,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import torch
+from contention import QUIET, Contention
+from short_transformers import ShortTransformer
+from short_transformers.dist import angular_distance_last_token
+from short_transformers.utils import get_best_pruning_start
 
 MODEL = "smollm2-135m"
 SEQ_LEN = 256
@@ -71,7 +130,12 @@ APPROACHES = {
     "A": "score_layers (hooks)",
     "B": "bare decoder forward",
     "C": "reference (hidden_states + X@Y.T)",
+    "D": "short-transformers 1.0.0 (last-token angular)",
 }
+# What ShortTransformer.from_model sets on the model; removed again after D.
+SHORT_TRANSFORMERS_ATTRS = (
+    "layer_count", "distance", "memory", "clear_memory", "analyse_layers", "prune", "remove_layers", "set_metric"
+)
 
 
 def _rss_kib() -> int:
@@ -158,28 +222,131 @@ def step_c(model, ids, mask) -> list[float]:
     return [_reference_block_influence(hiddens[i], hiddens[i + 1]).sum().cpu().item() for i in range(len(hiddens) - 1)]
 
 
-STEPS = {"A": step_a, "B": step_b, "C": step_c}
+def _returning_tuple(forward: Callable) -> Callable:
+    @functools.wraps(forward)
+    def wrapped(*args, **kwargs):
+        return (forward(*args, **kwargs),)
+
+    return wrapped
 
 
-def lowest(sums: list[float], n: int = N_REMOVE) -> list[int]:
+def _returning_first(forward: Callable) -> Callable:
+    @functools.wraps(forward)
+    def wrapped(*args, **kwargs):
+        return forward(*args, **kwargs)[0]
+
+    return wrapped
+
+
+def angular_distance_last_token_batched(x: torch.Tensor, y: torch.Tensor) -> float:
+    """short-transformers' default metric per sequence, averaged over the batch.
+
+    Its ``angular_distance_last_token`` calls ``.item()`` on one value per
+    sequence, so it fails at batch size > 1; applied to each sequence it is
+    unchanged, and the batch mean keeps its running mean a mean over sequences.
+    """
+    return statistics.fmean(angular_distance_last_token(x[i : i + 1], y[i : i + 1]) for i in range(x.shape[0]))
+
+
+@contextmanager
+def short_transformer(model, distance: Callable = angular_distance_last_token_batched) -> Iterator:
+    """``ShortTransformer.from_model(model)`` adapted to transformers 5, undone on exit.
+
+    The library's layer wrapper reads ``result[0]`` of a decoder layer's
+    output, a tuple in transformers 4 but a tensor in 5: each layer's forward
+    returns a 1-tuple inside the wrapper and is unwrapped outside it. Exit
+    restores the class forwards and drops the attributes the library set.
+    """
+    layers = model.model.layers
+    for layer in layers:
+        layer.forward = _returning_tuple(layer.forward)
+    ShortTransformer.from_model(model, distance=distance)
+    for layer in layers:
+        layer.forward = _returning_first(layer.forward)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.forward
+        for name in SHORT_TRANSFORMERS_ATTRS:
+            delattr(model, name)
+
+
+@torch.no_grad()
+def step_d(model, ids, mask) -> np.ndarray:
+    """short-transformers on one batch: its 30 x 30 matrix of distances (layer i's input to layer j's output)."""
+    with short_transformer(model) as st:
+        st(input_ids=ids, attention_mask=mask)  # as its analyse_layers: model(**inputs), full model
+        return st.memory.result.copy()
+
+
+STEPS = {"A": step_a, "B": step_b, "C": step_c, "D": step_d}
+
+
+def lowest(sums: list[float] | np.ndarray, n: int = N_REMOVE) -> list[int]:
     from shortgpt_hf import LayerScores
 
-    return LayerScores("bi", sums, len(sums)).lowest(n)
+    return LayerScores("bi", [float(v) for v in sums], len(sums)).lowest(n)
+
+
+def library_block(result: np.ndarray, n: int = N_REMOVE) -> list[int]:
+    """The layers short-transformers' ``remove_layers`` would remove (its ``get_best_pruning_start``, row n)."""
+    start = int(get_best_pruning_start(result, block_size=n))
+    return list(range(start, start + n))
+
+
+def paper_block(result: np.ndarray, n: int = N_REMOVE) -> list[int]:
+    """The n-layer block with the lowest distance across exactly those n layers (row n - 1)."""
+    start = int(np.argmin(result[n - 1, : result.shape[0] - n + 1]))
+    return list(range(start, start + n))
+
+
+def pick(which: str, total: np.ndarray) -> list[int]:
+    """The layers an approach would remove, from its per-layer sums (A, C) or distance matrix (D)."""
+    return library_block(total) if which == "D" else lowest(total)
 
 
 def run_whole(which: str, model, batches) -> list[int] | None:
-    """One approach over all batches, as a user would run it (A: ONE score_layers call)."""
+    """One approach over all batches, as a user would run it (A: ONE score_layers call; D: installed once)."""
     if which == "A":
         width = max(ids.shape[1] for ids, _ in batches)  # all batches as one padded dict, pad id 0
         ids = torch.cat([torch.nn.functional.pad(i, (0, width - i.shape[1]), value=PAD_ID) for i, _ in batches])
         mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for _, m in batches])
         return _score(model, ids, mask).lowest(N_REMOVE)
-    sums = None
+    if which == "D":
+        with short_transformer(model) as st, torch.no_grad():
+            for ids, mask in batches:
+                st(input_ids=ids, attention_mask=mask)
+            return library_block(st.memory.result)
+    total = None
     for ids, mask in batches:
         res = STEPS[which](model, ids, mask)
         if res is not None:
-            sums = res if sums is None else [a + b for a, b in zip(sums, res)]
-    return None if sums is None else lowest(sums)
+            total = np.asarray(res) if total is None else total + np.asarray(res)
+    return None if total is None else pick(which, total)
+
+
+@torch.no_grad()
+def native_check(model, batches, batched: np.ndarray) -> dict:
+    """D unbatched with short-transformers' unmodified metric: does the batch adapter change its matrix?
+
+    ``batched`` is D's matrix summed over the batches; the library's running
+    mean over forward calls is that sum over the number of batches.
+    """
+    with short_transformer(model, distance=angular_distance_last_token) as st:
+        for ids, mask in batches:
+            for i in range(ids.shape[0]):
+                st(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1])
+        native = st.memory.result.copy()
+    mean = batched / len(batches)
+    return {
+        "max_abs_diff": float(np.abs(native - mean).max()),
+        "max_value": float(np.abs(native).max()),
+        "library_block": library_block(native),
+        "same_library_block": library_block(native) == library_block(mean),
+        "same_paper_block": paper_block(native) == paper_block(mean),
+        "same_single_lowest": lowest(native[0]) == lowest(mean[0]),
+    }
 
 
 def memory_worker(which: str) -> None:
@@ -214,7 +381,7 @@ def memory_worker(which: str) -> None:
     )
 
 
-def measure_memory(which: str, default_malloc: bool = False) -> dict:
+def measure_memory(which: str, default_malloc: bool = False, threads: int | None = None) -> dict:
     env = dict(os.environ)
     if not default_malloc:
         # glibc raises its mmap threshold after freeing a large block, after which
@@ -223,7 +390,7 @@ def measure_memory(which: str, default_malloc: bool = False) -> dict:
         # A fixed threshold measures what an approach holds, reproducibly.
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--only", which],
+        [sys.executable, os.path.abspath(__file__), "--only", which] + (["--threads", str(threads)] if threads else []),
         env=env,
         capture_output=True,
         text=True,
@@ -259,7 +426,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=sorted(STEPS), help="(internal) run one approach once and report its peak memory")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: torch's, one per core); 1 leaves a core to another job on a shared machine",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the per-approach memory subprocesses")
+    parser.add_argument(
+        "--no-native-check",
+        action="store_true",
+        help="skip rerunning D one window at a time with short-transformers' unmodified metric",
+    )
     parser.add_argument(
         "--default-malloc",
         action="store_true",
@@ -267,6 +444,8 @@ def main() -> None:
     )
     parser.add_argument("--json", metavar="OUT", help="also write the numbers to this JSON file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.only:
         memory_worker(args.only)
@@ -282,7 +461,7 @@ def main() -> None:
     memory = {}
     if not args.no_memory:
         for which in order:
-            memory[which] = measure_memory(which, args.default_malloc)
+            memory[which] = measure_memory(which, args.default_malloc, args.threads)
             m = memory[which]
             print(
                 f"memory {which}: +{m['extra_peak_mib']:.0f} MiB (ru_maxrss), +{m['extra_peak_vmhwm_mib']:.0f} MiB (VmHWM), "
@@ -300,16 +479,18 @@ def main() -> None:
         flush=True,
     )
 
-    # Interleaved per batch: for every (round, batch) the three approaches run
-    # back to back in a rotating order, so a burst of load from elsewhere hits a
-    # triple, and A/B, C/B can be compared within each triple (paired ratios).
+    # Interleaved per batch: for every (round, batch) the four approaches run
+    # back to back in a rotating order, so a burst of load from elsewhere hits
+    # them all, and A/B, C/B, D/B can be compared within each set (paired ratios).
     nb = len(batches)
     wall = {k: [[0.0] * nb for _ in range(args.rounds)] for k in order}
     cpu = {k: [[0.0] * nb for _ in range(args.rounds)] for k in order}
-    sums: dict[str, list[float]] = {}
+    contention = [[0.0] * nb for _ in range(args.rounds)]  # Contention.share() over each set
+    totals: dict[str, np.ndarray] = {}  # per-layer sums (A, C), distance matrix sums (D)
     for r in range(args.rounds):
         for b, (ids, mask) in enumerate(batches):
             shift = (r * nb + b) % len(order)
+            meter = Contention()
             for which in order[shift:] + order[:shift]:
                 gc.collect()
                 c0, t0 = time.process_time(), time.perf_counter()
@@ -317,10 +498,14 @@ def main() -> None:
                 wall[which][r][b] = time.perf_counter() - t0
                 cpu[which][r][b] = time.process_time() - c0
                 if r == 0 and res is not None:
-                    sums[which] = res if which not in sums else [x + y for x, y in zip(sums[which], res)]
+                    totals[which] = np.asarray(res) + totals.get(which, 0)
+            contention[r][b] = meter.share()
         print("round %d/%d: " % (r + 1, args.rounds) + ", ".join(f"{k} {sum(wall[k][r]):.2f}s" for k in order), flush=True)
-    layers = {k: lowest(v) for k, v in sums.items()}
+    layers = {k: pick(k, v) for k, v in totals.items()}
     layers["B"] = None
+    d_matrix = totals["D"] / nb  # the library's running mean over forward calls
+    d_paper_block = paper_block(d_matrix)
+    d_single = lowest(d_matrix[0])
 
     round_wall = {k: [sum(x) for x in wall[k]] for k in order}
     round_cpu = {k: [sum(x) for x in cpu[k]] for k in order}
@@ -329,6 +514,10 @@ def main() -> None:
     best = {k: sum(min(wall[k][r][b] for r in range(args.rounds)) for b in range(nb)) for k in order}
     paired = {
         k: statistics.median(wall[k][r][b] / wall["B"][r][b] for r in range(args.rounds) for b in range(nb)) for k in order
+    }
+    quiet_sets = [(r, b) for r in range(args.rounds) for b in range(nb) if contention[r][b] < QUIET]
+    paired_quiet = {
+        k: statistics.median(wall[k][r][b] / wall["B"][r][b] for r, b in quiet_sets) if quiet_sets else None for k in order
     }
     rows = []
     for k in order:
@@ -340,40 +529,66 @@ def main() -> None:
                 "round_totals_s": round_wall[k],
                 "ratio_to_bare": med[k] / med["B"],
                 "paired_ratio_to_bare": paired[k],
+                "paired_ratio_to_bare_quiet_sets": paired_quiet[k],
                 "min_s": best[k],
                 "min_ratio_to_bare": best[k] / best["B"],
                 "median_cpu_s": med_cpu[k],
                 "cpu_ratio_to_bare": med_cpu[k] / med_cpu["B"],
                 "extra_peak_rss_mib": memory[k]["extra_peak_mib"] if k in memory else None,
-                f"lowest_{N_REMOVE}_layers": layers[k],
+                f"layers_picked_{N_REMOVE}": layers[k],
             }
         )
 
     print()
     print(
-        f"| approach | median s | x bare (medians) | x bare (paired) | x bare (min) | extra peak RSS MiB | lowest-{N_REMOVE} BI layers |"
+        f"| approach | median s | x bare (medians) | x bare (paired) | x bare (paired, quiet sets) | x bare (min) "
+        f"| extra peak RSS MiB | {N_REMOVE} layers picked |"
     )
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
         mem = "n/a" if row["extra_peak_rss_mib"] is None else f"{row['extra_peak_rss_mib']:.0f}"
-        chosen = "-" if row[f"lowest_{N_REMOVE}_layers"] is None else str(row[f"lowest_{N_REMOVE}_layers"])
+        chosen = "-" if row[f"layers_picked_{N_REMOVE}"] is None else str(row[f"layers_picked_{N_REMOVE}"])
+        quiet = "n/a" if row["paired_ratio_to_bare_quiet_sets"] is None else f"{row['paired_ratio_to_bare_quiet_sets']:.3f}"
         print(
             f"| {row['approach']}: {row['what']} | {row['median_s']:.2f} | {row['ratio_to_bare']:.3f} | "
-            f"{row['paired_ratio_to_bare']:.3f} | {row['min_ratio_to_bare']:.3f} | {mem} | {chosen} |"
+            f"{row['paired_ratio_to_bare']:.3f} | {quiet} | {row['min_ratio_to_bare']:.3f} | {mem} | {chosen} |"
         )
+    per_set = [x for per_round in contention for x in per_round]
+    print(
+        f"quiet sets (contention under {QUIET:.0%}): {len(quiet_sets)} of {len(per_set)}; "
+        f"contention per set: median {statistics.median(per_set):.0%}, max {max(per_set):.0%}"
+    )
     ratio = med["A"] / med["B"]
     met = paired["A"] <= 1.10  # the paired ratio is the one a shared machine's noise disturbs least
     print()
     print(
         f"target A <= 1.10x B (judged on the paired ratio): {'MET' if met else 'NOT met'} ({paired['A']:.3f}x paired; "
-        f"{ratio:.3f}x by medians, {best['A'] / best['B']:.3f}x by minima)"
+        f"{ratio:.3f}x by medians, {best['A'] / best['B']:.3f}x by minima"
+        + ("" if paired_quiet["A"] is None else f", {paired_quiet['A']:.3f}x paired over quiet sets")
+        + ")"
     )
-    if layers["A"] != layers["C"]:
+    for k in ("C", "D"):
+        if layers["A"] != layers[k]:
+            print(
+                f"A and {k} differ in chosen layers: only A {sorted(set(layers['A']) - set(layers[k]))}, "
+                f"only {k} {sorted(set(layers[k]) - set(layers['A']))}"
+            )
+    print(
+        f"D (short-transformers, last-token angular distance): library block {layers['D']} (row {N_REMOVE}, "
+        f"spans {N_REMOVE + 1} layers); {N_REMOVE}-block by row {N_REMOVE - 1} {d_paper_block}; "
+        f"{N_REMOVE} lowest single layers (row 0) {d_single}"
+    )
+    native = None
+    if not args.no_native_check:
+        t_check = time.perf_counter()
+        native = native_check(model, batches, totals["D"])
+        native["seconds"] = time.perf_counter() - t_check
         print(
-            f"A and C differ in chosen layers: only A {sorted(set(layers['A']) - set(layers['C']))}, "
-            f"only C {sorted(set(layers['C']) - set(layers['A']))}"
+            f"D native check (batch 1, unmodified metric, {native['seconds']:.0f}s): max |diff| {native['max_abs_diff']:.2e} "
+            f"(values up to {native['max_value']:.2f}); same library block {native['same_library_block']}, "
+            f"same row-{N_REMOVE - 1} block {native['same_paper_block']}, same single lowest {native['same_single_lowest']}"
         )
-    for k in ("A", "C"):
+    for k in ("A", "C", "D"):
         if k in memory and memory[k]["layers"] != layers[k]:
             print(f"warning: {k} chose {memory[k]['layers']} over all batches at once but {layers[k]} batch by batch")
     total = time.perf_counter() - t_start
@@ -393,10 +608,21 @@ def main() -> None:
             "rows": rows,
             "per_batch_wall_s": wall,
             "per_batch_cpu_s": cpu,
+            "per_batch_contention": contention,
+            "quiet_sets": quiet_sets,
             "memory_detail": memory,
             "ratio_A_over_B": ratio,
             "paired_ratio_A_over_B": paired["A"],
             "min_ratio_A_over_B": best["A"] / best["B"],
+            "short_transformers": {
+                "version": version("short-transformers"),
+                "metric": "angular_distance_last_token (per sequence, batch mean)",
+                "distance_matrix_mean": d_matrix.tolist(),
+                "library_block": layers["D"],
+                f"block_by_row_{N_REMOVE - 1}": d_paper_block,
+                "single_layer_lowest": d_single,
+                "native_check": native,
+            },
             "malloc_mmap_threshold": None if args.default_malloc else os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072"),
             "target_met": met,
             "total_s": total,
