@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.table import Table
 from .builtin import DEFAULT_MODEL
 from .errors import ShortGPTError
 from .scoring import METRICS
+
+if TYPE_CHECKING:
+    from .evaluation import EvalReport
 
 app = typer.Typer(
     help="ShortGPT layer pruning for Hugging Face causal LMs.",
@@ -247,7 +250,7 @@ def _split(text: Optional[str]) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
-def _eval_table(report) -> Table:
+def _eval_table(report: "EvalReport") -> Table:
     table = Table(title=f"evaluation of {report.model}")
     for name in ("task", "dataset", "metric"):
         table.add_column(name)
