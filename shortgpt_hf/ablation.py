@@ -10,9 +10,8 @@ shortened model before choosing the next, which the paper leaves open.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from .errors import ShortGPTError
 from .evaluation import DEFAULT_TASKS, EvalReport, EvalResult, check_tasks, evaluate
 from .layers import find_decoder_layers
 from .loading import tokenizer_for
+from .records import JsonRecord
 from .pruning import prune, removal_count, restored_after
 from .scoring import HIDDEN_STATE_METRICS, METRICS, LayerScores, score_layers
 
@@ -49,7 +49,7 @@ class AblationRun:
 
 
 @dataclass
-class Ablation:
+class Ablation(JsonRecord):
     model: str
     num_layers: int
     dense: list[EvalResult]
@@ -58,13 +58,7 @@ class Ablation:
     runs: list[AblationRun] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": SCHEMA_VERSION, **asdict(self)}
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+        return {"schema_version": SCHEMA_VERSION, **super().to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Ablation":
@@ -142,6 +136,8 @@ def check_request(ratios: Sequence[float], metrics: Sequence[str], schedules: Se
     bad = [s for s in schedules if s not in SCHEDULES]
     if bad or not schedules:
         raise ShortGPTError(f"schedules must be among {', '.join(SCHEDULES)}, got {', '.join(schedules) or 'none'}")
+    if not tasks:
+        raise ShortGPTError("give at least one evaluation task (ppl, mc...)")
     check_tasks(tasks)
 
 

@@ -294,6 +294,8 @@ def eval_(
     if lm_eval_include is not None and not lm_eval_include.is_dir():
         raise ShortGPTError(f"--lm-eval-include is not a folder: {lm_eval_include}")
     check_tasks(_split(tasks))
+    if not _split(tasks) and not _split(lm_eval_tasks):
+        raise ShortGPTError("nothing to evaluate: give --tasks and/or --lm-eval-tasks")
     options = dict(
         tasks=_split(tasks), lm_eval_tasks=_split(lm_eval_tasks), lm_eval_include=lm_eval_include, lm_eval_limit=limit,
         seq_len=seq_len, stride=stride, max_tokens=max_tokens, mc_limit=limit, batch_size=batch_size,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationData, token_streams
 from .errors import ShortGPTError
 from .layers import input_device
+from .records import JsonRecord
 
 DEFAULT_TASKS = ("ppl", "mc")
 HELDOUT_DATASET = "shakespeare-heldout"
@@ -134,7 +135,7 @@ class EvalResult:
 
 
 @dataclass
-class EvalReport:
+class EvalReport(JsonRecord):
     """A model's results, and optionally its dense baseline's (for side-by-side tables and the card)."""
 
     model: str
@@ -146,16 +147,6 @@ class EvalReport:
             if r.task == task and r.metric == metric:
                 return r.value
         raise KeyError(f"no {task}/{metric} in this report")
-
-    def to_dict(self) -> dict[str, Any]:
-        base = self.baseline.to_dict() if self.baseline is not None else None
-        return {"model": self.model, "results": [asdict(r) for r in self.results], "baseline": base}
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            Path(path).write_text(text)
-        return text
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EvalReport":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from .calibration import CalibrationData, TokenWindows, is_tokenized, prepare_ca
 from .errors import ShortGPTError
 from .layers import find_decoder_layers, input_device
 from .loading import tokenizer_for
+from .records import JsonRecord
 
 HIDDEN_STATE_METRICS = ("bi", "angular", "relative_magnitude")
 ORDER_METRICS = ("sequential", "reverse", "random")
@@ -32,7 +33,7 @@ METRICS = HIDDEN_STATE_METRICS + ORDER_METRICS
 
 
 @dataclass
-class LayerScores:
+class LayerScores(JsonRecord):
     """Scores for the model's CURRENT layers (or, with ``block_size`` n > 1, for each
     block of n consecutive layers, indexed by its first layer)."""
 
@@ -57,15 +58,6 @@ class LayerScores:
 
     def calibration_summary(self) -> dict[str, Any]:
         return {"description": self.calibration, "num_tokens": self.num_tokens, "seq_len": self.seq_len}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            Path(path).write_text(text)
-        return text
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "LayerScores":

@@ -83,6 +83,7 @@ def test_cli_ablate_writes_table_json_and_plots(smollm2_path, tmp_path, capsys, 
         (["--ratios", "0"], "between 0 and 1"),
         (["--metrics", "bi,magic"], "unknown metric"),
         (["--tasks", "ppl,bleu"], "unknown task"),
+        (["--tasks", ""], "at least one evaluation task"),
     ],
 )
 def test_cli_ablate_bad_input(smollm2_path, tmp_path, capsys, monkeypatch, args, message):

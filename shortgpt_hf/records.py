@@ -1,0 +1,23 @@
+"""JSON for the result records users keep, compare and share: layer scores,
+evaluation reports and ablations are dataclasses written the same way."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+
+class JsonRecord:
+    """Mixin for dataclasses: ``to_dict`` (nested dataclasses included) and ``to_json``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The record as indented JSON; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
