@@ -14,7 +14,9 @@ from .loading import load_model
 from .multiple_choice import multiple_choice
 from .modeling import PrunedForCausalLM
 from .prefill_skip import disable_prefill_skip, enable_prefill_skip
-from .pruning import prune, remove_layers, verify_pruned
+from .pruning import prune
+from .surgery import remove_layers
+from .verification import verify_pruned
 from .push import push_to_hub
 from .saving import save_pruned, save_recipe
 from .scoring import METRICS, LayerScores, score_layers

@@ -25,7 +25,8 @@ from .evaluation import DEFAULT_TASKS, EvalReport, EvalResult, check_tasks, eval
 from .layers import find_decoder_layers
 from .loading import tokenizer_for
 from .records import JsonRecord
-from .pruning import prune, removal_count, restored_after
+from .pruning import prune, restored_after
+from .selection import removal_count
 from .scoring import HIDDEN_STATE_METRICS, METRICS, LayerScores, score_layers
 
 SCHEMA_VERSION = 1

@@ -18,6 +18,7 @@ from torch import nn
 from .builtin import BUILTINS
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
+from .families import auto_class
 from .pruning import count_parameters
 from .scoring import bar_chart
 
@@ -109,14 +110,16 @@ def model_card(
         raise ShortGPTError(f"kind must be one of {KINDS}, got {kind!r}")
     rows = _eval_rows(eval_results)
     base = hub_base_id(record)
+    loader = auto_class(pruned.config).__name__
+    pipeline_tag = "image-text-to-text" if loader == "AutoModelForImageTextToText" else "text-generation"
     card_data = ModelCardData(
         base_model=base,
         library_name="peft" if kind == "adapter" else "transformers",
         license=base_license(record),
-        pipeline_tag="text-generation",
+        pipeline_tag=pipeline_tag,
         tags=["shortgpt", "layer-pruning", "pruned"] + (["prefill-skip"] if record.mode == "prefill_skip" else []) + (["lora"] if peft_config is not None else []),
         model_name=repo_id.split("/")[-1],
-        eval_results=[EvalResult(task_type="text-generation", dataset_type=r["dataset"], dataset_name=r["dataset"], metric_type=r["metric"], metric_value=r["value"]) for r in rows] or None,
+        eval_results=[EvalResult(task_type=pipeline_tag, dataset_type=r["dataset"], dataset_name=r["dataset"], metric_type=r["metric"], metric_value=r["value"]) for r in rows] or None,
     )
     params_after = count_parameters(pruned)
     params_before = record.original_num_parameters
@@ -154,6 +157,8 @@ def model_card(
         eval_rows=rows,
         recovery=recovery,
         kind=kind,
+        loader=loader,
+        processor="AutoProcessor" if pipeline_tag == "image-text-to-text" else "AutoTokenizer",
         repo_id=repo_id,
         library_version=record.library_version,
     )

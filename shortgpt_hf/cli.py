@@ -127,7 +127,8 @@ def prune(
 ) -> None:
     """Score (if needed), remove layers, and save a native checkpoint."""
     from .layers import find_decoder_layers
-    from .pruning import count_parameters, removal_count
+    from .pruning import count_parameters
+    from .selection import removal_count
     from .pruning import prune as prune_model
     from .saving import check_destination, save_pruned, save_recipe
 
@@ -203,7 +204,7 @@ def generate(
 
     from .layers import find_decoder_layers
     from .prefill_skip import enable_prefill_skip
-    from .pruning import removal_count
+    from .selection import removal_count
 
     if prefill_skip is not None and layers is not None:
         raise ShortGPTError("give only one of --prefill-skip and --layers")

@@ -8,7 +8,7 @@ the teacher's distribution.
 
 The adapter must name the PRUNED model as its base: an adapter that records
 the unpruned base makes ``AutoPeftModelForCausalLM`` load the full model and put
-the adapters on the wrong layers (DESIGN.md §4). `heal` points it at the saved
+the adapters on the wrong layers. `heal` points it at the saved
 pruned checkpoint the model was loaded from, and `save_healed` refuses to write
 an adapter whose base is not a saved pruned checkpoint.
 """
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationData, is_tokenized, prepare_calibration
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
+from .families import describe
 from .layers import find_decoder_layers, input_device
 from .loading import tokenizer_for
 
@@ -116,6 +117,10 @@ def heal(
     record = ShortGPTConfig.from_model(model)
     if record is None or record.mode != "remove":
         raise ShortGPTError("heal() expects a model with layers removed (prune it first)")
+    if model.config.get_text_config(decoder=True) is not model.config:
+        # PEFT's AutoPeftModelForCausalLM could not reload the adapter, and text-only
+        # batches would leave the vision side untrained: train it with PEFT directly.
+        raise ShortGPTError(f"healing supports text-only causal LMs; {describe(model)} is a vision-language model")
     _check_method(method, model)
     if not 0 <= kd_weight <= 1:
         raise ShortGPTError(f"kd_weight must be between 0 and 1, got {kd_weight}")

@@ -1,11 +1,11 @@
-"""Finding a causal LM's decoder layer list, and making layers act as identity.
+"""Finding a model's text decoder layer list, and making layers act as identity.
 
-Every family names its layer list differently (``model.layers``,
-``transformer.h``, ``gpt_neox.layers``, ``model.decoder.layers``...). Rather
-than a table of names we look for the one ``nn.ModuleList`` whose length is
-``num_hidden_layers`` and whose elements are the class transformers itself
-refuses to split across devices (``_no_split_modules``): that is the decoder
-block by definition, in any family, including ones added after this was written.
+The decoder is found through the model's own structure: ``get_decoder()``
+(which resolves ``model.model``, ``transformer``, or a vision-language
+model's ``language_model``), then the attribute that holds its blocks, which
+the family table names (``layers``, or ``h`` for GPT-2-style models). Counting
+list lengths is not enough: a vision tower can have exactly as many blocks as
+the text decoder has layers.
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ import torch
 from torch import nn
 
 from .errors import ShortGPTError
+from .families import FAMILIES
 
 
 @dataclass(frozen=True)
 class DecoderLayers:
-    """Where the decoder blocks live: ``model.get_submodule(path)`` is ``layers``."""
+    """Where the decoder blocks live: ``model.get_submodule(path)`` is ``layers``, an attribute of ``decoder``."""
 
     path: str
     layers: nn.ModuleList
+    decoder: nn.Module
 
     @property
     def parent_path(self) -> str:
@@ -42,30 +44,36 @@ def text_config(model: nn.Module):
 
 
 def find_decoder_layers(model: nn.Module) -> DecoderLayers:
-    """Locate the decoder layer list, or explain in one line why there is none."""
+    """Locate the text decoder's layer list, or explain in one line why there is none."""
     config = getattr(model, "config", None)
     if config is None:
         raise ShortGPTError(f"{type(model).__name__} is not a transformers model (no .config)")
     if getattr(config, "is_encoder_decoder", False):
         raise ShortGPTError(f"{type(model).__name__} is an encoder-decoder model; only decoder-only causal LMs are supported")
-    num_layers = getattr(text_config(model), "num_hidden_layers", None)
-    block_names = set(getattr(model, "_no_split_modules", None) or [])
-    candidates = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) != num_layers or not name:
-            continue
-        # any(): while loading a recipe, removed slots hold parameter-less stand-ins.
-        if block_names and not any(type(m).__name__ in block_names for m in module):
-            continue
-        candidates.append((name, module))
-    causal = [c for c in candidates if "encoder" not in c[0] and "vision" not in c[0]]
-    if len(causal) != 1 or not getattr(model, "can_generate", lambda: False)():
+    cfg = text_config(model)
+    if not getattr(model, "can_generate", lambda: False)() or not hasattr(model, "get_decoder"):
         raise ShortGPTError(
             f"{type(model).__name__} has no decoder layer list that shortgpt_hf recognises "
-            "(expected a causal LM such as LlamaForCausalLM)"
+            "(expected a causal LM such as LlamaForCausalLM, or a vision-language model)"
         )
-    name, module = causal[0]
-    return DecoderLayers(path=name, layers=module)
+    # get_decoder() first; some wrappers return themselves, so also every
+    # submodule built from the text config (a vision tower never is).
+    named = [("", model), *model.named_modules()]
+    decoder = model.get_decoder()
+    owners = [(n, m) for n, m in named if m is decoder] + [(n, m) for n, m in named if getattr(m, "config", None) is cfg]
+    family = FAMILIES.get(cfg.model_type)
+    for prefix, owner in owners:
+        if family is not None:
+            names = [family.layers]
+        else:  # an unknown family: the decoder's own list of blocks, if it has exactly one
+            names = [n for n, m in owner.named_children() if isinstance(m, nn.ModuleList) and len(m) == cfg.num_hidden_layers]
+        layers = getattr(owner, names[0], None) if len(names) == 1 else None
+        if isinstance(layers, nn.ModuleList) and len(layers) == cfg.num_hidden_layers:
+            return DecoderLayers(path=f"{prefix}.{names[0]}" if prefix else names[0], layers=layers, decoder=owner)
+    raise ShortGPTError(
+        f"{type(model).__name__}: its text decoder ({type(decoder).__name__}) has no list of "
+        f"{cfg.num_hidden_layers} layers that shortgpt_hf recognises"
+    )
 
 
 def _identity_hook(module: nn.Module, args: tuple, kwargs: dict, output):

@@ -7,6 +7,7 @@ from typing import Any
 
 from .builtin import BUILTINS, builtin_path
 from .errors import ShortGPTError
+from .families import auto_class
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -24,12 +25,14 @@ def resolve_model(name_or_path: str) -> str:
 
 
 def load_model(name_or_path: str, tokenizer: bool = True, **from_pretrained_kwargs: Any) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` through ``AutoModelForCausalLM``; missing models become one-line errors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)`` through the Auto class the config maps to (``AutoModelForCausalLM``,
+    or ``AutoModelForImageTextToText`` for a vision-language model); missing models become one-line errors."""
+    from transformers import AutoConfig, AutoTokenizer
 
     source = resolve_model(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **from_pretrained_kwargs)
+        config = AutoConfig.from_pretrained(source, revision=from_pretrained_kwargs.get("revision"))
+        model = auto_class(config).from_pretrained(source, **from_pretrained_kwargs)
         tok = AutoTokenizer.from_pretrained(source) if tokenizer else None
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

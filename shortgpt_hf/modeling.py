@@ -5,7 +5,7 @@
     PEFT adapter: the base is loaded with only the kept layers;
 (c) a base model plus ``removed_layers=[...]``.
 
-Loading only the kept layers (DESIGN.md §3): a throwaway subclass of the native
+Loading only the kept layers: a throwaway subclass of the native
 class swaps each removed layer for a parameter-less stand-in at the end of
 ``__init__`` (``post_init``), so transformers never reads, allocates or places
 those weights, including under ``device_map="auto"``. After loading, the list is
@@ -27,9 +27,12 @@ from torch import nn
 from .builtin import BUILTINS, builtin_path
 from .config import CONFIG_NAME, ShortGPTConfig, hub_file, base_name, hub_revision
 from .errors import ShortGPTError
+from .families import native_class
 from .layers import find_decoder_layers
 from .loading import load_model
-from .pruning import count_parameters, remove_layers
+from .pruning import count_parameters
+from .surgery import remove_layers
+from .verification import explained
 
 
 class RemovedLayer(nn.Module):
@@ -94,17 +97,13 @@ def _load_from_base(source: str, record: ShortGPTConfig, revision: str | None, *
     """Build the model a record describes from its unpruned base: only the kept
     layers for ``mode="remove"``, every layer plus prefill skipping otherwise."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
     except OSError as e:
         raise ShortGPTError(f"cannot read the base model's config at {source!r}: {str(e).splitlines()[0]}") from None
     _check_base(record, config, repr(record.base_model_name_or_path))
-    try:
-        native = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
-        raise ShortGPTError(f"{config.model_type} has no causal-LM class in transformers") from None
+    native = native_class(config)
     if record.original_num_parameters is None:
         with torch.device("meta"):  # the base's size, for the record and the card, without allocating it
             record.original_num_parameters = count_parameters(native(config))
@@ -112,7 +111,8 @@ def _load_from_base(source: str, record: ShortGPTConfig, revision: str | None, *
         model = native.from_pretrained(source, config=config, revision=revision, **kwargs)
         return _apply_prefill_skip(model, record)
     model = _without_layers(native, record.removed_layers).from_pretrained(source, config=config, revision=revision, **kwargs)
-    remove_layers(model, record.removed_layers)
+    with explained(model, "removing the recipe's layers after loading"):
+        remove_layers(model, record.removed_layers)
     model.__class__ = native
     model.config.shortgpt = record.to_dict()
     return model

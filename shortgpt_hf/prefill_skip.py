@@ -32,10 +32,12 @@ from torch import nn
 
 from .config import ShortGPTConfig, base_name, hub_revision
 from .errors import ShortGPTError
+from .families import FAMILIES, describe
 from .layers import find_decoder_layers, text_config
 from .pruning import count_parameters
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+# The families whose skipped-layer K/V writing is known and tested (their ``prefill_kv`` entry).
+SUPPORTED_FAMILIES = tuple(k for k, family in FAMILIES.items() if family.prefill_kv is not None)
 _LAYER_ARGS = ("attention_mask", "position_ids", "cache", "use_cache", "position_embeddings")
 _STATE = "_shortgpt_prefill_skip"
 
@@ -63,7 +65,7 @@ def write_skipped_kv(layer: nn.Module, hidden_states: torch.Tensor, cache: Any, 
     attn = layer.self_attn
     x = layer.input_layernorm(hidden_states)
     shape = (*x.shape[:-1], -1, attn.head_dim)
-    if hasattr(attn, "qkv_proj"):  # Phi3 fuses the projections: [q | k | v]
+    if FAMILIES[attn.config.model_type].prefill_kv == "qkv_proj":  # fused projections: [q | k | v]
         qkv = attn.qkv_proj(x)
         q_size = attn.config.num_attention_heads * attn.head_dim
         kv_size = attn.config.num_key_value_heads * attn.head_dim
@@ -129,8 +131,13 @@ def enable_prefill_skip(model: nn.Module, layers: Sequence[int], boundary: bool 
     time for quality on generative tasks, where static removal hurts most.
     """
     cfg = text_config(model)
+    if cfg is not model.config:
+        # The boundary step re-runs the last prompt token alone, which would
+        # separate image tokens from their pixels.
+        raise ShortGPTError(f"prefill skipping supports text-only models; {describe(model)} is a vision-language model")
     if cfg.model_type not in SUPPORTED_FAMILIES:
-        raise ShortGPTError(f"prefill skipping supports {', '.join(SUPPORTED_FAMILIES)}; {cfg.model_type} is not supported")
+        names = ", ".join(FAMILIES[k].name for k in SUPPORTED_FAMILIES)
+        raise ShortGPTError(f"prefill skipping supports {names}; {describe(model)} is not supported")
     previous = ShortGPTConfig.from_model(model)
     if previous is not None and previous.mode == "remove":
         raise ShortGPTError("prefill skipping needs a model with all its layers; this one has layers removed")

@@ -14,8 +14,9 @@ from torch import nn
 
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
+from .families import auto_class
 from .layers import probe_ids
-from .pruning import logits_close, parity_tolerance, uncached_logits
+from .verification import explained, logits_close, parity_tolerance, uncached_logits, verify_reload
 
 
 def check_destination(out_dir: str | Path, overwrite: bool) -> Path:
@@ -60,20 +61,19 @@ def save_pruned(
     verify: bool = True,
 ) -> Path:
     """Save a native checkpoint atomically. With ``verify``, the written folder is
-    reloaded with plain ``AutoModelForCausalLM`` and must give the same logits
-    before it is moved into place (this briefly holds a second copy in memory)."""
-    from transformers import AutoModelForCausalLM
-
+    reloaded with the plain transformers Auto class its config maps to
+    (``AutoModelForCausalLM``, or ``AutoModelForImageTextToText`` for a
+    vision-language model) and must give the same logits before it is moved
+    into place (this briefly holds a second copy in memory). The model itself
+    is never changed, and any failure leaves no folder behind."""
+    auto_class(model.config)  # a model no Auto class can reload is refused before anything is written
     with atomic_folder(out_dir, overwrite) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        with explained(model, "saving the checkpoint"):
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
         if verify:
-            ids = probe_ids(model)
-            expected = uncached_logits(model, ids)
-            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype)
-            if not logits_close(uncached_logits(reloaded, ids), expected, parity_tolerance(model)):
-                raise ShortGPTError("verification failed: the saved checkpoint reloads with different logits")
+            verify_reload(model, tmp)
     return Path(out_dir).resolve()
 
 
@@ -104,7 +104,8 @@ def save_recipe(
             tokenizer.save_pretrained(tmp)
         if verify and is_model:
             ids = probe_ids(model_or_config)
-            rebuilt = PrunedForCausalLM.from_pretrained(tmp, dtype=model_or_config.dtype)
-            if not logits_close(uncached_logits(rebuilt, ids), uncached_logits(model_or_config, ids), parity_tolerance(model_or_config)):
+            with explained(model_or_config, "rebuilding the model from the recipe"):
+                rebuilt = uncached_logits(PrunedForCausalLM.from_pretrained(tmp, dtype=model_or_config.dtype), ids)
+            if not logits_close(rebuilt, uncached_logits(model_or_config, ids), parity_tolerance(model_or_config)):
                 raise ShortGPTError("verification failed: the recipe rebuilds a model with different logits")
     return Path(out_dir).resolve()

@@ -1,40 +1,76 @@
-"""Correct layer removal across 15 families (DESIGN.md §2), on tiny random models.
+"""The family matrix: every family in the table removes layers exactly, or is refused clearly.
 
-For each family we remove the first, a middle and the last layer and check
-(a) an uncached forward equals the unpruned model with those layers made
-identity, (b) cached greedy generation equals uncached generation, and (c) a
-saved checkpoint reloads in a fresh process that never imports shortgpt_hf,
-through plain AutoModelForCausalLM, with identical logits.
+For each tiny random model we remove layers (the first, a middle and the last
+unless the family's layout needs another choice) and check three things:
+(a) an uncached forward, padded or not, equals the unpruned model with those
+layers made identity; (b) cached greedy generation equals uncached
+generation; (c) a saved checkpoint reloads in a fresh process that never
+imports shortgpt_hf, through the Auto class its config maps to, with
+identical logits. Refused configurations must fail before the model changes.
 """
 
 import json
+import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_python
 from safetensors.torch import load_file, save_file
-from tiny_models import FAMILIES, NUM_LAYERS, tiny_config, tiny_model
+from tiny_models import FAMILIES as TINY, MODEL_TYPES, NUM_LAYERS, tiny_config, tiny_model
 
-import shortgpt_hf.pruning
-from shortgpt_hf import ShortGPTConfig, ShortGPTError, find_decoder_layers, prune, verify_pruned
+import shortgpt_hf.surgery
+from shortgpt_hf import ShortGPTConfig, ShortGPTError, find_decoder_layers, prune, save_pruned, verify_pruned
+from shortgpt_hf.families import FAMILIES, VISION_LANGUAGE
 from shortgpt_hf.layers import layers_as_identity
 
 REMOVE = [0, 2, NUM_LAYERS - 1]
+# Layouts placed by arithmetic need a removal that keeps a pattern (a separate test covers refusal):
+# jamba: attention at 1, 4 and MoE at 1, 3, 5 become attention at 0, 2 and MoE at 0, 3.
+# zamba2: hybrid layers 1, 3, 5 stay, so layer 5's block, tied to layer 1's, is renamed rather than dropped.
+REMOVE_FOR = {"jamba": [0, 3], "zamba2": [0, 2, 4]}
 IDS = torch.randint(3, 128, (2, 14), generator=torch.Generator().manual_seed(0))
+MASK = torch.ones_like(IDS)
+MASK[0, :3] = 0  # row 0 is left-padded
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_removal_matches_identity_and_cache_parity(family):
-    model = tiny_model(family)
-    with layers_as_identity(model, REMOVE):
-        reference = model(input_ids=IDS, use_cache=False).logits
-    untouched = model(input_ids=IDS, use_cache=False).logits
-    assert not torch.allclose(reference, untouched, atol=1e-3), "identity reference must differ from the full model"
+def removal(family):
+    return REMOVE_FOR.get(family, REMOVE)
 
-    prune(model, layers=REMOVE, verify=True)
-    assert len(find_decoder_layers(model).layers) == NUM_LAYERS - len(REMOVE)
-    assert model.config.get_text_config(decoder=True).num_hidden_layers == NUM_LAYERS - len(REMOVE)
-    torch.testing.assert_close(model(input_ids=IDS, use_cache=False).logits, reference, atol=1e-5, rtol=1e-5)
+
+def text_model_type(family):
+    return tiny_config(family).get_text_config(decoder=True).model_type
+
+
+@pytest.fixture(scope="module")
+def pruned_models():
+    """Each family pruned once (with verify=True), beside its identity references; shared by the tests below."""
+    out = {}
+    for family in TINY:
+        model = tiny_model(family)
+        with layers_as_identity(model, removal(family)):
+            reference = model(input_ids=IDS, use_cache=False).logits
+            padded = model(input_ids=IDS, attention_mask=MASK, use_cache=False).logits
+        untouched = model(input_ids=IDS, use_cache=False).logits
+        before = {k: v for k, v in vars(model.config.get_text_config(decoder=True)).items() if not k.startswith("_")}
+        prune(model, layers=removal(family), verify=True)
+        out[family] = dict(model=model, reference=reference, padded=padded, untouched=untouched, before=before)
+    return out
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_removal_matches_identity_and_cache_parity(pruned_models, family):
+    case = pruned_models[family]
+    model = case["model"]
+    assert not torch.allclose(case["reference"], case["untouched"], atol=1e-3), "identity reference must differ from the full model"
+    kept = NUM_LAYERS - len(removal(family))
+    assert len(find_decoder_layers(model).layers) == kept
+    assert model.config.get_text_config(decoder=True).num_hidden_layers == kept
+    torch.testing.assert_close(model(input_ids=IDS, use_cache=False).logits, case["reference"], atol=1e-5, rtol=1e-5)
+    padded = model(input_ids=IDS, attention_mask=MASK, use_cache=False).logits
+    real = MASK.bool()
+    torch.testing.assert_close(padded[real], case["padded"][real], atol=1e-5, rtol=1e-5)
 
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     cached = model.generate(IDS[:, :6], use_cache=True, **kwargs)
@@ -42,42 +78,74 @@ def test_removal_matches_identity_and_cache_parity(family):
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.parametrize("family", list(TINY))
+def test_no_per_layer_config_is_left_stale(pruned_models, family):
+    """Every config list that had one entry per layer now has one per kept layer (the table is complete)."""
+    case = pruned_models[family]
+    cfg = case["model"].config.get_text_config(decoder=True)
+    kept = NUM_LAYERS - len(removal(family))
+    for key, value in case["before"].items():
+        if isinstance(value, (list, tuple)) and len(value) == NUM_LAYERS and key not in ("eos_token_id", "architectures"):
+            assert len(getattr(cfg, key)) == kept, f"{family}: config.{key} still describes the unpruned model"
+
+
 @pytest.fixture(scope="module")
-def saved_families(tmp_path_factory):
-    """Prune and save every family, then reload ALL of them in one fresh process."""
+def saved_families(pruned_models, tmp_path_factory):
+    """Save every pruned family, then reload ALL of them in one fresh process."""
     root = tmp_path_factory.mktemp("families")
     expected = {}
-    for family in FAMILIES:
-        model = tiny_model(family)
-        prune(model, layers=REMOVE)
-        model.save_pretrained(root / family)
-        expected[family] = model(input_ids=IDS, use_cache=False).logits
+    for family, case in pruned_models.items():
+        case["model"].save_pretrained(root / family)
+        expected[family] = case["model"](input_ids=IDS, use_cache=False).logits
     save_file({"ids": IDS}, root / "ids.safetensors")
     code = """
 import json, sys, torch
 from pathlib import Path
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 root = Path(sys.argv[1]); ids = load_file(root / "ids.safetensors")["ids"]; out = {}
 for family in json.loads(sys.argv[2]):
-    model = AutoModelForCausalLM.from_pretrained(root / family, dtype=torch.float32, attn_implementation="eager").eval()
+    config = AutoConfig.from_pretrained(root / family)
+    auto = AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModelForImageTextToText
+    model = auto.from_pretrained(root / family, dtype=torch.float32, attn_implementation="eager").eval()
     out[family] = model(input_ids=ids, use_cache=False).logits.contiguous()
 assert "shortgpt_hf" not in sys.modules
 save_file(out, root / "reloaded.safetensors")
 """
-    result = run_python(code, str(root), json.dumps(list(FAMILIES)))
+    result = run_python(code, str(root), json.dumps(list(TINY)))
     assert result.returncode == 0, result.stderr[-3000:]
     return root, expected, load_file(root / "reloaded.safetensors")
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(TINY))
 def test_saved_checkpoint_reloads_natively(saved_families, family):
     root, expected, reloaded = saved_families
     torch.testing.assert_close(reloaded[family], expected[family], atol=1e-5, rtol=1e-5)
     config = json.loads((root / family / "config.json").read_text())
     record = ShortGPTConfig.from_dict(config["shortgpt"])
-    assert record.removed_layers == REMOVE and record.original_num_hidden_layers == NUM_LAYERS
+    assert record.removed_layers == removal(family) and record.original_num_hidden_layers == NUM_LAYERS
     assert "trust_remote_code" not in json.dumps(config) and "auto_map" not in config
+
+
+def test_every_family_in_the_table_is_in_the_matrix():
+    tested = {text_model_type(f) for f in TINY} | {MODEL_TYPES.get(f, f) for f in TINY}
+    refused_only = {"gemma3n_text"}  # only ever refused: tested below
+    assert set(FAMILIES) - refused_only <= tested
+    assert set(VISION_LANGUAGE) <= tested
+
+
+def test_readme_lists_the_table():
+    """The README's family lists are the table's, so neither can drift."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("<!-- families:start -->")[1].split("<!-- families:end -->")[0]
+    supported = {f.name for k, f in FAMILIES.items() if k != "gemma3n_text"} | set(VISION_LANGUAGE.values())
+    listed = set(re.findall(r"^\*\*Supported[^*]*\*\*: (.*)$", section, re.M)[0].rstrip(".").split(", "))
+    listed |= set(re.findall(r"^\*\*Vision-language[^*]*\*\*: (.*)$", section, re.M)[0].rstrip(".").split(", "))
+    assert listed == supported
+    refusals = {r.field for f in FAMILIES.values() for r in f.refusals} | {p.period for f in FAMILIES.values() for p in f.periodic if p.excluded is None}
+    for field in refusals:
+        assert f"`{field}`" in section, field
 
 
 def test_per_layer_config_follows_kept_layers():
@@ -97,6 +165,16 @@ def test_per_layer_config_follows_kept_layers():
     assert [type(layer.mlp).__name__ for layer in find_decoder_layers(moe).layers] == kept
     assert moe.config.decoder_sparse_step == 1 and moe.config.mlp_only_layers == [1, 2]
 
+    bamba = tiny_model("bamba")  # attention at 1 and 4
+    prune(bamba, layers=[0, 2])
+    assert bamba.config.attn_layer_indices == [0, 2]
+
+    jamba = tiny_model("jamba")
+    prune(jamba, layers=[0, 3])
+    assert jamba.config.layers_block_type == ["attention", "mamba", "attention", "mamba"]
+    assert (jamba.config.attn_layer_period, jamba.config.attn_layer_offset) == (2, 0)
+    assert jamba.config.layers_num_experts == [4, 1, 1, 4]
+
 
 def test_pruning_twice_composes_in_original_indices():
     once, twice = tiny_model("gemma3_text"), tiny_model("gemma3_text")
@@ -105,6 +183,22 @@ def test_pruning_twice_composes_in_original_indices():
     prune(twice, layers=[1, 3], verify=True)  # current 1, 3 are original 1, 4
     assert ShortGPTConfig.from_model(twice).removed_layers == [1, 2, 4]
     torch.testing.assert_close(twice(input_ids=IDS).logits, once(input_ids=IDS).logits)
+
+
+def test_vision_tower_with_as_many_blocks_is_not_mistaken_for_the_decoder():
+    model = tiny_model("qwen2_vl_deep_vision")
+    assert len(model.model.visual.blocks) == NUM_LAYERS
+    assert find_decoder_layers(model).path == "model.language_model.layers"
+    prune(model, layers=[1])
+    assert len(model.model.visual.blocks) == NUM_LAYERS
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_vision_language_save_verifies_with_its_auto_class(family, tmp_path):
+    model = tiny_model(family)
+    prune(model, layers=REMOVE)
+    out = save_pruned(model, tmp_path / "pruned")  # verify=True reloads with AutoModelForImageTextToText
+    assert json.loads((out / "config.json").read_text())["text_config"]["num_hidden_layers"] == NUM_LAYERS - len(REMOVE)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
@@ -120,29 +214,113 @@ def test_naive_removal_is_caught(family):
         verify_pruned(model, reference)
 
 
+def assert_untouched(model, before):
+    cfg = model.config.get_text_config(decoder=True)
+    assert len(find_decoder_layers(model).layers) == NUM_LAYERS and cfg.num_hidden_layers == NUM_LAYERS
+    assert not hasattr(model.config, "shortgpt")
+    torch.testing.assert_close(model(input_ids=IDS, use_cache=False).logits, before)
+    cached = model.generate(IDS[:, :6], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(cached, model.generate(IDS[:, :6], max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False))
+
+
 def test_failed_verification_restores_the_model(monkeypatch):
     model = tiny_model("llama")
-    before = model(input_ids=IDS).logits
-    monkeypatch.setattr(shortgpt_hf.pruning, "_renumber", lambda layers: None)
-    with pytest.raises(ShortGPTError, match="verification failed"):
+    before = model(input_ids=IDS, use_cache=False).logits
+    monkeypatch.setattr(shortgpt_hf.surgery, "_renumber", lambda layers: None)  # stale cache slots
+    with pytest.raises(ShortGPTError, match=r"Llama \(LlamaForCausalLM\): .*cached decoding.* failed"):
         prune(model, layers=[0, 3], verify=True)
+    monkeypatch.undo()
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("family", ["zamba2", "jamba", "qwen2_vl"])
+@pytest.mark.parametrize("error", [AttributeError("no attribute 'update'"), KeyError(0), KeyboardInterrupt()])
+def test_any_failure_restores_the_model_and_names_the_family(monkeypatch, family, error):
+    """An unexpected exception in the middle of the surgery, or Ctrl-C, leaves the model exactly as it was."""
+    model = tiny_model(family)
+    before = model(input_ids=IDS, use_cache=False).logits
+    real_fix = shortgpt_hf.surgery.fix_config
+
+    def half_done(cfg, fam, kept):  # the config is half rewritten when it breaks
+        cfg.num_hidden_layers = len(kept)
+        raise error
+
+    monkeypatch.setattr(shortgpt_hf.surgery, "fix_config", half_done)
+    expected = KeyboardInterrupt if isinstance(error, KeyboardInterrupt) else ShortGPTError
+    with pytest.raises(expected) as info:
+        prune(model, layers=removal(family), verify=True)
+    if expected is ShortGPTError:
+        message = str(info.value)
+        assert "\n" not in message and "removing layers failed" in message and type(error).__name__ in message
+        assert FAMILIES[text_model_type(family)].name in message
+    monkeypatch.setattr(shortgpt_hf.surgery, "fix_config", real_fix)
+    assert_untouched(model, before)
+    prune(model, layers=removal(family), verify=True)  # and it still prunes afterwards
+
+
+def test_refused_periodic_layout_names_the_field_and_touches_nothing():
+    model = tiny_model("jamba")
+    before = model(input_ids=IDS, use_cache=False).logits
+    with pytest.raises(ShortGPTError, match=r"expert_layer_period/expert_layer_offset") as info:
+        prune(model, layers=REMOVE)  # MoE layers 1, 3 would become 0, 1
+    assert "\n" not in str(info.value)
+    assert_untouched(model, before)
+
+
+def meta_model(family, **overrides):
+    """Refusals happen before any computation, so a model on the meta device is enough."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize(
+    "build, field",
+    [
+        (lambda: meta_model("gpt2", scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
+        (lambda: meta_model("deepseek_v2", moe_layer_freq=2), "moe_layer_freq"),
+        (lambda: gemma3n(), "num_kv_shared_layers"),
+    ],
+)
+def test_unsupported_configurations_are_refused(build, field):
+    model = build()
+    with pytest.raises(ShortGPTError, match=field):
+        prune(model, layers=[1])
     assert len(find_decoder_layers(model).layers) == NUM_LAYERS
-    assert model.config.num_hidden_layers == NUM_LAYERS and not hasattr(model.config, "shortgpt")
-    torch.testing.assert_close(model(input_ids=IDS).logits, before)
 
 
-def test_unsupported_configurations_are_refused():
-    from transformers import AutoModelForCausalLM, BertConfig, BertModel
+def gemma3n():
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = tiny_config("gpt2")
-    config.scale_attn_by_inverse_layer_idx = True
-    gpt2 = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(ShortGPTError, match="scale_attn_by_inverse_layer_idx"):
-        prune(gpt2, layers=[1])
-    assert len(gpt2.transformer.h) == NUM_LAYERS
+    config = AutoConfig.for_model(
+        "gemma3n_text", vocab_size=128, vocab_size_per_layer_input=128, hidden_size=32, hidden_size_per_layer_input=8,
+        intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_hidden_layers=NUM_LAYERS,
+        num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 3, activation_sparsity_pattern=[0.0] * NUM_LAYERS,
+    )
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def test_non_causal_models_are_refused():
+    from transformers import BertConfig, BertModel
+
     bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32))
     with pytest.raises(ShortGPTError, match="no decoder layer list"):
         prune(bert, layers=[0])
+
+
+def test_unknown_family_falls_back_with_a_warning(monkeypatch, caplog):
+    monkeypatch.delitem(FAMILIES, "cohere2")
+    monkeypatch.setattr("shortgpt_hf.families._warned", set())
+    model = tiny_model("cohere2")
+    with caplog.at_level(logging.WARNING, logger="shortgpt_hf"):
+        prune(model, layers=REMOVE, verify=True)
+    assert "no entry for model_type 'cohere2'" in caplog.text and "layer_types" in caplog.text
+    assert len(model.config.layer_types) == NUM_LAYERS - len(REMOVE)
 
 
 @pytest.mark.parametrize(
@@ -162,3 +340,4 @@ def test_bad_prune_requests(kwargs, message):
     with pytest.raises(ShortGPTError, match=message):
         prune(model, **kwargs)
     assert len(find_decoder_layers(model).layers) == NUM_LAYERS
+

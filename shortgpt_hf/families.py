@@ -1,0 +1,350 @@
+"""What each model family needs when layers are removed, kept as data.
+
+Removing a decoder layer is the same operation in every family, but the
+config says different things about layers in each: some fields have one entry
+per layer (sliced), some hold layer indices (renumbered), some are thresholds
+("the first k layers are dense": recounted), some place layer kinds by
+arithmetic (``i % period == offset``: refitted, or refused when the kept
+layers no longer follow any such pattern). A few families build modules from
+layer indices when they are constructed, and must rebuild them. This module
+says all of that per ``model_type`` (the text decoder's), in the spirit of
+mergekit's per-architecture definitions; `surgery` applies it and knows no
+family by name.
+
+A family missing from the table is not refused: removal falls back to a
+generic rule (every config list as long as the layer count is per-layer,
+every known index-list and threshold name is honoured) and says so in a
+log warning, because that rule can be wrong for a family nobody checked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import ShortGPTError
+
+logger = logging.getLogger("shortgpt_hf")
+
+
+@dataclass(frozen=True)
+class Periodic:
+    """A layer kind placed by arithmetic instead of a list.
+
+    Layer ``i`` is of ``kind`` iff ``i % period == offset``; with ``offset=None``
+    iff ``(i + 1) % period == 0`` (Qwen-MoE's ``decoder_sparse_step``). Layers
+    listed in ``excluded`` never are, and none are when ``requires`` is falsy.
+
+    On removal the kept layers must keep their kinds. With ``excluded`` the
+    pattern is made explicit: ``period`` becomes 1 and every kept layer not of
+    ``kind`` is listed in ``excluded``. Without it, the smallest period and
+    offset that reproduce the kept layers' kinds are searched for, and removal
+    is refused, before the model is touched, when none exists.
+    """
+
+    kind: str
+    period: str
+    offset: str | None = None
+    excluded: str | None = None
+    requires: str | None = None
+
+    def members(self, cfg: Any, num_layers: int) -> list[bool]:
+        if self.requires is not None and not getattr(cfg, self.requires, None):
+            return [False] * num_layers
+        period = getattr(cfg, self.period) or 1
+        excluded = set(getattr(cfg, self.excluded, None) or []) if self.excluded else set()
+        if self.offset is None:
+            return [(i + 1) % period == 0 and i not in excluded for i in range(num_layers)]
+        offset = getattr(cfg, self.offset)
+        return [i % period == offset and i not in excluded for i in range(num_layers)]
+
+    def refit(self, cfg: Any, kept: list[int], name: str) -> dict[str, Any]:
+        """The field values that describe the kept layers' kinds; `ShortGPTError` if none can."""
+        old = self.members(cfg, cfg.num_hidden_layers)
+        wanted = [old[i] for i in kept]
+        if self.excluded is not None:
+            return {self.period: 1, self.excluded: [j for j, member in enumerate(wanted) if not member]}
+        n = len(kept)
+        for period in range(1, n + 2):  # period n + 1 with offset n: no layer of this kind is left
+            for offset in range(period):
+                if [j % period == offset for j in range(n)] == wanted:
+                    return {self.period: period, self.offset: offset}
+        positions = [j for j, member in enumerate(wanted) if member]
+        raise ShortGPTError(
+            f"{name}: after this removal the {self.kind} layers would sit at new positions {positions}, "
+            f"which {self.period}/{self.offset} (layer i is {self.kind} iff i % period == offset) cannot describe; "
+            "choose layers that keep the pattern periodic"
+        )
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A configuration whose per-layer behaviour cannot survive renumbering."""
+
+    field: str
+    reason: str
+    applies: Callable[[Any], bool] = lambda value: bool(value)
+
+    def check(self, cfg: Any, name: str) -> None:
+        value = getattr(cfg, self.field, None)
+        if value is not None and self.applies(value):
+            raise ShortGPTError(f"{name} has {self.field}={value!r}: {self.reason}")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything removal must know about one decoder family (keyed by the text config's ``model_type``).
+
+    ``attention_layers`` names, for hybrid families, the config list and the
+    values that mark a layer with a KV cache: transformers cannot decode with
+    a cache when only recurrent layers are left, so a removal must keep one.
+    ``prefill_kv`` says how ShortGPT-gen writes a skipped layer's keys and
+    values: ``"k_proj/v_proj"`` (separate projections) or ``"qkv_proj"`` (one
+    fused projection, ``[q | k | v]``); ``None`` means prefill skipping is not
+    supported for the family. ``rebuild`` re-runs construction-time code that
+    reads layer indices from the config, after the config has been fixed.
+    ``decode_tolerance`` widens the cached-vs-uncached check for a family
+    whose own decode path is inexact even before any layer is removed.
+    """
+
+    name: str
+    layers: str = "layers"
+    per_layer: tuple[str, ...] = ()
+    layer_indices: tuple[str, ...] = ()
+    thresholds: tuple[str, ...] = ()
+    periodic: tuple[Periodic, ...] = ()
+    reset: dict[str, Any] = field(default_factory=dict)
+    refusals: tuple[Refusal, ...] = ()
+    attention_layers: tuple[str, tuple[str, ...]] | None = None
+    prefill_kv: str | None = None
+    rebuild: Callable[[nn.Module, nn.Module, list[int]], None] | None = None
+    decode_tolerance: float | None = None
+
+    def check_keeps_attention(self, cfg: Any, kept: list[int], name: str) -> None:
+        if self.attention_layers is None:
+            return
+        key, values = self.attention_layers
+        kinds = list(getattr(cfg, key))
+        if not any(kinds[i] in values for i in kept):
+            positions = [i for i, kind in enumerate(kinds) if kind in values]
+            raise ShortGPTError(
+                f"{name}: this removal keeps none of its attention layers {positions} ({key}), and transformers "
+                "cannot decode a hybrid model with only recurrent layers; keep at least one"
+            )
+
+
+# ---------------------------------------------------------------------------
+# Construction-time state that names layer indices.
+
+
+def _rebuild_zamba2(model: nn.Module, decoder: nn.Module, kept: list[int]) -> None:
+    """Zamba2 runs a few shared transformer blocks inside its hybrid layers.
+
+    At construction (``get_layers``) it gives each hybrid layer a block id
+    (hybrid ordinal mod ``num_mem_blocks``), per-hybrid-layer adapter slots, a
+    ``{layer index: hybrid ordinal}`` table, and ties the blocks' weights under
+    keys that name layer indices. All of it is rebuilt here from the fixed
+    config, on the meta device, and filled with the kept blocks' own weights.
+    Removing a hybrid layer shifts the ordinals after it; ``num_mem_blocks``
+    becomes the smallest cycle that still ties exactly the blocks that were
+    tied (at worst one block per hybrid layer, nothing tied).
+    """
+    import torch
+    from transformers.models.zamba2.modeling_zamba2 import Zamba2HybridLayer
+
+    cfg = model.config.get_text_config(decoder=True)
+    layers = list(decoder.layers)
+    hybrid = [i for i, layer in enumerate(layers) if isinstance(layer, Zamba2HybridLayer)]
+    old_blocks = [layers[i].shared_transformer for i in hybrid]
+    ordinal = [block.feed_forward.layer_dic[kept[i]] for block, i in zip(old_blocks, hybrid)]
+    tie_class = [block.block_id for block in old_blocks]
+    if getattr(cfg, "tie_word_embeddings", False):  # Zamba2 ties its blocks only alongside the embeddings
+        cfg.num_mem_blocks = next(m for m in range(1, len(hybrid) + 1) if all(tie_class[j] == tie_class[j % m] for j in range(len(hybrid))))
+    cfg.hybrid_layer_ids = hybrid
+    decoder.layers_block_type = list(cfg.layers_block_type)
+    with torch.device("meta"):
+        fresh = decoder.get_layers()  # also rebuilds decoder._tied_weights_keys
+    for j, i in enumerate(hybrid):
+        block = fresh[i].shared_transformer
+        state = {k: v for k, v in old_blocks[j].state_dict().items() if "adapter_list." not in k}
+        for key in block.state_dict():
+            if "adapter_list." in key:  # slot s serves the s-th kept hybrid layer: take that layer's own adapter
+                head, rest = key.split("adapter_list.", 1)
+                slot, tail = rest.split(".", 1)
+                state[key] = old_blocks[int(slot)].state_dict()[f"{head}adapter_list.{ordinal[int(slot)]}.{tail}"]
+        block.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+        layers[i].shared_transformer = block
+    decoder.all_tied_weights_keys = decoder.get_expanded_tied_weights_keys(all_submodels=False)
+    model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    model.tie_weights()
+
+
+# ---------------------------------------------------------------------------
+# The table.
+
+_SLIDING = ("layer_types",)
+_ATTENTION_TYPES = ("layer_types", ("full_attention", "sliding_attention"))
+_ATTENTION_BLOCKS = ("layers_block_type", ("attention",))
+_QWEN_MOE = Periodic("MoE", "decoder_sparse_step", excluded="mlp_only_layers", requires="num_experts")
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("Llama", prefill_kv="k_proj/v_proj"),
+    "mistral": Family("Mistral", per_layer=_SLIDING, prefill_kv="k_proj/v_proj"),
+    "qwen2": Family("Qwen2", per_layer=_SLIDING, thresholds=("max_window_layers",), prefill_kv="k_proj/v_proj"),
+    "qwen3": Family("Qwen3", per_layer=_SLIDING, thresholds=("max_window_layers",), prefill_kv="k_proj/v_proj"),
+    "gemma2": Family("Gemma2", per_layer=_SLIDING, prefill_kv="k_proj/v_proj"),
+    "gemma3_text": Family("Gemma3", per_layer=_SLIDING, prefill_kv="k_proj/v_proj"),
+    "phi3": Family("Phi3", per_layer=_SLIDING, prefill_kv="qkv_proj"),
+    "gpt2": Family(
+        "GPT-2",
+        layers="h",
+        refusals=(
+            Refusal(
+                "scale_attn_by_inverse_layer_idx",
+                "each layer's attention scale is fixed by its original index, which a pruned checkpoint cannot express",
+            ),
+        ),
+    ),
+    "gpt_neox": Family("GPT-NeoX"),
+    "opt": Family("OPT"),
+    "falcon": Family("Falcon", layers="h"),
+    "mixtral": Family("Mixtral", per_layer=_SLIDING),
+    "qwen2_moe": Family("Qwen2-MoE", per_layer=_SLIDING, thresholds=("max_window_layers",), periodic=(_QWEN_MOE,)),
+    "qwen3_moe": Family("Qwen3-MoE", per_layer=_SLIDING, thresholds=("max_window_layers",), periodic=(_QWEN_MOE,)),
+    "gpt_oss": Family("GPT-OSS", per_layer=_SLIDING),
+    "cohere": Family("Cohere"),
+    "cohere2": Family("Cohere2", per_layer=_SLIDING),
+    "olmo": Family("OLMo"),
+    "olmo2": Family("OLMo2"),
+    "olmo3": Family("OLMo3", per_layer=_SLIDING),
+    "granite": Family("Granite"),
+    "granitemoe": Family("GraniteMoE"),
+    "stablelm": Family("StableLM"),
+    "starcoder2": Family("Starcoder2"),
+    "phi": Family("Phi"),
+    "gptj": Family("GPT-J", layers="h"),
+    "bloom": Family("BLOOM", layers="h"),
+    "codegen": Family("CodeGen", layers="h"),
+    "gpt_bigcode": Family("GPTBigCode", layers="h"),
+    "glm4": Family("GLM-4"),
+    "ministral": Family("Ministral", per_layer=_SLIDING),
+    "exaone4": Family("EXAONE 4", per_layer=_SLIDING),
+    "smollm3": Family("SmolLM3", per_layer=("layer_types", "no_rope_layers")),
+    "llama4_text": Family("Llama 4", per_layer=("layer_types", "no_rope_layers"), layer_indices=("moe_layers",)),
+    "deepseek_v2": Family(
+        "DeepSeek-V2",
+        thresholds=("first_k_dense_replace",),
+        refusals=(
+            Refusal(
+                "moe_layer_freq",
+                "MoE layers are placed every moe_layer_freq layers, which removal cannot renumber",
+                lambda freq: freq != 1,
+            ),
+        ),
+    ),
+    # Multi-token-prediction layers are keyed after the last layer; a pruned model has nothing there.
+    "deepseek_v3": Family("DeepSeek-V3", thresholds=("first_k_dense_replace",), reset={"num_nextn_predict_layers": 0}),
+    "qwen3_next": Family("Qwen3-Next", per_layer=_SLIDING, periodic=(_QWEN_MOE,), attention_layers=_ATTENTION_TYPES),
+    "qwen2_vl_text": Family("Qwen2-VL", per_layer=_SLIDING, thresholds=("max_window_layers",)),
+    "qwen2_5_vl_text": Family("Qwen2.5-VL", per_layer=_SLIDING, thresholds=("max_window_layers",)),
+    "mamba": Family("Mamba"),
+    "falcon_h1": Family("Falcon-H1"),
+    "lfm2": Family("LFM2", per_layer=_SLIDING, layer_indices=("full_attn_idxs",), attention_layers=_ATTENTION_TYPES),
+    "granitemoehybrid": Family("GraniteMoE-Hybrid", per_layer=_SLIDING, attention_layers=_ATTENTION_TYPES),
+    "jamba": Family(
+        "Jamba",
+        periodic=(
+            Periodic("attention", "attn_layer_period", "attn_layer_offset"),
+            Periodic("MoE", "expert_layer_period", "expert_layer_offset"),
+        ),
+        attention_layers=_ATTENTION_BLOCKS,
+    ),
+    "bamba": Family(
+        "Bamba",
+        layer_indices=("attn_layer_indices",),
+        attention_layers=_ATTENTION_TYPES,
+        # Bamba's pure-PyTorch Mamba2 single-token step differs from its chunked scan by ~1e-3 (logits of
+        # magnitude 0.5) in an unpruned tiny model; the check would otherwise fail on transformers, not on us.
+        decode_tolerance=5e-3,
+    ),
+    "zamba2": Family(
+        "Zamba2",
+        per_layer=("layers_block_type",),
+        layer_indices=("hybrid_layer_ids",),
+        attention_layers=("layers_block_type", ("hybrid",)),
+        rebuild=_rebuild_zamba2,
+    ),
+    "gemma3n_text": Family(
+        "Gemma3n",
+        refusals=(Refusal("num_kv_shared_layers", "its last layers reuse earlier layers' KV caches, which removal would break"),),
+    ),
+}
+
+# Vision-language models whose text decoder we prune (outer ``model_type``: name).
+# The decoder itself is looked up in FAMILIES by its own ``model_type``.
+VISION_LANGUAGE: dict[str, str] = {
+    "gemma3": "Gemma 3 (vision-language)",
+    "llava": "LLaVA",
+    "mistral3": "Mistral 3 (vision-language)",
+    "qwen2_vl": "Qwen2-VL",
+    "qwen2_5_vl": "Qwen2.5-VL",
+}
+
+# Names every family uses for index lists and thresholds: the fallback honours them too.
+_KNOWN_INDEX_LISTS = tuple(sorted({k for f in FAMILIES.values() for k in f.layer_indices}))
+_KNOWN_THRESHOLDS = tuple(sorted({k for f in FAMILIES.values() for k in f.thresholds}))
+_NOT_PER_LAYER = ("eos_token_id", "bos_token_id", "pad_token_id", "architectures")
+
+
+_warned: set[str] = set()
+
+
+def family_of(cfg: Any) -> Family:
+    """The table entry for a text config, or the logged generic fallback for an unknown family."""
+    known = FAMILIES.get(cfg.model_type)
+    if known is not None:
+        return known
+    n = cfg.num_hidden_layers
+    per_layer = tuple(
+        k
+        for k, v in vars(cfg).items()
+        if isinstance(v, (list, tuple)) and len(v) == n and not k.startswith("_")
+        and k not in _NOT_PER_LAYER + _KNOWN_INDEX_LISTS
+    )
+    if cfg.model_type not in _warned:
+        _warned.add(cfg.model_type)
+        logger.warning(
+            "shortgpt_hf has no entry for model_type %r; treating %s as per-layer. "
+            "Check the result with prune(verify=True).",
+            cfg.model_type,
+            ", ".join(per_layer) or "no config field",
+        )
+    refusals = tuple(r for f in FAMILIES.values() for r in f.refusals)
+    return Family(cfg.model_type, per_layer=per_layer, layer_indices=_KNOWN_INDEX_LISTS, thresholds=_KNOWN_THRESHOLDS, refusals=refusals)
+
+
+def describe(model: nn.Module) -> str:
+    """``"Llama (LlamaForCausalLM)"``: how errors name a model."""
+    cfg = model.config.get_text_config(decoder=True)
+    known = FAMILIES.get(cfg.model_type)
+    return f"{known.name if known else cfg.model_type} ({type(model).__name__})"
+
+
+def auto_class(config: Any) -> type:
+    """The transformers Auto class that loads this config: ``AutoModelForCausalLM``
+    for text models, ``AutoModelForImageTextToText`` for vision-language ones."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    raise ShortGPTError(f"{config.model_type} is neither a causal LM nor an image-text-to-text model in transformers")
+
+
+def native_class(config: Any) -> type:
+    """The transformers class ``auto_class(config)`` instantiates for this config."""
+    return auto_class(config)._model_mapping[type(config)]
