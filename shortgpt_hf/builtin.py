@@ -76,7 +76,7 @@ def cache_home() -> Path:
 def _convert(spec: BuiltinModel, target: Path) -> None:
     """Dequantize the GGUF into a plain checkpoint. A model loaded straight from
     GGUF refuses ``save_pretrained``, so the weights go into a fresh model built
-    from the same config (DESIGN.md §5)."""
+    from the same config."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

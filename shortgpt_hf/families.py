@@ -249,8 +249,8 @@ FAMILIES: dict[str, Family] = {
     # Multi-token-prediction layers are keyed after the last layer; a pruned model has nothing there.
     "deepseek_v3": Family("DeepSeek-V3", thresholds=("first_k_dense_replace",), reset={"num_nextn_predict_layers": 0}),
     "qwen3_next": Family("Qwen3-Next", per_layer=_SLIDING, periodic=(_QWEN_MOE,), attention_layers=_ATTENTION_TYPES),
-    "qwen2_vl_text": Family("Qwen2-VL", per_layer=_SLIDING, thresholds=("max_window_layers",)),
-    "qwen2_5_vl_text": Family("Qwen2.5-VL", per_layer=_SLIDING, thresholds=("max_window_layers",)),
+    "qwen2_vl_text": Family("Qwen2-VL text decoder", per_layer=_SLIDING, thresholds=("max_window_layers",)),
+    "qwen2_5_vl_text": Family("Qwen2.5-VL text decoder", per_layer=_SLIDING, thresholds=("max_window_layers",)),
     "mamba": Family("Mamba"),
     "falcon_h1": Family("Falcon-H1"),
     "lfm2": Family("LFM2", per_layer=_SLIDING, layer_indices=("full_attn_idxs",), attention_layers=_ATTENTION_TYPES),
@@ -331,7 +331,8 @@ def describe(model: nn.Module) -> str:
     """``"Llama (LlamaForCausalLM)"``: how errors name a model."""
     cfg = model.config.get_text_config(decoder=True)
     known = FAMILIES.get(cfg.model_type)
-    return f"{known.name if known else cfg.model_type} ({type(model).__name__})"
+    name = VISION_LANGUAGE.get(model.config.model_type) or (known.name if known else cfg.model_type)
+    return f"{name} ({type(model).__name__})"
 
 
 def auto_class(config: Any) -> type:

@@ -67,12 +67,16 @@ def find_decoder_layers(model: nn.Module) -> DecoderLayers:
             names = [family.layers]
         else:  # an unknown family: the decoder's own list of blocks, if it has exactly one
             names = [n for n, m in owner.named_children() if isinstance(m, nn.ModuleList) and len(m) == cfg.num_hidden_layers]
-        layers = getattr(owner, names[0], None) if len(names) == 1 else None
+        if len(names) != 1:
+            continue
+        layers, path = getattr(owner, names[0], None), f"{prefix}.{names[0]}" if prefix else names[0]
+        if family is None and "encoder" in path.split("."):  # BERT-style "causal" heads on an encoder stack
+            continue
         if isinstance(layers, nn.ModuleList) and len(layers) == cfg.num_hidden_layers:
-            return DecoderLayers(path=f"{prefix}.{names[0]}" if prefix else names[0], layers=layers, decoder=owner)
+            return DecoderLayers(path=path, layers=layers, decoder=owner)
     raise ShortGPTError(
-        f"{type(model).__name__}: its text decoder ({type(decoder).__name__}) has no list of "
-        f"{cfg.num_hidden_layers} layers that shortgpt_hf recognises"
+        f"{type(model).__name__} has no decoder layer list that shortgpt_hf recognises "
+        f"(looked for {cfg.num_hidden_layers} layers in its text decoder, {type(decoder).__name__})"
     )
 
 

@@ -31,7 +31,7 @@ from .families import native_class
 from .layers import find_decoder_layers
 from .loading import load_model
 from .pruning import count_parameters
-from .surgery import remove_layers
+from .surgery import check_config, remove_layers
 from .verification import explained
 
 
@@ -55,7 +55,10 @@ def _without_layers(native: type, removed: Sequence[int]) -> type:
             skipped = rf"{re.escape(found.path)}\.({'|'.join(map(str, removed))})\."
             self._keys_to_ignore_on_load_unexpected = set(self._keys_to_ignore_on_load_unexpected or ()) | {skipped}
 
+    # Same name and module as the native class: transformers looks up checkpoint key conversions
+    # (e.g. LLaVA's legacy key layout) by class name, and skips them for classes outside transformers.
     Partial.__name__ = Partial.__qualname__ = native.__name__
+    Partial.__module__ = native.__module__
     return Partial
 
 
@@ -104,6 +107,8 @@ def _load_from_base(source: str, record: ShortGPTConfig, revision: str | None, *
         raise ShortGPTError(f"cannot read the base model's config at {source!r}: {str(e).splitlines()[0]}") from None
     _check_base(record, config, repr(record.base_model_name_or_path))
     native = native_class(config)
+    if record.mode == "remove":
+        check_config(config.get_text_config(decoder=True), record.removed_layers, native.__name__)
     if record.original_num_parameters is None:
         with torch.device("meta"):  # the base's size, for the record and the card, without allocating it
             record.original_num_parameters = count_parameters(native(config))

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .errors import ShortGPTError
 from .layers import input_device
 
-# Where SmolLM2-135M is clearly above chance zero-shot (DESIGN.md §5, re-measured in tests).
+# Where SmolLM2-135M is clearly above chance zero-shot (measured on the dense model; re-checked in tests).
 PACKAGED_TASKS = ("general_knowledge", "emoji_movie")
 BIGBENCH_SEED = 42  # BIG-bench's default random_seed for the order of appended choices
 

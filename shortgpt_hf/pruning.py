@@ -97,7 +97,8 @@ def prune(
             remove_layers(model, chosen)
         model.config.shortgpt = record.to_dict()
         if verify:
-            verify_pruned(model, reference)
+            with explained(model, "verification"):
+                verify_pruned(model, reference)
     except BaseException:
         restore(model, snap)
         raise

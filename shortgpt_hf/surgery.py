@@ -27,9 +27,13 @@ from .layers import DecoderLayers, find_decoder_layers, text_config
 
 def check_supported(model: nn.Module, indices: Sequence[int] = ()) -> None:
     """Refuse, before anything is touched, a model or a removal the family cannot express."""
-    cfg = text_config(model)
+    check_config(text_config(model), indices, type(model).__name__)
+
+
+def check_config(cfg: Any, indices: Sequence[int], class_name: str) -> None:
+    """`check_supported` from the text config alone, so a loader can refuse before reading any weight."""
     family = family_of(cfg)
-    name = f"{family.name} ({type(model).__name__})"
+    name = f"{family.name} ({class_name})"
     for refusal in family.refusals:
         refusal.check(cfg, name)
     removed = set(indices)

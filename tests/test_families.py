@@ -234,27 +234,35 @@ def test_failed_verification_restores_the_model(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["zamba2", "jamba", "qwen2_vl"])
-@pytest.mark.parametrize("error", [AttributeError("no attribute 'update'"), KeyError(0), KeyboardInterrupt()])
-def test_any_failure_restores_the_model_and_names_the_family(monkeypatch, family, error):
-    """An unexpected exception in the middle of the surgery, or Ctrl-C, leaves the model exactly as it was."""
+@pytest.mark.parametrize("stage", ["removing layers", "verification"])
+@pytest.mark.parametrize("error", [AttributeError("no attribute 'update'"), KeyboardInterrupt()])
+def test_any_failure_restores_the_model_and_names_the_family(monkeypatch, tmp_path, family, stage, error):
+    """An unexpected exception in the middle of the surgery or after it (Zamba2's shared blocks are then
+    already rebuilt), or Ctrl-C, leaves the model exactly as it was, still savable."""
     model = tiny_model(family)
     before = model(input_ids=IDS, use_cache=False).logits
-    real_fix = shortgpt_hf.surgery.fix_config
 
     def half_done(cfg, fam, kept):  # the config is half rewritten when it breaks
         cfg.num_hidden_layers = len(kept)
         raise error
 
-    monkeypatch.setattr(shortgpt_hf.surgery, "fix_config", half_done)
+    def failing_check(model, reference):
+        raise error
+
+    if stage == "removing layers":
+        monkeypatch.setattr(shortgpt_hf.surgery, "fix_config", half_done)
+    else:
+        monkeypatch.setattr(shortgpt_hf.pruning, "verify_pruned", failing_check)
     expected = KeyboardInterrupt if isinstance(error, KeyboardInterrupt) else ShortGPTError
     with pytest.raises(expected) as info:
         prune(model, layers=removal(family), verify=True)
     if expected is ShortGPTError:
         message = str(info.value)
-        assert "\n" not in message and "removing layers failed" in message and type(error).__name__ in message
-        assert FAMILIES[text_model_type(family)].name in message
-    monkeypatch.setattr(shortgpt_hf.surgery, "fix_config", real_fix)
+        assert "\n" not in message and f"{stage} failed" in message and type(error).__name__ in message
+        assert (VISION_LANGUAGE.get(MODEL_TYPES.get(family, family)) or FAMILIES[text_model_type(family)].name) in message
+    monkeypatch.undo()
     assert_untouched(model, before)
+    model.save_pretrained(tmp_path / "restored")  # weight ties and tables are consistent again
     prune(model, layers=removal(family), verify=True)  # and it still prunes afterwards
 
 

@@ -83,6 +83,26 @@ def test_recipe_load_reads_only_kept_tensors(base_dir, tensor_reads):
     assert tensor_reads and removed_keys(tensor_reads, REMOVED) == []
 
 
+@pytest.mark.parametrize("family, removed", [("zamba2", [0, 2, 4]), ("jamba", [0, 3])])
+def test_hybrid_recipes_load_only_kept_layers(family, removed, tmp_path, tensor_reads):
+    """Hybrids rebuild their layouts (Jamba's periods, Zamba2's shared blocks) after a partial load."""
+    tiny_model(family).save_pretrained(tmp_path / "base")
+    expected = tiny_model(family)
+    prune(expected, layers=removed)
+    tensor_reads.clear()
+    loaded = PrunedForCausalLM.from_pretrained(tmp_path / "base", removed_layers=removed, **EAGER)
+    assert tensor_reads and removed_keys(tensor_reads, removed) == []
+    torch.testing.assert_close(loaded(input_ids=IDS).logits, expected(input_ids=IDS).logits)
+
+
+def test_impossible_recipe_is_refused_before_reading_weights(tmp_path, tensor_reads):
+    tiny_model("jamba").save_pretrained(tmp_path / "base")
+    tensor_reads.clear()
+    with pytest.raises(ShortGPTError, match="expert_layer_period/expert_layer_offset"):
+        PrunedForCausalLM.from_pretrained(tmp_path / "base", removed_layers=REMOVED)
+    assert not tensor_reads
+
+
 def in_memory(base_dir, removed=REMOVED):
     model = AutoModelForCausalLM.from_pretrained(base_dir, **EAGER).eval()
     prune(model, layers=removed)
