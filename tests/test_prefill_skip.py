@@ -86,7 +86,7 @@ def test_left_padded_batches_and_static_cache(boundary):
 
 
 def test_bad_requests():
-    with pytest.raises(ShortGPTError, match="supports llama"):
+    with pytest.raises(ShortGPTError, match=r"supports Llama, .*; GPT-2 \(GPT2LMHeadModel\) is not supported"):
         enable_prefill_skip(tiny_model("gpt2"), [1])
     model = tiny_model("llama")
     for layers, message in (([1, 1], "distinct"), ([NUM_LAYERS], "distinct"), (list(range(NUM_LAYERS)), "every layer")):

@@ -98,8 +98,8 @@ def test_hybrid_recipes_load_only_kept_layers(family, removed, tmp_path, tensor_
 def test_impossible_recipe_is_refused_before_reading_weights(tmp_path, tensor_reads):
     tiny_model("jamba").save_pretrained(tmp_path / "base")
     tensor_reads.clear()
-    with pytest.raises(ShortGPTError, match="expert_layer_period/expert_layer_offset"):
-        PrunedForCausalLM.from_pretrained(tmp_path / "base", removed_layers=REMOVED)
+    with pytest.raises(ShortGPTError, match="expert_layer_period/expert_layer_offset"):  # MoE layers 1, 3 would become 0, 1
+        PrunedForCausalLM.from_pretrained(tmp_path / "base", removed_layers=[0, 2, 5])
     assert not tensor_reads
 
 
