@@ -83,22 +83,28 @@ def main() -> None:
         tiny_by_type.setdefault(tiny_config(key).get_text_config(decoder=True).model_type, []).append(key)
     time_family("llama")  # warm-up: the first model pays for imports
 
-    rows = ["| family | `model_type` | on removal | refused | prefill skip | matrix s |", "|---|---|---|---|---|---:|"]
+    rows = [
+        "| family | `model_type` | status | on removal | refused | prefill skip | matrix s |",
+        "|---|---|---|---|---|---|---:|",
+    ]
     total = 0.0
     for model_type, family in FAMILIES.items():
-        keys = [k for k in tiny_by_type.get(model_type, []) if k not in VISION_LANGUAGE and MODEL_TYPES.get(k) not in VISION_LANGUAGE]
-        seconds = sum(time_family(k) for k in keys[:1]) if keys else None
+        keys = tiny_by_type.get(model_type, [])
+        text_only = [k for k in keys if MODEL_TYPES.get(k, k) not in VISION_LANGUAGE]
+        seconds = time_family(text_only[0]) if text_only else None
         total += seconds or 0.0
-        status = "refused" if not keys else "supported"
+        status = "supported" if text_only else "supported, inside its vision-language model" if keys else "refused"
         rows.append(
-            f"| {family.name} ({status}) | `{model_type}` | {handling(family)} | {refused(family)} | "
+            f"| {family.name} | `{model_type}` | {status} | {handling(family)} | {refused(family)} | "
             f"{family.prefill_kv or 'no'} | {f'{seconds:.2f}' if seconds is not None else '-'} |"
         )
     for model_type, name in VISION_LANGUAGE.items():
-        keys = tiny_by_type[model_type]
-        seconds = sum(time_family(k) for k in keys)
+        seconds = sum(time_family(k) for k in tiny_by_type[model_type])
         total += seconds
-        rows.append(f"| {name} (supported; text decoder pruned) | `{model_type}` | as its text family | prefill skipping, healing | no | {seconds:.2f} |")
+        rows.append(
+            f"| {name} | `{model_type}` | supported (text decoder pruned) | as its text family | "
+            f"prefill skipping and healing (one-line refusal) | no | {seconds:.2f} |"
+        )
     table = "\n".join(rows)
     print(table)
     print(f"\nmatrix work, all families: {total:.1f} s (1 torch thread)")
