@@ -20,7 +20,6 @@ from typing import Any
 
 from torch import nn
 
-from .errors import ShortGPTError
 from .families import Family, family_of
 from .layers import DecoderLayers, find_decoder_layers, text_config
 

@@ -3,7 +3,6 @@ one-line error with a non-zero exit and no output folder."""
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
