@@ -203,7 +203,7 @@ def generate(
     from transformers.generation.streamers import BaseStreamer
 
     from .layers import find_decoder_layers
-    from .prefill_skip import enable_prefill_skip
+    from .prefill_skip import check_prefill_skip, enable_prefill_skip
     from .selection import removal_count
 
     if prefill_skip is not None and layers is not None:
@@ -211,6 +211,7 @@ def generate(
     m, tok = _load(model, dtype, device_map)
     chosen = _parse_layers(layers) if layers is not None else None
     if prefill_skip is not None:
+        check_prefill_skip(m)  # before minutes of scoring
         count = removal_count(len(find_decoder_layers(m).layers), n_layers=prefill_skip)
         chosen = _score(m, tok, "bi", None, 256, 8192, 8).lowest(count)
     if chosen is not None:

@@ -124,12 +124,8 @@ def _boundary_forward(original, input_ids=None, attention_mask=None, position_id
     return last
 
 
-def enable_prefill_skip(model: nn.Module, layers: Sequence[int], boundary: bool = True) -> nn.Module:
-    """Skip ``layers`` (current indices) during prefill only; record it in ``config.shortgpt``.
-
-    The model keeps all its layers (and weights): this trades prompt-processing
-    time for quality on generative tasks, where static removal hurts most.
-    """
+def check_prefill_skip(model: nn.Module) -> None:
+    """Refuse a model whose family has no known way to write a skipped layer's K/V (cheap: before scoring)."""
     cfg = text_config(model)
     if cfg is not model.config:
         # The boundary step re-runs the last prompt token alone, which would
@@ -138,6 +134,16 @@ def enable_prefill_skip(model: nn.Module, layers: Sequence[int], boundary: bool 
     if cfg.model_type not in SUPPORTED_FAMILIES:
         names = ", ".join(FAMILIES[k].name for k in SUPPORTED_FAMILIES)
         raise ShortGPTError(f"prefill skipping supports {names}; {describe(model)} is not supported")
+
+
+def enable_prefill_skip(model: nn.Module, layers: Sequence[int], boundary: bool = True) -> nn.Module:
+    """Skip ``layers`` (current indices) during prefill only; record it in ``config.shortgpt``.
+
+    The model keeps all its layers (and weights): this trades prompt-processing
+    time for quality on generative tasks, where static removal hurts most.
+    """
+    check_prefill_skip(model)
+    cfg = text_config(model)
     previous = ShortGPTConfig.from_model(model)
     if previous is not None and previous.mode == "remove":
         raise ShortGPTError("prefill skipping needs a model with all its layers; this one has layers removed")

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 from conftest import assert_one_line_error, run_cli, run_python
-from tiny_models import tiny_config
+from tiny_models import tiny_auto, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shortgpt_hf import ShortGPTConfig
@@ -26,6 +26,11 @@ def tiny_dirs(tmp_path_factory, smollm2_path):
     config.scale_attn_by_inverse_layer_idx = True
     AutoModelForCausalLM.from_config(config).save_pretrained(root / "gpt2_scaled")
     tok.save_pretrained(root / "gpt2_scaled")
+    for family in ("llava", "jamba"):
+        config = tiny_config(family)
+        config.get_text_config(decoder=True).vocab_size = len(tok)
+        tiny_auto(config).from_config(config).save_pretrained(root / family)
+        tok.save_pretrained(root / family)
     from transformers import BertConfig, BertModel
 
     BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32)).save_pretrained(root / "bert")
@@ -69,6 +74,28 @@ def test_bad_models(tiny_dirs, tmp_path, capsys, monkeypatch, model, message):
     code, _, err = run_cli(capsys, monkeypatch, "prune", model.replace("{root}", str(tiny_dirs)), "--layers", "1", "--out", out)
     assert code == 2
     assert_one_line_error(err, message)
+    assert not out.exists()
+
+
+def test_vision_language_model_prunes_and_refuses_prefill_skip(tiny_dirs, tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, monkeypatch, "prune", tiny_dirs / "llava", "--layers", "1,2", "--out", out)
+    assert code in (0, None), err
+    assert "verified" in stdout
+    assert AutoModelForImageTextToText.from_pretrained(out).config.text_config.num_hidden_layers == 4
+    code, _, err = run_cli(capsys, monkeypatch, "generate", tiny_dirs / "llava", "--prompt", "hi", "--prefill-skip", "2")
+    assert code == 2
+    assert_one_line_error(err, "prefill skipping supports text-only models; LLaVA")
+    assert "scoring" not in err  # refused before spending time on scores
+
+
+def test_impossible_hybrid_removal_is_one_line(tiny_dirs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, monkeypatch, "prune", tiny_dirs / "jamba", "--layers", "0,2,5", "--out", out)
+    assert code == 2
+    assert_one_line_error(err, "expert_layer_period/expert_layer_offset")
     assert not out.exists()
 
 

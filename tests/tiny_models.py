@@ -120,13 +120,17 @@ def tiny_config(family: str):
     return AutoConfig.for_model(model_type, **kwargs)
 
 
+def tiny_auto(config):
+    """The Auto class this config maps to: text models are causal LMs, vision-language ones image-text-to-text."""
+    return AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModelForImageTextToText
+
+
 def tiny_model(family: str, seed: int = 0):
     """A tiny fp32 model in eval mode, with norm weights perturbed away from 1."""
     torch.manual_seed(seed)
     config = tiny_config(family)
     config._attn_implementation = "eager"
-    auto = AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModelForImageTextToText
-    model = auto.from_config(config, dtype=torch.float32).eval()
+    model = tiny_auto(config).from_config(config, dtype=torch.float32).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
