@@ -25,15 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from tiny_models import FAMILIES as TINY  # noqa: E402
-from tiny_models import MODEL_TYPES, tiny_config, tiny_model  # noqa: E402
+from tiny_models import MODEL_TYPES, removal, tiny_config, tiny_model  # noqa: E402
 
 from shortgpt_hf import prune, save_pruned  # noqa: E402
 from shortgpt_hf.families import FAMILIES, VISION_LANGUAGE, Family  # noqa: E402
-
-# The removal each family is timed with (the test matrix's choice).
-REMOVE = [0, 2, 5]
-REMOVE_FOR = {"jamba": [0, 3], "zamba2": [0, 2, 4]}
-
 
 def handling(family: Family) -> str:
     parts = []
@@ -66,7 +61,7 @@ def refused(family: Family) -> str:
 def time_family(key: str) -> float:
     start = time.perf_counter()
     model = tiny_model(key)
-    prune(model, layers=REMOVE_FOR.get(key, REMOVE), verify=True)
+    prune(model, layers=removal(key), verify=True)  # the test matrix's removal
     with tempfile.TemporaryDirectory() as tmp:
         save_pruned(model, Path(tmp) / "out")
     return time.perf_counter() - start

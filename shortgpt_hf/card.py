@@ -18,7 +18,7 @@ from torch import nn
 from .builtin import BUILTINS
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
-from .families import auto_class
+from .families import auto_class, is_vision_language
 from .pruning import count_parameters
 from .scoring import bar_chart
 
@@ -111,7 +111,7 @@ def model_card(
     rows = _eval_rows(eval_results)
     base = hub_base_id(record)
     loader = auto_class(pruned.config).__name__
-    pipeline_tag = "image-text-to-text" if loader == "AutoModelForImageTextToText" else "text-generation"
+    pipeline_tag = "image-text-to-text" if is_vision_language(pruned.config) else "text-generation"
     card_data = ModelCardData(
         base_model=base,
         library_name="peft" if kind == "adapter" else "transformers",

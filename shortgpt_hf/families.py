@@ -7,13 +7,14 @@ per layer (sliced), some hold layer indices (renumbered), some are thresholds
 arithmetic (``i % period == offset``: refitted, or refused when the kept
 layers no longer follow any such pattern). A few families build modules from
 layer indices when they are constructed, and must rebuild them. This module
-says all of that per ``model_type`` (the text decoder's), in the spirit of
-mergekit's per-architecture definitions; `surgery` applies it and knows no
-family by name.
+says all of that per ``model_type`` (the text decoder's), one small
+declarative entry per architecture; `surgery` applies it and knows no family
+by name.
 
 A family missing from the table is not refused: removal falls back to a
-generic rule (every config list as long as the layer count is per-layer,
-every known index-list and threshold name is honoured) and says so in a
+generic rule (every config list as long as the layer count is per-layer;
+every index list, threshold, arithmetic layout and refusal the table knows
+under a field name is honoured wherever that field exists) and says so in a
 log warning, because that rule can be wrong for a family nobody checked.
 """
 
@@ -37,7 +38,8 @@ class Periodic:
 
     Layer ``i`` is of ``kind`` iff ``i % period == offset``; with ``offset=None``
     iff ``(i + 1) % period == 0`` (Qwen-MoE's ``decoder_sparse_step``). Layers
-    listed in ``excluded`` never are, and none are when ``requires`` is falsy.
+    listed in ``excluded`` never are, and none are when ``requires(cfg)`` is false
+    (a model configured without experts has no MoE layers to place).
 
     On removal the kept layers must keep their kinds. With ``excluded`` the
     pattern is made explicit: ``period`` becomes 1 and every kept layer not of
@@ -50,10 +52,15 @@ class Periodic:
     period: str
     offset: str | None = None
     excluded: str | None = None
-    requires: str | None = None
+    requires: Callable[[Any], bool] | None = None
+
+    def __post_init__(self) -> None:
+        if self.offset is None and self.excluded is None:
+            raise ValueError(f"Periodic({self.period!r}) needs an offset field or an excluded list to refit")
 
     def members(self, cfg: Any, num_layers: int) -> list[bool]:
-        if self.requires is not None and not getattr(cfg, self.requires, None):
+        """Which of the first ``num_layers`` layers are of ``kind`` under the config as it is now."""
+        if self.requires is not None and not self.requires(cfg):
             return [False] * num_layers
         period = getattr(cfg, self.period) or 1
         excluded = set(getattr(cfg, self.excluded, None) or []) if self.excluded else set()
@@ -109,6 +116,9 @@ class Family:
     reads layer indices from the config, after the config has been fixed.
     ``decode_tolerance`` widens the cached-vs-uncached check for a family
     whose own decode path is inexact even before any layer is removed.
+    ``partial_load=False`` marks a family whose construction reads every
+    layer (weight ties or initialisation that reach into removed layers):
+    a recipe then loads the whole base and removes layers afterwards.
     """
 
     name: str
@@ -123,8 +133,10 @@ class Family:
     prefill_kv: str | None = None
     rebuild: Callable[[nn.Module, nn.Module, list[int]], None] | None = None
     decode_tolerance: float | None = None
+    partial_load: bool = True
 
     def check_keeps_attention(self, cfg: Any, kept: list[int], name: str) -> None:
+        """Refuse a removal that leaves a hybrid without any layer a KV cache can serve."""
         if self.attention_layers is None:
             return
         key, values = self.attention_layers
@@ -149,9 +161,10 @@ def _rebuild_zamba2(model: nn.Module, decoder: nn.Module, kept: list[int]) -> No
     ``{layer index: hybrid ordinal}`` table, and ties the blocks' weights under
     keys that name layer indices. All of it is rebuilt here from the fixed
     config, on the meta device, and filled with the kept blocks' own weights.
-    Removing a hybrid layer shifts the ordinals after it; ``num_mem_blocks``
-    becomes the smallest cycle that still ties exactly the blocks that were
-    tied (at worst one block per hybrid layer, nothing tied).
+    Removing a hybrid layer shifts the ordinals after it, so ``num_mem_blocks``
+    becomes the smallest cycle under which every pair of blocks it ties was
+    tied before. That is exact, but may tie fewer blocks than before (at worst
+    none), which makes the checkpoint larger, never wrong.
     """
     import torch
     from transformers.models.zamba2.modeling_zamba2 import Zamba2HybridLayer
@@ -164,12 +177,12 @@ def _rebuild_zamba2(model: nn.Module, decoder: nn.Module, kept: list[int]) -> No
     tie_class = [block.block_id for block in old_blocks]
     if getattr(cfg, "tie_word_embeddings", False):  # Zamba2 ties its blocks only alongside the embeddings
         cfg.num_mem_blocks = next(m for m in range(1, len(hybrid) + 1) if all(tie_class[j] == tie_class[j % m] for j in range(len(hybrid))))
-    cfg.hybrid_layer_ids = hybrid
     decoder.layers_block_type = list(cfg.layers_block_type)
     with torch.device("meta"):
         fresh = decoder.get_layers()  # also rebuilds decoder._tied_weights_keys
     for j, i in enumerate(hybrid):
         block = fresh[i].shared_transformer
+        before = dict(old_blocks[j].named_parameters())
         state = {k: v for k, v in old_blocks[j].state_dict().items() if "adapter_list." not in k}
         for key in block.state_dict():
             if "adapter_list." in key:  # slot s serves the s-th kept hybrid layer: take that layer's own adapter
@@ -177,28 +190,35 @@ def _rebuild_zamba2(model: nn.Module, decoder: nn.Module, kept: list[int]) -> No
                 slot, tail = rest.split(".", 1)
                 state[key] = old_blocks[int(slot)].state_dict()[f"{head}adapter_list.{ordinal[int(slot)]}.{tail}"]
         block.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+        for name, param in block.named_parameters():
+            param.requires_grad_(before[name].requires_grad if name in before else True)
         layers[i].shared_transformer = block
+    # Tie the blocks the new config ties, and nothing else (the LM head stays as it is).
+    for source, target in decoder._tied_weights_keys.items():
+        shared, tied = decoder.get_submodule(target), decoder.get_submodule(source)
+        for name, param in shared.named_parameters():
+            owner, _, leaf = name.rpartition(".")
+            setattr(tied.get_submodule(owner) if owner else tied, leaf, param)
     decoder.all_tied_weights_keys = decoder.get_expanded_tied_weights_keys(all_submodels=False)
     model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
-    model.tie_weights()
 
 
 # ---------------------------------------------------------------------------
 # The table.
 
-_SLIDING = ("layer_types",)
+_LAYER_TYPES = ("layer_types",)
 _ATTENTION_TYPES = ("layer_types", ("full_attention", "sliding_attention"))
 _ATTENTION_BLOCKS = ("layers_block_type", ("attention",))
-_QWEN_MOE = Periodic("MoE", "decoder_sparse_step", excluded="mlp_only_layers", requires="num_experts")
+_QWEN_MOE = Periodic("MoE", "decoder_sparse_step", excluded="mlp_only_layers", requires=lambda cfg: (getattr(cfg, "num_experts", 0) or 0) > 0)
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("Llama", prefill_kv="k_proj/v_proj"),
-    "mistral": Family("Mistral", per_layer=_SLIDING, prefill_kv="k_proj/v_proj"),
-    "qwen2": Family("Qwen2", per_layer=_SLIDING, thresholds=("max_window_layers",), prefill_kv="k_proj/v_proj"),
-    "qwen3": Family("Qwen3", per_layer=_SLIDING, thresholds=("max_window_layers",), prefill_kv="k_proj/v_proj"),
-    "gemma2": Family("Gemma2", per_layer=_SLIDING, prefill_kv="k_proj/v_proj"),
-    "gemma3_text": Family("Gemma3", per_layer=_SLIDING, prefill_kv="k_proj/v_proj"),
-    "phi3": Family("Phi3", per_layer=_SLIDING, prefill_kv="qkv_proj"),
+    "mistral": Family("Mistral", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj"),
+    "qwen2": Family("Qwen2", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), prefill_kv="k_proj/v_proj"),
+    "qwen3": Family("Qwen3", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), prefill_kv="k_proj/v_proj"),
+    "gemma2": Family("Gemma2", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj"),
+    "gemma3_text": Family("Gemma3", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj"),
+    "phi3": Family("Phi3", per_layer=_LAYER_TYPES, prefill_kv="qkv_proj"),
     "gpt2": Family(
         "GPT-2",
         layers="h",
@@ -212,15 +232,15 @@ FAMILIES: dict[str, Family] = {
     "gpt_neox": Family("GPT-NeoX"),
     "opt": Family("OPT"),
     "falcon": Family("Falcon", layers="h"),
-    "mixtral": Family("Mixtral", per_layer=_SLIDING),
-    "qwen2_moe": Family("Qwen2-MoE", per_layer=_SLIDING, thresholds=("max_window_layers",), periodic=(_QWEN_MOE,)),
-    "qwen3_moe": Family("Qwen3-MoE", per_layer=_SLIDING, thresholds=("max_window_layers",), periodic=(_QWEN_MOE,)),
-    "gpt_oss": Family("GPT-OSS", per_layer=_SLIDING),
+    "mixtral": Family("Mixtral", per_layer=_LAYER_TYPES),
+    "qwen2_moe": Family("Qwen2-MoE", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), periodic=(_QWEN_MOE,)),
+    "qwen3_moe": Family("Qwen3-MoE", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), periodic=(_QWEN_MOE,)),
+    "gpt_oss": Family("GPT-OSS", per_layer=_LAYER_TYPES),
     "cohere": Family("Cohere"),
-    "cohere2": Family("Cohere2", per_layer=_SLIDING),
+    "cohere2": Family("Cohere2", per_layer=_LAYER_TYPES),
     "olmo": Family("OLMo"),
     "olmo2": Family("OLMo2"),
-    "olmo3": Family("OLMo3", per_layer=_SLIDING),
+    "olmo3": Family("OLMo3", per_layer=_LAYER_TYPES),
     "granite": Family("Granite"),
     "granitemoe": Family("GraniteMoE"),
     "stablelm": Family("StableLM"),
@@ -231,8 +251,8 @@ FAMILIES: dict[str, Family] = {
     "codegen": Family("CodeGen", layers="h"),
     "gpt_bigcode": Family("GPTBigCode", layers="h"),
     "glm4": Family("GLM-4"),
-    "ministral": Family("Ministral", per_layer=_SLIDING),
-    "exaone4": Family("EXAONE 4", per_layer=_SLIDING),
+    "ministral": Family("Ministral", per_layer=_LAYER_TYPES),
+    "exaone4": Family("EXAONE 4", per_layer=_LAYER_TYPES),
     "smollm3": Family("SmolLM3", per_layer=("layer_types", "no_rope_layers")),
     "llama4_text": Family("Llama 4", per_layer=("layer_types", "no_rope_layers"), layer_indices=("moe_layers",)),
     "deepseek_v2": Family(
@@ -248,18 +268,18 @@ FAMILIES: dict[str, Family] = {
     ),
     # Multi-token-prediction layers are keyed after the last layer; a pruned model has nothing there.
     "deepseek_v3": Family("DeepSeek-V3", thresholds=("first_k_dense_replace",), reset={"num_nextn_predict_layers": 0}),
-    "qwen3_next": Family("Qwen3-Next", per_layer=_SLIDING, periodic=(_QWEN_MOE,), attention_layers=_ATTENTION_TYPES),
-    "qwen2_vl_text": Family("Qwen2-VL text decoder", per_layer=_SLIDING, thresholds=("max_window_layers",)),
-    "qwen2_5_vl_text": Family("Qwen2.5-VL text decoder", per_layer=_SLIDING, thresholds=("max_window_layers",)),
+    "qwen3_next": Family("Qwen3-Next", per_layer=_LAYER_TYPES, periodic=(_QWEN_MOE,), attention_layers=_ATTENTION_TYPES),
+    "qwen2_vl_text": Family("Qwen2-VL text decoder", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",)),
+    "qwen2_5_vl_text": Family("Qwen2.5-VL text decoder", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",)),
     "mamba": Family("Mamba"),
-    "falcon_h1": Family("Falcon-H1"),
-    "lfm2": Family("LFM2", per_layer=_SLIDING, layer_indices=("full_attn_idxs",), attention_layers=_ATTENTION_TYPES),
-    "granitemoehybrid": Family("GraniteMoE-Hybrid", per_layer=_SLIDING, attention_layers=_ATTENTION_TYPES),
+    "falcon_h1": Family("Falcon-H1", partial_load=False),  # its weight init reads every layer's mamba mixer
+    "lfm2": Family("LFM2", per_layer=_LAYER_TYPES, layer_indices=("full_attn_idxs",), attention_layers=_ATTENTION_TYPES),
+    "granitemoehybrid": Family("GraniteMoE-Hybrid", per_layer=_LAYER_TYPES, attention_layers=_ATTENTION_TYPES),
     "jamba": Family(
         "Jamba",
         periodic=(
             Periodic("attention", "attn_layer_period", "attn_layer_offset"),
-            Periodic("MoE", "expert_layer_period", "expert_layer_offset"),
+            Periodic("MoE", "expert_layer_period", "expert_layer_offset", requires=lambda cfg: (getattr(cfg, "num_experts", 1) or 1) > 1),
         ),
         attention_layers=_ATTENTION_BLOCKS,
     ),
@@ -277,6 +297,7 @@ FAMILIES: dict[str, Family] = {
         layer_indices=("hybrid_layer_ids",),
         attention_layers=("layers_block_type", ("hybrid",)),
         rebuild=_rebuild_zamba2,
+        partial_load=False,  # its shared blocks are stored once, under the first hybrid layer that uses them
     ),
     "gemma3n_text": Family(
         "Gemma3n",
@@ -294,26 +315,41 @@ VISION_LANGUAGE: dict[str, str] = {
     "qwen2_5_vl": "Qwen2.5-VL",
 }
 
-# Names every family uses for index lists and thresholds: the fallback honours them too.
-_KNOWN_INDEX_LISTS = tuple(sorted({k for f in FAMILIES.values() for k in f.layer_indices}))
-_KNOWN_THRESHOLDS = tuple(sorted({k for f in FAMILIES.values() for k in f.thresholds}))
+# Refusals for fields no family in the table has, checked only by the fallback.
+_FALLBACK_REFUSALS = (
+    Refusal(
+        "kv_source_layers",
+        "some layers read other layers' KV caches, which removal would break",
+        lambda value: list(value) != list(range(len(value))),
+    ),
+)
 _NOT_PER_LAYER = ("eos_token_id", "bos_token_id", "pad_token_id", "architectures")
-
-
 _warned: set[str] = set()
 
 
+def _unique(items: Any) -> tuple:
+    return tuple(dict.fromkeys(items))
+
+
 def family_of(cfg: Any) -> Family:
-    """The table entry for a text config, or the logged generic fallback for an unknown family."""
+    """The table entry for a text config, or the logged generic fallback for an unknown family.
+
+    The fallback applies every rule the table knows by field name wherever
+    this config has that field (index lists, thresholds, arithmetic layouts,
+    resets, refusals), and treats every other list as long as the layer
+    count as per-layer.
+    """
     known = FAMILIES.get(cfg.model_type)
     if known is not None:
         return known
+    entries = list(FAMILIES.values())
+    has = lambda key: key is None or hasattr(cfg, key)  # noqa: E731
+    indices = _unique(k for f in entries for k in f.layer_indices if has(k))
+    periodic = _unique(p for f in entries for p in f.periodic if has(p.period) and has(p.offset) and has(p.excluded))
+    owned = set(indices) | {p.excluded for p in periodic} | set(_NOT_PER_LAYER)
     n = cfg.num_hidden_layers
     per_layer = tuple(
-        k
-        for k, v in vars(cfg).items()
-        if isinstance(v, (list, tuple)) and len(v) == n and not k.startswith("_")
-        and k not in _NOT_PER_LAYER + _KNOWN_INDEX_LISTS
+        k for k, v in vars(cfg).items() if isinstance(v, (list, tuple)) and len(v) == n and not k.startswith("_") and k not in owned
     )
     if cfg.model_type not in _warned:
         _warned.add(cfg.model_type)
@@ -323,24 +359,42 @@ def family_of(cfg: Any) -> Family:
             cfg.model_type,
             ", ".join(per_layer) or "no config field",
         )
-    refusals = tuple(r for f in FAMILIES.values() for r in f.refusals)
-    return Family(cfg.model_type, per_layer=per_layer, layer_indices=_KNOWN_INDEX_LISTS, thresholds=_KNOWN_THRESHOLDS, refusals=refusals)
+    return Family(
+        cfg.model_type,
+        per_layer=per_layer,
+        layer_indices=indices,
+        thresholds=_unique(k for f in entries for k in f.thresholds if has(k)),
+        periodic=periodic,
+        reset={k: v for f in entries for k, v in f.reset.items() if has(k)},
+        refusals=_unique(r for f in entries for r in f.refusals) + _FALLBACK_REFUSALS,
+    )
+
+
+def is_vision_language(config: Any) -> bool:
+    """A model whose text decoder has a config of its own, beside a vision tower's."""
+    return config.get_text_config(decoder=True) is not config
+
+
+def describe_config(config: Any, class_name: str) -> str:
+    """``"Llama (LlamaForCausalLM)"``, ``"LLaVA (LlavaForConditionalGeneration)"``: how errors name a model."""
+    cfg = config.get_text_config(decoder=True)
+    known = FAMILIES.get(cfg.model_type)
+    name = VISION_LANGUAGE.get(config.model_type) or (known.name if known else cfg.model_type)
+    return f"{name} ({class_name})"
 
 
 def describe(model: nn.Module) -> str:
-    """``"Llama (LlamaForCausalLM)"``: how errors name a model."""
-    cfg = model.config.get_text_config(decoder=True)
-    known = FAMILIES.get(cfg.model_type)
-    name = VISION_LANGUAGE.get(model.config.model_type) or (known.name if known else cfg.model_type)
-    return f"{name} ({type(model).__name__})"
+    return describe_config(model.config, type(model).__name__)
 
 
 def auto_class(config: Any) -> type:
-    """The transformers Auto class that loads this config: ``AutoModelForCausalLM``
-    for text models, ``AutoModelForImageTextToText`` for vision-language ones."""
+    """The transformers Auto class that loads this config: ``AutoModelForImageTextToText``
+    for vision-language models (Gemma 3 maps to both; this is the one that names it),
+    ``AutoModelForCausalLM`` for text models."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+    order = (AutoModelForImageTextToText, AutoModelForCausalLM) if is_vision_language(config) else (AutoModelForCausalLM,)
+    for auto in order:
         if type(config) in auto._model_mapping:
             return auto
     raise ShortGPTError(f"{config.model_type} is neither a causal LM nor an image-text-to-text model in transformers")

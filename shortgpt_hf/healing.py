@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationData, is_tokenized, prepare_calibration
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
-from .families import describe
+from .families import describe, is_vision_language
 from .layers import find_decoder_layers, input_device
 from .loading import tokenizer_for
 
@@ -117,7 +117,7 @@ def heal(
     record = ShortGPTConfig.from_model(model)
     if record is None or record.mode != "remove":
         raise ShortGPTError("heal() expects a model with layers removed (prune it first)")
-    if model.config.get_text_config(decoder=True) is not model.config:
+    if is_vision_language(model.config):
         # PEFT's AutoPeftModelForCausalLM could not reload the adapter, and text-only
         # batches would leave the vision side untrained: train it with PEFT directly.
         raise ShortGPTError(f"healing supports text-only causal LMs; {describe(model)} is a vision-language model")

@@ -30,10 +30,6 @@ class DecoderLayers:
     decoder: nn.Module
 
     @property
-    def parent_path(self) -> str:
-        return self.path.rpartition(".")[0]
-
-    @property
     def attr(self) -> str:
         return self.path.rpartition(".")[2]
 
@@ -113,4 +109,10 @@ def probe_ids(model: nn.Module, length: int = 12, seed: int = 0) -> torch.Tensor
     """A fixed, model-independent batch of token ids for parity checks."""
     vocab = min(text_config(model).vocab_size, 32000)
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (2, length), generator=gen)
+    ids = torch.randint(3, vocab, (2, length), generator=gen)
+    # A vision-language model treats its image/video placeholder ids as slots for pixels it is not given.
+    special = [v for k, v in vars(model.config).items() if k.endswith(("_token_id", "_token_index")) and isinstance(v, int)]
+    if special:
+        plain = next(i for i in range(3, vocab) if i not in special)
+        ids = ids.masked_fill(torch.isin(ids, torch.tensor(special)), plain)
+    return ids

@@ -24,15 +24,23 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path  # a Hub id: huggingface_hub resolves it (from its cache when offline)
 
 
+# from_pretrained arguments that also decide which config is read.
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder")
+
+
 def load_model(name_or_path: str, tokenizer: bool = True, **from_pretrained_kwargs: Any) -> tuple[Any, Any]:
     """``(model, tokenizer)`` through the Auto class the config maps to (``AutoModelForCausalLM``,
     or ``AutoModelForImageTextToText`` for a vision-language model); missing models become one-line errors."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(name_or_path)
+    hub = {k: v for k, v in from_pretrained_kwargs.items() if k in _HUB_KWARGS}
     try:
-        config = AutoConfig.from_pretrained(source, revision=from_pretrained_kwargs.get("revision"))
-        model = auto_class(config).from_pretrained(source, **from_pretrained_kwargs)
+        if hub.get("trust_remote_code"):  # custom classes are not in transformers' mappings
+            auto = AutoModelForCausalLM
+        else:
+            auto = auto_class(AutoConfig.from_pretrained(source, **hub))
+        model = auto.from_pretrained(source, **from_pretrained_kwargs)
         tok = AutoTokenizer.from_pretrained(source) if tokenizer else None
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -27,7 +27,7 @@ from torch import nn
 from .builtin import BUILTINS, builtin_path
 from .config import CONFIG_NAME, ShortGPTConfig, hub_file, base_name, hub_revision
 from .errors import ShortGPTError
-from .families import native_class
+from .families import describe_config, family_of, native_class
 from .layers import find_decoder_layers
 from .loading import load_model
 from .pruning import count_parameters
@@ -108,14 +108,17 @@ def _load_from_base(source: str, record: ShortGPTConfig, revision: str | None, *
     _check_base(record, config, repr(record.base_model_name_or_path))
     native = native_class(config)
     if record.mode == "remove":
-        check_config(config.get_text_config(decoder=True), record.removed_layers, native.__name__)
+        check_config(config, record.removed_layers, native.__name__)
     if record.original_num_parameters is None:
         with torch.device("meta"):  # the base's size, for the record and the card, without allocating it
             record.original_num_parameters = count_parameters(native(config))
     if record.mode == "prefill_skip":
         model = native.from_pretrained(source, config=config, revision=revision, **kwargs)
         return _apply_prefill_skip(model, record)
-    model = _without_layers(native, record.removed_layers).from_pretrained(source, config=config, revision=revision, **kwargs)
+    partial = family_of(config.get_text_config(decoder=True)).partial_load
+    loader = _without_layers(native, record.removed_layers) if partial else native
+    with explained(describe_config(config, native.__name__), "loading the recipe's base"):
+        model = loader.from_pretrained(source, config=config, revision=revision, **kwargs)
     with explained(model, "removing the recipe's layers after loading"):
         remove_layers(model, record.removed_layers)
     model.__class__ = native

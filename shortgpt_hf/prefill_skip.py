@@ -32,7 +32,7 @@ from torch import nn
 
 from .config import ShortGPTConfig, base_name, hub_revision
 from .errors import ShortGPTError
-from .families import FAMILIES, describe
+from .families import FAMILIES, describe, is_vision_language
 from .layers import find_decoder_layers, text_config
 from .pruning import count_parameters
 
@@ -127,7 +127,7 @@ def _boundary_forward(original, input_ids=None, attention_mask=None, position_id
 def check_prefill_skip(model: nn.Module) -> None:
     """Refuse a model whose family has no known way to write a skipped layer's K/V (cheap: before scoring)."""
     cfg = text_config(model)
-    if cfg is not model.config:
+    if is_vision_language(model.config):
         # The boundary step re-runs the last prompt token alone, which would
         # separate image tokens from their pixels.
         raise ShortGPTError(f"prefill skipping supports text-only models; {describe(model)} is a vision-language model")

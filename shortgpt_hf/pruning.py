@@ -75,8 +75,9 @@ def prune(
     keeps ORIGINAL indices, so pruning twice composes. With ``verify=True`` the
     result is checked against the unpruned model with those layers skipped, and
     for cached-vs-uncached parity. On any failure (a refused configuration, a
-    failed check, even Ctrl-C) the model is restored exactly and the error is
-    one `ShortGPTError` line naming the family and the step that failed.
+    failed check, an unexpected exception, even Ctrl-C) the model is restored.
+    Errors arrive as one `ShortGPTError` line naming the family and the step
+    that failed; Ctrl-C stays a ``KeyboardInterrupt``.
     """
     found = find_decoder_layers(model)
     chosen = select_layers(len(found.layers), layers, n_layers, ratio, scores)

@@ -66,7 +66,8 @@ def save_pruned(
     vision-language model) and must give the same logits before it is moved
     into place (this briefly holds a second copy in memory). The model itself
     is never changed, and any failure leaves no folder behind."""
-    auto_class(model.config)  # a model no Auto class can reload is refused before anything is written
+    if verify:
+        auto_class(model.config)  # a model no Auto class can reload is refused before anything is written
     with atomic_folder(out_dir, overwrite) as tmp:
         with explained(model, "saving the checkpoint"):
             model.save_pretrained(tmp)
@@ -106,6 +107,7 @@ def save_recipe(
             ids = probe_ids(model_or_config)
             with explained(model_or_config, "rebuilding the model from the recipe"):
                 rebuilt = uncached_logits(PrunedForCausalLM.from_pretrained(tmp, dtype=model_or_config.dtype), ids)
-            if not logits_close(rebuilt, uncached_logits(model_or_config, ids), parity_tolerance(model_or_config)):
+                expected = uncached_logits(model_or_config, ids)
+            if not logits_close(rebuilt, expected, parity_tolerance(model_or_config)):
                 raise ShortGPTError("verification failed: the recipe rebuilds a model with different logits")
     return Path(out_dir).resolve()

@@ -7,7 +7,7 @@ and cache layers from per-layer settings in the config (``layer_types``,
 and the model runs, silently wrong: cached generation diverges from an
 uncached forward, sliding-window layers get full masks, and a saved checkpoint
 reloads with random layers. `remove_layers` fixes all of it, driven by the
-per-family table in `families`, and `snapshot` / `restore` undo it exactly.
+per-family table in `families`, and `snapshot` / `restore` undo it.
 """
 
 from __future__ import annotations
@@ -20,19 +20,28 @@ from typing import Any
 
 from torch import nn
 
-from .families import Family, family_of
+from .errors import ShortGPTError
+from .families import Family, describe, describe_config, family_of
 from .layers import DecoderLayers, find_decoder_layers, text_config
 
 
 def check_supported(model: nn.Module, indices: Sequence[int] = ()) -> None:
     """Refuse, before anything is touched, a model or a removal the family cannot express."""
-    check_config(text_config(model), indices, type(model).__name__)
+    check_config(model.config, indices, type(model).__name__)
+    family = family_of(text_config(model))
+    if family.rebuild is not None and getattr(model, "hf_device_map", None):
+        # The rebuilt modules would carry none of accelerate's placement hooks.
+        raise ShortGPTError(
+            f"{describe(model)} rebuilds modules when layers are removed, which shortgpt_hf cannot do on a model "
+            "dispatched with device_map; load it on one device to prune it"
+        )
 
 
-def check_config(cfg: Any, indices: Sequence[int], class_name: str) -> None:
-    """`check_supported` from the text config alone, so a loader can refuse before reading any weight."""
+def check_config(config: Any, indices: Sequence[int], class_name: str) -> None:
+    """`check_supported` from the config alone, so a loader can refuse before reading any weight."""
+    cfg = config.get_text_config(decoder=True)
     family = family_of(cfg)
-    name = f"{family.name} ({class_name})"
+    name = describe_config(config, class_name)
     for refusal in family.refusals:
         refusal.check(cfg, name)
     removed = set(indices)
@@ -133,6 +142,7 @@ class Snapshot:
 
 
 def snapshot(model: nn.Module) -> Snapshot:
+    """Record what `remove_layers` may change; cheap, so `prune` takes one every time."""
     found = find_decoder_layers(model)
     return Snapshot(
         found=found,
@@ -146,11 +156,14 @@ def snapshot(model: nn.Module) -> Snapshot:
 
 
 def restore(model: nn.Module, snap: Snapshot) -> None:
+    """Put back everything `snapshot` recorded: layer list, rebuilt modules, config, record, cache indices."""
     for module, children in snap.children:
         module._modules = copy.copy(children)
+    training = model.training  # a mode set meanwhile (model.eval()) is the user's, not the surgery's
     for module, state in ((model, snap.model_state), (snap.found.decoder, snap.decoder_state)):
         vars(module).clear()
         vars(module).update({k: (copy.copy(v) if k in _MODULE_DICTS else v) for k, v in state.items()})
+    model.train(training)  # the layers put back take the model's mode too
     cfg = text_config(model)
     vars(cfg).clear()
     vars(cfg).update(copy.deepcopy(snap.config))

@@ -1,6 +1,6 @@
 """Proving that a pruned model is right, rather than trusting that it is.
 
-Three checks, each cheap on a fixed probe batch:
+Four checks, each cheap (a fixed probe batch, or a model built on the meta device):
 
 - **identity reference**: the pruned model's uncached logits must equal the
   unpruned model's with the removed layers made identity (`layers_as_identity`).
@@ -8,6 +8,10 @@ Three checks, each cheap on a fixed probe batch:
 - **cache parity**: decoding token by token with the KV cache must give the
   uncached logits. A stale ``layer_idx`` or a stale per-layer config entry
   breaks this while an uncached forward still looks fine.
+- **structure**: a model built from the rewritten config has exactly the
+  pruned model's tensors. Families that decide a layer's kind at
+  construction (dense or MoE, attention or Mamba) would otherwise run fine in
+  memory and reload differently.
 - **reload**: a saved folder, reloaded by the Auto class its config maps to
   (never a class of ours), must give the same logits.
 """
@@ -15,6 +19,7 @@ Three checks, each cheap on a fixed probe batch:
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,7 +46,7 @@ def uncached_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def explained(model: nn.Module, what: str) -> Iterator[None]:
+def explained(subject: nn.Module | str, what: str) -> Iterator[None]:
     """Turn an unexpected exception inside into one `ShortGPTError` line naming the family and ``what`` failed.
 
     Our own errors pass through unchanged; anything else (an ``AttributeError``
@@ -54,17 +59,34 @@ def explained(model: nn.Module, what: str) -> Iterator[None]:
         raise
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ShortGPTError(f"{describe(model)}: {what} failed ({type(e).__name__}: {first})") from e
+        name = subject if isinstance(subject, str) else describe(subject)
+        raise ShortGPTError(f"{name}: {what} failed ({type(e).__name__}: {first})") from e
+
+
+def verify_structure(model: nn.Module) -> None:
+    """A model built (on the meta device) from ``model``'s config must have the same tensor names and shapes."""
+    with explained(model, "building the pruned architecture from its config"), torch.device("meta"):
+        fresh = type(model)(copy.deepcopy(model.config))
+    expected = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if expected != actual:
+        differ = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
+        raise ShortGPTError(
+            f"verification failed: the pruned {describe(model)}'s config describes different layers than it has "
+            f"({len(differ)} tensors differ, e.g. {differ[0]}); a reload would change the model"
+        )
 
 
 @torch.no_grad()
 def verify_pruned(model: nn.Module, reference: torch.Tensor | None = None) -> None:
-    """Check a pruned model's KV-cache bookkeeping: cached decoding must equal an uncached forward.
+    """Check a pruned model's structure (`verify_structure`) and KV-cache bookkeeping: cached
+    decoding must equal an uncached forward.
 
     With ``reference`` (logits of the unpruned model with the removed layers as
     identity, on `probe_ids`), also check that removal changed nothing else.
     Raises `ShortGPTError` on a mismatch or on a crash.
     """
+    verify_structure(model)
     ids = probe_ids(model)
     tol = parity_tolerance(model)
     with explained(model, "the uncached forward after pruning"):
@@ -93,7 +115,8 @@ def verify_pruned(model: nn.Module, reference: torch.Tensor | None = None) -> No
 def verify_reload(model: nn.Module, folder: str | Path) -> None:
     """The saved ``folder`` must reload, through the Auto class its config maps to, with ``model``'s logits."""
     ids = probe_ids(model)
-    expected = uncached_logits(model, ids)
+    with explained(model, "the forward before saving"):
+        expected = uncached_logits(model, ids)
     with explained(model, f"reloading the saved checkpoint with {auto_class(model.config).__name__}"):
         reloaded = auto_class(model.config).from_pretrained(folder, dtype=model.dtype)
         actual = uncached_logits(reloaded, ids)

@@ -18,25 +18,18 @@ import pytest
 import torch
 from conftest import run_python
 from safetensors.torch import load_file, save_file
-from tiny_models import FAMILIES as TINY, MODEL_TYPES, NUM_LAYERS, tiny_config, tiny_model
+from tiny_models import FAMILIES as TINY
+from tiny_models import MODEL_TYPES, NUM_LAYERS, REMOVE, removal, tiny_config, tiny_model
 
 import shortgpt_hf.surgery
-from shortgpt_hf import ShortGPTConfig, ShortGPTError, find_decoder_layers, prune, save_pruned, verify_pruned
-from shortgpt_hf.families import FAMILIES, VISION_LANGUAGE
+from shortgpt_hf import PrunedForCausalLM, ShortGPTConfig, ShortGPTError, find_decoder_layers, prune, save_pruned, verify_pruned
+from shortgpt_hf.families import FAMILIES, VISION_LANGUAGE, Family
 from shortgpt_hf.layers import layers_as_identity
 
-REMOVE = [0, 2, NUM_LAYERS - 1]
-# Layouts placed by arithmetic need a removal that keeps a pattern (a separate test covers refusal):
-# jamba: attention at 1, 4 and MoE at 1, 3, 5 become attention at 0, 2 and MoE at 0, 3.
-# zamba2: hybrid layers 1, 3, 5 stay, so layer 5's block, tied to layer 1's, is renamed rather than dropped.
-REMOVE_FOR = {"jamba": [0, 3], "zamba2": [0, 2, 4]}
+REFUSED_ONLY = {"gemma3n_text"}  # in the table only to be refused (always has shared KV layers); tested below
 IDS = torch.randint(3, 128, (2, 14), generator=torch.Generator().manual_seed(0))
 MASK = torch.ones_like(IDS)
 MASK[0, :3] = 0  # row 0 is left-padded
-
-
-def removal(family):
-    return REMOVE_FOR.get(family, REMOVE)
 
 
 def text_model_type(family):
@@ -128,10 +121,37 @@ def test_saved_checkpoint_reloads_natively(saved_families, family):
     assert "trust_remote_code" not in json.dumps(config) and "auto_map" not in config
 
 
+@pytest.fixture(scope="module")
+def saved_bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    for family in TINY:
+        tiny_model(family).save_pretrained(root / family)
+    return root
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_prune_on_load_equals_in_memory_prune(pruned_models, saved_bases, family):
+    """A recipe's path: the base loaded without its removed layers (or whole, where the family needs it)."""
+    loaded = PrunedForCausalLM.from_pretrained(saved_bases / family, removed_layers=removal(family), attn_implementation="eager")
+    model = pruned_models[family]["model"]
+    assert type(loaded) is type(model)
+    torch.testing.assert_close(loaded(input_ids=IDS, use_cache=False).logits, model(input_ids=IDS, use_cache=False).logits)
+
+
+@pytest.mark.parametrize("removed", [[1], [5], [1, 3], [0, 1, 2, 4]])
+def test_zamba2_shared_blocks_follow_any_removal(removed, tmp_path):
+    """Every way of dropping hybrid layers (with their tied blocks and adapter slots) stays exact and savable."""
+    model = tiny_model("zamba2")
+    with layers_as_identity(model, removed):
+        reference = model(input_ids=IDS, use_cache=False).logits
+    prune(model, layers=removed, verify=True)
+    torch.testing.assert_close(model(input_ids=IDS, use_cache=False).logits, reference, atol=1e-5, rtol=1e-5)
+    save_pruned(model, tmp_path / "out")  # reloads with AutoModelForCausalLM and compares logits
+
+
 def test_every_family_in_the_table_is_in_the_matrix():
     tested = {text_model_type(f) for f in TINY} | {MODEL_TYPES.get(f, f) for f in TINY}
-    refused_only = {"gemma3n_text"}  # only ever refused: tested below
-    assert set(FAMILIES) - refused_only <= tested
+    assert set(FAMILIES) - REFUSED_ONLY <= tested
     assert set(VISION_LANGUAGE) <= tested
 
 
@@ -139,12 +159,16 @@ def test_readme_lists_the_table():
     """The README's family lists are the table's, so neither can drift."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme.split("<!-- families:start -->")[1].split("<!-- families:end -->")[0]
-    supported = {f.name for k, f in FAMILIES.items() if k != "gemma3n_text"} | set(VISION_LANGUAGE.values())
-    listed = set(re.findall(r"^\*\*Supported[^*]*\*\*: (.*)$", section, re.M)[0].rstrip(".").split(", "))
-    listed |= set(re.findall(r"^\*\*Vision-language[^*]*\*\*: (.*)$", section, re.M)[0].rstrip(".").split(", "))
-    assert listed == supported
-    refusals = {r.field for f in FAMILIES.values() for r in f.refusals} | {p.period for f in FAMILIES.values() for p in f.periodic if p.excluded is None}
-    for field in refusals:
+
+    def listed(heading):
+        return set(re.findall(rf"^\*\*{heading}[^*]*\*\*:? (.*)$", section, re.M)[0].rstrip(".").split(", "))
+
+    assert listed("Supported") == {f.name for k, f in FAMILIES.items() if k not in REFUSED_ONLY}
+    assert listed("Vision-language") == set(VISION_LANGUAGE.values())
+    hybrids = re.search(r"^- Hybrids \(([^)]*)\)", section, re.M).group(1)
+    assert set(hybrids.split(", ")) == {f.name for f in FAMILIES.values() if f.attention_layers}
+    fields = {r.field for f in FAMILIES.values() for r in f.refusals} | {p.period for f in FAMILIES.values() for p in f.periodic if p.excluded is None}
+    for field in fields:
         assert f"`{field}`" in section, field
 
 
@@ -321,14 +345,75 @@ def test_non_causal_models_are_refused():
         prune(bert, layers=[0])
 
 
-def test_unknown_family_falls_back_with_a_warning(monkeypatch, caplog):
-    monkeypatch.delitem(FAMILIES, "cohere2")
+@pytest.mark.parametrize("family", ["cohere2", "qwen2_moe"])
+def test_unknown_family_falls_back_with_a_warning(monkeypatch, caplog, tmp_path, family):
+    """Without its entry, a family is pruned by the rules the table knows by field name (sliced
+    layer_types; Qwen-MoE's sparse step, known from Qwen3-MoE), with a warning, and still reloads exactly."""
+    model_type = text_model_type(family)
+    monkeypatch.delitem(FAMILIES, model_type)
     monkeypatch.setattr("shortgpt_hf.families._warned", set())
-    model = tiny_model("cohere2")
+    model = tiny_model(family)
+    with layers_as_identity(model, removal(family)):
+        reference = model(input_ids=IDS, use_cache=False).logits
     with caplog.at_level(logging.WARNING, logger="shortgpt_hf"):
-        prune(model, layers=REMOVE, verify=True)
-    assert "no entry for model_type 'cohere2'" in caplog.text and "layer_types" in caplog.text
-    assert len(model.config.layer_types) == NUM_LAYERS - len(REMOVE)
+        prune(model, layers=removal(family), verify=True)
+    assert f"no entry for model_type '{model_type}'" in caplog.text
+    torch.testing.assert_close(model(input_ids=IDS, use_cache=False).logits, reference, atol=1e-5, rtol=1e-5)
+    save_pruned(model, tmp_path / "out")
+
+
+@pytest.mark.parametrize("family, entry", [("qwen2_moe", Family("Qwen2-MoE", per_layer=("layer_types",))), ("jamba", Family("Jamba"))])
+def test_stale_construction_time_config_is_caught(monkeypatch, family, entry):
+    """Without its layout rules, a family that picks layer kinds at construction (dense or MoE, attention
+    or Mamba) may still run in memory, but its config would rebuild other layers: verification says so."""
+    monkeypatch.setitem(FAMILIES, text_model_type(family), entry)
+    model = tiny_model(family)
+    with pytest.raises(ShortGPTError, match="config describes different layers than it has"):
+        prune(model, layers=removal(family), verify=True)
+    assert len(find_decoder_layers(model).layers) == NUM_LAYERS
+
+
+def test_saving_failure_leaves_the_model_and_no_folder(monkeypatch, tmp_path):
+    model = tiny_model("zamba2")
+    prune(model, layers=removal("zamba2"))
+    before = model(input_ids=IDS, use_cache=False).logits
+
+    def broken_save(self, folder, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(type(model), "save_pretrained", broken_save)
+    with pytest.raises(ShortGPTError) as info:
+        save_pruned(model, tmp_path / "out")
+    assert str(info.value) == "Zamba2 (Zamba2ForCausalLM): saving the checkpoint failed (OSError: No space left on device)"
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    torch.testing.assert_close(model(input_ids=IDS, use_cache=False).logits, before)
+
+
+def test_restored_after_puts_a_hybrid_back(tmp_path):
+    from shortgpt_hf.pruning import restored_after
+
+    model = tiny_model("zamba2")
+    before = model(input_ids=IDS, use_cache=False).logits
+    blocks = [p for n, p in model.named_parameters() if "shared_transformer" in n]
+    with restored_after(model):
+        prune(model, layers=[1])
+        model.train()
+    assert model.training and all(m.training for m in model.modules())  # the user's mode change survives
+    model.eval()
+    assert_untouched(model, before)
+    after = [p for n, p in model.named_parameters() if "shared_transformer" in n]
+    assert len(after) == len(blocks) and all(a is b for a, b in zip(after, blocks))  # the same tensors, tied as before
+    model.save_pretrained(tmp_path / "dense")
+
+
+def test_rebuilding_families_refuse_a_dispatched_model(tmp_path):
+    from accelerate import dispatch_model
+
+    model = dispatch_model(tiny_model("zamba2"), device_map={"": "cpu"})
+    with pytest.raises(ShortGPTError, match="rebuilds modules .* device_map"):
+        prune(model, layers=[1])
+    assert len(find_decoder_layers(model).layers) == NUM_LAYERS
 
 
 @pytest.mark.parametrize(

@@ -110,6 +110,18 @@ MODEL_TYPES = {"qwen2_vl_deep_vision": "qwen2_vl"}  # FAMILIES keys that are not
 N_LAYER = {"gpt2", "gptj", "bloom", "codegen", "gpt_bigcode"}  # configs whose layer count is `n_layer`
 
 
+# The removal the family matrix checks: the first, a middle and the last layer, except where a
+# layout needs another choice to stay expressible. jamba: attention at 1, 4 and MoE at 1, 3, 5
+# become attention at 0, 2 and MoE at 0, 3. zamba2: hybrid layer 3 goes, so hybrids 1 and 5, whose
+# shared blocks are tied, become 0 and 3 (num_mem_blocks 2 -> 1) and every adapter slot moves.
+REMOVE = [0, 2, NUM_LAYERS - 1]
+REMOVE_FOR = {"jamba": [0, 3], "zamba2": [0, 3]}
+
+
+def removal(family: str) -> list[int]:
+    return REMOVE_FOR.get(family, REMOVE)
+
+
 def tiny_config(family: str):
     model_type = MODEL_TYPES.get(family, family)
     kwargs = copy.deepcopy(FAMILIES[family])  # configs may edit nested dicts/lists shared between entries
