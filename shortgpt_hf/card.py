@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -21,6 +21,9 @@ from .errors import ShortGPTError
 from .families import auto_class, is_vision_language
 from .pruning import count_parameters
 from .scoring import bar_chart
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
 
 TEMPLATE = "shortgpt_model_card.md.j2"
 CHART = "layer_scores.png"
