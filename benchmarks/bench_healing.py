@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from shortgpt_hf import load_builtin, perplexity, prune, score_layers
-from shortgpt_hf.healing import heal
+from shortgpt_hf.recovery import heal
 from shortgpt_hf.texts import calibration_texts, heldout_texts
 
 TRAIN = dict(lr=1e-3, seq_len=128, batch_size=2, progress=False)

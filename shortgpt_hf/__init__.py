@@ -8,7 +8,7 @@ from .card import model_card
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
 from .evaluation import EvalReport, EvalResult, evaluate, perplexity
-from .healing import heal, save_healed
+from .recovery import RECOVERY_METHODS, RecoveryMethod, heal, recover, save_healed
 from .layers import find_decoder_layers
 from .loading import load_model
 from .multiple_choice import multiple_choice
@@ -30,6 +30,8 @@ __all__ = [
     "METRICS",
     "LayerScores",
     "PrunedForCausalLM",
+    "RECOVERY_METHODS",
+    "RecoveryMethod",
     "ShortGPTConfig",
     "ShortGPTError",
     "ablate",
@@ -46,6 +48,7 @@ __all__ = [
     "perplexity",
     "prune",
     "push_to_hub",
+    "recover",
     "remove_layers",
     "save_healed",
     "save_pruned",

@@ -132,11 +132,13 @@ def model_card(
         for i, v in enumerate(record.layer_scores or [])
         if v is not None
     ]
-    recovery = dict(record.healing or {})
+    recovery = [dict(step) for step in record.recovery or []]
     if peft_config is not None:
-        recovery.setdefault("method", f"{peft_config.peft_type.value} adapter (PEFT)")
-        recovery["rank / alpha"] = f"{peft_config.r} / {peft_config.lora_alpha}"
-        recovery["target modules"] = ", ".join(sorted(peft_config.target_modules or []))
+        if not recovery or recovery[-1].get("method") != "lora":  # an adapter trained outside `heal`
+            recovery.append({"method": "lora"})
+        recovery[-1]["adapter"] = f"{peft_config.peft_type.value} (PEFT)"
+        recovery[-1]["rank / alpha"] = f"{peft_config.r} / {peft_config.lora_alpha}"
+        recovery[-1]["target modules"] = ", ".join(sorted(peft_config.target_modules or []))
     template = files("shortgpt_hf.model_cards").joinpath(TEMPLATE).read_text()
     return ModelCard.from_template(
         card_data,

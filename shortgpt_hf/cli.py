@@ -404,8 +404,8 @@ def heal(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
 ) -> None:
     """LoRA-heal a pruned model (PEFT + accelerate; runs under `accelerate launch` too)."""
-    from .healing import heal as heal_model
-    from .healing import save_healed
+    from .recovery import heal as heal_model
+    from .recovery import save_healed
     from .saving import check_destination
     from .texts import heldout_texts
 
@@ -415,7 +415,7 @@ def heal(
     chosen = layers if layers in ("all", "adjacent") else _parse_layers(layers)
     healed = heal_model(m, data, tokenizer=tok, steps=steps, lr=lr, r=r, alpha=alpha, layers=chosen, seq_len=seq_len, batch_size=batch_size, teacher=dense, kd_weight=kd_weight, eval_data=heldout_texts()[:1])
     saved = save_healed(healed, out_dir, tok, merge=merge, overwrite=overwrite)
-    record = healed.get_base_model().config.shortgpt["healing"]
+    record = healed.get_base_model().config.shortgpt["recovery"][-1]
     out.print(f"held-out perplexity {record['perplexity_before']:.2f} -> {record['perplexity_after']:.2f} after {steps} steps ({record['tokens']:,} tokens)")
     out.print(f"{'merged checkpoint' if merge else 'adapter'} saved to {saved}")
 

@@ -38,6 +38,9 @@ class ShortGPTConfig:
     layers are skipped while a prompt is processed and run for every decoded
     token; ``prefill_boundary`` says whether the last prompt token runs dense.
 
+    ``recovery`` lists the recovery steps applied after removal, in order
+    (method, its settings, held-out perplexity before and after).
+
     ``layer_scores`` has one entry per ORIGINAL layer (``None`` for a layer that
     had already been removed when the scores were computed), so a card or a
     plot can show every layer of the base in its own place.
@@ -52,7 +55,7 @@ class ShortGPTConfig:
     mode: str = "remove"
     prefill_boundary: bool | None = None
     original_num_parameters: int | None = None
-    healing: dict[str, Any] | None = None
+    recovery: list[dict[str, Any]] | None = None
     model_type: str | None = None
     base_model_name_or_path: str | None = None
     base_revision: str | None = None
@@ -98,6 +101,11 @@ class ShortGPTConfig:
         """Build from a dict, warning about (not failing on) keys from newer versions."""
         if not isinstance(data, dict):
             raise ShortGPTError(f"a ShortGPT config must be a JSON object, got {type(data).__name__}")
+        if "healing" in data:  # written before recovery became a list of steps: at most one LoRA step
+            healing = data["healing"]
+            data = {k: v for k, v in data.items() if k != "healing"}
+            if isinstance(healing, dict):
+                data["recovery"] = [{"method": "lora", **healing}]
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -49,7 +49,7 @@ def test_recipe_and_adapter_cards(tmp_path):
     adapter = ModelCard(str(model_card(peft, repo_id="me/tiny-healed")))
     assert adapter.data.library_name == "peft" and "lora" in adapter.data.tags
     assert 'AutoPeftModelForCausalLM.from_pretrained("me/tiny-healed")' in adapter.text
-    assert "- rank / alpha: 4 / 8" in adapter.text and "- target modules: q_proj, v_proj" in adapter.text
+    assert "1. **lora**; adapter: LORA (PEFT); rank / alpha: 4 / 8; target modules: q_proj, v_proj" in adapter.text
     for text in (recipe, str(adapter)):
         assert str(tmp_path) not in text and "base_model:" not in text, "a local base must not leak into the card"
 

@@ -182,7 +182,7 @@ def test_heal_command_merges_into_native_checkpoint(tiny_dirs, tmp_path, capsys,
     assert code == 0, err
     assert "held-out perplexity" in stdout and "merged checkpoint saved to" in stdout
     record = ShortGPTConfig.from_dict(json.loads((healed / "config.json").read_text())["shortgpt"])
-    assert record.removed_layers == [2] and record.healing["steps"] == 2 and record.healing["layers"] == "adjacent"
+    assert record.removed_layers == [2] and record.recovery[-1]["steps"] == 2 and record.recovery[-1]["layers"] == "adjacent"
     assert AutoModelForCausalLM.from_pretrained(healed).config.num_hidden_layers == 5
     code, _, err = run_cli(capsys, monkeypatch, "heal", pruned, "--out", healed, "--steps", "1")
     assert code == 2

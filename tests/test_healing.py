@@ -10,7 +10,7 @@ from tiny_models import NUM_LAYERS, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shortgpt_hf import ShortGPTConfig, ShortGPTError, perplexity, prune, save_pruned
-from shortgpt_hf.healing import adjacent_layers, heal, save_healed
+from shortgpt_hf.recovery import adjacent_layers, heal, save_healed
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(6))
 TOKENS = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(7))
@@ -50,8 +50,8 @@ assert "shortgpt_hf" not in sys.modules
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
     torch.testing.assert_close(merged(input_ids=IDS).logits, expected, atol=1e-5, rtol=1e-4)
     record = ShortGPTConfig.from_model(merged)
-    assert record.removed_layers == [2] and record.healing["steps"] == 3 and record.healing["tokens"] == 3 * 4 * 32
-    assert record.healing["layers"] == "adjacent" and record.healing["data"].startswith("tokens")
+    assert record.removed_layers == [2] and record.recovery[-1]["steps"] == 3 and record.recovery[-1]["tokens"] == 3 * 4 * 32
+    assert record.recovery[-1]["layers"] == "adjacent" and record.recovery[-1]["data"].startswith("tokens")
 
 
 def test_healing_refusals(saved_pruned, tmp_path):
@@ -80,7 +80,38 @@ def test_healing_lowers_heldout_perplexity_on_real_model(smollm2_path, tmp_path)
     prune(model, layers=[12, 13, 14, 15, 16, 17, 25, 26])
     held_out = [heldout_texts()[0]]
     healed = heal(model, calibration_texts(), tokenizer=tok, steps=24, lr=1e-3, seq_len=128, batch_size=2, eval_data=held_out, eval_tokens=2048, progress=False)
-    record = healed.get_base_model().config.shortgpt["healing"]
+    record = healed.get_base_model().config.shortgpt["recovery"][-1]
     print(record)
     assert record["perplexity_after"] < 0.8 * record["perplexity_before"]
     assert perplexity(healed, tok, held_out, seq_len=128, max_tokens=2048) == pytest.approx(record["perplexity_after"], rel=1e-3)
+
+
+def test_a_new_recovery_method_is_one_registered_class(saved_pruned, monkeypatch):
+    """The seam: a method only implements apply(); evaluation and the record come from recover()."""
+    from shortgpt_hf.recovery import RECOVERY_METHODS, RecoveryMethod, recover, register
+
+    monkeypatch.setattr("shortgpt_hf.recovery.base.RECOVERY_METHODS", dict(RECOVERY_METHODS))
+
+    @register
+    class ScaleHead(RecoveryMethod):
+        name = "scale-head"
+
+        def apply(self, model, windows, tokenizer, factor=2.0):
+            with torch.no_grad():
+                model.lm_head.weight.mul_(factor)
+            return model, {"factor": factor, "tokens": windows.num_tokens}
+
+    before = saved_pruned(input_ids=IDS).logits
+    out = recover(saved_pruned, "scale-head", TOKENS, seq_len=32, eval_data=TOKENS[:2], factor=0.5)
+    torch.testing.assert_close(out(input_ids=IDS).logits, before * 0.5)
+    steps = ShortGPTConfig.from_model(out).recovery
+    assert [s["method"] for s in steps] == ["scale-head"] and steps[0]["factor"] == 0.5 and steps[0]["tokens"] == 8 * 32
+    assert steps[0]["perplexity_before"] != steps[0]["perplexity_after"] and steps[0]["data"].startswith("tokens")
+    with pytest.raises(ShortGPTError, match="unknown recovery method 'nope'; choose from lora, scale-head"):
+        recover(saved_pruned, "nope", TOKENS)
+
+
+def test_records_from_before_the_recovery_list_still_load():
+    legacy = {"removed_layers": [2], "original_num_hidden_layers": 6, "healing": {"steps": 3, "r": 8}}
+    assert ShortGPTConfig.from_dict(legacy).recovery == [{"method": "lora", "steps": 3, "r": 8}]
+    assert ShortGPTConfig.from_dict({**legacy, "healing": None}).recovery is None
