@@ -343,7 +343,10 @@ def family_of(cfg: Any) -> Family:
     if known is not None:
         return known
     entries = list(FAMILIES.values())
-    has = lambda key: key is None or hasattr(cfg, key)  # noqa: E731
+
+    def has(key: str | None) -> bool:  # an absent field name (None) never stops a rule
+        return key is None or hasattr(cfg, key)
+
     indices = _unique(k for f in entries for k in f.layer_indices if has(k))
     periodic = _unique(p for f in entries for p in f.periodic if has(p.period) and has(p.offset) and has(p.excluded))
     owned = set(indices) | {p.excluded for p in periodic} | set(_NOT_PER_LAYER)

@@ -54,7 +54,7 @@ def find_decoder_layers(model: nn.Module) -> DecoderLayers:
         )
     # get_decoder() first; some wrappers return themselves, so also every
     # submodule built from the text config (a vision tower never is).
-    named = [("", model), *model.named_modules()]
+    named = list(model.named_modules())  # starts with ("", model)
     decoder = model.get_decoder()
     owners = [(n, m) for n, m in named if m is decoder] + [(n, m) for n, m in named if getattr(m, "config", None) is cfg]
     family = FAMILIES.get(cfg.model_type)

@@ -109,6 +109,8 @@ def test_a_new_recovery_method_is_one_registered_class(saved_pruned, monkeypatch
     assert steps[0]["perplexity_before"] != steps[0]["perplexity_after"] and steps[0]["data"].startswith("tokens")
     with pytest.raises(ShortGPTError, match="unknown recovery method 'nope'; choose from lora, scale-head"):
         recover(saved_pruned, "nope", TOKENS)
+    with pytest.raises(ShortGPTError, match="recovery method 'lora': got an unexpected keyword argument 'stepz'"):
+        heal(saved_pruned, TOKENS, stepz=3)
 
 
 def test_records_from_before_the_recovery_list_still_load():

@@ -14,6 +14,7 @@ A method is one module: a `RecoveryMethod` subclass decorated with
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -77,6 +78,10 @@ def recover(
     if record is None or record.mode != "remove":
         raise ShortGPTError("recovery needs a model with layers removed (prune it first)")
     chosen = RECOVERY_METHODS[method]
+    try:  # a misspelt option fails here, in one line, not after minutes of evaluation
+        inspect.signature(chosen.apply).bind(model, None, None, **options)
+    except TypeError as e:
+        raise ShortGPTError(f"recovery method {method!r}: {e}") from None
     chosen.check(model, **options)
     if tokenizer is None and not (is_tokenized(data) and (eval_data is None or is_tokenized(eval_data))):
         tokenizer = tokenizer_for(model)
