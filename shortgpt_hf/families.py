@@ -103,6 +103,32 @@ class Refusal:
 
 
 @dataclass(frozen=True)
+class Fold:
+    """Where a linear map that stands in for a removed gap can be folded: the update
+    that the last kept layer before the gap adds to the residual stream.
+
+    ``output`` is the submodule of a decoder layer whose output is that update.
+    With ``diagonal=False`` it is linear in the weights named ``weights`` under
+    it (every ``nn.Linear`` of that name, and stacked expert tensors of that
+    name laid out ``[experts, out, in]``): a full map ``T`` becomes ``W' = TᵀW``
+    for each of them, so dense MLPs, every expert and any shared expert all
+    carry it, and the router's weighting commutes with it. With
+    ``diagonal=True`` the update ends in a norm that scales by
+    ``(norm_offset + w)``: only a per-channel map fits there, folded as
+    ``w' = (norm_offset + w)·t - norm_offset``.
+    """
+
+    output: str = "mlp"
+    weights: str = "down_proj"
+    diagonal: bool = False
+    norm_offset: float = 0.0
+
+
+_DOWN_PROJ = Fold()
+_GEMMA_NORM = Fold("post_feedforward_layernorm", weights="weight", diagonal=True, norm_offset=1.0)
+
+
+@dataclass(frozen=True)
 class Family:
     """Everything removal must know about one decoder family (keyed by the text config's ``model_type``).
 
@@ -119,6 +145,8 @@ class Family:
     ``partial_load=False`` marks a family whose construction reads every
     layer (weight ties or initialisation that reach into removed layers):
     a recipe then loads the whole base and removes layers afterwards.
+    ``fold`` says where training-free linear repair puts its maps (`Fold`);
+    ``None`` means that repair is refused for the family.
     """
 
     name: str
@@ -134,6 +162,7 @@ class Family:
     rebuild: Callable[[nn.Module, nn.Module, list[int]], None] | None = None
     decode_tolerance: float | None = None
     partial_load: bool = True
+    fold: Fold | None = None
 
     def check_keeps_attention(self, cfg: Any, kept: list[int], name: str) -> None:
         """Refuse a removal that leaves a hybrid without any layer a KV cache can serve."""
@@ -212,13 +241,13 @@ _ATTENTION_BLOCKS = ("layers_block_type", ("attention",))
 _QWEN_MOE = Periodic("MoE", "decoder_sparse_step", excluded="mlp_only_layers", requires=lambda cfg: (getattr(cfg, "num_experts", 0) or 0) > 0)
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("Llama", prefill_kv="k_proj/v_proj"),
-    "mistral": Family("Mistral", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj"),
-    "qwen2": Family("Qwen2", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), prefill_kv="k_proj/v_proj"),
-    "qwen3": Family("Qwen3", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), prefill_kv="k_proj/v_proj"),
-    "gemma2": Family("Gemma2", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj"),
-    "gemma3_text": Family("Gemma3", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj"),
-    "phi3": Family("Phi3", per_layer=_LAYER_TYPES, prefill_kv="qkv_proj"),
+    "llama": Family("Llama", prefill_kv="k_proj/v_proj", fold=_DOWN_PROJ),
+    "mistral": Family("Mistral", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj", fold=_DOWN_PROJ),
+    "qwen2": Family("Qwen2", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), prefill_kv="k_proj/v_proj", fold=_DOWN_PROJ),
+    "qwen3": Family("Qwen3", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), prefill_kv="k_proj/v_proj", fold=_DOWN_PROJ),
+    "gemma2": Family("Gemma2", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj", fold=_GEMMA_NORM),
+    "gemma3_text": Family("Gemma3", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj", fold=_GEMMA_NORM),
+    "phi3": Family("Phi3", per_layer=_LAYER_TYPES, prefill_kv="qkv_proj", fold=_DOWN_PROJ),
     "gpt2": Family(
         "GPT-2",
         layers="h",
@@ -232,9 +261,9 @@ FAMILIES: dict[str, Family] = {
     "gpt_neox": Family("GPT-NeoX"),
     "opt": Family("OPT"),
     "falcon": Family("Falcon", layers="h"),
-    "mixtral": Family("Mixtral", per_layer=_LAYER_TYPES),
-    "qwen2_moe": Family("Qwen2-MoE", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), periodic=(_QWEN_MOE,)),
-    "qwen3_moe": Family("Qwen3-MoE", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), periodic=(_QWEN_MOE,)),
+    "mixtral": Family("Mixtral", per_layer=_LAYER_TYPES, fold=_DOWN_PROJ),
+    "qwen2_moe": Family("Qwen2-MoE", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), periodic=(_QWEN_MOE,), fold=_DOWN_PROJ),
+    "qwen3_moe": Family("Qwen3-MoE", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), periodic=(_QWEN_MOE,), fold=_DOWN_PROJ),
     "gpt_oss": Family("GPT-OSS", per_layer=_LAYER_TYPES),
     "cohere": Family("Cohere"),
     "cohere2": Family("Cohere2", per_layer=_LAYER_TYPES),
@@ -251,9 +280,9 @@ FAMILIES: dict[str, Family] = {
     "codegen": Family("CodeGen", layers="h"),
     "gpt_bigcode": Family("GPTBigCode", layers="h"),
     "glm4": Family("GLM-4"),
-    "ministral": Family("Ministral", per_layer=_LAYER_TYPES),
+    "ministral": Family("Ministral", per_layer=_LAYER_TYPES, fold=_DOWN_PROJ),
     "exaone4": Family("EXAONE 4", per_layer=_LAYER_TYPES),
-    "smollm3": Family("SmolLM3", per_layer=("layer_types", "no_rope_layers")),
+    "smollm3": Family("SmolLM3", per_layer=("layer_types", "no_rope_layers"), fold=_DOWN_PROJ),
     "llama4_text": Family("Llama 4", per_layer=("layer_types", "no_rope_layers"), layer_indices=("moe_layers",)),
     "deepseek_v2": Family(
         "DeepSeek-V2",
@@ -269,8 +298,8 @@ FAMILIES: dict[str, Family] = {
     # Multi-token-prediction layers are keyed after the last layer; a pruned model has nothing there.
     "deepseek_v3": Family("DeepSeek-V3", thresholds=("first_k_dense_replace",), reset={"num_nextn_predict_layers": 0}),
     "qwen3_next": Family("Qwen3-Next", per_layer=_LAYER_TYPES, periodic=(_QWEN_MOE,), attention_layers=_ATTENTION_TYPES),
-    "qwen2_vl_text": Family("Qwen2-VL text decoder", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",)),
-    "qwen2_5_vl_text": Family("Qwen2.5-VL text decoder", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",)),
+    "qwen2_vl_text": Family("Qwen2-VL text decoder", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), fold=_DOWN_PROJ),
+    "qwen2_5_vl_text": Family("Qwen2.5-VL text decoder", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), fold=_DOWN_PROJ),
     "mamba": Family("Mamba"),
     "falcon_h1": Family("Falcon-H1", partial_load=False),  # its weight init reads every layer's mamba mixer
     "lfm2": Family("LFM2", per_layer=_LAYER_TYPES, layer_indices=("full_attn_idxs",), attention_layers=_ATTENTION_TYPES),

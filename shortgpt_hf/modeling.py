@@ -2,7 +2,8 @@
 
 (a) a native pruned checkpoint (``config.json`` carries ``shortgpt``): loaded as is;
 (b) a recipe (``shortgpt_config.json`` naming a base model and revision), like a
-    PEFT adapter: the base is loaded with only the kept layers;
+    PEFT adapter: the base is loaded with only the kept layers, and the
+    linear repair maps in ``shortgpt_maps.safetensors``, if any, are folded back in;
 (c) a base model plus ``removed_layers=[...]``.
 
 Loading only the kept layers: a throwaway subclass of the native
@@ -31,6 +32,7 @@ from .families import describe_config, family_of, native_class
 from .layers import find_decoder_layers
 from .loading import load_model
 from .pruning import count_parameters
+from .recovery.linear import MAPS_FILE, attach_maps, fold_maps, load_maps, map_keys, maps_from_record
 from .surgery import check_config, remove_layers
 from .verification import explained
 
@@ -96,9 +98,10 @@ def _check_base(record: ShortGPTConfig, config: Any, where: str) -> None:
         )
 
 
-def _load_from_base(source: str, record: ShortGPTConfig, revision: str | None, **kwargs: Any) -> nn.Module:
+def _load_from_base(source: str, record: ShortGPTConfig, revision: str | None, maps: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> nn.Module:
     """Build the model a record describes from its unpruned base: only the kept
-    layers for ``mode="remove"``, every layer plus prefill skipping otherwise."""
+    layers for ``mode="remove"`` (with any linear repair ``maps`` folded back
+    into them), every layer plus prefill skipping otherwise."""
     from transformers import AutoConfig
 
     try:
@@ -123,6 +126,10 @@ def _load_from_base(source: str, record: ShortGPTConfig, revision: str | None, *
         remove_layers(model, record.removed_layers)
     model.__class__ = native
     model.config.shortgpt = record.to_dict()
+    if maps:
+        with explained(model, "folding the recipe's linear repair maps"):
+            fold_maps(model, maps_from_record(record, maps))
+        attach_maps(model, maps)
     return model
 
 
@@ -131,6 +138,13 @@ def _apply_prefill_skip(model: nn.Module, record: ShortGPTConfig) -> nn.Module:
 
     model.config.shortgpt = record.to_dict()  # enable_prefill_skip keeps its provenance (base, scores)
     return enable_prefill_skip(model, record.removed_layers, boundary=record.prefill_boundary is not False)
+
+
+def _maps_file(name: str, revision: str | None) -> Path | None:
+    """Where a recipe or checkpoint keeps its linear repair maps: its folder, or its Hub repo."""
+    if Path(name).is_dir():
+        return Path(name) / MAPS_FILE
+    return hub_file(name, MAPS_FILE, revision)
 
 
 class PrunedForCausalLM:
@@ -172,14 +186,18 @@ class PrunedForCausalLM:
         if record is not None:
             if mode is not None:
                 record = ShortGPTConfig.from_dict({**record.to_dict(), "mode": mode})
+            maps = load_maps(_maps_file(name, revision), record, repr(name)) if record.mode == "remove" else None
             source, base_revision = _resolve_base(record)
-            return _load_from_base(source, record, base_revision, **kwargs)
+            return _load_from_base(source, record, base_revision, maps, **kwargs)
         model, _ = load_model(name, tokenizer=False, revision=revision, **kwargs)
         record = ShortGPTConfig.from_model(model)
         if record is None:
             raise ShortGPTError(f"{name!r} is neither a pruned checkpoint nor a recipe; to prune on load pass removed_layers=[...]")
         if mode is not None and mode != record.mode:
             raise ShortGPTError(f"{name!r} is a full checkpoint saved in {record.mode!r} mode; it cannot be loaded in {mode!r} mode")
+        maps_file = _maps_file(name, revision) if map_keys(record) else None
+        if maps_file is not None and maps_file.is_file():  # already folded in; kept so that a recipe can be written from this model
+            attach_maps(model, load_maps(maps_file, record, repr(name)))
         return _apply_prefill_skip(model, record) if record.mode == "prefill_skip" else model
 
     @staticmethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -23,6 +23,7 @@ from .surgery import check_supported, remove_layers, restore, snapshot
 from .verification import explained, uncached_logits, verify_pruned
 
 if TYPE_CHECKING:
+    from .calibration import CalibrationData
     from .scoring import LayerScores
 
 
@@ -56,6 +57,8 @@ def _record(model: nn.Module, current: list[int], scores: "LayerScores | None") 
     elif previous is not None:
         record.metric, record.layer_scores = previous.metric, previous.layer_scores
         record.block_size, record.calibration = previous.block_size, previous.calibration
+    if previous is not None:  # what was done to the model before this removal is still part of its history
+        record.recovery = previous.recovery
     return record
 
 
@@ -67,6 +70,10 @@ def prune(
     ratio: float | None = None,
     scores: "LayerScores | None" = None,
     verify: bool = False,
+    recovery: str | None = None,
+    recovery_data: "CalibrationData" = None,
+    tokenizer: Any = None,
+    recovery_options: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Remove decoder layers in place and record them in ``model.config.shortgpt``.
 
@@ -78,17 +85,29 @@ def prune(
     failed check, an unexpected exception, even Ctrl-C) the model is restored.
     Errors arrive as one `ShortGPTError` line naming the family and the step
     that failed; Ctrl-C stays a ``KeyboardInterrupt``.
+
+    ``recovery`` names a recovery method to run as part of the removal
+    (``"linear"``: training-free maps fitted on the layers before they go, see
+    `shortgpt_hf.recovery.linear`; ``"lora"`` returns a PEFT model), on
+    ``recovery_data`` (default: the packaged calibration plays) with
+    ``recovery_options`` (the method's options, plus ``seq_len``, ``eval_data``
+    and ``eval_tokens`` as for `recover`). It is checked before anything is
+    touched and undone with the removal if anything fails.
     """
+    from .recovery.base import plan, recovered_base, run
+
     found = find_decoder_layers(model)
     chosen = select_layers(len(found.layers), layers, n_layers, ratio, scores)
     previous = ShortGPTConfig.from_model(model)
     if previous is not None and previous.mode == "prefill_skip":
         raise ShortGPTError("this model skips layers during prefill; call disable_prefill_skip(model) before pruning it")
     check_supported(model, chosen)
+    step = plan(model, recovery, recovery_data, tokenizer=tokenizer, **(recovery_options or {})) if recovery is not None else None
     record = _record(model, chosen, scores)
     snap = snapshot(model)
     was_training = model.training
     try:
+        fitted = step.fit(model, chosen) if step is not None else None
         reference = None
         if verify:
             model.eval()
@@ -100,12 +119,18 @@ def prune(
         if verify:
             with explained(model, "verification"):
                 verify_pruned(model, reference)
+        result = model
+        if step is not None:
+            result = run(model, step, fitted)
+            if verify:
+                with explained(model, f"verification after {recovery} recovery"):
+                    verify_pruned(recovered_base(result))
     except BaseException:
         restore(model, snap)
         raise
     finally:
         model.train(was_training)
-    return model
+    return result
 
 
 @contextlib.contextmanager

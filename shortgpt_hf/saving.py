@@ -16,6 +16,7 @@ from .config import ShortGPTConfig
 from .errors import ShortGPTError
 from .families import auto_class
 from .layers import probe_ids
+from .recovery.linear import linear_maps, save_maps
 from .verification import explained, logits_close, parity_tolerance, uncached_logits, verify_reload
 
 
@@ -68,11 +69,14 @@ def save_pruned(
     is never changed, and any failure leaves no folder behind."""
     if verify:
         auto_class(model.config)  # a model no Auto class can reload is refused before anything is written
+    record = ShortGPTConfig.from_model(model)
     with atomic_folder(out_dir, overwrite) as tmp:
         with explained(model, "saving the checkpoint"):
             model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+        if record is not None and linear_maps(model):  # not needed to load it; lets a recipe be written from it later
+            save_maps(model, record, tmp)
         if verify:
             verify_reload(model, tmp)
     return Path(out_dir).resolve()
@@ -87,7 +91,9 @@ def save_recipe(
     verify: bool = False,
 ) -> Path:
     """Write the recipe form: ``shortgpt_config.json`` naming the base model and its
-    pinned revision (plus the tokenizer files), a few KB whatever the model size.
+    pinned revision (plus the tokenizer files, and ``shortgpt_maps.safetensors``
+    when the model was repaired with linear maps), a few KB or MB whatever the
+    model size.
     `PrunedForCausalLM.from_pretrained` rebuilds the pruned model from it; with
     ``verify`` (a model given) it does so before the folder is moved into place
     and must reproduce the model's logits."""
@@ -101,6 +107,7 @@ def save_recipe(
         raise ShortGPTError("cannot write a recipe: the base model is unknown (base_model_name_or_path is empty)")
     with atomic_folder(out_dir, overwrite) as tmp:
         record.save_pretrained(tmp)
+        save_maps(model_or_config if is_model else None, record, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if verify and is_model:

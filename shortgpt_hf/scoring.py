@@ -29,13 +29,19 @@ from .records import JsonRecord
 
 HIDDEN_STATE_METRICS = ("bi", "angular", "relative_magnitude")
 ORDER_METRICS = ("sequential", "reverse", "random")
-METRICS = HIDDEN_STATE_METRICS + ORDER_METRICS
+REPAIR_METRICS = ("linear_residual",)  # a greedy choice of a whole removal, made for linear repair
+METRICS = HIDDEN_STATE_METRICS + ORDER_METRICS + REPAIR_METRICS
 
 
 @dataclass
 class LayerScores(JsonRecord):
     """Scores for the model's CURRENT layers (or, with ``block_size`` n > 1, for each
-    block of n consecutive layers, indexed by its first layer)."""
+    block of n consecutive layers, indexed by its first layer).
+
+    A greedy metric (``linear_residual``) also keeps ``order``, the layers in
+    the order it chose them: the best removal of n layers is its first n,
+    which the scores alone (each layer's cost when it was chosen) cannot say.
+    """
 
     metric: str
     scores: list[float]
@@ -44,9 +50,14 @@ class LayerScores(JsonRecord):
     calibration: str | None = None
     seq_len: int | None = None
     block_size: int = 1
+    order: list[int] | None = None
 
     def lowest(self, n: int) -> list[int]:
-        """The ``n`` layers to remove first: lowest scores, ties broken by index."""
+        """The ``n`` layers to remove first: lowest scores, ties broken by index (or a greedy metric's first ``n``)."""
+        if self.order is not None:
+            if n > len(self.order):
+                raise ShortGPTError(f"these {self.metric} scores chose only {len(self.order)} layers; re-score with max_layers={n} or more")
+            return sorted(self.order[:n])
         if self.block_size > 1:
             if n != self.block_size:
                 raise ShortGPTError(
@@ -167,6 +178,7 @@ def score_layers(
     block_size: int = 1,
     text_column: str = "text",
     seed: int = 0,
+    max_layers: int | None = None,
     progress: bool = True,
 ) -> LayerScores:
     """Score every current decoder layer; low = least influential.
@@ -176,6 +188,11 @@ def score_layers(
     is cut into windows of ``seq_len`` tokens and truncated to ``max_tokens``.
     Works on models dispatched with an accelerate ``device_map``: each layer's
     sum stays on that layer's device.
+
+    ``linear_residual`` chooses for linear repair (`prune(..., recovery="linear")`):
+    greedily, the layer whose removal leaves the least error after each gap's
+    best least-squares map, one calibration pass per layer chosen, up to
+    ``max_layers`` (default: half the layers).
     """
     if metric not in METRICS:
         raise ShortGPTError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
@@ -192,6 +209,14 @@ def score_layers(
         tokenizer = tokenizer_for(model)
     windows: TokenWindows = prepare_calibration(calibration, tokenizer, seq_len, max_tokens, text_column)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    if metric in REPAIR_METRICS:
+        from .recovery.linear import repair_aware_order
+
+        steps = num_layers // 2 if max_layers is None else max_layers
+        if not 1 <= steps < num_layers:
+            raise ShortGPTError(f"max_layers must be between 1 and {num_layers - 1}, got {steps}")
+        order, added = repair_aware_order(model, windows, pad_id, steps, batch_size=batch_size, progress=progress)
+        return LayerScores(metric, added, num_layers, windows.num_tokens, windows.description, seq_len, order=order)
     device = input_device(model)
     acc = _Accumulator(metric, layers, block_size)
     was_training = model.training

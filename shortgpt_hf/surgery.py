@@ -127,15 +127,17 @@ class Snapshot:
 
     The model's and the decoder's attributes are copied shallowly (that covers
     the layer list, ``hf_device_map`` and any table a family's ``rebuild``
-    recomputes), and so is every decoder submodule's child list (a ``rebuild``
-    may swap a kept layer's submodules). Modules and tensors are shared, never
-    copied, so a snapshot of a 70B model costs kilobytes.
+    recomputes), and so are every decoder submodule's child and parameter
+    dicts (a ``rebuild`` may swap a kept layer's submodules; a recovery that
+    folds a map into kept weights installs new parameters rather than writing
+    into the old ones). Modules and tensors are shared, never copied, so a
+    snapshot of a 70B model costs kilobytes.
     """
 
     found: DecoderLayers
     model_state: dict[str, Any]
     decoder_state: dict[str, Any]
-    children: list[tuple[nn.Module, dict[str, Any]]]
+    children: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]
     config: dict[str, Any]
     shortgpt: Any
     layer_idx: list[tuple[nn.Module, int]]
@@ -148,7 +150,7 @@ def snapshot(model: nn.Module) -> Snapshot:
         found=found,
         model_state=_shallow(model),
         decoder_state=_shallow(found.decoder),
-        children=[(m, copy.copy(m._modules)) for m in found.decoder.modules()],
+        children=[(m, copy.copy(m._modules), copy.copy(m._parameters)) for m in found.decoder.modules()],
         config=copy.deepcopy(vars(text_config(model))),
         shortgpt=copy.deepcopy(getattr(model.config, "shortgpt", None)),
         layer_idx=[(m, m.layer_idx) for m in found.layers.modules() if isinstance(getattr(m, "layer_idx", None), int)],
@@ -156,9 +158,10 @@ def snapshot(model: nn.Module) -> Snapshot:
 
 
 def restore(model: nn.Module, snap: Snapshot) -> None:
-    """Put back everything `snapshot` recorded: layer list, rebuilt modules, config, record, cache indices."""
-    for module, children in snap.children:
+    """Put back everything `snapshot` recorded: layer list, rebuilt modules, folded weights, config, record, cache indices."""
+    for module, children, parameters in snap.children:
         module._modules = copy.copy(children)
+        module._parameters = copy.copy(parameters)
     training = model.training  # a mode set meanwhile (model.eval()) is the user's, not the surgery's
     for module, state in ((model, snap.model_state), (snap.found.decoder, snap.decoder_state)):
         vars(module).clear()

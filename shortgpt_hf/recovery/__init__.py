@@ -1,20 +1,35 @@
 """Recovery after pruning: one interface (`RecoveryMethod`), one module per method, a registry.
 
-``recover(model, name, data, ...)`` runs any registered method and records it
-in ``config.shortgpt["recovery"]``; `heal` is the LoRA method's own entry
-point. A new method is one new module here: a `RecoveryMethod` subclass with
-``@register``, imported below.
+``recover(model, name, data, ...)`` runs any registered method on a pruned
+model and records it in ``config.shortgpt["recovery"]``;
+``prune(model, ..., recovery=name)`` runs it as part of the removal (the only
+way for a method that learns from the removed layers, like ``linear``).
+`heal` is the LoRA method's own entry point.
+
+A new method is one new module in this package: a `RecoveryMethod` subclass
+decorated with ``@register``. Every module here is imported below, so the
+registry, `recover`, `prune` and the CLI's ``--recovery`` choices pick it up
+with no other change.
 """
 
+import importlib
+import pkgutil
+
 from .base import RECOVERY_METHODS, RecoveryMethod, recover, register
+from .linear import LinearRecovery, linear_maps
 from .lora import LoraRecovery, adjacent_layers, heal, pruned_reference, save_healed
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "RECOVERY_METHODS",
+    "LinearRecovery",
     "LoraRecovery",
     "RecoveryMethod",
     "adjacent_layers",
     "heal",
+    "linear_maps",
     "pruned_reference",
     "recover",
     "register",

@@ -9,13 +9,16 @@ measuring held-out perplexity before and after, and appending an entry to
 checkpoint keeps. Methods compose in order: each entry records one step.
 
 A method is one module: a `RecoveryMethod` subclass decorated with
-`register`, and `recover(model, "<name>", ...)` runs it.
+`register`; `recover(model, "<name>", ...)` runs it on a pruned model, and
+``prune(model, ..., recovery="<name>")`` runs it as part of pruning, which is
+how a method that learns from the removed layers gets to see them.
 """
 
 from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
@@ -27,12 +30,23 @@ from ..loading import tokenizer_for
 
 
 class RecoveryMethod(ABC):
-    """One way of recovering a pruned model. Subclasses set ``name`` and implement `check` and `apply`."""
+    """One way of recovering a pruned model. Subclasses set ``name`` and implement `check` and `apply`.
+
+    A method that learns from the layers being removed (``needs_removed_layers``)
+    also implements `fit`: `prune` calls it on the model while those layers
+    still exist, and passes what it returns to `apply` as ``fitted``, so no copy
+    of the unpruned model is ever needed.
+    """
 
     name: ClassVar[str]
+    needs_removed_layers: ClassVar[bool] = False
 
     def check(self, model: nn.Module, **options: Any) -> None:
         """Refuse bad options or an unsupported model before any data is prepared (cheap)."""
+
+    def fit(self, model: nn.Module, removing: list[int], windows: TokenWindows, tokenizer: Any, **options: Any) -> Any:
+        """Measure, on the model before ``removing`` (current indices) are removed, what `apply` needs."""
+        raise NotImplementedError(f"recovery method {self.name!r} does not fit on removed layers")
 
     @abstractmethod
     def apply(self, model: nn.Module, windows: TokenWindows, tokenizer: Any, **options: Any) -> tuple[nn.Module, dict[str, Any]]:
@@ -53,6 +67,75 @@ def recovered_base(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+@dataclass
+class RecoveryStep:
+    """A recovery step checked and ready to run: its method, options and calibration windows.
+
+    `plan` builds it before anything expensive happens, so a misspelt option or
+    an unsupported model fails in one line before any scoring, fitting or
+    evaluation; `run` applies it and records it.
+    """
+
+    method: RecoveryMethod
+    windows: TokenWindows
+    tokenizer: Any
+    options: dict[str, Any]
+    seq_len: int
+    eval_data: CalibrationData
+    eval_tokens: int
+
+    def fit(self, model: nn.Module, removing: list[int]) -> Any:
+        """What `run` needs from layers about to be removed (None for methods that need none)."""
+        if not self.method.needs_removed_layers:
+            return None
+        return self.method.fit(model, removing, self.windows, self.tokenizer, **self.options)
+
+
+def plan(
+    model: nn.Module,
+    method: str,
+    data: CalibrationData = None,
+    *,
+    tokenizer: Any = None,
+    seq_len: int = 256,
+    max_tokens: int | None = None,
+    eval_data: CalibrationData = None,
+    eval_tokens: int = 4096,
+    **options: Any,
+) -> RecoveryStep:
+    """Check ``method`` and its ``options`` against ``model`` and prepare the calibration windows
+    (all of ``data``, or its first ``max_tokens`` tokens)."""
+    if method not in RECOVERY_METHODS:
+        raise ShortGPTError(f"unknown recovery method {method!r}; choose from {', '.join(RECOVERY_METHODS)}")
+    chosen = RECOVERY_METHODS[method]
+    try:  # a misspelt option fails here, in one line, not after minutes of evaluation
+        inspect.signature(chosen.apply).bind_partial(model, None, None, **options)
+    except TypeError as e:
+        raise ShortGPTError(f"recovery method {method!r}: {e}") from None
+    chosen.check(model, **options)
+    if tokenizer is None and not (is_tokenized(data) and (eval_data is None or is_tokenized(eval_data))):
+        tokenizer = tokenizer_for(model)
+    windows = prepare_calibration(data, tokenizer, seq_len, max_tokens)
+    return RecoveryStep(chosen, windows, tokenizer, options, seq_len, eval_data, eval_tokens)
+
+
+def run(model: nn.Module, step: RecoveryStep, fitted: Any = None) -> nn.Module:
+    """Apply a planned step to a pruned model, measure it if asked, and append it to ``config.shortgpt["recovery"]``."""
+    from ..evaluation import perplexity
+
+    ppl = dict(seq_len=step.seq_len, max_tokens=step.eval_tokens)
+    before = perplexity(model, step.tokenizer, step.eval_data, **ppl) if step.eval_data is not None else None
+    extra = {"fitted": fitted} if step.method.needs_removed_layers else {}
+    recovered, details = step.method.apply(model, step.windows, step.tokenizer, **extra, **step.options)
+    entry = {"method": step.method.name, **details, "data": step.windows.description}
+    if before is not None:
+        after = perplexity(recovered, step.tokenizer, step.eval_data, **ppl)
+        entry.update(perplexity_before=round(before, 4), perplexity_after=round(after, 4))
+    base = recovered_base(recovered)
+    base.config.shortgpt = {**base.config.shortgpt, "recovery": [*(base.config.shortgpt.get("recovery") or []), entry]}
+    return recovered
+
+
 def recover(
     model: nn.Module,
     method: str,
@@ -60,6 +143,7 @@ def recover(
     *,
     tokenizer: Any = None,
     seq_len: int = 256,
+    max_tokens: int | None = None,
     eval_data: CalibrationData = None,
     eval_tokens: int = 4096,
     **options: Any,
@@ -67,31 +151,19 @@ def recover(
     """Run recovery ``method`` on a pruned model and record it in ``config.shortgpt["recovery"]``.
 
     ``data`` is the calibration or training text (default: the packaged
-    calibration plays); with ``eval_data``, held-out perplexity before and
-    after is measured and recorded. ``options`` go to the method.
+    calibration plays), cut into ``seq_len``-token windows, at most
+    ``max_tokens`` of them in all; with ``eval_data``, held-out perplexity before and
+    after is measured and recorded. ``options`` go to the method. A method
+    that learns from the removed layers themselves (``linear``) cannot run on
+    a model that no longer has them: ask `prune` for it (``recovery=``).
     """
-    from ..evaluation import perplexity
-
-    if method not in RECOVERY_METHODS:
-        raise ShortGPTError(f"unknown recovery method {method!r}; choose from {', '.join(RECOVERY_METHODS)}")
-    record = ShortGPTConfig.from_model(model)
+    record = ShortGPTConfig.from_model(recovered_base(model))
     if record is None or record.mode != "remove":
         raise ShortGPTError("recovery needs a model with layers removed (prune it first)")
-    chosen = RECOVERY_METHODS[method]
-    try:  # a misspelt option fails here, in one line, not after minutes of evaluation
-        inspect.signature(chosen.apply).bind(model, None, None, **options)
-    except TypeError as e:
-        raise ShortGPTError(f"recovery method {method!r}: {e}") from None
-    chosen.check(model, **options)
-    if tokenizer is None and not (is_tokenized(data) and (eval_data is None or is_tokenized(eval_data))):
-        tokenizer = tokenizer_for(model)
-    windows = prepare_calibration(data, tokenizer, seq_len)
-    ppl = dict(seq_len=seq_len, max_tokens=eval_tokens)
-    before = perplexity(model, tokenizer, eval_data, **ppl) if eval_data is not None else None
-    recovered, details = chosen.apply(model, windows, tokenizer, **options)
-    entry = {"method": method, **details, "data": windows.description}
-    if before is not None:
-        entry.update(perplexity_before=round(before, 4), perplexity_after=round(perplexity(recovered, tokenizer, eval_data, **ppl), 4))
-    base = recovered_base(recovered)
-    base.config.shortgpt = {**base.config.shortgpt, "recovery": [*(base.config.shortgpt.get("recovery") or []), entry]}
-    return recovered
+    if method in RECOVERY_METHODS and RECOVERY_METHODS[method].needs_removed_layers:
+        raise ShortGPTError(
+            f"recovery method {method!r} is fitted on the layers being removed, which this model no longer has: "
+            f"prune with prune(model, ..., recovery={method!r}) (CLI: shortgpt prune --recovery {method})"
+        )
+    step = plan(model, method, data, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens, eval_data=eval_data, eval_tokens=eval_tokens, **options)
+    return run(model, step)

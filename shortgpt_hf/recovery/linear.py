@@ -1,0 +1,522 @@
+"""Training-free linear repair: each removed gap becomes a least-squares map folded into weights the model already has.
+
+Removing a run of consecutive layers (a gap) hands the next kept layer the
+wrong hidden state: what the last kept layer before the gap produced, instead
+of what the gap's last layer produced. ReplaceMe (Shopkhoev et al., 2025) and
+LinearPatch (2025) close much of that difference with no training: one linear
+map per gap, estimated from calibration activations and folded into existing
+weights, so the repaired model is still an ordinary checkpoint of its own
+architecture and any transformers loader reads it.
+
+For a gap after kept layer ``p`` (a Llama-style block, ``h_out = h_mid + m``,
+``m`` the MLP output), over calibration tokens:
+
+- ``M``: what ``p`` adds to the residual stream last (its MLP output),
+- ``L``: the output of the gap's last layer,
+- ``B = L - h_mid``: what ``p`` would have to add for its output to be ``L``.
+
+``T = argmin ||M T - B||²`` (plus an optional ridge term), accumulated as
+``MᵀM`` and ``MᵀB`` in float64, so memory stays ``d × d`` per gap whatever the
+number of tokens. ``T`` is folded where the family's table entry says
+(`families.Fold`): into every ``down_proj`` (dense, each expert, any shared
+expert: the router's weighting commutes with a map on the output), or, for a
+block that ends in a norm (Gemma's ``post_feedforward_layernorm``), as the best
+per-channel map into that norm's weight. A gap that starts at layer 0 has no
+kept layer before it: its map goes into the input embeddings (``B = L``), or
+the gap is left unrepaired, with a warning, when the embeddings are tied to
+the output head.
+
+Maps are fitted on the unpruned model, so `prune` runs this method
+(``prune(..., recovery="linear")``) while the layers still exist. The fitted
+maps stay with the model (`linear_maps`) so that a recipe can carry them
+(``shortgpt_maps.safetensors``) and re-fold them when a loader builds the
+model from only the kept layers of its base.
+
+The same statistics score candidate removals: `repair_aware_order` picks
+layers greedily by the error left after each gap's best map.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import TokenWindows
+from ..config import ShortGPTConfig
+from ..errors import ShortGPTError
+from ..families import Fold, describe, family_of, is_vision_language
+from ..layers import find_decoder_layers, input_device, text_config
+from .base import RecoveryMethod, register
+
+logger = logging.getLogger("shortgpt_hf")
+
+MAPS_FILE = "shortgpt_maps.safetensors"
+_MAPS_ATTR = "_shortgpt_linear_maps"
+_PASS_MEMORY = 2 * 2**30  # float64 bytes of normal equations gathered in one calibration pass
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Consecutive removed layers ``first..last`` (current indices of the model being fitted)."""
+
+    first: int
+    last: int
+
+    @property
+    def before(self) -> int:
+        """The kept layer whose update takes the map; -1 is the input embeddings."""
+        return self.first - 1
+
+
+def gaps_of(removing: list[int]) -> list[Gap]:
+    """Split sorted layer indices into runs of consecutive layers."""
+    gaps: list[Gap] = []
+    for i in sorted(removing):
+        if gaps and gaps[-1].last == i - 1:
+            gaps[-1] = Gap(gaps[-1].first, i)
+        else:
+            gaps.append(Gap(i, i))
+    return gaps
+
+
+def fold_rule(model: nn.Module) -> Fold:
+    """The family's `Fold`, or a one-line refusal naming the family."""
+    fold = family_of(text_config(model)).fold
+    if fold is None:
+        raise ShortGPTError(
+            f"linear repair does not know where to fold a map in {describe(model)}: it is supported for families "
+            "whose MLP output is added straight to the residual stream (Llama, Mistral, Qwen, Phi-3, MoE) and Gemma 2/3"
+        )
+    return fold
+
+
+def embeddings_foldable(model: nn.Module) -> bool:
+    """Whether a gap at layer 0 can take its map in the input embeddings: they must not be the
+    output head's too, and every position must be a token embedding (no image features)."""
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embeddings.weight
+    return not tied and not is_vision_language(model.config)
+
+
+class NormalEquations:
+    """Running sums for ``min_T ||M T - B||²`` over tokens, in float64.
+
+    Full maps keep ``MᵀM`` and ``MᵀB`` (d × d each); diagonal maps keep their
+    diagonals. ``||B||²`` and ``||L||²`` are kept too, so the error left after
+    a map, relative to the size of the state it repairs, costs nothing extra.
+    """
+
+    def __init__(self, diagonal: bool):
+        self.diagonal = diagonal
+        self.mm: torch.Tensor | float = 0.0
+        self.mb: torch.Tensor | float = 0.0
+        self.bb = 0.0
+        self.ll = 0.0
+        self.tokens = 0
+
+    def add(self, m: torch.Tensor, b: torch.Tensor, target: torch.Tensor) -> None:
+        m, b = m.double(), b.double()
+        if self.diagonal:
+            self.mm = self.mm + (m * m).sum(0)
+            self.mb = self.mb + (m * b).sum(0)
+        else:
+            self.mm = self.mm + m.T @ m
+            self.mb = self.mb + m.T @ b
+        self.bb += float((b * b).sum())
+        self.ll += float(target.double().pow(2).sum())
+        self.tokens += m.shape[0]
+
+    def solve(self, ridge: float, where: str) -> torch.Tensor:
+        """The least-squares map; ``ridge`` is relative to the mean of ``diag(MᵀM)``."""
+        if self.diagonal:
+            denom = self.mm + ridge * self.mm.mean()
+            return torch.where(denom > 0, self.mb / denom.clamp_min(1e-300), torch.ones_like(denom))  # a silent channel keeps its scale
+        d = self.mm.shape[0]
+        if ridge == 0 and self.tokens < d:
+            raise ShortGPTError(
+                f"{self.tokens} calibration tokens cannot determine a {d}x{d} map for {where}; "
+                f"give at least {d} tokens or a ridge term (ridge=1e-3)"
+            )
+        a = self.mm + ridge * self.mm.diagonal().mean() * torch.eye(d, dtype=self.mm.dtype, device=self.mm.device)
+        factor, info = torch.linalg.cholesky_ex(a)
+        if int(info) != 0:
+            raise ShortGPTError(
+                f"the activations feeding {where} are rank-deficient over {self.tokens} tokens; "
+                "give a ridge term (ridge=1e-3) or more varied calibration text"
+            )
+        return torch.cholesky_solve(self.mb, factor)
+
+    def residual(self, t: torch.Tensor | None) -> float:
+        """``||M T - B||² / ||L||²``; ``t=None`` is plain removal (``T = I``)."""
+        if t is None:
+            mb = self.mb.sum() if self.diagonal else self.mb.diagonal().sum()
+            mm = self.mm.sum() if self.diagonal else self.mm.diagonal().sum()
+            err = self.bb - 2 * float(mb) + float(mm)
+        elif self.diagonal:
+            err = self.bb - 2 * float((t * self.mb).sum()) + float((t * t * self.mm).sum())
+        else:
+            err = self.bb - 2 * float((t * self.mb).sum()) + float((t * (self.mm @ t)).sum())
+        return max(err, 0.0) / max(self.ll, 1e-300)
+
+
+def _rows(hidden: Any, mask: torch.Tensor) -> torch.Tensor:
+    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return hidden.reshape(-1, hidden.shape[-1])[mask.to(hidden.device)]
+
+
+@torch.no_grad()
+def collect(model: nn.Module, gaps: list[Gap], windows: TokenWindows, pad_id: int, *, batch_size: int = 8, progress: bool = True) -> dict[Gap, NormalEquations]:
+    """One calibration pass that gathers the normal equations of every gap in ``gaps``.
+
+    Hooks read, per batch: each kept layer ``p``'s update ``M`` (its fold
+    output) and output ``Y``, and each gap's last output ``L``; ``B = L - Y + M``.
+    Padding is dropped. NaN or Inf in any of them stops the pass with a
+    one-line error, before anything is changed.
+    """
+    fold = fold_rule(model)
+    found = find_decoder_layers(model)
+    describe_model = describe(model)
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    state: dict[str, torch.Tensor] = {}
+    equations = {gap: NormalEquations(fold.diagonal and gap.before >= 0) for gap in gaps}
+    handles = []
+
+    def finite(t: torch.Tensor, what: str) -> torch.Tensor:
+        if not torch.isfinite(t).all():
+            raise ShortGPTError(
+                f"NaN or Inf in the activations of {describe_model} ({what}); linear repair needs finite activations "
+                "(load the model in float32 or bfloat16 rather than float16, or check the calibration data)"
+            )
+        return t
+
+    def keep(p: int, key: str):
+        def hook(module, args, kwargs, output=None):
+            value = (args[0] if args else kwargs["hidden_states"]) if output is None else output
+            seen.setdefault(p, {})[key] = finite(_rows(value, state["mask"]), f"layer {p} {key}")
+
+        return hook
+
+    for p in sorted({g.before for g in gaps}):
+        if p < 0:  # the embeddings' output is layer 0's input: M = Y, so B = L
+            handles.append(found.layers[0].register_forward_pre_hook(keep(p, "y"), with_kwargs=True))
+        else:
+            handles.append(found.layers[p].get_submodule(fold.output).register_forward_hook(keep(p, "m"), with_kwargs=True))
+            handles.append(found.layers[p].register_forward_hook(keep(p, "y"), with_kwargs=True))
+
+    def gap_end(ends: list[Gap]):
+        def hook(module, args, kwargs, output):
+            target = finite(_rows(output, state["mask"]), f"layer {ends[0].last} output")
+            for gap in ends:
+                rows = seen[gap.before]
+                y = rows["y"].to(target.device)
+                m = rows.get("m", rows["y"]).to(target.device)
+                equations[gap].add(m, target - y + m, target)
+
+        return hook
+
+    for last in sorted({g.last for g in gaps}):
+        handles.append(found.layers[last].register_forward_hook(gap_end([g for g in gaps if g.last == last]), with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    device = input_device(model)
+    try:
+        bar = tqdm(total=windows.num_tokens, unit="tok", desc="linear repair: activations", disable=not progress)
+        for ids, mask in windows.batches(batch_size, pad_id):
+            state["mask"] = mask.reshape(-1).bool()
+            seen.clear()
+            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            bar.update(int(mask.sum()))
+        bar.close()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return equations
+
+
+@dataclass
+class LinearMap:
+    """One fitted gap: ORIGINAL indices, where the map goes, the map, and how much it repairs."""
+
+    removed: list[int]
+    after: int | None  # the kept layer whose update takes the map; None: the input embeddings
+    map: torch.Tensor | None  # float32, d × d or d; None: left unrepaired
+    diagonal: bool
+    residual_plain: float
+    residual: float
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "removed": self.removed,
+            "folded_into": "input embeddings" if self.after is None else f"layer {self.after}",
+            "map": None if self.map is None else ("diagonal" if self.diagonal else "full"),
+            "relative_error_plain": round(self.residual_plain, 6),
+            "relative_error_repaired": round(self.residual, 6),
+        }
+
+
+def _fold_targets(model: nn.Module, layer_index: int, fold: Fold) -> list[tuple[nn.Module, str]]:
+    """``(module, parameter name)`` pairs that carry the map of the gap after current layer ``layer_index``."""
+    if layer_index < 0:
+        return [(model.get_input_embeddings(), "weight")]
+    output = find_decoder_layers(model).layers[layer_index].get_submodule(fold.output)
+    if fold.diagonal:
+        return [(output, fold.weights)]
+    targets = []
+    for name, module in output.named_modules():
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] == fold.weights:
+            targets += [(module, "weight")] + ([(module, "bias")] if module.bias is not None else [])
+        elif isinstance(module._parameters.get(fold.weights), nn.Parameter) and module._parameters[fold.weights].dim() == 3:
+            targets.append((module, fold.weights))  # stacked experts, [experts, out, in]
+    if not targets:
+        raise ShortGPTError(f"{describe(model)}: found no {fold.weights!r} under layer {layer_index}'s {fold.output} to fold a map into")
+    return targets
+
+
+def _folded(param: torch.Tensor, t: torch.Tensor, fold: Fold, name: str, embeddings: bool) -> torch.Tensor:
+    """``param`` with map ``t`` folded in, computed in float64 and returned in ``param``'s dtype."""
+    w, t = param.detach().double(), t.to(param.device, torch.float64)
+    if embeddings:  # rows are the states themselves: x T
+        new = w * t if t.dim() == 1 else w @ t
+    elif fold.diagonal:  # the norm scales by (offset + w)
+        new = (fold.norm_offset + w) * t - fold.norm_offset
+    elif name == "bias":
+        new = w @ t
+    else:  # out = x Wᵀ, so out T = x (Tᵀ W)ᵀ; stacked experts broadcast over the first axis
+        new = t.T @ w
+    return new.to(param.dtype)
+
+
+def fold_maps(model: nn.Module, maps: list[LinearMap]) -> None:
+    """Fold fitted maps into the kept weights of a pruned model, all or nothing.
+
+    Every new tensor is computed before the first one is installed, and each
+    is installed as a new parameter (never written into the old one), so a
+    failure leaves the model as it was and `prune`'s snapshot can undo it.
+    """
+    fold = fold_rule(model)
+    record = ShortGPTConfig.from_model(model)
+    current = {old: new for new, old in enumerate(record.kept_layers)}
+    updates: dict[tuple[int, str], tuple[nn.Module, str, torch.Tensor]] = {}  # two steps may fold into one weight
+    for linear_map in maps:
+        if linear_map.map is None:
+            continue
+        if linear_map.after is not None and linear_map.after not in current:
+            continue  # the layer that carried this map was removed later, and the map with it
+        index = -1 if linear_map.after is None else current[linear_map.after]
+        for module, name in _fold_targets(model, index, fold if index >= 0 else Fold(diagonal=linear_map.diagonal)):
+            param = module._parameters[name]
+            if param.device.type == "meta" or not param.dtype.is_floating_point or param.dtype.itemsize < 2:
+                raise ShortGPTError(f"cannot fold a map into {describe(model)}'s {type(module).__name__}.{name}: it is offloaded or quantized")
+            current_value = updates.get((id(module), name), (None, None, param))[2]
+            updates[id(module), name] = (module, name, _folded(current_value, linear_map.map, fold, name, index < 0))
+    for module, name, tensor in updates.values():
+        old = module._parameters[name]
+        module._parameters[name] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+
+
+def linear_maps(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The maps folded into this model, by the key its ``config.shortgpt`` record names them under.
+
+    They live on the model object only: a native checkpoint needs none (the
+    weights already carry them), a recipe stores them beside its config."""
+    return dict(getattr(model, _MAPS_ATTR, {}))
+
+
+def attach_maps(model: nn.Module, maps: dict[str, torch.Tensor]) -> None:
+    setattr(model, _MAPS_ATTR, {**linear_maps(model), **maps})
+
+
+def map_keys(record: ShortGPTConfig) -> list[str]:
+    """The keys of the stored maps a record's linear steps name (empty when it has none)."""
+    return [gap["key"] for step in record.recovery or [] if step.get("method") == "linear" for gap in step.get("gaps", []) if gap.get("key")]
+
+
+def save_maps(model: nn.Module, record: ShortGPTConfig, folder: Path) -> None:
+    """Write the maps ``record`` names to ``folder/shortgpt_maps.safetensors`` (nothing when it names none)."""
+    from safetensors.torch import save_file
+
+    keys = map_keys(record)
+    if not keys:
+        return
+    maps = linear_maps(model) if model is not None else {}
+    missing = [k for k in keys if k not in maps]
+    if missing:
+        raise ShortGPTError(
+            f"this model's record names linear repair maps {missing} that are not in memory: save the recipe from the "
+            "model that was repaired, or from one loaded with PrunedForCausalLM from a folder that has them"
+        )
+    save_file({k: maps[k].contiguous() for k in keys}, str(folder / MAPS_FILE), metadata={"format": "pt"})
+
+
+def load_maps(file: Path | None, record: ShortGPTConfig, where: str) -> dict[str, torch.Tensor]:
+    """The maps a record names, from its ``shortgpt_maps.safetensors`` (which must exist when it names any)."""
+    from safetensors.torch import load_file
+
+    if not map_keys(record):
+        return {}
+    if file is None or not Path(file).is_file():
+        raise ShortGPTError(f"{where} records a linear repair but has no {MAPS_FILE} with its maps")
+    return load_file(str(file))
+
+
+def maps_from_record(record: ShortGPTConfig, tensors: dict[str, torch.Tensor]) -> list[LinearMap]:
+    """The maps a record's linear steps name, in order, rebuilt from stored tensors (for a loader)."""
+    maps = []
+    for step in record.recovery or []:
+        if step.get("method") != "linear":
+            continue
+        for gap in step.get("gaps", []):
+            key = gap.get("key")
+            if key is None:
+                continue
+            if key not in tensors:
+                raise ShortGPTError(f"the recipe's linear repair names map {key!r}, which its {MAPS_FILE} lacks")
+            t = tensors[key]
+            maps.append(LinearMap(gap["removed"], gap["after"], t, t.dim() == 1, gap["relative_error_plain"], gap["relative_error_repaired"]))
+    return maps
+
+
+def _fit(model: nn.Module, removing: list[int], windows: TokenWindows, pad_id: int, ridge: float, batch_size: int, progress: bool) -> list[tuple[Gap, LinearMap]]:
+    record = ShortGPTConfig.from_model(model)
+    original = record.kept_layers if record is not None else list(range(len(find_decoder_layers(model).layers)))
+    gaps = gaps_of(removing)
+    skipped = [g for g in gaps if g.before < 0 and not embeddings_foldable(model)]
+    for gap in skipped:
+        logger.warning(
+            "linear repair: the gap at layers %s has no kept layer before it and the input embeddings are tied to the "
+            "output head (or carry image features), so it is left unrepaired",
+            [original[i] for i in range(gap.first, gap.last + 1)],
+        )
+    equations = collect(model, gaps, windows, pad_id, batch_size=batch_size, progress=progress)
+    fitted = []
+    for gap in gaps:
+        eq = equations[gap]
+        removed = [original[i] for i in range(gap.first, gap.last + 1)]
+        after = None if gap.before < 0 else original[gap.before]
+        plain = eq.residual(None)
+        if gap in skipped:
+            fitted.append((gap, LinearMap(removed, after, None, eq.diagonal, plain, plain)))
+            continue
+        t = eq.solve(ridge, f"the gap at layers {removed}").float()
+        fitted.append((gap, LinearMap(removed, after, t, eq.diagonal, plain, eq.residual(t.double()))))
+    return fitted
+
+
+@register
+class LinearRecovery(RecoveryMethod):
+    """A least-squares linear map per removed gap, folded into native weights; no training."""
+
+    name = "linear"
+    needs_removed_layers = True
+
+    def check(self, model: nn.Module, *, ridge: float = 0.0, batch_size: int = 8, progress: bool = True, fitted: Any = None) -> None:
+        fold_rule(model)
+        if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+            raise ShortGPTError(f"ridge must be a non-negative number, got {ridge!r}")
+        record = ShortGPTConfig.from_model(model)
+        if record is not None and record.mode == "prefill_skip":
+            raise ShortGPTError("this model skips layers during prefill; call disable_prefill_skip(model) before pruning and repairing it")
+
+    def fit(self, model: nn.Module, removing: list[int], windows: TokenWindows, tokenizer: Any, *, ridge: float = 0.0, batch_size: int = 8, progress: bool = True) -> list[LinearMap]:
+        pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        return [m for _, m in _fit(model, removing, windows, pad_id, float(ridge), batch_size, progress)]
+
+    def apply(
+        self,
+        model: nn.Module,
+        windows: TokenWindows,
+        tokenizer: Any,
+        *,
+        fitted: list[LinearMap] | None = None,
+        ridge: float = 0.0,
+        batch_size: int = 8,
+        progress: bool = True,
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        if fitted is None:
+            raise ShortGPTError("linear repair needs maps fitted before removal: use prune(..., recovery='linear')")
+        fold_maps(model, fitted)
+        step = len((model.config.shortgpt or {}).get("recovery") or [])
+        gaps, tensors = [], {}
+        for m in fitted:
+            entry = {**m.describe(), "after": m.after, "key": None}
+            if m.map is not None:
+                entry["key"] = f"recovery.{step}.gap.{m.removed[0]}"
+                tensors[entry["key"]] = m.map.detach().cpu().contiguous()
+            gaps.append(entry)
+        attach_maps(model, tensors)
+        diagonal = any(m.diagonal for m in fitted if m.map is not None and m.after is not None)
+        return model, {
+            "map": "diagonal (folded into the norm after the MLP)" if diagonal else "full (folded into the MLP output projections)",
+            "ridge": float(ridge),
+            "tokens": windows.num_tokens,
+            "gaps": gaps,
+        }
+
+
+def repair_aware_order(
+    model: nn.Module,
+    windows: TokenWindows,
+    pad_id: int,
+    steps: int,
+    *,
+    ridge: float = 0.0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[list[int], list[float]]:
+    """Choose ``steps`` layers greedily by the error that remains after linear repair.
+
+    A removal's cost is the sum over its gaps of ``||M T - B||² / ||L||²``
+    with each gap's best map ``T`` (the family's full or diagonal kind; plain
+    removal for a gap at layer 0 whose embeddings cannot take a map). Each
+    step removes the layer that adds least to that cost. A gap's cost
+    depends only on the unpruned model's activations, so it is computed once,
+    and each step after the first needs one calibration pass for the few gaps
+    it has not seen (the ones that grow an existing gap).
+
+    Returns the layers in the order chosen and, per layer, the cost it added
+    when chosen (or, for a layer never chosen, would have added next).
+    """
+    fold = fold_rule(model)
+    n = len(find_decoder_layers(model).layers)
+    embeddings_ok = embeddings_foldable(model)
+    d = text_config(model).hidden_size
+    per_pass = max(1, _PASS_MEMORY // (1 if fold.diagonal else 16 * d * d))
+    cost: dict[Gap, float] = {}
+
+    def measure(gaps: list[Gap]) -> None:
+        for start in range(0, len(gaps), per_pass):
+            chunk = gaps[start : start + per_pass]
+            for gap, eq in collect(model, chunk, windows, pad_id, batch_size=batch_size, progress=progress).items():
+                repairable = gap.before >= 0 or embeddings_ok
+                cost[gap] = eq.residual(eq.solve(ridge, f"the gap at layers {gap.first}..{gap.last}")) if repairable else eq.residual(None)
+
+    def gap_with(i: int, removed: set[int]) -> Gap:
+        first, last = i, i
+        while first - 1 in removed:
+            first -= 1
+        while last + 1 in removed:
+            last += 1
+        return Gap(first, last)
+
+    removed: set[int] = set()
+    order: list[int] = []
+    added = [0.0] * n
+    for _ in tqdm(range(steps), desc="repair-aware selection", disable=not progress):
+        candidates = [i for i in range(n) if i not in removed]
+        grown = {i: gap_with(i, removed | {i}) for i in candidates}
+        measure(sorted({g for g in grown.values() if g not in cost}, key=lambda g: (g.first, g.last)))
+        for i in candidates:
+            merged = [g for g in gaps_of(sorted(removed)) if grown[i].first <= g.first and g.last <= grown[i].last]
+            added[i] = cost[grown[i]] - sum(cost[g] for g in merged)
+        best = min(candidates, key=lambda i: (added[i], i))
+        removed.add(best)
+        order.append(best)
+    return order, added

@@ -1,0 +1,214 @@
+"""Training-free linear repair on tiny models: the fold is exact, equals the map applied by a hook,
+reloads with plain transformers, is undone with the removal, and refuses bad input in one line."""
+
+import contextlib
+import logging
+
+import pytest
+import torch
+from tiny_models import FAMILIES, tiny_auto, tiny_config, tiny_model
+from transformers import LlamaForCausalLM
+
+from shortgpt_hf import ShortGPTConfig, ShortGPTError, enable_prefill_skip, prune, recover, save_pruned, score_layers
+from shortgpt_hf.calibration import prepare_calibration
+from shortgpt_hf.families import family_of
+from shortgpt_hf.layers import find_decoder_layers, layers_as_identity
+from shortgpt_hf.pruning import restored_after
+from shortgpt_hf.recovery import linear_maps
+from shortgpt_hf.recovery.linear import LinearRecovery, fold_rule, maps_from_record, repair_aware_order
+
+TOKENS = torch.randint(3, 128, (16, 24), generator=torch.Generator().manual_seed(5))  # 384 calibration tokens, hidden size 32
+IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+FOLDABLE = [f for f in FAMILIES if family_of(tiny_config(f).get_text_config(decoder=True)).fold is not None]
+REMOVE = [0, 2, 3, 5]  # a gap at the embeddings, a two-layer gap and a gap that ends at the last layer
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def repaired(family, removed=REMOVE, **options):
+    model = tiny_model(family)
+    prune(model, layers=removed, recovery="linear", recovery_data=TOKENS, recovery_options=dict(progress=False, **options))
+    return model
+
+
+@contextlib.contextmanager
+def maps_applied_by_hooks(dense, record, maps):
+    """The unpruned model with the removed layers as identity and each map applied to its kept layer's output."""
+    fold = fold_rule(dense)
+    layers = find_decoder_layers(dense).layers
+    handles = []
+    for m in maps_from_record(record, maps):
+        if m.map is None:
+            continue
+        module = dense.get_input_embeddings() if m.after is None else layers[m.after].get_submodule(fold.output)
+        handles.append(module.register_forward_hook(lambda mod, args, out, t=m.map: out * t if t.dim() == 1 else out @ t))
+    try:
+        with layers_as_identity(dense, record.removed_layers):
+            yield dense
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def exactly_linear_llama(removed_layer: int) -> LlamaForCausalLM:
+    """A tiny Llama whose layer ``removed_layer`` adds an exact linear function of the state it repairs.
+
+    Its MLP is made linear (identity activation, constant gate, no norm before
+    it) and reads only the second half of the channels, its attention adds
+    nothing. For ``removed_layer=0`` that state is the embeddings; for 1,
+    layer 0 writes its MLP output to the second half of the channels only and
+    everything else to the first, so the gap's output is ``h_mid + M (I + A)``.
+    """
+    config = tiny_config("llama")
+    config.mlp_bias, config.hidden_act = True, "linear"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    half = config.hidden_size // 2
+    layers = model.model.layers
+    with torch.no_grad():
+        gap = layers[removed_layer]
+        gap.self_attn.o_proj.weight.zero_()
+        gap.post_attention_layernorm = torch.nn.Identity()
+        gap.mlp.gate_proj.weight.zero_()
+        gap.mlp.gate_proj.bias.fill_(1.0)
+        gap.mlp.up_proj.weight.normal_(0, 0.5)  # large enough that removing the layer shows in the logits
+        gap.mlp.down_proj.weight.normal_(0, 0.5)
+        gap.mlp.up_proj.bias.zero_()
+        gap.mlp.down_proj.bias.zero_()
+        gap.mlp.up_proj.weight[:, :half] = 0
+        if removed_layer == 1:
+            model.model.embed_tokens.weight[:, half:] = 0
+            layers[0].self_attn.o_proj.weight[half:] = 0
+            layers[0].mlp.down_proj.weight[:half] = 0
+            layers[0].mlp.down_proj.bias[:half] = 0
+    return model
+
+
+@pytest.mark.parametrize("removed, into", [(1, "layer 0"), (0, "input embeddings")])
+def test_an_exactly_linear_gap_is_repaired_exactly(removed, into):
+    model = exactly_linear_llama(removed)
+    dense = logits(model)
+    prune(model, layers=[removed])
+    assert (logits(model) - dense).abs().max() > 1e-2, "removing the layer must change the model (100x the tolerance below)"
+    model = exactly_linear_llama(removed)
+    # Layer 0's update lives in half the channels, so MᵀM is singular there: a vanishing ridge picks the exact map.
+    prune(model, layers=[removed], recovery="linear", recovery_data=TOKENS, recovery_options=dict(ridge=1e-9, progress=False))
+    torch.testing.assert_close(logits(model), dense, atol=1e-4, rtol=0)
+    gap = ShortGPTConfig.from_model(model).recovery[0]["gaps"][0]
+    assert gap["folded_into"] == into and gap["relative_error_repaired"] < 1e-9 < gap["relative_error_plain"]
+
+
+@pytest.mark.parametrize("family", FOLDABLE)
+def test_folded_maps_equal_hooked_maps_and_reload_natively(family, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="shortgpt_hf"):
+        model = repaired(family)
+    record = ShortGPTConfig.from_model(model)
+    [step] = record.recovery
+    assert step["method"] == "linear" and step["tokens"] == TOKENS.numel() and [g["removed"] for g in step["gaps"]] == [[0], [2, 3], [5]]
+    repaired_gaps = [g for g in step["gaps"] if g["map"] is not None]
+    assert all(g["relative_error_repaired"] <= g["relative_error_plain"] for g in repaired_gaps)
+    tied = step["gaps"][0]["map"] is None
+    assert tied == ("left unrepaired" in caplog.text), "a gap at layer 0 is skipped exactly when it is announced"
+    dense = tiny_model(family)
+    with maps_applied_by_hooks(dense, record, linear_maps(model)) as hooked:
+        expected = logits(hooked)
+    actual = logits(model)
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
+    plain = tiny_model(family)
+    with layers_as_identity(plain, REMOVE):
+        assert (logits(plain) - actual).abs().max() > 1e-3, "the maps must change the pruned model"
+    save_pruned(model, tmp_path / "out")  # reloads with the plain Auto class and compares logits itself
+    reloaded = tiny_auto(model.config).from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    torch.testing.assert_close(logits(reloaded), actual)
+
+
+def test_gemma_maps_are_diagonal_in_the_norm_and_moe_maps_reach_every_expert():
+    gemma = repaired("gemma3_text", removed=[2, 3])
+    [gap] = ShortGPTConfig.from_model(gemma).recovery[0]["gaps"]
+    assert gap["map"] == "diagonal" and "norm" in ShortGPTConfig.from_model(gemma).recovery[0]["map"]
+    assert next(iter(linear_maps(gemma).values())).dim() == 1
+    moe, dense = repaired("qwen2_moe", removed=[2, 3]), tiny_model("qwen2_moe")
+    mlp, before = find_decoder_layers(moe).layers[1].mlp, find_decoder_layers(dense).layers[1].mlp
+    t = next(iter(linear_maps(moe).values())).double()
+    for name in ("experts.down_proj", "shared_expert.down_proj.weight"):
+        new, old = mlp.get_parameter(name).double(), before.get_parameter(name).double()
+        torch.testing.assert_close(new, t.T @ old, atol=1e-5, rtol=1e-5)
+
+
+def test_the_removal_and_its_folds_are_undone_together():
+    model = tiny_model("llama")
+    params = {n: p for n, p in model.named_parameters()}
+    before = logits(model)
+    with restored_after(model):
+        prune(model, layers=REMOVE, recovery="linear", recovery_data=TOKENS, recovery_options=dict(progress=False))
+        assert len(find_decoder_layers(model).layers) == 2
+    assert {n: p for n, p in model.named_parameters()} == params
+    torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
+
+
+def unchanged(model, params, message, **kwargs):
+    with pytest.raises(ShortGPTError, match=message) as err:
+        prune(model, **{"layers": [2, 3], "recovery": "linear", "recovery_data": TOKENS, **kwargs})
+    assert "\n" not in str(err.value)
+    assert [id(p) for p in model.parameters()] == params and len(find_decoder_layers(model).layers) == 6
+    assert ShortGPTConfig.from_model(model) is None
+
+
+def test_bad_input_is_refused_in_one_line_and_the_model_is_untouched():
+    model = tiny_model("llama")
+    params = [id(p) for p in model.parameters()]
+    unchanged(model, params, "16 calibration tokens cannot determine a 32x32 map .* ridge", recovery_data=TOKENS[:1, :16], recovery_options=dict(seq_len=16, progress=False))
+    unchanged(model, params, "ridge must be a non-negative number", recovery_options=dict(ridge=-1.0))
+    unchanged(model, params, "recovery method 'linear': got an unexpected keyword argument 'rigde'", recovery_options=dict(rigde=1e-3))
+    with torch.no_grad():
+        find_decoder_layers(model).layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    unchanged(model, params, "NaN or Inf in the activations of Llama", recovery_options=dict(progress=False))
+
+    gpt2 = tiny_model("gpt2")
+    with pytest.raises(ShortGPTError, match=r"linear repair does not know where to fold a map in GPT-2 \(GPT2LMHeadModel\)"):
+        prune(gpt2, layers=[2], recovery="linear", recovery_data=TOKENS)
+    assert ShortGPTConfig.from_model(gpt2) is None
+
+    skipping = enable_prefill_skip(tiny_model("llama"), [2])
+    with pytest.raises(ShortGPTError, match="skips layers during prefill"):
+        prune(skipping, layers=[2], recovery="linear", recovery_data=TOKENS)
+
+    pruned = prune(tiny_model("llama"), layers=[2])
+    with pytest.raises(ShortGPTError, match=r"fitted on the layers being removed.*prune\(model, \.\.\., recovery='linear'\)"):
+        recover(pruned, "linear", TOKENS)
+
+
+def test_a_ridge_term_makes_too_few_tokens_usable_and_is_recorded():
+    model = repaired("llama", removed=[2], ridge=1e-2, seq_len=16, max_tokens=16)
+    step = ShortGPTConfig.from_model(model).recovery[0]
+    assert step["ridge"] == 1e-2 and step["tokens"] == 16
+
+
+def test_pruning_a_repaired_model_again_keeps_its_history():
+    model = repaired("llama", removed=[2])
+    prune(model, layers=[3], recovery="linear", recovery_data=TOKENS, recovery_options=dict(progress=False))  # original layer 4
+    record = ShortGPTConfig.from_model(model)
+    assert record.removed_layers == [2, 4] and [[g["removed"] for g in s["gaps"]] for s in record.recovery] == [[[2]], [[4]]]
+    assert sorted(linear_maps(model)) == ["recovery.0.gap.2", "recovery.1.gap.4"]
+
+
+def fitted_cost(model, layers):
+    windows = prepare_calibration(TOKENS, None, 256)
+    return sum(m.residual for m in LinearRecovery().fit(model, sorted(layers), windows, None, progress=False))
+
+
+def test_repair_aware_selection_is_greedy_on_the_fitted_error():
+    model = tiny_model("llama")
+    windows = prepare_calibration(TOKENS, None, 256)
+    order, added = repair_aware_order(model, windows, 0, 3, progress=False)
+    for k in (1, 2, 3):  # the running cost is exactly the error left by the maps fitted for that removal
+        assert sum(added[i] for i in order[:k]) == pytest.approx(fitted_cost(model, order[:k]), rel=1e-6)
+    second = {j: fitted_cost(model, [order[0], j]) for j in range(6) if j != order[0]}
+    assert order[1] == min(second, key=second.get), "step two must pick the cheapest pair containing the first choice"
+    scores = score_layers(model, TOKENS, "linear_residual", max_layers=3, progress=False)
+    assert scores.order == order and scores.lowest(2) == sorted(order[:2])
+    with pytest.raises(ShortGPTError, match="chose only 3 layers; re-score with max_layers=4"):
+        scores.lowest(4)
