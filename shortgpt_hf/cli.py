@@ -70,10 +70,18 @@ def _score_table(scores, marked: set[int], original: list[int] | None = None) ->
     return table
 
 
-def _score(model, tokenizer, metric: str, calibration: Optional[Path], seq_len: int, max_tokens: int, batch_size: int, block_size: int = 1):
+def _score(model, tokenizer, metric: str, calibration: Optional[Path], seq_len: int, max_tokens: int, batch_size: int, block_size: int = 1, max_layers: Optional[int] = None):
     from .scoring import score_layers
 
-    return score_layers(model, calibration, metric, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, block_size=block_size)
+    return score_layers(
+        model, calibration, metric, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, block_size=block_size, max_layers=max_layers
+    )
+
+
+def _training_free_methods() -> list[str]:
+    from .recovery import RECOVERY_METHODS
+
+    return [name for name, method in RECOVERY_METHODS.items() if method.needs_removed_layers]
 
 
 @app.command()
@@ -121,11 +129,16 @@ def prune(
     seq_len: int = 256,
     max_tokens: int = 8192,
     batch_size: int = 8,
+    recovery: Annotated[
+        str, typer.Option(help="Repair the removal as part of it: none, or linear (a least-squares map per removed gap, folded into the kept weights; no training). LoRA healing is `shortgpt heal`.")
+    ] = "none",
+    ridge: Annotated[float, typer.Option(help="Ridge term of the linear repair, relative to the mean activation energy (0: none).")] = 0.0,
+    recovery_tokens: Annotated[Optional[int], typer.Option(help="Calibration tokens for the repair (default: all of --calibration).")] = None,
     verify: Annotated[bool, typer.Option(help="Check cache parity and the saved checkpoint's logits.")] = True,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
     device_map: Annotated[Optional[str], typer.Option(help="accelerate device_map, e.g. auto.")] = None,
 ) -> None:
-    """Score (if needed), remove layers, and save a native checkpoint."""
+    """Score (if needed), remove layers (and repair them with --recovery linear), and save a native checkpoint."""
     from .layers import find_decoder_layers
     from .pruning import count_parameters
     from .selection import removal_count
@@ -139,16 +152,25 @@ def prune(
     chosen = _parse_layers(layers) if layers is not None else None
     if chosen is None and n_layers is None and ratio is None:
         ratio = 0.25
+    if recovery != "none" and recovery not in _training_free_methods():
+        raise ShortGPTError(f"--recovery must be none or one of {', '.join(_training_free_methods())}, got {recovery!r} (LoRA healing: shortgpt heal)")
+    if calibration is not None and not calibration.is_file():
+        raise ShortGPTError(f"calibration file not found: {calibration}")
     target = out_dir or Path(f"{Path(model.rstrip('/')).name}-shortgpt")
     check_destination(target, overwrite)
 
     m, tok = _load(model, dtype, device_map)
     before = count_parameters(m)
     num_before = len(find_decoder_layers(m).layers)
-    if chosen is None:
-        removal_count(num_before, n_layers, ratio)  # refuse "none" or "all" before spending time scoring
-    scores = None if chosen is not None else _score(m, tok, metric, calibration, seq_len, max_tokens, batch_size)
-    prune_model(m, chosen, n_layers=n_layers, ratio=ratio, scores=scores, verify=verify)
+    count = removal_count(num_before, n_layers, ratio) if chosen is None else len(chosen)  # refuse "none" or "all" before scoring
+    repair = {}
+    if recovery != "none":
+        repair = dict(recovery=recovery, recovery_data=calibration, tokenizer=tok, recovery_options=dict(ridge=ridge, seq_len=seq_len, max_tokens=recovery_tokens, batch_size=batch_size))
+        from .recovery import RECOVERY_METHODS
+
+        RECOVERY_METHODS[recovery].check(m, ridge=ridge)  # an unsupported family fails before minutes of scoring
+    scores = None if chosen is not None else _score(m, tok, metric, calibration, seq_len, max_tokens, batch_size, max_layers=count)
+    prune_model(m, chosen, n_layers=n_layers, ratio=ratio, scores=scores, verify=verify, **repair)
     if recipe:
         saved = save_recipe(m, target, tok, overwrite=overwrite, verify=verify)
     else:
@@ -157,6 +179,9 @@ def prune(
     after = count_parameters(m)
     out.print(f"removed layers (original indices): {record['removed_layers']}" + (f" by {scores.metric}" if scores else ""))
     out.print(f"layers: {num_before} -> {record['original_num_hidden_layers'] - len(record['removed_layers'])}")
+    for step in (record.get("recovery") or [])[-1:] if recovery != "none" else []:
+        gaps = ", ".join(f"{g['removed']} -> {g['folded_into'] if g['map'] else 'unrepaired'}" for g in step["gaps"])
+        out.print(f"{recovery} repair on {step['tokens']:,} tokens: {gaps}")
     out.print(f"parameters: {before:,} -> {after:,} ({100 * (1 - after / before):.1f}% fewer)")
     kind = "recipe" if recipe else "checkpoint"
     out.print(f"{kind} saved to {saved}" + (" (verified: cache parity and reload logits)" if verify else ""))

@@ -54,3 +54,51 @@ def smollm2(smollm2_path):
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.fixture
+def tensor_reads(monkeypatch):
+    """The checkpoint keys transformers materialises while loading (it opens
+    safetensors through ``transformers.modeling_utils.safe_open``)."""
+    import transformers.modeling_utils as modeling_utils
+
+    real_open, read = modeling_utils.safe_open, set()
+
+    class Slice:
+        def __init__(self, key, inner):
+            self._key, self._inner = key, inner
+
+        def __getitem__(self, item):
+            read.add(self._key)
+            return self._inner[item]
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    class File:
+        def __init__(self, *args, **kwargs):
+            self._inner = real_open(*args, **kwargs)
+
+        def get_slice(self, key):
+            return Slice(key, self._inner.get_slice(key))
+
+        def get_tensor(self, key):
+            read.add(key)
+            return self._inner.get_tensor(key)
+
+        def __enter__(self):
+            self._inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._inner.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    monkeypatch.setattr(modeling_utils, "safe_open", File)
+    return read
+
+
+def removed_keys(keys, removed):
+    return sorted(k for k in keys if any(k.startswith(f"model.layers.{i}.") for i in removed))

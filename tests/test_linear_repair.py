@@ -212,3 +212,46 @@ def test_repair_aware_selection_is_greedy_on_the_fitted_error():
     assert scores.order == order and scores.lowest(2) == sorted(order[:2])
     with pytest.raises(ShortGPTError, match="chose only 3 layers; re-score with max_layers=4"):
         scores.lowest(4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2_moe"])
+def test_a_recipe_carries_its_maps_and_never_reads_removed_layers(family, tmp_path, tensor_reads):
+    from conftest import removed_keys
+
+    from shortgpt_hf import PrunedForCausalLM, save_recipe
+    from shortgpt_hf.recovery.linear import MAPS_FILE
+
+    tiny_model(family).save_pretrained(tmp_path / "base")
+    model = tiny_auto(tiny_config(family)).from_pretrained(tmp_path / "base", attn_implementation="eager").eval()
+    prune(model, layers=REMOVE, recovery="linear", recovery_data=TOKENS, recovery_options=dict(progress=False))
+    save_recipe(model, tmp_path / "recipe", verify=True)
+    assert (tmp_path / "recipe" / MAPS_FILE).is_file()
+    tensor_reads.clear()
+    loaded = PrunedForCausalLM.from_pretrained(tmp_path / "recipe", attn_implementation="eager")
+    assert tensor_reads and removed_keys(tensor_reads, REMOVE) == []
+    torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+    assert ShortGPTConfig.from_model(loaded).recovery == ShortGPTConfig.from_model(model).recovery
+
+    # A native checkpoint keeps the maps beside it (plain transformers ignores the file), so a recipe can still be written from a reload.
+    save_pruned(loaded, tmp_path / "native")
+    again = PrunedForCausalLM.from_pretrained(tmp_path / "native", attn_implementation="eager")
+    save_recipe(again, tmp_path / "recipe2")
+    torch.testing.assert_close(logits(PrunedForCausalLM.from_pretrained(tmp_path / "recipe2", attn_implementation="eager")), logits(model), atol=0, rtol=0)
+
+    (tmp_path / "recipe" / MAPS_FILE).unlink()
+    with pytest.raises(ShortGPTError, match=f"records a linear repair but has no {MAPS_FILE}"):
+        PrunedForCausalLM.from_pretrained(tmp_path / "recipe")
+    plain = tiny_auto(tiny_config(family)).from_pretrained(tmp_path / "native").eval()
+    with pytest.raises(ShortGPTError, match="maps .* not in memory"):
+        save_recipe(plain, tmp_path / "recipe3")
+
+
+def test_the_card_shows_the_repair_and_its_effect():
+    from shortgpt_hf import model_card
+
+    model = repaired("llama", eval_data=TOKENS[:4], eval_tokens=96, seq_len=24)
+    step = ShortGPTConfig.from_model(model).recovery[0]
+    text = str(model_card(model, repo_id="me/tiny-repaired"))
+    assert "1. **linear**" in text and f"perplexity_before: {step['perplexity_before']}" in text and f"perplexity_after: {step['perplexity_after']}" in text
+    assert "| 2, 3 | full | layer 1 |" in text and "| 0 | full | input embeddings |" in text
+    assert "'key'" not in text and "gaps:" not in text

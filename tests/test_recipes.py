@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from conftest import removed_keys
 from tiny_models import NUM_LAYERS, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,54 +25,6 @@ EAGER = dict(attn_implementation="eager")
 def base_dir(request, tmp_path):
     tiny_model(request.param).save_pretrained(tmp_path / "base")
     return tmp_path / "base"
-
-
-@pytest.fixture
-def tensor_reads(monkeypatch):
-    """The checkpoint keys transformers materialises while loading (it opens
-    safetensors through ``transformers.modeling_utils.safe_open``)."""
-    import transformers.modeling_utils as modeling_utils
-
-    real_open, read = modeling_utils.safe_open, set()
-
-    class Slice:
-        def __init__(self, key, inner):
-            self._key, self._inner = key, inner
-
-        def __getitem__(self, item):
-            read.add(self._key)
-            return self._inner[item]
-
-        def __getattr__(self, name):
-            return getattr(self._inner, name)
-
-    class File:
-        def __init__(self, *args, **kwargs):
-            self._inner = real_open(*args, **kwargs)
-
-        def get_slice(self, key):
-            return Slice(key, self._inner.get_slice(key))
-
-        def get_tensor(self, key):
-            read.add(key)
-            return self._inner.get_tensor(key)
-
-        def __enter__(self):
-            self._inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self._inner.__exit__(*exc)
-
-        def __getattr__(self, name):
-            return getattr(self._inner, name)
-
-    monkeypatch.setattr(modeling_utils, "safe_open", File)
-    return read
-
-
-def removed_keys(keys, removed):
-    return sorted(k for k in keys if any(k.startswith(f"model.layers.{i}.") for i in removed))
 
 
 def test_recipe_load_reads_only_kept_tensors(base_dir, tensor_reads):
