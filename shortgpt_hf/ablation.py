@@ -1,5 +1,6 @@
 """The paper's metric comparison (Figures 4-5) on any model: prune with each
-metric at each ratio, evaluate, plot.
+metric at each ratio, evaluate, plot; optionally with each way of recovering
+(none, training-free linear repair, LoRA healing, or linear repair then LoRA).
 
 Every run prunes the one loaded model in place and puts it back afterwards
 (`restored_after`), so an ablation needs no copy of the model and works on a
@@ -27,10 +28,14 @@ from .loading import tokenizer_for
 from .records import JsonRecord
 from .pruning import prune, restored_after
 from .selection import removal_count
-from .scoring import HIDDEN_STATE_METRICS, METRICS, LayerScores, score_layers
+from .recovery import heal
+from .scoring import HIDDEN_STATE_METRICS, METRICS, ORDER_METRICS, REPAIR_METRICS, LayerScores, score_layers
+
+PAPER_METRICS = HIDDEN_STATE_METRICS + ORDER_METRICS  # what the ablation runs unless told otherwise
 
 SCHEMA_VERSION = 1
 SCHEDULES = ("one-shot", "iterative")
+RECOVERIES = ("none", "linear", "lora", "linear+lora")  # recovery steps after removal, "+" runs them in order
 
 
 @dataclass
@@ -40,10 +45,12 @@ class AblationRun:
     ratio: float
     removed_layers: list[int]  # original indices
     results: list[EvalResult]
+    recovery: str = "none"
 
     @property
     def method(self) -> str:
-        return self.metric if self.schedule == "one-shot" else f"{self.metric} ({self.schedule})"
+        name = self.metric if self.schedule == "one-shot" else f"{self.metric} ({self.schedule})"
+        return name if self.recovery == "none" else f"{name} + {self.recovery}"
 
     def value(self, task: str, metric: str) -> float:
         return EvalReport("", self.results).get(task, metric)
@@ -124,8 +131,11 @@ class Ablation(JsonRecord):
         return written
 
 
-def check_request(ratios: Sequence[float], metrics: Sequence[str], schedules: Sequence[str], tasks: Sequence[str]) -> None:
+def check_request(ratios: Sequence[float], metrics: Sequence[str], schedules: Sequence[str], tasks: Sequence[str], recoveries: Sequence[str] = ("none",)) -> None:
     """Refuse a bad ablation request before the model is loaded or scored."""
+    bad_recovery = [r for r in recoveries if r not in RECOVERIES]
+    if bad_recovery or not recoveries:
+        raise ShortGPTError(f"recoveries must be among {', '.join(RECOVERIES)}, got {', '.join(bad_recovery) or 'none'}")
     if not ratios:
         raise ShortGPTError("give at least one ratio")
     outside = [r for r in ratios if not 0 < r < 1]
@@ -147,11 +157,13 @@ def ablate(
     tokenizer: Any = None,
     *,
     ratios: Sequence[float] = (0.1, 0.2, 0.3),
-    metrics: Sequence[str] = METRICS,
+    metrics: Sequence[str] = PAPER_METRICS,
     schedules: Sequence[str] = ("one-shot",),
     tasks: Sequence[str] = DEFAULT_TASKS,
     calibration: CalibrationData = None,
     calibration_tokens: int = 8192,
+    recoveries: Sequence[str] = ("none",),
+    recovery_options: dict[str, dict[str, Any]] | None = None,
     seed: int = 0,
     name: str | None = None,
     progress: bool = True,
@@ -164,8 +176,16 @@ def ablate(
     only: the order baselines do not change when re-scored). ``calibration``
     and ``calibration_tokens`` go to `score_layers`; ``eval_kwargs`` (``stride``,
     ``max_tokens``, ``mc_limit``...) to `evaluate`. The model is unchanged afterwards.
+
+    ``recoveries`` evaluates each one-shot removal again after each way of
+    recovering from it (`RECOVERIES`): ``linear`` is fitted on ``calibration``
+    as part of the removal; ``lora`` trains adapters on it with `heal`.
+    ``recovery_options`` maps a method name to its options (e.g.
+    ``{"lora": {"steps": 100}, "linear": {"ridge": 1e-3}}``). The
+    ``linear_residual`` metric (not run unless asked: it is a greedy search)
+    is the selection made for linear repair.
     """
-    check_request(ratios, metrics, schedules, tasks)
+    check_request(ratios, metrics, schedules, tasks, recoveries)
     num_layers = len(find_decoder_layers(model).layers)
     if ShortGPTConfig.from_model(model) is not None:
         raise ShortGPTError("ablate a dense model: this one is already pruned, and the ratios would not be of its original depth")
@@ -177,21 +197,40 @@ def ablate(
         return evaluate(m, tokenizer, tasks, progress=False, **eval_kwargs).results
 
     def score(m: nn.Module, metric: str) -> LayerScores:
-        return score_layers(m, calibration, metric, tokenizer=tokenizer, max_tokens=calibration_tokens, seed=seed, progress=False)
+        steps = max(counts.values()) if metric in REPAIR_METRICS else None
+        return score_layers(m, calibration, metric, tokenizer=tokenizer, max_tokens=calibration_tokens, seed=seed, max_layers=steps, progress=False)
+
+    options = recovery_options or {}
+
+    def recovered(n: int, scores: LayerScores, recovery: str) -> list[EvalResult]:
+        """Evaluate one removal after one way of recovering from it (the caller restores the model)."""
+        steps = recovery.split("+")
+        kwargs = dict(recovery="linear", recovery_data=calibration, tokenizer=tokenizer, recovery_options={"progress": False, **options.get("linear", {})}) if "linear" in steps else {}
+        prune(model, n_layers=n, scores=scores, **kwargs)
+        if "lora" not in steps:
+            return run_eval(model)
+        trainable = {p: p.requires_grad for p in model.parameters()}  # PEFT freezes the base; the ablation gives it back as it was
+        try:
+            return run_eval(heal(model, calibration, tokenizer=tokenizer, **{"progress": False, **options.get("lora", {})}))
+        finally:
+            for p, flag in trainable.items():
+                p.requires_grad_(flag)
 
     one_shot = {metric: score(model, metric) for metric in metrics}
     calib = next((s.calibration_summary() for s in one_shot.values() if s.num_tokens), {})
     result = Ablation(label, num_layers, run_eval(model), {m: s.scores for m, s in one_shot.items()}, calib)
     plan = [("one-shot", m) for m in metrics if "one-shot" in schedules]
     plan += [("iterative", m) for m in metrics if "iterative" in schedules and m in HIDDEN_STATE_METRICS]
-    bar = tqdm(total=len(plan) * len(counts), desc="ablation", disable=not progress)
+    one_shot_runs = len(recoveries) if "one-shot" in schedules else 0
+    bar = tqdm(total=sum(one_shot_runs if s == "one-shot" else 1 for s, _ in plan) * len(counts), desc="ablation", disable=not progress)
     for schedule, metric in plan:
         if schedule == "one-shot":
             for ratio, n in counts.items():
-                with restored_after(model):
-                    prune(model, n_layers=n, scores=one_shot[metric])
-                    result.runs.append(AblationRun(metric, schedule, ratio, _removed(model), run_eval(model)))
-                bar.update()
+                for recovery in recoveries:
+                    with restored_after(model):
+                        results = recovered(n, one_shot[metric], recovery)
+                        result.runs.append(AblationRun(metric, schedule, ratio, _removed(model), results, recovery))
+                    bar.update()
         else:
             with restored_after(model):
                 removed = 0

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .builtin import DEFAULT_MODEL
 from .errors import ShortGPTError
+from .ablation import PAPER_METRICS, RECOVERIES
 from .scoring import METRICS
 
 if TYPE_CHECKING:
@@ -346,7 +347,9 @@ def eval_(
 def ablate(
     model: ModelArg = DEFAULT_MODEL,
     ratios: Annotated[str, typer.Option(help="Comma-separated fractions of layers to remove.")] = "0.1,0.2,0.3",
-    metrics: Annotated[str, typer.Option(help=f"Comma-separated, from: {', '.join(METRICS)}.")] = ",".join(METRICS),
+    metrics: Annotated[str, typer.Option(help=f"Comma-separated, from: {', '.join(METRICS)}.")] = ",".join(PAPER_METRICS),
+    recoveries: Annotated[str, typer.Option(help=f"Comma-separated ways to recover each removal, from: {', '.join(RECOVERIES)}.")] = "none",
+    lora_steps: Annotated[int, typer.Option(help="LoRA healing steps for the lora recoveries.")] = 50,
     iterative: Annotated[bool, typer.Option(help="Also remove one layer at a time, re-scoring in between (hidden-state metrics).")] = False,
     tasks: Annotated[str, typer.Option(help="Comma-separated evaluation tasks, as for shortgpt eval.")] = "ppl,mc",
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder for ablation.json and the plots (default ./<model>-ablation).")] = None,
@@ -368,14 +371,19 @@ def ablate(
         fractions = [float(r) for r in _split(ratios)]
     except ValueError:
         raise ShortGPTError(f"--ratios must be comma-separated numbers, got {ratios!r}") from None
-    request = dict(ratios=fractions, metrics=_split(metrics), schedules=("one-shot", "iterative") if iterative else ("one-shot",), tasks=_split(tasks))
+    request = dict(
+        ratios=fractions, metrics=_split(metrics), schedules=("one-shot", "iterative") if iterative else ("one-shot",), tasks=_split(tasks), recoveries=_split(recoveries)
+    )
     check_request(**request)
     if calibration is not None and not calibration.is_file():
         raise ShortGPTError(f"calibration file not found: {calibration}")
     target = out_dir or Path(f"{Path(model.rstrip('/')).name}-ablation")
     check_destination(target, overwrite)
     m, tok = _load(model, dtype, device_map)
-    result = run_ablation(m, tok, **request, calibration=calibration, calibration_tokens=calibration_tokens, seed=seed, name=model, mc_limit=limit, max_tokens=max_tokens, stride=None)
+    result = run_ablation(
+        m, tok, **request, calibration=calibration, calibration_tokens=calibration_tokens, recovery_options={"lora": {"steps": lora_steps}},
+        seed=seed, name=model, mc_limit=limit, max_tokens=max_tokens, stride=None,
+    )
     with atomic_folder(target, overwrite) as tmp:
         result.to_json(tmp / "ablation.json")
         plots = result.plot(tmp)

@@ -92,3 +92,23 @@ def test_cli_ablate_bad_input(smollm2_path, tmp_path, capsys, monkeypatch, args,
     assert code == 2
     assert_one_line_error(err, message)
     assert not out.exists()
+
+
+def test_ablation_compares_recoveries_and_gives_the_model_back(smollm2):
+    """Plain, linear, LoRA and linear+LoRA on one removal: each recorded under its own name, the
+    training-free repair better than plain removal, and the model unchanged afterwards."""
+    model, tok = smollm2
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    result = ablate(
+        model, tok, ratios=[0.1], metrics=["bi"], tasks=["ppl"], calibration_tokens=2048, max_tokens=512, progress=False,
+        recoveries=["none", "linear", "lora", "linear+lora"],
+        recovery_options={"linear": {"max_tokens": 4096}, "lora": {"steps": 2, "seq_len": 64, "max_tokens": 512, "batch_size": 2}},
+    )
+    ppl = {run.method: run.value("perplexity", "perplexity") for run in result.runs}
+    assert list(ppl) == ["bi", "bi + linear", "bi + lora", "bi + linear+lora"]
+    assert len({tuple(run.removed_layers) for run in result.runs}) == 1
+    assert ppl["bi + linear"] < ppl["bi"] and ppl["bi + lora"] != ppl["bi"] and ppl["bi + linear+lora"] != ppl["bi + linear"]
+    assert Ablation.from_dict(json.loads(result.to_json())).find("bi + linear+lora", 0.1).recovery == "linear+lora"
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n][0]) and p.requires_grad == before[n][1], n
+    assert type(model).__name__ == "LlamaForCausalLM" and not hasattr(model, "peft_config")
