@@ -166,6 +166,10 @@ class NormalEquations:
         return max(err, 0.0) / max(self.ll, 1e-300)
 
 
+class _Done(Exception):
+    """Raised by a hook once a calibration pass has everything it needs from a batch."""
+
+
 def _rows(hidden: Any, mask: torch.Tensor) -> torch.Tensor:
     hidden = hidden[0] if isinstance(hidden, tuple) else hidden
     return hidden.reshape(-1, hidden.shape[-1])[mask.to(hidden.device)]
@@ -223,6 +227,11 @@ def collect(model: nn.Module, gaps: list[Gap], windows: TokenWindows, pad_id: in
 
     for last in sorted({g.last for g in gaps}):
         handles.append(found.layers[last].register_forward_hook(gap_end([g for g in gaps if g.last == last]), with_kwargs=True))
+
+    def stop(module, args, kwargs, output):  # nothing after the deepest gap is needed: skip the rest of the model
+        raise _Done
+
+    handles.append(found.layers[max(g.last for g in gaps)].register_forward_hook(stop, with_kwargs=True))
     was_training = model.training
     model.eval()
     device = input_device(model)
@@ -231,7 +240,10 @@ def collect(model: nn.Module, gaps: list[Gap], windows: TokenWindows, pad_id: in
         for ids, mask in windows.batches(batch_size, pad_id):
             state["mask"] = mask.reshape(-1).bool()
             seen.clear()
-            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            try:
+                model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except _Done:
+                pass
             bar.update(int(mask.sum()))
         bar.close()
     finally:
