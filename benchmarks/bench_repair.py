@@ -60,10 +60,12 @@ def main() -> None:
     parser.add_argument("--lora-budget", type=float, default=600, help="seconds of LoRA training per variant")
     parser.add_argument("--calibration-tokens", type=int, default=32768, help="tokens the linear maps are fitted on")
     parser.add_argument("--selection-tokens", type=int, default=8192, help="tokens for BI and the repair-aware selection")
+    parser.add_argument("--all-calibration-ratios", default="0.25", help="ratios that also get BI + linear fitted on every calibration token")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     lora_ratios = ratios if args.lora_ratios is None else [float(r) for r in args.lora_ratios.split(",")]
+    all_calibration = [float(r) for r in args.all_calibration_ratios.split(",") if r]
     held_out = heldout_texts()
     results = {"settings": vars(args) | {"json": str(args.json)}, "models": {}}
 
@@ -85,13 +87,13 @@ def main() -> None:
         report = {"layers": n_layers, "dense": measure(model), "selection_cost": {k: plus(v) for k, v in selection.items()}, "ratios": {}}
         print(name, report, flush=True)
         lora_steps = None
-        linear = dict(recovery="linear", tokenizer=tok, recovery_options=dict(max_tokens=args.calibration_tokens, progress=False))
 
-        def run(label: str, scores, n: int, repair: bool, lora: bool, steps: int | None = None) -> dict:
+        def run(label: str, scores, n: int, repair: bool, lora: bool, steps: int | None = None, max_tokens: int | None = args.calibration_tokens) -> dict:
             spent: dict = {}
             with restored_after(model):
                 with cost(spent, "fit"):
-                    prune(model, n_layers=n, scores=scores, **(linear if repair else {}))
+                    repair_options = dict(recovery="linear", tokenizer=tok, recovery_options=dict(max_tokens=max_tokens, progress=False))
+                    prune(model, n_layers=n, scores=scores, **(repair_options if repair else {}))
                 row = {"layers": sorted(scores.lowest(n))}
                 target = model
                 if lora:
@@ -111,6 +113,8 @@ def main() -> None:
             rows = {}
             rows["plain BI"] = run("plain BI", bi, n, False, False)
             rows["BI + linear"] = run("BI + linear", bi, n, True, False)
+            if ratio in all_calibration:
+                rows["BI + linear, all calibration"] = run("BI + linear, all calibration", bi, n, True, False, max_tokens=None)
             rows["repair-aware + linear"] = run("repair-aware + linear", aware, n, True, False)
             if ratio in lora_ratios:
                 if lora_steps is None:  # steps that fill the budget, from a short timing probe on this model

@@ -6,6 +6,7 @@ with exit status 2; no output folder is created before all checks pass.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -299,9 +300,29 @@ def _eval_table(report: "EvalReport") -> Table:
     return table
 
 
+def _comparison_table(reports: list["EvalReport"]) -> Table:
+    table = Table(title="evaluation")
+    for name in ("task", "dataset", "metric"):
+        table.add_column(name)
+    for report in reports:
+        table.add_column(report.model, justify="right")
+    for r in reports[0].results:
+        values = []
+        for report in reports:
+            try:
+                values.append(f"{report.get(r.task, r.metric):.4g}")
+            except KeyError:
+                values.append("-")
+        table.add_row(r.task, r.dataset, r.metric, *values)
+    return table
+
+
 @app.command(name="eval")
 def eval_(
-    model: ModelArg = DEFAULT_MODEL,
+    models: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="Models to evaluate side by side: built-in names, folders (checkpoints, recipes, PEFT adapters) or Hub ids. Default: smollm2-135m."),
+    ] = None,
     tasks: Annotated[str, typer.Option(help="Comma-separated: ppl, ppl:FILE, mc, mc:general_knowledge+emoji_movie, mc:TASK.json.")] = "ppl,mc",
     lm_eval_tasks: Annotated[Optional[str], typer.Option(help="Comma-separated lm-evaluation-harness tasks (needs lm-eval and the tasks' data).")] = None,
     lm_eval_include: Annotated[Optional[Path], typer.Option(help="Folder of your own lm-eval task YAMLs.")] = None,
@@ -315,19 +336,37 @@ def eval_(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
     device_map: Annotated[Optional[str], typer.Option(help="accelerate device_map, e.g. auto.")] = None,
 ) -> None:
-    """Evaluate a model, pruned checkpoint or recipe: perplexity, multiple choice, lm-eval tasks."""
+    """Evaluate models, pruned checkpoints, recipes or adapters: perplexity, multiple choice, lm-eval tasks.
+
+    Several models are evaluated one after another on the same data and shown
+    side by side (e.g. plain removal, linear repair, LoRA healing and both)."""
     from .config import ShortGPTConfig
     from .evaluation import check_tasks, evaluate
 
+    models = models or [DEFAULT_MODEL]
     if lm_eval_include is not None and not lm_eval_include.is_dir():
         raise ShortGPTError(f"--lm-eval-include is not a folder: {lm_eval_include}")
     check_tasks(_split(tasks))
     if not _split(tasks) and not _split(lm_eval_tasks):
         raise ShortGPTError("nothing to evaluate: give --tasks and/or --lm-eval-tasks")
+    if with_base and len(models) > 1:
+        raise ShortGPTError("--with-base compares one model with its base; to compare several, list the base among them")
     options = dict(
         tasks=_split(tasks), lm_eval_tasks=_split(lm_eval_tasks), lm_eval_include=lm_eval_include, lm_eval_limit=limit,
         seq_len=seq_len, stride=stride, max_tokens=max_tokens, mc_limit=limit, batch_size=batch_size,
     )
+    if len(models) > 1:
+        reports = []
+        for name in models:
+            m, tok = _load_any(name, dtype, device_map)
+            reports.append(evaluate(m, tok, name=name, **options))
+            del m
+        out.print(_comparison_table(reports))
+        if json_out:
+            json_out.write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
+            out.print(f"results written to {json_out}")
+        return
+    model = models[0]
     m, tok = _load_any(model, dtype, device_map)
     record = ShortGPTConfig.from_model(m)
     if with_base and record is None:

@@ -237,9 +237,21 @@ class PrunedForCausalLM:
 
 def load_any(name: str, **kwargs: Any) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` for anything a user may want to evaluate: a dense
-    model, a pruned checkpoint (with its mode applied) or a recipe."""
+    model, a pruned checkpoint (with its mode applied), a recipe, or a PEFT
+    adapter folder (loaded with ``AutoPeftModelForCausalLM`` onto the pruned
+    checkpoint it names as its base)."""
     from transformers import AutoTokenizer
 
+    if (Path(name) / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        with explained(f"the adapter at {name}", "loading it onto its base"):
+            model = AutoPeftModelForCausalLM.from_pretrained(name, **kwargs)
+        base = model.peft_config[model.active_adapter].base_model_name_or_path
+        try:
+            return model, AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError):  # an adapter saved without its tokenizer: its base's is the same
+            return model, AutoTokenizer.from_pretrained(base)
     record = PrunedForCausalLM._recipe(name, kwargs.get("revision"))
     if record is None:
         model, tok = load_model(name, **kwargs)

@@ -2,6 +2,7 @@
 reloads with plain transformers, is undone with the removal, and refuses bad input in one line."""
 
 import contextlib
+import json
 import logging
 
 import pytest
@@ -283,3 +284,36 @@ def test_linear_repair_of_real_smollm2_at_25_percent(smollm2):
     assert ppl <= 0.75 * plain_ppl
     noise = math.sqrt((plain_acc * (1 - plain_acc) + acc * (1 - acc)) / n)
     assert acc >= plain_acc - 2 * noise
+
+
+def test_cli_prunes_with_linear_repair_and_eval_compares_it_with_plain_removal_and_lora(smollm2_path, tmp_path, capsys, monkeypatch):
+    from conftest import assert_one_line_error, run_cli
+
+    from shortgpt_hf import heal, save_healed
+
+    common = ["--ratio", "0.1", "--max-tokens", "2048"]
+    code, out, err = run_cli(capsys, monkeypatch, "prune", smollm2_path, *common, "--out", tmp_path / "plain")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, monkeypatch, "prune", smollm2_path, *common, "--recovery", "linear", "--recovery-tokens", "4096", "--out", tmp_path / "linear")
+    assert code == 0, err
+    assert "linear repair on 4,096 tokens" in out and "-> layer" in out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "linear")  # plain transformers, nothing of ours
+    assert native.config.shortgpt["recovery"][0]["method"] == "linear" and native.config.num_hidden_layers == 27
+    healed = heal(native, TOKENS, tokenizer=AutoTokenizer.from_pretrained(tmp_path / "linear"), steps=2, seq_len=24, progress=False)
+    save_healed(healed, tmp_path / "linear+lora", AutoTokenizer.from_pretrained(tmp_path / "linear"))
+
+    models = [tmp_path / "plain", tmp_path / "linear", tmp_path / "linear+lora"]
+    code, out, err = run_cli(capsys, monkeypatch, "eval", *models, "--tasks", "ppl", "--max-tokens", "512", "--json", tmp_path / "cmp.json")
+    assert code == 0, err
+    reports = json.loads((tmp_path / "cmp.json").read_text())
+    ppl = [r["results"][0]["value"] for r in reports]
+    assert [r["model"] for r in reports] == [str(m) for m in models] and ppl[1] < ppl[0] and ppl[2] != ppl[1]
+
+    code, _, err = run_cli(capsys, monkeypatch, "prune", "gpt2-tiny-does-not-matter", "--recovery", "lora", "--out", tmp_path / "x")
+    assert code == 2 and not (tmp_path / "x").exists()
+    assert_one_line_error(err, "--recovery must be none or one of linear, got 'lora' (LoRA healing: shortgpt heal)")
+    code, _, err = run_cli(capsys, monkeypatch, "eval", tmp_path / "plain", tmp_path / "linear", "--with-base")
+    assert code == 2
+    assert_one_line_error(err, "--with-base compares one model with its base")
