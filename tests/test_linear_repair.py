@@ -317,3 +317,25 @@ def test_cli_prunes_with_linear_repair_and_eval_compares_it_with_plain_removal_a
     code, _, err = run_cli(capsys, monkeypatch, "eval", tmp_path / "plain", tmp_path / "linear", "--with-base")
     assert code == 2
     assert_one_line_error(err, "--with-base compares one model with its base")
+
+
+def test_repair_on_a_dispatched_model_matches_one_device_and_refuses_offloaded_weights(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    kwargs = dict(dtype=torch.float32, attn_implementation="eager")
+    def placement(on_disk: int) -> dict:
+        layers = {f"model.layers.{i}": ("disk" if i == on_disk else "cpu") for i in range(6)}
+        return {"model.embed_tokens": "cpu", **layers, "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+
+    # Layer 3 is offloaded to disk: its activations are read while fitting, and it is removed, so nothing is folded there.
+    dispatched = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=placement(3), offload_folder=str(tmp_path / "offload3"), **kwargs).eval()
+    assert "disk" in dispatched.hf_device_map.values()
+    prune(dispatched, layers=REMOVE, recovery="linear", recovery_data=TOKENS, recovery_options=dict(progress=False))
+    torch.testing.assert_close(logits(dispatched), logits(repaired("llama")))
+
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=placement(1), offload_folder=str(tmp_path / "offload1"), **kwargs).eval()
+    params = [id(p) for p in offloaded.parameters()]
+    with pytest.raises(ShortGPTError, match="cannot fold a map into .* offloaded or quantized"):
+        prune(offloaded, layers=[2, 3], recovery="linear", recovery_data=TOKENS, recovery_options=dict(progress=False))
+    assert [id(p) for p in offloaded.parameters()] == params and len(find_decoder_layers(offloaded).layers) == 6
