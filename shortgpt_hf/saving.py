@@ -105,6 +105,13 @@ def save_recipe(
         raise ShortGPTError("this model has not been pruned: nothing to write as a recipe")
     if not record.base_model_name_or_path:
         raise ShortGPTError("cannot write a recipe: the base model is unknown (base_model_name_or_path is empty)")
+    trained = [step.get("method") for step in record.recovery or [] if step.get("method") != "linear"]
+    if trained:
+        # A recipe rebuilds weights from the base (plus linear maps); trained weights would silently be lost.
+        raise ShortGPTError(
+            f"this model was recovered with {', '.join(trained)}, which a recipe cannot rebuild from its base: "
+            "save it as a full checkpoint (save_pruned), or save the adapter (save_healed)"
+        )
     with atomic_folder(out_dir, overwrite) as tmp:
         record.save_pretrained(tmp)
         save_maps(model_or_config if is_model else None, record, tmp)

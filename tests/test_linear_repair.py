@@ -339,3 +339,14 @@ def test_repair_on_a_dispatched_model_matches_one_device_and_refuses_offloaded_w
     with pytest.raises(ShortGPTError, match="cannot fold a map into .* offloaded or quantized"):
         prune(offloaded, layers=[2, 3], recovery="linear", recovery_data=TOKENS, recovery_options=dict(progress=False))
     assert [id(p) for p in offloaded.parameters()] == params and len(find_decoder_layers(offloaded).layers) == 6
+
+
+def test_a_recipe_is_refused_for_trained_weights_it_could_not_rebuild(tmp_path):
+    from shortgpt_hf import save_recipe
+
+    model = repaired("llama", removed=[2])
+    steps = [*model.config.shortgpt["recovery"], {"method": "lora", "steps": 3}]
+    model.config.shortgpt = {**model.config.shortgpt, "recovery": steps, "base_model_name_or_path": str(tmp_path / "base")}
+    with pytest.raises(ShortGPTError, match="recovered with lora, which a recipe cannot rebuild"):
+        save_recipe(model, tmp_path / "recipe")
+    assert not (tmp_path / "recipe").exists()

@@ -396,7 +396,7 @@ def maps_from_record(record: ShortGPTConfig, tensors: dict[str, torch.Tensor]) -
     return maps
 
 
-def _fit(model: nn.Module, removing: list[int], windows: TokenWindows, pad_id: int, ridge: float, batch_size: int, progress: bool) -> list[tuple[Gap, LinearMap]]:
+def _fit(model: nn.Module, removing: list[int], windows: TokenWindows, pad_id: int, ridge: float, batch_size: int, progress: bool) -> list[LinearMap]:
     record = ShortGPTConfig.from_model(model)
     original = record.kept_layers if record is not None else list(range(len(find_decoder_layers(model).layers)))
     gaps = gaps_of(removing)
@@ -415,10 +415,10 @@ def _fit(model: nn.Module, removing: list[int], windows: TokenWindows, pad_id: i
         after = None if gap.before < 0 else original[gap.before]
         plain = eq.residual(None)
         if gap in skipped:
-            fitted.append((gap, LinearMap(removed, after, None, eq.diagonal, plain, plain)))
+            fitted.append(LinearMap(removed, after, None, eq.diagonal, plain, plain))
             continue
         t = eq.solve(ridge, f"the gap at layers {removed}").float()
-        fitted.append((gap, LinearMap(removed, after, t, eq.diagonal, plain, eq.residual(t.double()))))
+        fitted.append(LinearMap(removed, after, t, eq.diagonal, plain, eq.residual(t.double())))
     return fitted
 
 
@@ -429,7 +429,7 @@ class LinearRecovery(RecoveryMethod):
     name = "linear"
     needs_removed_layers = True
 
-    def check(self, model: nn.Module, *, ridge: float = 0.0, batch_size: int = 8, progress: bool = True, fitted: Any = None) -> None:
+    def check(self, model: nn.Module, *, ridge: float = 0.0, batch_size: int = 8, progress: bool = True) -> None:
         fold_rule(model)
         if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
             raise ShortGPTError(f"ridge must be a non-negative number, got {ridge!r}")
@@ -439,7 +439,7 @@ class LinearRecovery(RecoveryMethod):
 
     def fit(self, model: nn.Module, removing: list[int], windows: TokenWindows, tokenizer: Any, *, ridge: float = 0.0, batch_size: int = 8, progress: bool = True) -> list[LinearMap]:
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-        return [m for _, m in _fit(model, removing, windows, pad_id, float(ridge), batch_size, progress)]
+        return _fit(model, removing, windows, pad_id, float(ridge), batch_size, progress)
 
     def apply(
         self,
