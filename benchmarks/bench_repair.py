@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
-    lora_ratios = ratios if args.lora_ratios is None else [float(r) for r in args.lora_ratios.split(",")]
+    lora_ratios = ratios if args.lora_ratios is None else [float(r) for r in args.lora_ratios.split(",") if r]
     all_calibration = [float(r) for r in args.all_calibration_ratios.split(",") if r]
     held_out = heldout_texts()
     results = {"settings": vars(args) | {"json": str(args.json)}, "models": {}}

@@ -337,8 +337,9 @@ def fold_maps(model: nn.Module, maps: list[LinearMap]) -> None:
 def linear_maps(model: nn.Module) -> dict[str, torch.Tensor]:
     """The maps folded into this model, by the key its ``config.shortgpt`` record names them under.
 
-    They live on the model object only: a native checkpoint needs none (the
-    weights already carry them), a recipe stores them beside its config."""
+    A native checkpoint does not need them (its weights already carry them)
+    but keeps them in ``shortgpt_maps.safetensors`` beside its config, so a
+    recipe can still be written from it; a recipe needs them to refold."""
     return dict(getattr(model, _MAPS_ATTR, {}))
 
 
