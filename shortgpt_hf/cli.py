@@ -18,7 +18,7 @@ from rich.table import Table
 from .builtin import DEFAULT_MODEL
 from .errors import ShortGPTError
 from .ablation import PAPER_METRICS, RECOVERIES
-from .scoring import METRICS
+from .scoring import METRICS, REPAIR_METRICS
 
 if TYPE_CHECKING:
     from .evaluation import EvalReport
@@ -105,7 +105,8 @@ def score(
     from .config import ShortGPTConfig
 
     m, tok = _load(model, dtype, device_map)
-    result = _score(m, tok, metric, calibration, seq_len, max_tokens, batch_size, block_size)
+    greedy = lowest if metric in REPAIR_METRICS and 0 < lowest else None  # a greedy choice goes as far as it is asked to
+    result = _score(m, tok, metric, calibration, seq_len, max_tokens, batch_size, block_size, max_layers=greedy)
     marked = set(result.lowest(lowest if block_size == 1 else block_size)) if 0 < lowest < result.num_layers else set()
     record = ShortGPTConfig.from_model(m)
     out.print(_score_table(result, marked, record.kept_layers if record else None))
@@ -146,6 +147,7 @@ def prune(
     from .selection import removal_count
     from .pruning import prune as prune_model
     from .saving import check_destination, save_pruned, save_recipe
+    from .texts import heldout_texts
 
     if n_layers is not None and ratio is not None:
         raise ShortGPTError("give only one of --n-layers and --ratio")
@@ -167,7 +169,8 @@ def prune(
     count = removal_count(num_before, n_layers, ratio) if chosen is None else len(chosen)  # refuse "none" or "all" before scoring
     repair = {}
     if recovery != "none":
-        repair = dict(recovery=recovery, recovery_data=calibration, tokenizer=tok, recovery_options=dict(ridge=ridge, seq_len=seq_len, max_tokens=recovery_tokens, batch_size=batch_size))
+        options = dict(ridge=ridge, seq_len=seq_len, max_tokens=recovery_tokens, batch_size=batch_size, eval_data=heldout_texts()[:1])
+        repair = dict(recovery=recovery, recovery_data=calibration, tokenizer=tok, recovery_options=options)
         from .recovery import RECOVERY_METHODS
 
         RECOVERY_METHODS[recovery].check(m, ridge=ridge)  # an unsupported family fails before minutes of scoring
@@ -184,6 +187,7 @@ def prune(
     for step in (record.get("recovery") or [])[-1:] if recovery != "none" else []:
         gaps = ", ".join(f"{g['removed']} -> {g['folded_into'] if g['map'] else 'unrepaired'}" for g in step["gaps"])
         out.print(f"{recovery} repair on {step['tokens']:,} tokens: {gaps}")
+        out.print(f"held-out perplexity {step['perplexity_before']:.2f} (plain removal) -> {step['perplexity_after']:.2f} (repaired)")
     out.print(f"parameters: {before:,} -> {after:,} ({100 * (1 - after / before):.1f}% fewer)")
     kind = "recipe" if recipe else "checkpoint"
     out.print(f"{kind} saved to {saved}" + (" (verified: cache parity and reload logits)" if verify else ""))

@@ -296,7 +296,7 @@ def test_cli_prunes_with_linear_repair_and_eval_compares_it_with_plain_removal_a
     assert code == 0, err
     code, out, err = run_cli(capsys, monkeypatch, "prune", smollm2_path, *common, "--recovery", "linear", "--recovery-tokens", "4096", "--out", tmp_path / "linear")
     assert code == 0, err
-    assert "linear repair on 4,096 tokens" in out and "-> layer" in out
+    assert "linear repair on 4,096 tokens" in out and "-> layer" in out and "(plain removal) ->" in out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     native = AutoModelForCausalLM.from_pretrained(tmp_path / "linear")  # plain transformers, nothing of ours
