@@ -4,7 +4,6 @@ saves or describes the model uses the Auto class its config maps to
 
 import pytest
 import torch
-from test_recipes import tensor_reads  # noqa: F401  (the read-spy fixture)
 from tiny_models import NUM_LAYERS, tiny_model
 from transformers import AutoModelForImageTextToText
 
