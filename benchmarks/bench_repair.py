@@ -57,7 +57,9 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
     parser.add_argument("--ratios", default="0.1,0.25,0.3")
     parser.add_argument("--lora-ratios", default=None, help="ratios that also get the two LoRA variants (default: all)")
-    parser.add_argument("--lora-budget", type=float, default=600, help="seconds of LoRA training per variant")
+    parser.add_argument("--lora-budget", type=float, default=600, help="seconds of LoRA training per variant (timing probe)")
+    parser.add_argument("--lora-steps", type=int, default=None, help="fixed LoRA steps instead of the timing probe (353 = 600 s on the 2-core machine)")
+    parser.add_argument("--variants", default=None, help="comma-separated subset of the variants to run (default: all)")
     parser.add_argument("--calibration-tokens", type=int, default=32768, help="tokens the linear maps are fitted on")
     parser.add_argument("--selection-tokens", type=int, default=8192, help="tokens for BI and the repair-aware selection")
     parser.add_argument("--all-calibration-ratios", default="0.25", help="ratios that also get BI + linear fitted on every calibration token")
@@ -66,6 +68,10 @@ def main() -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
     lora_ratios = ratios if args.lora_ratios is None else [float(r) for r in args.lora_ratios.split(",") if r]
     all_calibration = [float(r) for r in args.all_calibration_ratios.split(",") if r]
+    chosen = None if args.variants is None else {v.strip() for v in args.variants.split(",")}
+
+    def wanted(variant: str) -> bool:
+        return chosen is None or variant in chosen
     held_out = heldout_texts()
     results = {"settings": vars(args) | {"json": str(args.json)}, "models": {}}
 
@@ -82,11 +88,12 @@ def main() -> None:
         selection: dict = {}
         with cost(selection, "bi"):
             bi = score_layers(model, tokenizer=tok, max_tokens=args.selection_tokens, progress=False)
-        with cost(selection, "repair_aware"):
-            aware = score_layers(model, tokenizer=tok, metric="linear_residual", max_tokens=args.selection_tokens, max_layers=max(counts.values()), progress=False)
+        aware = None
+        if wanted("repair-aware + linear"):
+            with cost(selection, "repair_aware"):
+                aware = score_layers(model, tokenizer=tok, metric="linear_residual", max_tokens=args.selection_tokens, max_layers=max(counts.values()), progress=False)
         report = {"layers": n_layers, "dense": measure(model), "selection_cost": {k: plus(v) for k, v in selection.items()}, "ratios": {}}
         print(name, report, flush=True)
-        lora_steps = None
 
         def run(label: str, scores, n: int, repair: bool, lora: bool, steps: int | None = None, max_tokens: int | None = args.calibration_tokens) -> dict:
             spent: dict = {}
@@ -105,18 +112,22 @@ def main() -> None:
                 if lora:
                     for p, flag in trainable.items():
                         p.requires_grad_(flag)
-            row["cost"] = plus(selection["repair_aware" if scores is aware else "bi"], *spent.values())
+            row["cost"] = plus(selection["bi" if scores is bi else "repair_aware"], *spent.values())
             print(f"  {n} layers  {label:26s} {row}", flush=True)
             return row
 
+        lora_steps = args.lora_steps
         for ratio, n in counts.items():
             rows = {}
-            rows["plain BI"] = run("plain BI", bi, n, False, False)
-            rows["BI + linear"] = run("BI + linear", bi, n, True, False)
-            if ratio in all_calibration:
+            if wanted("plain BI"):
+                rows["plain BI"] = run("plain BI", bi, n, False, False)
+            if wanted("BI + linear"):
+                rows["BI + linear"] = run("BI + linear", bi, n, True, False)
+            if ratio in all_calibration and wanted("BI + linear, all calibration"):
                 rows["BI + linear, all calibration"] = run("BI + linear, all calibration", bi, n, True, False, max_tokens=None)
-            rows["repair-aware + linear"] = run("repair-aware + linear", aware, n, True, False)
-            if ratio in lora_ratios:
+            if wanted("repair-aware + linear"):
+                rows["repair-aware + linear"] = run("repair-aware + linear", aware, n, True, False)
+            if ratio in lora_ratios and (wanted("BI + LoRA") or wanted("BI + linear + LoRA")):
                 if lora_steps is None:  # steps that fill the budget, from a short timing probe on this model
                     with restored_after(model):
                         prune(model, n_layers=n, scores=bi)
@@ -126,8 +137,10 @@ def main() -> None:
                         lora_steps = max(5, int(args.lora_budget / ((time.perf_counter() - start) / 5)))
                         for p, flag in trainable.items():
                             p.requires_grad_(flag)
-                rows["BI + LoRA"] = run("BI + LoRA", bi, n, False, True, lora_steps)
-                rows["BI + linear + LoRA"] = run("BI + linear + LoRA", bi, n, True, True, lora_steps)
+                if wanted("BI + LoRA"):
+                    rows["BI + LoRA"] = run("BI + LoRA", bi, n, False, True, lora_steps)
+                if wanted("BI + linear + LoRA"):
+                    rows["BI + linear + LoRA"] = run("BI + linear + LoRA", bi, n, True, True, lora_steps)
             report["ratios"][str(ratio)] = {"removed": n, "variants": rows}
         results["models"][name] = report
         if args.json:
