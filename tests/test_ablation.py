@@ -12,7 +12,7 @@ from conftest import assert_one_line_error, run_cli
 from shortgpt_hf import Ablation, ShortGPTError, ablate, prune
 from shortgpt_hf.layers import find_decoder_layers
 
-RUN_KEYS = {"metric", "schedule", "ratio", "removed_layers", "results"}
+RUN_KEYS = {"metric", "schedule", "ratio", "removed_layers", "results", "recovery"}
 RESULT_KEYS = {"task", "dataset", "metric", "value", "higher_is_better", "num_samples", "chance"}
 
 
