@@ -56,7 +56,7 @@ def main() -> None:
         steps = max(args.every, int(args.budget / per_step))
         curve = [(0, ppl_unhealed)]
 
-        def record(step, model, curve=curve, steps=steps):
+        def record(step, model, logs, curve=curve, steps=steps):
             if step % args.every == 0 or step == steps:
                 curve.append((step, perplexity(model, tok, held_out, **EVAL)))
 

@@ -14,6 +14,7 @@ from .loading import load_model
 from .multiple_choice import multiple_choice
 from .modeling import PrunedForCausalLM
 from .prefill_skip import disable_prefill_skip, enable_prefill_skip
+from . import auto  # noqa: F401  (registers recipes with transformers' Auto classes)
 from .pruning import prune
 from .surgery import remove_layers
 from .verification import verify_pruned

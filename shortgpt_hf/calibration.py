@@ -34,14 +34,18 @@ class TokenWindows:
     def batches(self, batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Right-padded ``(input_ids, attention_mask)`` batches; padding is masked out downstream."""
         for start in range(0, len(self.windows), batch_size):
-            chunk = self.windows[start : start + batch_size]
-            width = max(len(w) for w in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, window in enumerate(chunk):
-                ids[row, : len(window)] = window
-                mask[row, : len(window)] = 1
-            yield ids, mask
+            yield self.pad(self.windows[start : start + batch_size], pad_id)
+
+    @staticmethod
+    def pad(chunk: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One right-padded ``(input_ids, attention_mask)`` batch (a DataLoader's ``collate_fn``)."""
+        width = max(len(w) for w in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, window in enumerate(chunk):
+            ids[row, : len(window)] = window
+            mask[row, : len(window)] = 1
+        return ids, mask
 
 
 def _texts_and_description(calibration: CalibrationData, text_column: str) -> tuple[list[str] | None, list[torch.Tensor] | None, str]:

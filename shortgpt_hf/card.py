@@ -19,8 +19,9 @@ from .builtin import BUILTINS
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
 from .families import auto_class, is_vision_language
-from .pruning import count_parameters
+from .pruning import count_parameters, hub_tags
 from .scoring import bar_chart
+from .sources import hub_id_of
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -40,23 +41,12 @@ def split_adapter(model: nn.Module) -> tuple[nn.Module, Any]:
     return model, None
 
 
-def hub_base_id(record: ShortGPTConfig) -> str | None:
-    """The base model as a Hub id: built-ins map to their upstream repo; local paths give None."""
-    name = record.base_model_name_or_path
-    if not name:
-        return None
-    if name in BUILTINS:
-        return BUILTINS[name].hub_id
-    looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1
-    return None if looks_local else name
-
-
 def base_license(record: ShortGPTConfig) -> str | None:
     """The base model's licence, from the built-in table or the base's own card (cache or Hub)."""
     name = record.base_model_name_or_path
     if name in BUILTINS:
         return BUILTINS[name].license
-    base = hub_base_id(record)
+    base = hub_id_of(name)
     if base is None:
         return None
     from huggingface_hub import ModelCard
@@ -112,7 +102,7 @@ def model_card(
     if kind not in KINDS:
         raise ShortGPTError(f"kind must be one of {KINDS}, got {kind!r}")
     rows = _eval_rows(eval_results)
-    base = hub_base_id(record)
+    base = hub_id_of(record.base_model_name_or_path)
     loader = auto_class(pruned.config).__name__
     pipeline_tag = "image-text-to-text" if is_vision_language(pruned.config) else "text-generation"
     card_data = ModelCardData(
@@ -120,7 +110,7 @@ def model_card(
         library_name="peft" if kind == "adapter" else "transformers",
         license=base_license(record),
         pipeline_tag=pipeline_tag,
-        tags=["shortgpt", "layer-pruning", "pruned"] + (["prefill-skip"] if record.mode == "prefill_skip" else []) + (["lora"] if peft_config is not None else []),
+        tags=hub_tags(record) + (["lora"] if peft_config is not None else []),
         model_name=repo_id.split("/")[-1],
         eval_results=[EvalResult(task_type=pipeline_tag, dataset_type=r["dataset"], dataset_name=r["dataset"], metric_type=r["metric"], metric_value=r["value"]) for r in rows] or None,
     )
@@ -170,8 +160,11 @@ def model_card(
 
 
 def merge_into_existing(new: "ModelCard", existing_text: str | None) -> "ModelCard":
-    """Update a card already on the Hub in place: our marked section and our
-    front-matter keys are replaced, anything the user added is kept."""
+    """Update a card already on the Hub in place: our marked section is replaced
+    and everything else the user wrote is kept. In the metadata our keys take
+    the new values, except that tags and eval results are added to the user's:
+    a result for the same task, dataset and metric takes the new value, as
+    huggingface_hub's ``metadata_update`` merges them."""
     from huggingface_hub import ModelCard
 
     if not existing_text:
@@ -180,7 +173,17 @@ def merge_into_existing(new: "ModelCard", existing_text: str | None) -> "ModelCa
     section = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
     ours = section.search(new.text).group(0)
     text = section.sub(lambda _: ours, old.text, count=1) if section.search(old.text) else old.text.rstrip() + "\n\n" + ours + "\n"
+    results = list(old.data.eval_results or [])
+    for result in new.data.eval_results or []:
+        same = [i for i, kept in enumerate(results) if result.is_equal_except_value(kept)]
+        if same:
+            results[same[0]] = result
+        else:
+            results.append(result)
     data = {**old.data.to_dict(), **new.data.to_dict()}
+    for key in ("model-index", "eval_results", "model_name"):
+        data.pop(key, None)
+    data["tags"] = list(dict.fromkeys([*(old.data.tags or []), *(new.data.tags or [])]))
     merged = ModelCard("---\n---\n" + text)
-    merged.data = type(new.data)(**data)
+    merged.data = type(new.data)(**data, eval_results=results or None, model_name=new.data.model_name or old.data.model_name)
     return merged

@@ -31,7 +31,9 @@ app = typer.Typer(
 )
 out = Console()
 
-ModelArg = Annotated[str, typer.Argument(help="Built-in name (smollm2-135m, gemma3-270m), local folder, or Hub id (read from the local cache).")]
+ModelArg = Annotated[
+    str, typer.Argument(help="Built-in name (smollm2-135m, gemma3-270m), or a folder or Hub id holding a dense model, a pruned checkpoint or a recipe.")
+]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -46,10 +48,10 @@ def _from_pretrained_kwargs(dtype: str, device_map: Optional[str]) -> dict:
     return kwargs
 
 
-def _load(model: str, dtype: str, device_map: Optional[str]):
+def _load(model: str, dtype: str, device_map: Optional[str], adapters: bool = False):
     from .loading import load_model
 
-    return load_model(model, **_from_pretrained_kwargs(dtype, device_map))
+    return load_model(model, adapters=adapters, **_from_pretrained_kwargs(dtype, device_map))
 
 
 def _parse_layers(text: str) -> list[int]:
@@ -195,7 +197,7 @@ def prune(
 
 @app.command()
 def load(
-    model: Annotated[str, typer.Argument(help="Pruned checkpoint or recipe: local folder or Hub id.")],
+    model: Annotated[str, typer.Argument(help="Pruned checkpoint or recipe: folder or Hub id.")],
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
     device_map: Annotated[Optional[str], typer.Option(help="accelerate device_map, e.g. auto.")] = None,
 ) -> None:
@@ -271,12 +273,6 @@ def generate(
     new = ids.shape[1] - inputs.input_ids.shape[1]
     out.print(prompt + tok.decode(ids[0, inputs.input_ids.shape[1] :], skip_special_tokens=True), markup=False, highlight=False)
     out.print(f"time to first token: {timer.first - start:.3f}s; {new} tokens in {total:.2f}s ({inputs.input_ids.shape[1]}-token prompt)")
-
-
-def _load_any(model: str, dtype: str, device_map: Optional[str]):
-    from .modeling import load_any
-
-    return load_any(model, **_from_pretrained_kwargs(dtype, device_map))
 
 
 def _split(text: Optional[str]) -> list[str]:
@@ -362,7 +358,7 @@ def eval_(
     if len(models) > 1:
         reports = []
         for name in models:
-            m, tok = _load_any(name, dtype, device_map)
+            m, tok = _load(name, dtype, device_map, adapters=True)
             reports.append(evaluate(m, tok, name=name, **options))
             del m
         out.print(_comparison_table(reports))
@@ -371,14 +367,14 @@ def eval_(
             out.print(f"results written to {json_out}")
         return
     model = models[0]
-    m, tok = _load_any(model, dtype, device_map)
+    m, tok = _load(model, dtype, device_map, adapters=True)
     record = ShortGPTConfig.from_model(m)
     if with_base and record is None:
         raise ShortGPTError(f"--with-base needs a pruned model; {model!r} is not one")
     report = evaluate(m, tok, name=model, **options)
     if with_base:
         del m
-        base, base_tok = _load_any(record.base_model_name_or_path, dtype, device_map)
+        base, base_tok = _load(record.base_model_name_or_path, dtype, device_map)
         report.baseline = evaluate(base, base_tok, name=record.base_model_name_or_path, **options)
     out.print(_eval_table(report))
     if json_out:
@@ -445,7 +441,7 @@ def ablate(
 
 @app.command()
 def push(
-    folder: Annotated[Path, typer.Argument(help="A pruned checkpoint or recipe folder (from shortgpt prune).")],
+    folder: Annotated[str, typer.Argument(help="A pruned checkpoint or recipe (from shortgpt prune): folder or Hub id.")],
     repo_id: Annotated[str, typer.Argument(help="Hub repo, e.g. your-name/smollm2-135m-shortgpt.")],
     private: Annotated[bool, typer.Option(help="Create the repo as private.")] = False,
     recipe: Annotated[bool, typer.Option(help="Push only the recipe (base id + removed layers), not the weights.")] = False,
@@ -464,7 +460,7 @@ def push(
 
 @app.command()
 def heal(
-    pruned_dir: Annotated[Path, typer.Argument(help="A saved pruned checkpoint (from shortgpt prune).")],
+    pruned: Annotated[str, typer.Argument(help="A saved pruned checkpoint or recipe (from shortgpt prune): folder or Hub id.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the adapter (or, with --merge, the merged checkpoint).")],
     data: Annotated[Optional[Path], typer.Option(help="Training text file (default: packaged calibration plays).")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="Dense model to distill from (built-in name, folder or Hub id).")] = None,
@@ -485,8 +481,13 @@ def heal(
     from .saving import check_destination
     from .texts import heldout_texts
 
+    from .config import ShortGPTConfig
+    from .sources import resolve
+
     check_destination(out_dir, overwrite)
-    m, tok = _load(str(pruned_dir), "float32", None)
+    m, tok = _load(pruned, "float32", None)
+    if ShortGPTConfig.from_model(m) is None:
+        raise ShortGPTError(f"{resolve(pruned).describe()} has no layers removed: prune it first (shortgpt prune {pruned}), then heal what it writes")
     dense = _load(teacher, "float32", None)[0] if teacher else None
     chosen = layers if layers in ("all", "adjacent") else _parse_layers(layers)
     healed = heal_model(m, data, tokenizer=tok, steps=steps, lr=lr, r=r, alpha=alpha, layers=chosen, seq_len=seq_len, batch_size=batch_size, teacher=dense, kd_weight=kd_weight, eval_data=heldout_texts()[:1])

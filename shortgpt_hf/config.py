@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .builtin import BUILTINS
+from transformers import PretrainedConfig
+
 from .errors import ShortGPTError
+from .sources import CONFIG_NAME, RECIPE_MODEL_TYPE, hub_file
 
 MODES = ("remove", "prefill_skip")
 CONFIG_TYPE = "shortgpt"
-CONFIG_NAME = "shortgpt_config.json"
 
 
 def _library_version() -> str:
@@ -154,34 +155,10 @@ class ShortGPTConfig:
         return None if data is None else cls.from_dict(data)
 
 
-def hub_file(repo_id: str, filename: str, revision: str | None = None, **hub_kwargs: Any) -> Path | None:
-    """A file of a Hub repo through huggingface_hub (its cache first; offline-aware), or None if absent."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+class RecipeConfig(PretrainedConfig):
+    """The ``config.json`` a recipe folder carries so that transformers' ``AutoConfig``
+    recognises it (registered in `shortgpt_hf.auto`) and ``AutoModelForCausalLM``
+    hands it to `PrunedForCausalLM`. It holds nothing of its own: the recipe is
+    ``shortgpt_config.json`` beside it, as a PEFT adapter is ``adapter_config.json``."""
 
-    try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, **hub_kwargs))
-    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, HFValidationError):
-        return None
-
-
-def hub_revision(name_or_path: str, revision: str | None = None) -> str | None:
-    """The commit a Hub id resolves to (from huggingface_hub's cache when offline); None for local models."""
-    if not name_or_path or name_or_path in BUILTINS or Path(name_or_path).exists():
-        return None
-    config = hub_file(name_or_path, "config.json", revision)
-    return config.parent.name if config is not None else None
-
-
-def base_name(name_or_path: str) -> str | None:
-    """How a recipe should name its base: built-in names and Hub ids as they are,
-    local folders as absolute paths (so the recipe works from any directory)."""
-    if not name_or_path or name_or_path in BUILTINS or not Path(name_or_path).exists():
-        return name_or_path or None
-    return str(Path(name_or_path).resolve())
+    model_type = RECIPE_MODEL_TYPE

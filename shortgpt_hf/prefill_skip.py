@@ -30,11 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ShortGPTConfig, base_name, hub_revision
+from .config import ShortGPTConfig
+from .sources import recorded_name
 from .errors import ShortGPTError
 from .families import FAMILIES, describe, is_vision_language
 from .layers import find_decoder_layers, text_config
-from .pruning import count_parameters
+from .pruning import count_parameters, tag_pruned
 
 # The families whose skipped-layer K/V writing is known and tested (their ``prefill_kv`` entry).
 SUPPORTED_FAMILIES = tuple(k for k, family in FAMILIES.items() if family.prefill_kv is not None)
@@ -160,16 +161,20 @@ def enable_prefill_skip(model: nn.Module, layers: Sequence[int], boundary: bool 
     if boundary:
         _patch(model, _boundary_forward)
     setattr(model, _STATE, (chosen, boundary))
-    record = previous or ShortGPTConfig(
-        removed_layers=chosen,
-        original_num_hidden_layers=len(found.layers),
-        model_type=cfg.model_type,
-        base_model_name_or_path=base_name(model.name_or_path),
-        base_revision=hub_revision(model.name_or_path),
-        original_num_parameters=count_parameters(model),
-    )
+    record = previous
+    if record is None:
+        base, revision = recorded_name(model.name_or_path)
+        record = ShortGPTConfig(
+            removed_layers=chosen,
+            original_num_hidden_layers=len(found.layers),
+            model_type=cfg.model_type,
+            base_model_name_or_path=base,
+            base_revision=revision,
+            original_num_parameters=count_parameters(model),
+        )
     record.removed_layers, record.mode, record.prefill_boundary = chosen, "prefill_skip", boundary
     model.config.shortgpt = ShortGPTConfig.from_dict(record.to_dict()).to_dict()
+    tag_pruned(model)
     return model
 
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .config import ShortGPTConfig, base_name, hub_revision
+from .config import ShortGPTConfig
+from .sources import recorded_name
 from .errors import ShortGPTError
 from .layers import find_decoder_layers, layers_as_identity, probe_ids, text_config
 from .selection import select_layers
@@ -25,6 +26,21 @@ from .verification import explained, uncached_logits, verify_pruned
 if TYPE_CHECKING:
     from .calibration import CalibrationData
     from .scoring import LayerScores
+
+
+def hub_tags(record: ShortGPTConfig) -> list[str]:
+    """The Hub tags of a pruned model: on its card, and on anything transformers' own ``push_to_hub`` uploads."""
+    return ["shortgpt", "layer-pruning", "pruned"] + (["prefill-skip"] if record.mode == "prefill_skip" else [])
+
+
+def tag_pruned(model: nn.Module) -> None:
+    """Tag a pruned model through transformers' ``add_model_tags``, so its own
+    ``push_to_hub`` / ``save_pretrained(push_to_hub=True)`` tag the repo too."""
+    record = ShortGPTConfig.from_model(model)
+    if record is None or not hasattr(model, "add_model_tags"):
+        return
+    model.model_tags = list(model.model_tags or [])  # a fresh list: a snapshot taken before may share the old one
+    model.add_model_tags(hub_tags(record))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -38,12 +54,13 @@ def _record(model: nn.Module, current: list[int], scores: "LayerScores | None") 
     original_n = previous.original_num_hidden_layers if previous else text_config(model).num_hidden_layers
     originals = previous.kept_layers if previous else list(range(original_n))
     removed = sorted(set(previous.removed_layers if previous else []) | {originals[i] for i in current})
+    base, revision = (previous.base_model_name_or_path, previous.base_revision) if previous else recorded_name(model.name_or_path)
     record = ShortGPTConfig(
         removed_layers=removed,
         original_num_hidden_layers=original_n,
         model_type=text_config(model).model_type,
-        base_model_name_or_path=previous.base_model_name_or_path if previous else base_name(model.name_or_path),
-        base_revision=previous.base_revision if previous else hub_revision(model.name_or_path),
+        base_model_name_or_path=base,
+        base_revision=revision,
         original_num_parameters=previous.original_num_parameters if previous else count_parameters(model),
     )
     if scores is not None:
@@ -130,6 +147,7 @@ def prune(
         raise
     finally:
         model.train(was_training)
+    tag_pruned(model)
     return result
 
 

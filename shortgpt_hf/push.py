@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import types
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .card import CHART, split_adapter, merge_into_existing, model_card, scores_chart
-from .config import CONFIG_NAME, ShortGPTConfig, hub_file
+from .card import CHART, merge_into_existing, model_card, scores_chart, split_adapter
+from .config import ShortGPTConfig
 from .errors import ShortGPTError
+from .sources import hub_file, resolve
 
 KINDS = ("full", "recipe")
 
@@ -39,21 +39,6 @@ def _check_target(repo_id: str, token: str | None) -> str:
     if not token:
         raise ShortGPTError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (or pass token=)")
     return token
-
-
-def _load_dir(path: Path) -> nn.Module:
-    from .modeling import PrunedForCausalLM
-
-    return PrunedForCausalLM.from_pretrained(path)
-
-
-def _tokenizer_in(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        return None
 
 
 def _existing_card(repo_id: str, revision: str | None, token: str) -> str | None:
@@ -83,18 +68,26 @@ def push_to_hub(
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .saving import save_pruned, save_recipe
+    from .saving import write_checkpoint, write_recipe
 
     if kind not in KINDS:
         raise ShortGPTError(f"kind must be one of {KINDS}, got {kind!r}")
     token = _check_target(repo_id, token)
-    source = Path(model_or_dir) if isinstance(model_or_dir, (str, Path)) else None
-    if source is not None:
-        if not source.is_dir():
-            raise ShortGPTError(f"not a folder: {source}")
-        if (source / CONFIG_NAME).is_file() and not (source / "config.json").is_file():
+    source = None
+    if isinstance(model_or_dir, (str, Path)):
+        from .loading import load_model, load_tokenizer
+
+        source = resolve(model_or_dir)
+        if source.kind == "adapter" or not (source.kind == "recipe" or source.pruned):
+            raise ShortGPTError(f"{source.describe()} is not a pruned model: prune it first (shortgpt prune), then push the folder it writes")
+        if source.kind == "recipe":
             kind = "recipe"
-        model, tokenizer = _load_dir(source), tokenizer or _tokenizer_in(source)
+        model, _ = load_model(source.portable, tokenizer=False)
+        if tokenizer is None:
+            try:
+                tokenizer = load_tokenizer(source)
+            except ShortGPTError:  # a checkpoint saved without its tokenizer is pushed without one
+                pass
     else:
         model = model_or_dir
     record = ShortGPTConfig.from_model(split_adapter(model)[0])
@@ -104,12 +97,13 @@ def push_to_hub(
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="shortgpt-push-") as tmp:
         folder = Path(tmp) / "repo"
+        folder.mkdir()
         if kind == "recipe":
-            save_recipe(record, folder, tokenizer)
-        elif source is not None:
-            shutil.copytree(source, folder)  # the user's checkpoint, byte for byte
+            write_recipe(split_adapter(model)[0], folder, tokenizer)
+        elif source is not None and source.where == "local":
+            shutil.copytree(source.folder, folder, dirs_exist_ok=True)  # the user's checkpoint, byte for byte
         else:
-            save_pruned(model, folder, tokenizer, verify=False)
+            write_checkpoint(model, folder, tokenizer)
         chart = scores_chart(record, folder / CHART)
         try:
             card_kind = "adapter" if split_adapter(model)[1] is not None else kind
@@ -127,13 +121,3 @@ def push_to_hub(
         except HfHubHTTPError as e:
             raise ShortGPTError(f"upload to {repo_id} failed: {str(e).splitlines()[0]}") from None
     return info.pr_url if create_pr and info.pr_url else info.commit_url
-
-
-def attach_push_to_hub(model: nn.Module) -> nn.Module:
-    """Give a loaded pruned model our ``push_to_hub`` (card included) in place of transformers'."""
-
-    def push(self: nn.Module, repo_id: str, kind: str = "full", **kwargs: Any) -> str:
-        return push_to_hub(self, repo_id, kind, **kwargs)
-
-    model.push_to_hub = types.MethodType(push, model)
-    return model

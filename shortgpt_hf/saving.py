@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import ShortGPTConfig
+from .config import RecipeConfig, ShortGPTConfig
 from .errors import ShortGPTError
 from .families import auto_class
 from .layers import probe_ids
@@ -65,21 +65,35 @@ def save_pruned(
     reloaded with the plain transformers Auto class its config maps to
     (``AutoModelForCausalLM``, or ``AutoModelForImageTextToText`` for a
     vision-language model) and must give the same logits before it is moved
-    into place (this briefly holds a second copy in memory). The model itself
-    is never changed, and any failure leaves no folder behind."""
+    into place (this briefly holds a second copy in memory). Its weights are
+    never changed, and any failure leaves no folder behind. Afterwards the model
+    names the folder (``model.name_or_path``), as a model loaded from it would."""
     if verify:
         auto_class(model.config)  # a model no Auto class can reload is refused before anything is written
-    record = ShortGPTConfig.from_model(model)
     with atomic_folder(out_dir, overwrite) as tmp:
-        with explained(model, "saving the checkpoint"):
-            model.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        if record is not None and linear_maps(model):  # not needed to load it; lets a recipe be written from it later
-            save_maps(model, record, tmp)
+        write_checkpoint(model, tmp, tokenizer)
         if verify:
             verify_reload(model, tmp)
-    return Path(out_dir).resolve()
+    return point_at(model, out_dir)
+
+
+def write_checkpoint(model: nn.Module, folder: Path, tokenizer: Any = None) -> None:
+    """The files of a native pruned checkpoint, into an existing (temporary) folder."""
+    record = ShortGPTConfig.from_model(model)
+    with explained(model, "saving the checkpoint"):
+        model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+    if record is not None and linear_maps(model):  # not needed to load it; lets a recipe be written from it later
+        save_maps(model, record, folder)
+
+
+def point_at(model: nn.Module, out_dir: str | Path) -> Path:
+    """Make a just-saved model name its folder, as if loaded from there: PEFT then
+    records that folder as an adapter's base, and `heal` / `save_healed` accept it."""
+    saved = Path(out_dir).resolve()
+    model.name_or_path = model.config.name_or_path = str(saved)
+    return saved
 
 
 def save_recipe(
@@ -93,12 +107,28 @@ def save_recipe(
     """Write the recipe form: ``shortgpt_config.json`` naming the base model and its
     pinned revision (plus the tokenizer files, and ``shortgpt_maps.safetensors``
     when the model was repaired with linear maps), a few KB or MB whatever the
-    model size.
-    `PrunedForCausalLM.from_pretrained` rebuilds the pruned model from it; with
+    model size, and a small ``config.json`` that marks the folder as a recipe.
+    `PrunedForCausalLM.from_pretrained` rebuilds the pruned model from it, and so,
+    after ``import shortgpt_hf``, do ``AutoModelForCausalLM`` and ``pipeline``; with
     ``verify`` (a model given) it does so before the folder is moved into place
     and must reproduce the model's logits."""
     from .modeling import PrunedForCausalLM
 
+    is_model = not isinstance(model_or_config, ShortGPTConfig)
+    with atomic_folder(out_dir, overwrite) as tmp:
+        write_recipe(model_or_config, tmp, tokenizer)
+        if verify and is_model:
+            ids = probe_ids(model_or_config)
+            with explained(model_or_config, "rebuilding the model from the recipe"):
+                rebuilt = uncached_logits(PrunedForCausalLM.from_pretrained(tmp, dtype=model_or_config.dtype), ids)
+                expected = uncached_logits(model_or_config, ids)
+            if not logits_close(rebuilt, expected, parity_tolerance(model_or_config)):
+                raise ShortGPTError("verification failed: the recipe rebuilds a model with different logits")
+    return point_at(model_or_config, out_dir) if is_model else Path(out_dir).resolve()
+
+
+def write_recipe(model_or_config: nn.Module | ShortGPTConfig, folder: Path, tokenizer: Any = None) -> None:
+    """The files of a recipe, into an existing (temporary) folder; refuses what a recipe cannot rebuild."""
     is_model = not isinstance(model_or_config, ShortGPTConfig)
     record = ShortGPTConfig.from_model(model_or_config) if is_model else model_or_config
     if record is None:
@@ -112,16 +142,8 @@ def save_recipe(
             f"this model was recovered with {', '.join(trained)}, which a recipe cannot rebuild from its base: "
             "save it as a full checkpoint (save_pruned), or save the adapter (save_healed)"
         )
-    with atomic_folder(out_dir, overwrite) as tmp:
-        record.save_pretrained(tmp)
-        save_maps(model_or_config if is_model else None, record, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if verify and is_model:
-            ids = probe_ids(model_or_config)
-            with explained(model_or_config, "rebuilding the model from the recipe"):
-                rebuilt = uncached_logits(PrunedForCausalLM.from_pretrained(tmp, dtype=model_or_config.dtype), ids)
-                expected = uncached_logits(model_or_config, ids)
-            if not logits_close(rebuilt, expected, parity_tolerance(model_or_config)):
-                raise ShortGPTError("verification failed: the recipe rebuilds a model with different logits")
-    return Path(out_dir).resolve()
+    record.save_pretrained(folder)
+    RecipeConfig().save_pretrained(folder)  # config.json: lets AutoModelForCausalLM and pipeline find PrunedForCausalLM
+    save_maps(model_or_config if is_model else None, record, folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)

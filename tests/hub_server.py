@@ -151,6 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     hub: HubServer
     routes = [  # (methods, regex on the still-quoted path, handler); groups are unquoted and passed as arguments
+        ("GET HEAD", r"/", "home"),
         ("GET", r"/api/whoami-v2", "whoami"),
         ("GET", r"/api/agent-harnesses", "agent_harnesses"),
         ("POST", r"/api/repos/create", "create_repo"),
@@ -216,6 +217,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._authed(required=True)
         user, token = self.hub.user, {"displayName": "hub_server", "role": "write"}
         self._send(200, {"type": "user", "name": user, "fullname": user, "orgs": [], "auth": {"accessToken": token}})
+
+    def on_home(self) -> None:
+        """The front page: shortgpt_hf asks for it once to learn whether the Hub can be reached at all."""
+        self._send(200, b"hub_server")
 
     def on_agent_harnesses(self) -> None:
         """Fetched by the client to tag its user agent; an empty registry detects no agent."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import run_python
 from tiny_models import NUM_LAYERS, tiny_model
+from peft import IA3Config, LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shortgpt_hf import ShortGPTConfig, ShortGPTError, perplexity, prune, save_pruned
@@ -61,10 +62,18 @@ def test_healing_refusals(saved_pruned, tmp_path):
         heal(saved_pruned, TOKENS, "qlora", seq_len=32, steps=1)
     with pytest.raises(ShortGPTError, match="layers must be"):
         heal(saved_pruned, TOKENS, seq_len=32, steps=1, layers=[99])
+    with pytest.raises(ShortGPTError, match="give either peft_config or r, layers"):
+        heal(saved_pruned, TOKENS, seq_len=32, steps=1, peft_config=LoraConfig(r=4), r=8, layers="adjacent")
+    with pytest.raises(ShortGPTError, match="peft_config must be a peft LoraConfig"):
+        heal(saved_pruned, TOKENS, seq_len=32, steps=1, peft_config=IA3Config())
+    for bad, message in ((dict(temperature=0), "temperature must be positive"), (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps must be")):
+        with pytest.raises(ShortGPTError, match=message):
+            heal(saved_pruned, TOKENS, seq_len=32, steps=1, **bad)
     in_memory = tiny_model("llama")
     prune(in_memory, layers=[0])
-    healed = heal(in_memory, TOKENS, seq_len=32, steps=1, progress=False)
-    with pytest.raises(ShortGPTError, match="not a saved pruned checkpoint"):
+    with pytest.warns(UserWarning, match="this pruned model is not saved"):
+        healed = heal(in_memory, TOKENS, seq_len=32, steps=1, progress=False)
+    with pytest.raises(ShortGPTError, match="is not where this pruned model is saved"):
         save_healed(healed, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
 

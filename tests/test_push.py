@@ -18,7 +18,7 @@ CLIENT = r"""
 import json, sys, tempfile, torch
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import EvalResult, HfApi, ModelCard
 from transformers import AutoModelForCausalLM
 from tiny_models import tiny_model
 from shortgpt_hf import PrunedForCausalLM, ShortGPTConfig, prune, push_to_hub, score_layers
@@ -46,14 +46,29 @@ loaded = {
     "auto_full": AutoModelForCausalLM.from_pretrained("tester/tiny-pruned", cache_dir=cache),
     "pruned_full": PrunedForCausalLM.from_pretrained("tester/tiny-pruned"),
     "pruned_recipe": PrunedForCausalLM.from_pretrained("tester/tiny-recipe"),
+    "auto_recipe": AutoModelForCausalLM.from_pretrained("tester/tiny-recipe", cache_dir=cache),
 }
 out["max_diff"] = {k: (m(input_ids=ids).logits - expected).abs().max().item() for k, m in loaded.items()}
 out["layers"] = {k: m.config.num_hidden_layers for k, m in loaded.items()}
 card = ModelCard.load("tester/tiny-pruned")
 out["card"] = {"base_model": card.data.base_model, "tags": card.data.tags, "library_name": card.data.library_name}
 
-again = loaded["pruned_recipe"].push_to_hub("tester/tiny-recipe", kind="recipe", eval_results=[{"task": "perplexity", "metric": "perplexity", "dense": 10.0, "pruned": 12.5}])
+again = push_to_hub(loaded["pruned_recipe"], "tester/tiny-recipe", kind="recipe", eval_results=[{"task": "perplexity", "metric": "perplexity", "dense": 10.0, "pruned": 12.5}])
 out["again_url"] = again
+
+# The user edits the card on the Hub (a tag and a result of their own); our next push adds to them.
+card = ModelCard.load("tester/tiny-pruned")
+card.data.tags = card.data.tags + ["my-tag"]
+card.data.eval_results = [EvalResult(task_type="text-generation", dataset_type="my-set", dataset_name="my-set", metric_type="accuracy", metric_value=0.5)]
+card.text = card.text + "\n\nNotes of my own.\n"
+card.push_to_hub("tester/tiny-pruned")
+push_to_hub(model, "tester/tiny-pruned", eval_results=[{"task": "perplexity", "metric": "perplexity", "pruned": 12.5}])
+merged = ModelCard.load("tester/tiny-pruned", ignore_metadata_errors=True)
+out["merged"] = {"tags": merged.data.tags, "results": sorted((r.dataset_name, r.metric_type, r.metric_value) for r in merged.data.eval_results), "notes": "Notes of my own." in merged.text}
+
+# transformers' own push_to_hub tags a pruned model through add_model_tags.
+model.push_to_hub("tester/plain-push")
+out["plain_tags"] = ModelCard.load("tester/plain-push").data.tags
 out["pr_url"] = push_to_hub(model, "tester/tiny-pruned", create_pr=True, commit_message="propose")
 out["local"] = str(work / "local")
 print(json.dumps(out))
@@ -81,11 +96,13 @@ def test_push_and_load_back_over_http(hub, tmp_path):
     assert full["layer_scores.png"][:4] == b"\x89PNG" and "![bi per layer](layer_scores.png)" in full["README.md"].decode()
     for name in ("config.json", "model.safetensors"):
         assert full[name] == open(os.path.join(out["local"], name), "rb").read(), f"{name} must arrive byte for byte"
-    assert len(hub.commits("tester/tiny-pruned")) == 2, "the repo's initial commit, then one commit per push"
+    # the repo's initial commit, then one commit per push: ours, the user's card edit, ours again (a PR is not on main)
+    assert [c.message.split(" (")[0] for c in hub.commits("tester/tiny-pruned")] == ["initial commit", "Upload ShortGPT-pruned model", "Upload README.md with huggingface_hub", "Upload ShortGPT-pruned model"]
     recipe = hub.files("tester/tiny-recipe")
-    assert "shortgpt_config.json" in recipe and "model.safetensors" not in recipe and "config.json" not in recipe
+    assert "shortgpt_config.json" in recipe and "model.safetensors" not in recipe
+    assert json.loads(recipe["config.json"])["model_type"] == "shortgpt_recipe", "a recipe's config.json only marks it for AutoConfig"
 
-    assert out["max_diff"] == {"auto_full": 0.0, "pruned_full": 0.0, "pruned_recipe": 0.0}
+    assert out["max_diff"] == {"auto_full": 0.0, "pruned_full": 0.0, "pruned_recipe": 0.0, "auto_recipe": 0.0}
     assert set(out["layers"].values()) == {4}
     assert out["card"]["base_model"] == "tester/tiny-base" and out["card"]["library_name"] == "transformers"
     assert {"shortgpt", "layer-pruning", "pruned"} <= set(out["card"]["tags"])
@@ -95,7 +112,12 @@ def test_push_and_load_back_over_http(hub, tmp_path):
     assert readme.count("<!-- shortgpt:start -->") == 1 and "| perplexity | - | perplexity | 10 | 12.5 |" in readme
     assert len(hub.commits("tester/tiny-recipe")) == 3
     assert out["pr_url"].startswith(f"{hub.endpoint}/tester/tiny-pruned/discussions/")
-    assert len(hub.commits("tester/tiny-pruned")) == 2, "a pull request does not commit to main"
+
+    merged = out["merged"]
+    assert "my-tag" in merged["tags"] and {"shortgpt", "layer-pruning", "pruned"} <= set(merged["tags"])
+    assert merged["results"] == [["-", "perplexity", 12.5], ["my-set", "accuracy", 0.5]], "our result is added to the user's"
+    assert merged["notes"], "text the user added outside our section stays"
+    assert {"shortgpt", "layer-pruning", "pruned"} <= set(out["plain_tags"])
 
 
 def test_bad_input_and_server_failure(hub, tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ def test_three_loading_forms_equal_in_memory_prune(base_dir, tmp_path):
     expected = expected_model(input_ids=IDS).logits
     save_pruned(expected_model, tmp_path / "native", verify=False)
     save_recipe(expected_model, tmp_path / "recipe")
-    assert sorted(os.listdir(tmp_path / "recipe")) == ["shortgpt_config.json"]
+    assert sorted(os.listdir(tmp_path / "recipe")) == ["config.json", "shortgpt_config.json"]
     for loaded in (
         PrunedForCausalLM.from_pretrained(tmp_path / "native", **EAGER),
         PrunedForCausalLM.from_pretrained(tmp_path / "recipe", **EAGER),
@@ -150,8 +150,8 @@ def write_recipe(path, **changes):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(base_model_name_or_path="{tmp}/missing"), "base model not found"),
-        (dict(base_model_name_or_path="nobody/no-such-model"), "not found, locally or on the Hub"),
+        (dict(base_model_name_or_path="{tmp}/missing"), "base model is unavailable: no such folder"),
+        (dict(base_model_name_or_path="nobody/no-such-model"), "base model is unavailable: 'nobody/no-such-model' is not a local folder, and no model"),
         (dict(base_model_name_or_path=None), "names no base model"),
         (dict(base_model_name_or_path="{base}", model_type="qwen3"), "for a qwen3 model but base"),
         (dict(base_model_name_or_path="{base}", original_num_hidden_layers=8), "expects 8 layers but base"),
@@ -172,12 +172,12 @@ def test_bad_recipe_files(tmp_path):
     with pytest.raises(ShortGPTError, match="not valid JSON"):
         PrunedForCausalLM.from_pretrained(tmp_path / "corrupt")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ShortGPTError, match="not a model folder"):
+    with pytest.raises(ShortGPTError, match="is a folder, but not a model, recipe or PEFT adapter"):
         PrunedForCausalLM.from_pretrained(tmp_path / "empty")
-    with pytest.raises(ShortGPTError, match="does not exist"):
+    with pytest.raises(ShortGPTError, match="no such folder"):
         PrunedForCausalLM.from_pretrained(tmp_path / "nowhere")
     tiny_model("llama").save_pretrained(tmp_path / "unpruned")
-    with pytest.raises(ShortGPTError, match="neither a pruned checkpoint nor a recipe"):
+    with pytest.raises(ShortGPTError, match="dense model folder .* has no layers removed"):
         PrunedForCausalLM.from_pretrained(tmp_path / "unpruned")
     with pytest.raises(ShortGPTError, match="not been pruned"):
         save_recipe(tiny_model("llama"), tmp_path / "r")

@@ -8,15 +8,16 @@ the teacher's distribution.
 
 The adapter must name the PRUNED model as its base: an adapter that records
 the unpruned base makes ``AutoPeftModelForCausalLM`` load the full model and put
-the adapters on the wrong layers. `heal` points it at the saved
-pruned checkpoint the model was loaded from, and `save_healed` refuses to write
-an adapter whose base is not a saved pruned checkpoint.
+the adapters on the wrong layers. `heal` points it at where the pruned model is
+saved (a full checkpoint, or a recipe), warns when it is saved nowhere, and
+`save_healed` refuses to write an adapter whose base is not that place.
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +43,30 @@ def adjacent_layers(record: ShortGPTConfig) -> list[int]:
 
 
 def pruned_reference(model: nn.Module) -> str | None:
-    """Where this pruned model is saved as a native checkpoint (what an adapter must
-    name as its base), or None if it only exists in memory or as a recipe."""
-    name = model.name_or_path
-    config = Path(name) / "config.json"
-    if not name or not config.is_file():
+    """Where this pruned model is saved, as a full checkpoint or as a recipe that
+    rebuilds it (what an adapter must name as its base), or None if it exists
+    only in memory. The saved record must be this model's, up to recovery steps
+    added since (an adapter trained now is one)."""
+    from ..modeling import read_recipe
+    from ..sources import resolve
+
+    current = ShortGPTConfig.from_model(model)
+    if current is None or not model.name_or_path:
         return None
-    saved = json.loads(config.read_text()).get("shortgpt")
-    current = getattr(model.config, "shortgpt", None)
-    if not saved or not current or saved.get("removed_layers") != current.get("removed_layers"):
+    try:
+        source = resolve(model.name_or_path)
+        if source.kind == "recipe":
+            saved = read_recipe(source)
+        elif source.kind == "model" and source.pruned:
+            saved = ShortGPTConfig.from_dict(json.loads(source.file("config.json").read_text())["shortgpt"])
+        else:
+            return None
+    except ShortGPTError:
         return None
-    return str(Path(name).resolve())
+    steps = saved.recovery or []
+    if saved.removed_layers != current.removed_layers or (current.recovery or [])[: len(steps)] != steps:
+        return None
+    return source.portable
 
 
 def _check_method(method: str, model: nn.Module) -> None:
@@ -67,7 +81,7 @@ def _check_method(method: str, model: nn.Module) -> None:
             raise ShortGPTError("QLoRA trains on a 4-bit base: load the pruned model with quantization_config=BitsAndBytesConfig(load_in_4bit=True)")
 
 
-def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over real tokens of KL(teacher || student), scaled by T^2 as usual."""
     t = F.log_softmax(teacher.float() / temperature, dim=-1)
     s = F.log_softmax(student.float() / temperature, dim=-1)
@@ -81,7 +95,9 @@ class LoraRecovery(RecoveryMethod):
 
     name = "lora"
 
-    def check(self, model: nn.Module, *, quantized: bool = False, kd_weight: float = 0.5, steps: int = 50, **options: Any) -> None:
+    def check(
+        self, model: nn.Module, *, quantized: bool = False, kd_weight: float = 0.5, steps: int = 50, temperature: float = 1.0, gradient_accumulation_steps: int = 1, **options: Any
+    ) -> None:
         if is_vision_language(model.config):
             # PEFT's AutoPeftModelForCausalLM could not reload the adapter, and text-only
             # batches would leave the vision side untrained: train it with PEFT directly.
@@ -91,6 +107,10 @@ class LoraRecovery(RecoveryMethod):
             raise ShortGPTError(f"kd_weight must be between 0 and 1, got {kd_weight}")
         if steps < 1:
             raise ShortGPTError(f"steps must be at least 1, got {steps}")
+        if gradient_accumulation_steps < 1:
+            raise ShortGPTError(f"gradient_accumulation_steps must be at least 1, got {gradient_accumulation_steps}")
+        if temperature <= 0:
+            raise ShortGPTError(f"temperature must be positive, got {temperature}")
 
     def apply(
         self,
@@ -98,11 +118,12 @@ class LoraRecovery(RecoveryMethod):
         windows: TokenWindows,
         tokenizer: Any,
         *,
+        peft_config: Any = None,
         quantized: bool = False,
-        r: int = 8,
-        alpha: int = 16,
+        r: int | None = None,
+        alpha: int | None = None,
         target_modules: list[str] | str | None = None,
-        layers: str | list[int] = "all",
+        layers: str | list[int] | None = None,
         steps: int = 50,
         lr: float = 2e-4,
         batch_size: int = 4,
@@ -115,31 +136,20 @@ class LoraRecovery(RecoveryMethod):
         callback: Any = None,
     ) -> tuple[nn.Module, dict[str, Any]]:
         from accelerate import Accelerator
-        from peft import LoraConfig, get_peft_model
+        from accelerate.utils import GradientAccumulationPlugin
+        from peft import get_peft_model
+        from torch.utils.data import DataLoader
 
-        record = ShortGPTConfig.from_model(model)
-        found = find_decoder_layers(model)
-        if layers == "all":
-            to_transform = None
-        elif layers == "adjacent":
-            to_transform = adjacent_layers(record)
-        elif isinstance(layers, (list, tuple)) and all(0 <= int(i) < len(found.layers) for i in layers) and layers:
-            to_transform = [int(i) for i in layers]
+        reference = pruned_reference(model)
+        if reference is None:
+            warnings.warn(
+                "this pruned model is not saved, so an adapter saved from it with PEFT's save_pretrained would name "
+                f"{model.name_or_path or 'no base'!r} as its base and could not be reloaded: save it with save_pruned "
+                "(or save_recipe) before healing"
+            )
         else:
-            raise ShortGPTError(f"layers must be 'all', 'adjacent' or post-pruning indices in 0..{len(found.layers) - 1}, got {layers!r}")
-
-        if target_modules is None:  # every linear layer of this family's decoder block (never the output head)
-            target_modules = sorted({name.rsplit(".", 1)[-1] for name, m in found.layers[0].named_modules() if isinstance(m, nn.Linear)})
-        config = LoraConfig(
-            r=r,
-            lora_alpha=alpha,
-            lora_dropout=0.0,
-            target_modules=target_modules,
-            layers_to_transform=to_transform,
-            layers_pattern=found.attr if to_transform is not None else None,
-            task_type="CAUSAL_LM",
-            base_model_name_or_path=pruned_reference(model),
-        )
+            model.name_or_path = model.config.name_or_path = reference  # PEFT copies it into the adapter as its base
+        config = _lora_config(model, peft_config, r, alpha, target_modules, layers, reference)
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
         if quantized:
@@ -147,21 +157,31 @@ class LoraRecovery(RecoveryMethod):
 
             peft_model = prepare_model_for_kbit_training(peft_model)
 
-        accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps)
+        # The dataloader's end must not force a premature optimizer step: the data is cycled.
+        plugin = GradientAccumulationPlugin(num_steps=gradient_accumulation_steps, sync_with_dataloader=False)
+        accelerator = Accelerator(gradient_accumulation_plugin=plugin)
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+        # Not given to accelerator.prepare, which would step it once per process: it is stepped once per
+        # optimizer step below, so the schedule ends at ``steps`` whatever the number of processes.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps))
-        peft_model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
+        pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        loader = DataLoader(windows.windows, batch_size=batch_size, collate_fn=functools.partial(TokenWindows.pad, pad_id=pad_id))
+        peft_model, optimizer, loader = accelerator.prepare(peft_model, optimizer, loader)  # each process gets its own share
         if teacher is not None:
             teacher.eval()
             teacher_device = input_device(teacher)
-        batches = itertools.cycle(list(windows.batches(batch_size, getattr(tokenizer, "pad_token_id", None) or 0)))
+
+        def cycled() -> Any:
+            while True:
+                yield from loader
+
+        batches = cycled()
         peft_model.train()
-        tokens = 0
+        tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
         bar = tqdm(range(steps), desc=f"healing ({'CE+KD' if teacher is not None else 'CE'})", disable=not (progress and accelerator.is_main_process))
         for step in bar:
             for _ in range(gradient_accumulation_steps):
                 ids, mask = next(batches)
-                ids, mask = ids.to(accelerator.device), mask.to(accelerator.device)
                 with accelerator.accumulate(peft_model):
                     logits = peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
@@ -169,31 +189,78 @@ class LoraRecovery(RecoveryMethod):
                     if teacher is not None and kd_weight > 0:
                         with torch.no_grad():
                             teacher_logits = teacher(input_ids=ids.to(teacher_device), attention_mask=mask.to(teacher_device), use_cache=False).logits.to(logits.device)
-                        loss = (1 - kd_weight) * loss + kd_weight * _distill_loss(logits, teacher_logits, mask.float(), temperature)
+                        loss = (1 - kd_weight) * loss + kd_weight * distill_loss(logits, teacher_logits, mask.float(), temperature)
                     accelerator.backward(loss)
                     optimizer.step()
-                    scheduler.step()
                     optimizer.zero_grad()
-                tokens += int(mask.sum())
+                tokens += mask.sum()
+            rate = scheduler.get_last_lr()[0]  # the rate this step was taken with
+            scheduler.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if callback is not None:
-                callback(step + 1, accelerator.unwrap_model(peft_model))
+                callback(step + 1, accelerator.unwrap_model(peft_model), {"loss": loss.item(), "lr": rate, "process": accelerator.process_index})
         peft_model = accelerator.unwrap_model(peft_model)
         peft_model.eval()
+        config = peft_model.peft_config[peft_model.active_adapter]
         details = {
             "quantized": quantized,
-            "r": r,
-            "alpha": alpha,
-            "target_modules": target_modules,
-            "layers": layers if isinstance(layers, str) else list(layers),
+            "r": config.r,
+            "alpha": config.lora_alpha,
+            "target_modules": sorted(config.target_modules) if isinstance(config.target_modules, (set, list)) else config.target_modules,
+            "layers": layers if isinstance(layers, str) else ("all" if config.layers_to_transform is None else list(config.layers_to_transform)),
+            "variant": ("DoRA" if config.use_dora else "LoRA") + (", rsLoRA" if config.use_rslora else ""),
             "steps": steps,
-            "tokens": tokens,
+            "processes": accelerator.num_processes,
+            "gradient_accumulation_steps": gradient_accumulation_steps,
+            "tokens": int(accelerator.reduce(tokens, reduction="sum")),
             "lr": lr,
             "teacher": (teacher.name_or_path or "in-memory model") if teacher is not None else None,
             "kd_weight": kd_weight if teacher is not None else 0.0,
+            "temperature": temperature if teacher is not None else None,
             "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
         }
         return peft_model, details
+
+
+def _lora_config(model: nn.Module, peft_config: Any, r: int | None, alpha: int | None, target_modules: Any, layers: Any, reference: str | None) -> Any:
+    """The user's own ``LoraConfig`` (DoRA, rsLoRA, chosen targets...), or one built from
+    the shortcut arguments; either way it names the pruned base."""
+    import copy
+
+    from peft import LoraConfig
+
+    if peft_config is not None:
+        if not isinstance(peft_config, LoraConfig):
+            raise ShortGPTError(f"peft_config must be a peft LoraConfig, got {type(peft_config).__name__}")
+        given = [name for name, value in (("r", r), ("alpha", alpha), ("target_modules", target_modules), ("layers", layers)) if value is not None]
+        if given:
+            raise ShortGPTError(f"give either peft_config or {', '.join(given)}, not both")
+        config = copy.deepcopy(peft_config)  # the user's object stays as it was
+        config.task_type = config.task_type or "CAUSAL_LM"
+        config.base_model_name_or_path = reference
+        return config
+    found = find_decoder_layers(model)
+    layers = "all" if layers is None else layers
+    if layers == "all":
+        to_transform = None
+    elif layers == "adjacent":
+        to_transform = adjacent_layers(ShortGPTConfig.from_model(model))
+    elif isinstance(layers, (list, tuple)) and layers and all(0 <= int(i) < len(found.layers) for i in layers):
+        to_transform = [int(i) for i in layers]
+    else:
+        raise ShortGPTError(f"layers must be 'all', 'adjacent' or post-pruning indices in 0..{len(found.layers) - 1}, got {layers!r}")
+    if target_modules is None:  # every linear layer of this family's decoder block (never the output head)
+        target_modules = sorted({name.rsplit(".", 1)[-1] for name, m in found.layers[0].named_modules() if isinstance(m, nn.Linear)})
+    return LoraConfig(
+        r=8 if r is None else r,
+        lora_alpha=16 if alpha is None else alpha,
+        lora_dropout=0.0,
+        target_modules=target_modules,
+        layers_to_transform=to_transform,
+        layers_pattern=found.attr if to_transform is not None else None,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=reference,
+    )
 
 
 def heal(
@@ -213,13 +280,22 @@ def heal(
     ``method``: "lora", or "qlora" on a 4-bit base. Options: ``layers`` ("all",
     "adjacent" (kept layers next to a removed gap) or post-pruning indices),
     ``target_modules`` (default: every linear layer of the family's decoder
-    block, never the output head), ``r``, ``alpha``, ``steps``, ``lr``,
-    ``batch_size``, ``gradient_accumulation_steps``, ``seed``. With ``teacher``
-    the loss is ``(1 - kd_weight) * CE + kd_weight * KL`` at ``temperature``.
+    block, never the output head), ``r``, ``alpha``; or instead of those four,
+    ``peft_config``: any peft ``LoraConfig`` (DoRA, rsLoRA, your own targets).
+    Training: ``steps`` (optimizer steps), ``lr`` (10% warm-up, then linear
+    decay to zero at the last step), ``batch_size`` (per process),
+    ``gradient_accumulation_steps``, ``seed``. With ``teacher`` the loss is
+    ``(1 - kd_weight) * CE + kd_weight * KL`` at ``temperature``.
     With ``eval_data``, held-out perplexity before and after is recorded in
-    the ``config.shortgpt["recovery"]`` entry. ``callback(step, peft_model)``
-    is called after each optimizer step (for curves). Runs on top of any
-    earlier recovery step (e.g. a folded linear repair).
+    the ``config.shortgpt["recovery"]`` entry. ``callback(step, peft_model, logs)``
+    is called after each optimizer step (for curves; ``logs`` has ``loss``,
+    ``lr`` and ``process``). Runs on top of any earlier recovery step (e.g. a
+    folded linear repair).
+
+    Under ``accelerate launch`` (several GPUs, or CPU processes) each process
+    trains on its own share of the batches and the schedule still ends at
+    ``steps``; the global batch is ``batch_size x gradient_accumulation_steps x
+    processes``.
     """
     if method not in METHODS:
         raise ShortGPTError(f"method must be one of {METHODS}, got {method!r}")
@@ -230,24 +306,35 @@ def heal(
 
 def save_healed(peft_model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *, merge: bool = False, overwrite: bool = False) -> Path:
     """Save a healed model: the adapter alone (its config names the saved pruned
-    base, so ``AutoPeftModelForCausalLM`` rebuilds the pruned model), or with
-    ``merge=True`` a native checkpoint that keeps ``config.shortgpt`` and its
-    ``healing`` record."""
-    from ..saving import atomic_folder, save_pruned
+    base, a checkpoint or a recipe, so ``AutoPeftModelForCausalLM`` rebuilds the
+    pruned model), or with ``merge=True`` a native checkpoint that keeps
+    ``config.shortgpt`` and its recovery record. PEFT's own
+    ``peft_model.save_pretrained`` writes the same adapter; this adds the
+    checks, the tokenizer and an atomic write. Under ``accelerate launch``
+    only the main process writes; the others wait for it."""
+    from accelerate import PartialState
 
-    if merge:
-        merged = peft_model.merge_and_unload()
-        return save_pruned(merged, out_dir, tokenizer, overwrite=overwrite)
-    base_ref = peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path
-    if not base_ref or not (Path(base_ref) / "config.json").is_file():
-        raise ShortGPTError(
-            "the adapter's base is not a saved pruned checkpoint (save the pruned model with save_pruned and load it "
-            "from there before healing), or save with merge=True"
-        )
-    with atomic_folder(out_dir, overwrite) as tmp:
-        peft_model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+    from ..saving import atomic_folder, check_destination, save_pruned
+
+    state = PartialState()
+    if not merge:
+        base_ref = peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path
+        if not base_ref or base_ref != pruned_reference(peft_model.get_base_model()):
+            raise ShortGPTError(
+                f"the adapter's base ({base_ref or 'none'}) is not where this pruned model is saved: save the pruned model "
+                "with save_pruned (or save_recipe) before healing, or save with merge=True"
+            )
+    check_destination(out_dir, overwrite)
+    state.wait_for_everyone()  # every process has checked before the main one writes
+    if state.is_main_process:
+        if merge:
+            save_pruned(peft_model.merge_and_unload(), out_dir, tokenizer, overwrite=overwrite)
+        else:
+            with atomic_folder(out_dir, overwrite) as tmp:
+                peft_model.save_pretrained(tmp)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+    elif merge:
+        peft_model.merge_and_unload()  # every process ends with the same merged model
+    state.wait_for_everyone()
     return Path(out_dir).resolve()
-
-
