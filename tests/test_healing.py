@@ -2,9 +2,14 @@
 plain transformers, and a real recovery of held-out perplexity."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import run_python
 from tiny_models import NUM_LAYERS, tiny_model
 from peft import IA3Config, LoraConfig
@@ -12,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shortgpt_hf import ShortGPTConfig, ShortGPTError, perplexity, prune, save_pruned
 from shortgpt_hf.recovery import adjacent_layers, heal, save_healed
+from shortgpt_hf.recovery.lora import distill_loss
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(6))
 TOKENS = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(7))
@@ -126,3 +132,97 @@ def test_records_from_before_the_recovery_list_still_load():
     legacy = {"removed_layers": [2], "original_num_hidden_layers": 6, "healing": {"steps": 3, "r": 8}}
     assert ShortGPTConfig.from_dict(legacy).recovery == [{"method": "lora", "steps": 3, "r": 8}]
     assert ShortGPTConfig.from_dict({**legacy, "healing": None}).recovery is None
+
+
+def test_two_process_healing_shards_data_and_keeps_the_schedule(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): each process trains on its own
+    windows, the LR schedule is the single-process one step for step, both end
+    with the same adapter, and only one writes it; it reloads with PEFT."""
+    model = tiny_model("llama")
+    prune(model, layers=[2])
+    save_pruned(model, tmp_path / "pruned")
+    tokens = torch.randint(3, 128, (16, 16), generator=torch.Generator().manual_seed(8))
+    tokens[:, 0] = torch.arange(16) + 3  # the first token names the window
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save(tokens, out / "tokens.pt")
+    steps, batch_size, accumulation = 3, 2, 2
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    worker = [str(Path(__file__).parent / "heal_worker.py"), str(tmp_path / "pruned"), str(out), str(steps), str(batch_size), str(accumulation)]
+    result = subprocess.run(launch + worker, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((out / f"process{i}.json").read_text()) for i in (0, 1)]
+
+    windows = [set(r["seen"]) for r in ranks]
+    assert windows[0] and windows[1] and not windows[0] & windows[1], f"the processes trained on the same windows: {windows}"
+    assert windows[0] | windows[1] == set(range(3, 19)), "together they cover the data"
+    # accelerate's DataLoader reads one batch ahead, so a process may batch one more than it trains on
+    assert all(0 <= len(r["seen"]) - steps * accumulation * batch_size <= batch_size for r in ranks)
+    assert all(r["processes"] == 2 and r["tokens"] == 2 * steps * accumulation * batch_size * 16 for r in ranks)
+    assert ranks[0]["lora"] == ranks[1]["lora"], "gradients are averaged across processes: the adapters stay identical"
+
+    rates: list[float] = []
+    single = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", attn_implementation="eager")
+    heal(single, tokens, seq_len=16, steps=steps, batch_size=2 * batch_size, gradient_accumulation_steps=accumulation, lr=1e-2, progress=False,
+         callback=lambda step, m, logs: rates.append(logs["lr"]))
+    assert ranks[0]["rates"] == ranks[1]["rates"] == pytest.approx(rates), "the schedule ends where a single process with the same global batch ends"
+    assert len(rates) == steps and rates[-1] == pytest.approx(1e-2 * (1 - (steps - 1) / steps))
+
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [], "no temporary folder is left"
+    code = f"""
+import torch
+from peft import AutoPeftModelForCausalLM
+m = AutoPeftModelForCausalLM.from_pretrained({str(out / 'adapter')!r}, attn_implementation="eager")
+print(m.get_base_model().config.num_hidden_layers)
+"""
+    reloaded = run_python(code)
+    assert reloaded.returncode == 0 and reloaded.stdout.strip().splitlines()[-1] == str(NUM_LAYERS - 1), reloaded.stderr[-2000:]
+
+
+def test_gradient_accumulation_equals_the_larger_batch(saved_pruned, tmp_path):
+    """Two accumulated batches of 2 take the same optimizer steps as batches of 4 over the same windows."""
+    adapters = []
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", attn_implementation="eager")
+        healed = heal(model, TOKENS, seq_len=32, steps=2, lr=1e-2, batch_size=batch_size, gradient_accumulation_steps=accumulation, progress=False)
+        assert healed.get_base_model().config.shortgpt["recovery"][-1]["tokens"] == 2 * 4 * 32
+        adapters.append({n: p.detach().clone() for n, p in healed.named_parameters() if "lora_" in n})
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    for name in adapters[0]:
+        torch.testing.assert_close(adapters[0][name], adapters[1][name], atol=1e-6, rtol=1e-5)
+    moved = [n for n in adapters[0] if "lora_B" in n and adapters[0][n].abs().max() > 0]
+    assert moved, "the adapters trained at all"
+
+
+def test_distillation_temperature_and_callback(saved_pruned, tmp_path):
+    student = torch.randn(2, 5, 11)
+    teacher = torch.randn(2, 5, 11)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float)
+    for temperature in (1.0, 2.0, 4.0):
+        kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1), log_target=True, reduction="none").sum(-1)
+        expected = (kl * mask).sum() / mask.sum() * temperature**2
+        torch.testing.assert_close(distill_loss(student, teacher, mask, temperature), expected)
+
+    # A teacher identical to the student (LoRA starts as the identity) gives no distillation loss at any temperature.
+    teacher_model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", attn_implementation="eager")
+    logs = []
+    healed = heal(saved_pruned, TOKENS, seq_len=32, steps=3, lr=1e-2, batch_size=4, teacher=teacher_model, kd_weight=1.0, temperature=3.0,
+                  progress=False, callback=lambda step, model, info: logs.append((step, model, info)))
+    assert [step for step, _, _ in logs] == [1, 2, 3] and all(model is healed for _, model, _ in logs)
+    assert logs[0][2]["loss"] == pytest.approx(0.0, abs=1e-6) and logs[-1][2]["loss"] > 0
+    assert logs[0][2]["lr"] > logs[-1][2]["lr"] > 0
+    record = healed.get_base_model().config.shortgpt["recovery"][-1]
+    assert record["temperature"] == 3.0 and record["kd_weight"] == 1.0
+
+
+def test_any_peft_lora_config(saved_pruned, tmp_path):
+    """A user's own LoraConfig (here DoRA on two projections) is used as given, and named on the pruned base."""
+    config = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"])
+    healed = heal(saved_pruned, TOKENS, seq_len=32, steps=2, lr=1e-2, batch_size=4, peft_config=config, progress=False)
+    used = healed.peft_config["default"]
+    assert used.use_dora and used.r == 4 and set(used.target_modules) == {"q_proj", "v_proj"}
+    assert used.base_model_name_or_path == str((tmp_path / "pruned").resolve()) and config.base_model_name_or_path is None
+    record = healed.get_base_model().config.shortgpt["recovery"][-1]
+    assert record["variant"] == "DoRA" and record["r"] == 4 and record["target_modules"] == ["q_proj", "v_proj"]
+    trained = [n for n, p in healed.named_parameters() if p.requires_grad]
+    assert trained and all("q_proj" in n or "v_proj" in n for n in trained) and any("lora_magnitude_vector" in n for n in trained)

@@ -159,7 +159,9 @@ class LoraRecovery(RecoveryMethod):
 
         # The dataloader's end must not force a premature optimizer step: the data is cycled.
         plugin = GradientAccumulationPlugin(num_steps=gradient_accumulation_steps, sync_with_dataloader=False)
-        accelerator = Accelerator(gradient_accumulation_plugin=plugin)
+        # cpu=True on a machine with no accelerator: without it, processes started by `accelerate launch`
+        # or torchrun would each train alone instead of as one gloo group.
+        accelerator = Accelerator(cpu=not _has_accelerator(), gradient_accumulation_plugin=plugin)
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
         # Not given to accelerator.prepare, which would step it once per process: it is stepped once per
         # optimizer step below, so the schedule ends at ``steps`` whatever the number of processes.
@@ -220,6 +222,11 @@ class LoraRecovery(RecoveryMethod):
             "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
         }
         return peft_model, details
+
+
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
 def _lora_config(model: nn.Module, peft_config: Any, r: int | None, alpha: int | None, target_modules: Any, layers: Any, reference: str | None) -> Any:
