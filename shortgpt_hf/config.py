@@ -158,7 +158,19 @@ class ShortGPTConfig:
 class RecipeConfig(PretrainedConfig):
     """The ``config.json`` a recipe folder carries so that transformers' ``AutoConfig``
     recognises it (registered in `shortgpt_hf.auto`) and ``AutoModelForCausalLM``
-    hands it to `PrunedForCausalLM`. It holds nothing of its own: the recipe is
-    ``shortgpt_config.json`` beside it, as a PEFT adapter is ``adapter_config.json``."""
+    hands it to `PrunedForCausalLM`. The recipe itself is ``shortgpt_config.json``
+    beside it, as a PEFT adapter is ``adapter_config.json``; this file only adds
+    the model's ``vocab_size``, which PEFT compares with an adapter's model to
+    decide whether the embeddings were resized and must be saved with it."""
 
     model_type = RECIPE_MODEL_TYPE
+    written = ("model_type", "transformers_version", "vocab_size")  # the keys the file holds
+
+    def absorbed_kwargs(self) -> dict[str, Any]:
+        """The ``from_pretrained`` arguments that ``AutoConfig`` absorbed into this config
+        on the way to `PrunedForCausalLM` (``attn_implementation``, ``output_attentions``...):
+        they belong to the base model it loads."""
+        absorbed = {k: v for k, v in self.to_diff_dict().items() if k not in self.written}
+        if self._attn_implementation is not None:
+            absorbed["attn_implementation"] = self._attn_implementation
+        return absorbed

@@ -232,7 +232,7 @@ class PrunedForCausalLM:
         for key in _AUTO_KWARGS:
             kwargs.pop(key, None)
         if isinstance(kwargs.get("config"), RecipeConfig):  # what AutoModelForCausalLM read from the recipe's marker
-            kwargs.pop("config")
+            kwargs = kwargs.pop("config").absorbed_kwargs() | kwargs
         hub = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
         source = resolve(pretrained_model_name_or_path, revision, **hub)
         return load_pruned(source, removed_layers=removed_layers, mode=mode, **kwargs)

@@ -15,7 +15,7 @@ from torch import nn
 from .config import RecipeConfig, ShortGPTConfig
 from .errors import ShortGPTError
 from .families import auto_class
-from .layers import probe_ids
+from .layers import probe_ids, text_config
 from .recovery.linear import linear_maps, save_maps
 from .verification import explained, logits_close, parity_tolerance, uncached_logits, verify_reload
 
@@ -143,7 +143,9 @@ def write_recipe(model_or_config: nn.Module | ShortGPTConfig, folder: Path, toke
             "save it as a full checkpoint (save_pruned), or save the adapter (save_healed)"
         )
     record.save_pretrained(folder)
-    RecipeConfig().save_pretrained(folder)  # config.json: lets AutoModelForCausalLM and pipeline find PrunedForCausalLM
+    # config.json: lets AutoModelForCausalLM and pipeline find PrunedForCausalLM
+    vocab = {"vocab_size": text_config(model_or_config).vocab_size} if is_model else {}
+    RecipeConfig(**vocab).save_pretrained(folder)
     save_maps(model_or_config if is_model else None, record, folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

@@ -149,3 +149,15 @@ def tiny_model(family: str, seed: int = 0):
             if "norm" in name or "ln" in name:
                 param.add_(0.3 * torch.randn(param.shape, generator=gen))
     return model
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny models' 128 ids ("t3 t17 ..."), for the
+    entry points that need one (pipeline, AutoPeftModel); no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, COMMON["vocab_size"])}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>")
