@@ -81,10 +81,10 @@ def load_model(name_or_path: str, tokenizer: bool = True, *, adapters: bool = Fa
         model, base = _load_adapter(source, **from_pretrained_kwargs)
         tokenizer_sources.append(base)
     elif source.kind == "recipe":
-        from .modeling import PrunedForCausalLM, recipe_base
+        from .modeling import load_pruned, recipe_base
 
-        model = PrunedForCausalLM.from_pretrained(source, **from_pretrained_kwargs)
-        tokenizer_sources.append(recipe_base(ShortGPTConfig.from_model(model))[0])
+        model = load_pruned(source, **{k: v for k, v in from_pretrained_kwargs.items() if k != "revision"})
+        tokenizer_sources.append(recipe_base(ShortGPTConfig.from_model(model)))
     else:
         model = load_native(source, **from_pretrained_kwargs)
         record = ShortGPTConfig.from_model(model)
@@ -122,5 +122,5 @@ def tokenizer_for(model: Any) -> Any:
     if source.kind == "recipe":
         from .modeling import read_recipe, recipe_base
 
-        sources.append(recipe_base(read_recipe(source))[0])
+        sources.append(recipe_base(read_recipe(source)))
     return load_tokenizer(*sources)

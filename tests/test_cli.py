@@ -67,7 +67,7 @@ def test_bad_prune_input(tiny_dirs, tmp_path, capsys, monkeypatch, args, message
 
 @pytest.mark.parametrize(
     "model, message",
-    [("{root}/nope", "does not exist"), ("{root}/bert", "no decoder layer list"), ("{root}/gpt2_scaled", "scale_attn_by_inverse_layer_idx"), ("{root}/empty.txt", "not a model folder")],
+    [("{root}/nope", "no such folder"), ("{root}/bert", "no decoder layer list"), ("{root}/gpt2_scaled", "scale_attn_by_inverse_layer_idx"), ("{root}/empty.txt", "is a file; a model, recipe or adapter is a folder")],
 )
 def test_bad_models(tiny_dirs, tmp_path, capsys, monkeypatch, model, message):
     out = tmp_path / "out"
@@ -113,7 +113,7 @@ def test_existing_output_needs_overwrite(tiny_dirs, tmp_path, capsys, monkeypatc
 def test_console_script_prints_no_traceback(tmp_path):
     result = subprocess.run(["shortgpt", "prune", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"shortgpt: error: model path does not exist: {tmp_path / 'missing'}"]
+    assert result.stderr.strip().splitlines() == [f"shortgpt: error: no such folder: {tmp_path / 'missing'}"]
 
 
 def test_score_command_writes_json_and_plot(smollm2_path, tmp_path, capsys, monkeypatch):
@@ -163,7 +163,7 @@ def test_recipe_and_load_commands(tiny_dirs, tmp_path, capsys, monkeypatch):
     assert f"base: {tiny_dirs / 'llama'}" in stdout
     code, _, err = run_cli(capsys, monkeypatch, "load", tiny_dirs / "llama")
     assert code == 2
-    assert_one_line_error(err, "neither a pruned checkpoint nor a recipe")
+    assert_one_line_error(err, "has no layers removed: prune it first")
 
 
 def test_generate_command(tiny_dirs, capsys, monkeypatch):
@@ -187,3 +187,36 @@ def test_heal_command_merges_into_native_checkpoint(tiny_dirs, tmp_path, capsys,
     code, _, err = run_cli(capsys, monkeypatch, "heal", pruned, "--out", healed, "--steps", "1")
     assert code == 2
     assert_one_line_error(err, "not empty")
+
+
+def test_every_command_takes_a_recipe(tiny_dirs, tmp_path, capsys, monkeypatch):
+    """score, prune, load, generate, eval and heal on a recipe folder (push: tests/test_push.py);
+    a form a command cannot use is named, with what to do."""
+    recipe = tmp_path / "recipe"
+    assert run_cli(capsys, monkeypatch, "prune", tiny_dirs / "llama", "--layers", "0,5", "--recipe", "--out", recipe)[0] == 0
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(["To be, or not to be, that is the question."] * 60))
+    runs = {
+        "score": ["score", recipe, "--calibration", text, "--seq-len", "32", "--max-tokens", "256", "--lowest", "1"],
+        "prune": ["prune", recipe, "--layers", "1", "--out", tmp_path / "again", "--calibration", text, "--seq-len", "32"],
+        "load": ["load", recipe],
+        "generate": ["generate", recipe, "--max-new-tokens", "3", "--prompt", "To be"],
+        "eval": ["eval", recipe, "--tasks", f"ppl:{text}", "--max-tokens", "256", "--seq-len", "32", "--stride", "32"],
+        "heal": ["heal", recipe, "--out", tmp_path / "adapter", "--steps", "1", "--seq-len", "32", "--batch-size", "2", "--data", text],
+    }
+    for name, args in runs.items():
+        code, stdout, err = run_cli(capsys, monkeypatch, *args)
+        assert code in (0, None), f"{name}: {err[-2000:]}"
+    assert ShortGPTConfig.from_dict(json.loads((tmp_path / "again" / "config.json").read_text())["shortgpt"]).removed_layers == [0, 2, 5]
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(recipe.resolve()), "the adapter's base is the recipe"
+
+    for args, message in (
+        (["heal", tiny_dirs / "llama", "--out", tmp_path / "x"], "dense model folder"),
+        (["prune", tmp_path / "adapter", "--layers", "1", "--out", tmp_path / "y"], "is a PEFT adapter, not a model"),
+        (["load", tiny_dirs / "llama"], "has no layers removed"),
+    ):
+        code, _, err = run_cli(capsys, monkeypatch, *args)
+        assert code == 2
+        assert_one_line_error(err, message)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
