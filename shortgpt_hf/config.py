@@ -19,7 +19,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from .errors import ShortGPTError
-from .sources import CONFIG_NAME, RECIPE_MODEL_TYPE, hub_file
+from .sources import CONFIG_NAME, RECIPE_MODEL_TYPE, resolve
 
 MODES = ("remove", "prefill_skip")
 CONFIG_TYPE = "shortgpt"
@@ -137,16 +137,10 @@ class ShortGPTConfig:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None, **hub_kwargs: Any) -> "ShortGPTConfig":
         """Read a recipe from a local folder or a Hub repo (through huggingface_hub's cache)."""
-        path = Path(name_or_path)
-        if path.is_dir():
-            file = path / CONFIG_NAME
-            if not file.is_file():
-                raise ShortGPTError(f"{path} has no {CONFIG_NAME}: not a ShortGPT recipe")
-        else:
-            file = hub_file(str(name_or_path), CONFIG_NAME, revision, **hub_kwargs)
-            if file is None:
-                raise ShortGPTError(f"{name_or_path!r} is neither a local folder nor a Hub repo with {CONFIG_NAME}")
-        return cls.from_json_string(file.read_text())
+        source = resolve(name_or_path, revision, **hub_kwargs)
+        if source.kind != "recipe":
+            raise ShortGPTError(f"{source.describe()} is not a ShortGPT recipe (it has no {CONFIG_NAME})")
+        return cls.from_json_string(source.file(CONFIG_NAME, **hub_kwargs).read_text())
 
     @classmethod
     def from_model(cls, model: Any) -> "ShortGPTConfig | None":

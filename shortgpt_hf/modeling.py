@@ -65,7 +65,7 @@ def _without_layers(native: type, removed: Sequence[int]) -> type:
 
 
 def read_recipe(source: Source) -> ShortGPTConfig:
-    """The record a recipe folder or repo holds."""
+    """The record a recipe folder or repo holds (the source is already resolved: no second lookup)."""
     return ShortGPTConfig.from_json_string(source.file(CONFIG_NAME).read_text())
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_python
-from tiny_models import NUM_LAYERS, tiny_model
+from tiny_models import NUM_LAYERS, tiny_model, tiny_tokenizer
 from peft import IA3Config, LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,7 +140,7 @@ def test_two_process_healing_shards_data_and_keeps_the_schedule(tmp_path):
     with the same adapter, and only one writes it; it reloads with PEFT."""
     model = tiny_model("llama")
     prune(model, layers=[2])
-    save_pruned(model, tmp_path / "pruned")
+    save_pruned(model, tmp_path / "pruned", tiny_tokenizer())
     tokens = torch.randint(3, 128, (16, 16), generator=torch.Generator().manual_seed(8))
     tokens[:, 0] = torch.arange(16) + 3  # the first token names the window
     out = tmp_path / "out"
@@ -177,6 +177,14 @@ print(m.get_base_model().config.num_hidden_layers)
 """
     reloaded = run_python(code)
     assert reloaded.returncode == 0 and reloaded.stdout.strip().splitlines()[-1] == str(NUM_LAYERS - 1), reloaded.stderr[-2000:]
+
+    # The README's command: the CLI itself under accelerate launch; both processes run it, one writes.
+    (tmp_path / "train.txt").write_text(" ".join(f"t{3 + i % 120}" for i in range(2000)))
+    heal_cli = ["-m", "shortgpt_hf.cli", "heal", str(tmp_path / "pruned"), "--out", str(tmp_path / "cli-adapter"), "--steps", "2", "--seq-len", "16", "--batch-size", "2", "--data", str(tmp_path / "train.txt")]
+    result = subprocess.run(launch + heal_cli, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads((tmp_path / "cli-adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str((tmp_path / "pruned").resolve())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder is left"
 
 
 def test_gradient_accumulation_equals_the_larger_batch(saved_pruned, tmp_path):
