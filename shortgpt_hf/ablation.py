@@ -88,17 +88,17 @@ class Ablation(JsonRecord):
 
     def plot(self, folder: str | Path) -> list[Path]:
         """One PNG per measure (value against the fraction removed, one line per
-        method, dense and chance levels dashed) and ``layer_scores.png``."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        method, dense and chance levels dashed) and ``layer_scores.png``, in
+        ``folder`` (made if missing), on bare matplotlib figures (no pyplot state)."""
+        from matplotlib.figure import Figure
 
         folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         written = []
         methods = list(dict.fromkeys(run.method for run in self.runs))
         for (task, metric), dense in zip(self.measures(), self.dense):
-            fig, ax = plt.subplots(figsize=(6.4, 4))
+            fig = Figure(figsize=(6.4, 4))
+            ax = fig.subplots()
             for method in methods:
                 points = sorted((run.ratio, run.value(task, metric)) for run in self.runs if run.method == method)
                 ax.plot([0.0] + [p[0] for p in points], [dense.value] + [p[1] for p in points], marker="o", label=method, linestyle="--" if "iterative" in method else "-")
@@ -114,10 +114,10 @@ class Ablation(JsonRecord):
             fig.tight_layout()
             path = folder / (f"{metric}.png" if task == metric else f"{task.replace(':', '_')}_{metric}.png")
             fig.savefig(path, dpi=120)
-            plt.close(fig)
             written.append(path)
         if self.scores:
-            fig, axes = plt.subplots(len(self.scores), 1, figsize=(max(6, 0.28 * self.num_layers), 2.2 * len(self.scores)), squeeze=False)
+            fig = Figure(figsize=(max(6, 0.28 * self.num_layers), 2.2 * len(self.scores)))
+            axes = fig.subplots(len(self.scores), 1, squeeze=False)
             for ax, (metric, values) in zip(axes[:, 0], self.scores.items()):
                 ax.bar(range(len(values)), values)
                 ax.set_ylabel(metric)
@@ -126,7 +126,6 @@ class Ablation(JsonRecord):
             fig.tight_layout()
             path = folder / "layer_scores.png"
             fig.savefig(path, dpi=120)
-            plt.close(fig)
             written.append(path)
         return written
 

@@ -55,7 +55,11 @@ def _texts_and_description(calibration: CalibrationData, text_column: str) -> tu
         path = Path(calibration)
         if not path.is_file():
             raise ShortGPTError(f"calibration file not found: {path}")
-        return [path.read_text(encoding="utf-8", errors="replace")], None, f"file:{path.name}"
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:  # a binary file would be scored as replacement characters
+            raise ShortGPTError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded): give a plain text file") from None
+        return [text], None, f"file:{path.name}"
     if isinstance(calibration, torch.Tensor):
         rows = calibration if calibration.dim() == 2 else calibration.unsqueeze(0)
         return None, [r for r in rows], f"tokens:{tuple(rows.shape)}"

@@ -85,20 +85,21 @@ class LayerScores(JsonRecord):
 
 
 def bar_chart(values: dict[int, float], highlighted: set[int], path: str | Path, *, xlabel: str, ylabel: str, title: str) -> Path:
-    """Per-layer bars, ``highlighted`` layers in red (the score chart of the CLI and the model card)."""
-    import matplotlib
+    """Per-layer bars, ``highlighted`` layers in red (the score chart of the CLI and the model card).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a bare matplotlib ``Figure``, never through pyplot, so a notebook's
+    backend and open figures are left alone; missing parent folders are made."""
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * (max(values) + 1)), 3.2))
+    fig = Figure(figsize=(max(6, 0.28 * (max(values) + 1)), 3.2))
+    ax = fig.subplots()
     ax.bar(list(values), list(values.values()), color=["tab:red" if i in highlighted else "tab:blue" for i in values])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return Path(path)
 
 

@@ -7,6 +7,7 @@ counts "25% of N layers" the same way.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,16 @@ def removal_count(num_layers: int, n_layers: int | None = None, ratio: float | N
     return n_layers
 
 
+def _index(value: object) -> int:
+    """A layer index: an int (or numpy / 0-d torch integer), never a float or a bool silently truncated."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ShortGPTError(f"layer indices must be integers, got {value!r}") from None
+
+
 def select_layers(
     num_layers: int,
     layers: Sequence[int] | None = None,
@@ -41,7 +52,7 @@ def select_layers(
     if len(given) != 1:
         raise ShortGPTError(f"give exactly one of layers, n_layers or ratio (got {', '.join(given) or 'none'})")
     if layers is not None:
-        chosen = [int(i) for i in layers]
+        chosen = [_index(i) for i in layers]
         if len(set(chosen)) != len(chosen):
             raise ShortGPTError(f"duplicate layer indices in {chosen}")
         bad = [i for i in chosen if not 0 <= i < num_layers]

@@ -233,7 +233,7 @@ def test_cli_eval_of_a_recipe_beside_its_base(smollm2, tmp_path, capsys, monkeyp
         (["smollm2-135m", "--tasks", "ppl:missing.txt"], "not found"),
         (["smollm2-135m", "--lm-eval-include", "missing-dir"], "not a folder"),
         (["smollm2-135m", "--tasks", "ppl", "--with-base", "--max-tokens", "64"], "needs a pruned model"),
-        (["./no-such-model"], "does not exist"),
+        (["./no-such-model"], "no such folder: ./no-such-model"),
         (["smollm2-135m", "--tasks", ""], "nothing to evaluate"),
     ],
 )

@@ -157,3 +157,31 @@ def test_prune_by_scores_and_ratio_records_original_indices():
         prune(model, n_layers=1, scores=rescored)
     with pytest.raises(ShortGPTError, match="removes zero"):
         prune(model, ratio=0.05, scores=LayerScores("bi", [0.1, 0.2, 0.3], 3))
+
+
+def test_non_integer_layers_and_binary_calibration_are_refused(tmp_path):
+    import numpy as np
+
+    model = tiny_model("llama")
+    for bad in ([1.5], [1.0], [True], ["2"]):
+        with pytest.raises(ShortGPTError, match="layer indices must be integers"):
+            prune(model, layers=bad)
+    assert len(model.model.layers) == NUM_LAYERS, "a refused request leaves the model whole"
+    prune(model, layers=[np.int64(1), torch.tensor(2)])  # integer types from numpy and torch are indices
+    assert model.config.shortgpt["removed_layers"] == [1, 2]
+
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ShortGPTError, match="is not UTF-8 text"):
+        prepare_calibration(binary, None, 16)
+
+
+def test_plots_make_their_folder_and_leave_pyplot_alone(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend, figures = matplotlib.get_backend(), plt.get_fignums()
+    scores = LayerScores("bi", [0.3, 0.1, 0.2, 0.5], num_layers=4, num_tokens=64)
+    written = scores.plot(tmp_path / "new" / "deeper" / "bi.png", highlight=1)
+    assert written.read_bytes()[:4] == b"\x89PNG"
+    assert matplotlib.get_backend() == backend and plt.get_fignums() == figures
