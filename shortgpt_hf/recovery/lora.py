@@ -151,7 +151,9 @@ class LoraRecovery(RecoveryMethod):
             model.name_or_path = model.config.name_or_path = reference  # PEFT copies it into the adapter as its base
         config = _lora_config(model, peft_config, r, alpha, target_modules, layers, reference)
         torch.manual_seed(seed)
-        peft_model = get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft 0.21 asks transformers 5 for a renamed property; nothing for a user to act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, config)
         if quantized:
             from peft import prepare_model_for_kbit_training
 
