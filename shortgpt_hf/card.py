@@ -21,7 +21,7 @@ from .errors import ShortGPTError
 from .families import auto_class, is_vision_language
 from .pruning import count_parameters, hub_tags
 from .scoring import bar_chart
-from .sources import hub_id_of
+from .sources import hub_file, hub_id_of
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -52,8 +52,9 @@ def base_license(record: ShortGPTConfig) -> str | None:
     from huggingface_hub import ModelCard
 
     try:
-        return ModelCard.load(base).data.license
-    except Exception:  # no card, offline without cache, gated...: the licence is simply unknown
+        readme = hub_file(base, "README.md")  # the cache only, at once, when the Hub cannot be reached
+        return ModelCard.load(readme).data.license if readme is not None else None
+    except Exception:  # no card, a gated repo, an unreadable card...: the licence is simply unknown
         return None
 
 

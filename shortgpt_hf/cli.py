@@ -48,10 +48,10 @@ def _from_pretrained_kwargs(dtype: str, device_map: Optional[str]) -> dict:
     return kwargs
 
 
-def _load(model: str, dtype: str, device_map: Optional[str], adapters: bool = False):
+def _load(model: str, dtype: str, device_map: Optional[str], adapters: bool = False, revision: Optional[str] = None):
     from .loading import load_model
 
-    return load_model(model, adapters=adapters, **_from_pretrained_kwargs(dtype, device_map))
+    return load_model(model, adapters=adapters, revision=revision, **_from_pretrained_kwargs(dtype, device_map))
 
 
 def _parse_layers(text: str) -> list[int]:
@@ -374,7 +374,7 @@ def eval_(
     report = evaluate(m, tok, name=model, **options)
     if with_base:
         del m
-        base, base_tok = _load(record.base_model_name_or_path, dtype, device_map)
+        base, base_tok = _load(record.base_model_name_or_path, dtype, device_map, revision=record.base_revision)
         report.baseline = evaluate(base, base_tok, name=record.base_model_name_or_path, **options)
     out.print(_eval_table(report))
     if json_out:

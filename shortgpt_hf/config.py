@@ -140,7 +140,7 @@ class ShortGPTConfig:
         source = resolve(name_or_path, revision, **hub_kwargs)
         if source.kind != "recipe":
             raise ShortGPTError(f"{source.describe()} is not a ShortGPT recipe (it has no {CONFIG_NAME})")
-        return cls.from_json_string(source.file(CONFIG_NAME, **hub_kwargs).read_text())
+        return cls.from_json_string(source.read_text(CONFIG_NAME))
 
     @classmethod
     def from_model(cls, model: Any) -> "ShortGPTConfig | None":

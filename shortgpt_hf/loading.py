@@ -35,13 +35,16 @@ def mark_loaded(model: nn.Module, source: Source) -> nn.Module:
 def load_native(source: Source, **from_pretrained_kwargs: Any) -> nn.Module:
     """A ``config.json`` model (dense or a full pruned checkpoint) through the Auto class
     its config maps to (``AutoModelForCausalLM``, or ``AutoModelForImageTextToText``
-    for a vision-language model); loading failures become one-line errors."""
-    from transformers import AutoConfig
+    for a vision-language model; ``AutoModelForCausalLM`` when you pass
+    ``trust_remote_code=True``, as its custom classes are in no mapping); loading
+    failures become one-line errors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = source.hub_kwargs() | from_pretrained_kwargs
     hub = {k: v for k, v in kwargs.items() if k in _CONFIG_KWARGS}
     try:
-        model = auto_class(AutoConfig.from_pretrained(source.location, **hub)).from_pretrained(source.location, **kwargs)
+        auto = AutoModelForCausalLM if kwargs.get("trust_remote_code") else auto_class(AutoConfig.from_pretrained(source.location, **hub))
+        model = auto.from_pretrained(source.location, **kwargs)
     except OSError as e:
         raise ShortGPTError(f"cannot load {source.name!r}: {_first_line(e)}") from None
     except ValueError as e:  # e.g. a config with no causal-LM class (BERT, T5 encoders)
@@ -49,17 +52,36 @@ def load_native(source: Source, **from_pretrained_kwargs: Any) -> nn.Module:
     return mark_loaded(model, source)
 
 
-def load_tokenizer(*sources: Source) -> Any:
-    """The tokenizer of the first of ``sources`` that has one (a recipe or an adapter
-    saved without its tokenizer uses its base's)."""
+def text_config_of(source: Source) -> Any:
+    """The text-decoder config of a model source, read without loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.location, **source.hub_kwargs()).get_text_config(decoder=True)
+    except OSError as e:
+        raise ShortGPTError(f"cannot load {source.name!r}: {_first_line(e)}") from None
+
+
+def base_of(source: Source) -> Source | None:
+    """The model a recipe rebuilds from, or an adapter is trained on; None for a model."""
+    if source.kind == "recipe":
+        from .modeling import read_recipe, recipe_base
+
+        return recipe_base(read_recipe(source))
+    return adapter_base(source) if source.kind == "adapter" else None
+
+
+def load_tokenizer(source: Source) -> Any:
+    """The tokenizer of ``source`` or, for a recipe or an adapter saved without one, of its base."""
     from transformers import AutoTokenizer
 
-    for source in sources:
+    candidate: Source | None = source
+    while candidate is not None:
         try:
-            return AutoTokenizer.from_pretrained(source.location, **source.hub_kwargs())
+            return AutoTokenizer.from_pretrained(candidate.location, **candidate.hub_kwargs())
         except (OSError, ValueError, TypeError):
-            continue
-    raise ShortGPTError(f"no tokenizer found for {sources[0].name!r} (nor its base): pass tokenizer=")
+            candidate = base_of(candidate)
+    raise ShortGPTError(f"no tokenizer found for {source.name!r}" + ("" if source.kind == "model" else " nor its base") + ": pass tokenizer=")
 
 
 def load_model(name_or_path: str, tokenizer: bool = True, *, adapters: bool = False, **from_pretrained_kwargs: Any) -> tuple[Any, Any]:
@@ -68,23 +90,20 @@ def load_model(name_or_path: str, tokenizer: bool = True, *, adapters: bool = Fa
     `PrunedForCausalLM`), or, with ``adapters``, a PEFT adapter (loaded with
     ``AutoPeftModelForCausalLM`` onto the base it names); from a folder or the Hub.
     ``from_pretrained_kwargs`` (``dtype``, ``device_map``, ``revision``...) go to
-    ``from_pretrained``."""
+    ``from_pretrained``; ``revision`` is that of ``name_or_path`` itself."""
     hub = {k: v for k, v in from_pretrained_kwargs.items() if k in HUB_KWARGS}
-    source = resolve(name_or_path, from_pretrained_kwargs.get("revision"), **hub)
-    tokenizer_sources = [source]
+    source = resolve(name_or_path, from_pretrained_kwargs.pop("revision", None), **hub)
     if source.kind == "adapter":
         if not adapters:
             raise ShortGPTError(
                 f"{source.describe()} is a PEFT adapter, not a model: give the pruned model it was trained on, "
                 "or merge it first (shortgpt heal --merge / save_healed(..., merge=True))"
             )
-        model, base = _load_adapter(source, **from_pretrained_kwargs)
-        tokenizer_sources.append(base)
+        model = _load_adapter(source, **from_pretrained_kwargs)
     elif source.kind == "recipe":
-        from .modeling import load_pruned, recipe_base
+        from .modeling import load_pruned
 
-        model = load_pruned(source, **{k: v for k, v in from_pretrained_kwargs.items() if k != "revision"})
-        tokenizer_sources.append(recipe_base(ShortGPTConfig.from_model(model)))
+        model = load_pruned(source, **from_pretrained_kwargs)
     else:
         model = load_native(source, **from_pretrained_kwargs)
         record = ShortGPTConfig.from_model(model)
@@ -92,24 +111,29 @@ def load_model(name_or_path: str, tokenizer: bool = True, *, adapters: bool = Fa
             from .modeling import apply_prefill_skip
 
             model = apply_prefill_skip(model, record)
-    return model, (load_tokenizer(*tokenizer_sources) if tokenizer else None)
+    return model, (load_tokenizer(source) if tokenizer else None)
 
 
-def _load_adapter(source: Source, **from_pretrained_kwargs: Any) -> tuple[nn.Module, Source]:
+def adapter_base(source: Source) -> Source:
+    """The model a PEFT adapter names as its base."""
     import json
 
-    from peft import AutoPeftModelForCausalLM
-
     from .sources import ADAPTER_CONFIG
-    from .verification import explained
 
-    base_name = json.loads(source.file(ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    base_name = json.loads(source.read_text(ADAPTER_CONFIG)).get("base_model_name_or_path")
     if not base_name:
         raise ShortGPTError(f"{source.describe()} names no base model (base_model_name_or_path is empty)")
-    base = resolve(base_name)
+    return resolve(base_name)
+
+
+def _load_adapter(source: Source, **from_pretrained_kwargs: Any) -> nn.Module:
+    from peft import AutoPeftModelForCausalLM
+
+    from .verification import explained
+
+    adapter_base(source)  # a missing base is one line here, not a traceback from inside peft
     with explained(source.describe(), "loading it onto its base"):
-        model = AutoPeftModelForCausalLM.from_pretrained(source.location, **source.hub_kwargs(), **from_pretrained_kwargs)
-    return model, base
+        return AutoPeftModelForCausalLM.from_pretrained(source.location, **(source.hub_kwargs() | from_pretrained_kwargs))
 
 
 def tokenizer_for(model: Any) -> Any:
@@ -118,9 +142,4 @@ def tokenizer_for(model: Any) -> Any:
         source = resolve(model.name_or_path)
     except ShortGPTError as e:
         raise ShortGPTError(f"no tokenizer given and none found at {model.name_or_path!r}: pass tokenizer=") from e
-    sources = [source]
-    if source.kind == "recipe":
-        from .modeling import read_recipe, recipe_base
-
-        sources.append(recipe_base(read_recipe(source)))
-    return load_tokenizer(*sources)
+    return load_tokenizer(source)

@@ -29,7 +29,7 @@ from .config import CONFIG_NAME, RecipeConfig, ShortGPTConfig
 from .errors import ShortGPTError
 from .families import describe_config, family_of, native_class
 from .layers import find_decoder_layers
-from .loading import load_native, mark_loaded
+from .loading import load_native, mark_loaded, text_config_of
 from .pruning import count_parameters
 from .recovery.linear import MAPS_FILE, attach_maps, fold_maps, load_maps, map_keys, maps_from_record
 from .sources import HUB_KWARGS, Source, resolve
@@ -66,7 +66,7 @@ def _without_layers(native: type, removed: Sequence[int]) -> type:
 
 def read_recipe(source: Source) -> ShortGPTConfig:
     """The record a recipe folder or repo holds (the source is already resolved: no second lookup)."""
-    return ShortGPTConfig.from_json_string(source.file(CONFIG_NAME).read_text())
+    return ShortGPTConfig.from_json_string(source.read_text(CONFIG_NAME))
 
 
 def recipe_base(record: ShortGPTConfig, **hub_kwargs: Any) -> Source:
@@ -110,10 +110,15 @@ def _load_from_base(base: Source, record: ShortGPTConfig, maps: dict[str, torch.
 
     kwargs = base.hub_kwargs() | kwargs
     hub = {k: v for k, v in kwargs.items() if k in (*HUB_KWARGS, "revision")}
+    # As AutoModelForCausalLM does: config overrides (output_attentions=..., attn_implementation=...)
+    # go into the config, the rest to from_pretrained; dtype and quantization_config go to both.
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in hub}
+    both = {k: model_kwargs.pop(k) for k in ("dtype", "torch_dtype", "quantization_config") if k in model_kwargs}
     try:
-        config = AutoConfig.from_pretrained(base.location, **hub)
+        config, model_kwargs = AutoConfig.from_pretrained(base.location, return_unused_kwargs=True, **hub, **model_kwargs)
     except OSError as e:
         raise ShortGPTError(f"cannot read the base model's config at {base.name!r}: {str(e).splitlines()[0]}") from None
+    kwargs = hub | model_kwargs | both
     _check_base(record, config, repr(record.base_model_name_or_path))
     native = native_class(config)
     if record.mode == "remove":
@@ -156,7 +161,7 @@ def load_pruned(source: Source, *, removed_layers: Sequence[int] | None = None, 
     if removed_layers is not None:
         if source.kind != "model" or source.pruned:
             raise ShortGPTError(f"removed_layers=[...] prunes a dense base on load; {source.describe()} is not one")
-        text = _text_config(source)
+        text = text_config_of(source)
         record = ShortGPTConfig(
             removed_layers=list(removed_layers),
             original_num_hidden_layers=text.num_hidden_layers,
@@ -186,15 +191,6 @@ def load_pruned(source: Source, *, removed_layers: Sequence[int] | None = None, 
     if maps_file is not None:  # already folded in; kept so that a recipe can be written from this model
         attach_maps(model, load_maps(maps_file, record, repr(source.name)))
     return apply_prefill_skip(model, record) if record.mode == "prefill_skip" else model
-
-
-def _text_config(source: Source) -> Any:
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(source.location, **source.hub_kwargs()).get_text_config(decoder=True)
-    except OSError as e:
-        raise ShortGPTError(f"cannot load {source.name!r}: {str(e).splitlines()[0]}") from None
 
 
 class PrunedForCausalLM:
@@ -229,10 +225,17 @@ class PrunedForCausalLM:
         ``from_pretrained``."""
         if model_args:
             raise ShortGPTError("PrunedForCausalLM.from_pretrained takes no positional arguments besides the model")
+        adapter = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")  # AutoModelForCausalLM on an adapter folder
+        adapter_kwargs = {k: v for k, v in (kwargs.get("adapter_kwargs") or {}).items() if k != "_adapter_model_path"}
         for key in _AUTO_KWARGS:
             kwargs.pop(key, None)
         if isinstance(kwargs.get("config"), RecipeConfig):  # what AutoModelForCausalLM read from the recipe's marker
             kwargs = kwargs.pop("config").absorbed_kwargs() | kwargs
+        if kwargs.pop("subfolder", None):
+            raise ShortGPTError("subfolder= is not supported for pruned models: give the folder itself")
         hub = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
         source = resolve(pretrained_model_name_or_path, revision, **hub)
-        return load_pruned(source, removed_layers=removed_layers, mode=mode, **kwargs)
+        model = load_pruned(source, removed_layers=removed_layers, mode=mode, **kwargs)
+        if adapter is not None:  # transformers' PEFT integration: the adapter goes on the model it names as base
+            model.load_adapter(adapter, adapter_kwargs=adapter_kwargs)
+        return model

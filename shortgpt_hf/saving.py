@@ -16,6 +16,7 @@ from .config import RecipeConfig, ShortGPTConfig
 from .errors import ShortGPTError
 from .families import auto_class
 from .layers import probe_ids, text_config
+from .loading import load_tokenizer, text_config_of
 from .recovery.linear import linear_maps, save_maps
 from .verification import explained, logits_close, parity_tolerance, uncached_logits, verify_reload
 
@@ -142,10 +143,27 @@ def write_recipe(model_or_config: nn.Module | ShortGPTConfig, folder: Path, toke
             f"this model was recovered with {', '.join(trained)}, which a recipe cannot rebuild from its base: "
             "save it as a full checkpoint (save_pruned), or save the adapter (save_healed)"
         )
+    base = None if is_model and tokenizer is not None else _base(record)
+    if tokenizer is None and base is not None:  # pipeline(model=recipe) reads the tokenizer from the recipe: carry the base's
+        tokenizer = _or_none(lambda: load_tokenizer(base))
     record.save_pretrained(folder)
     # config.json: lets AutoModelForCausalLM and pipeline find PrunedForCausalLM
-    vocab = {"vocab_size": text_config(model_or_config).vocab_size} if is_model else {}
-    RecipeConfig(**vocab).save_pretrained(folder)
+    vocab = text_config(model_or_config).vocab_size if is_model else _or_none(lambda: text_config_of(base).vocab_size) if base else None
+    RecipeConfig(**({"vocab_size": vocab} if vocab else {})).save_pretrained(folder)
     save_maps(model_or_config if is_model else None, record, folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def _base(record: ShortGPTConfig) -> Any:
+    """The recipe's base, when it can be found (a recipe may be written for a base that is elsewhere)."""
+    from .sources import resolve
+
+    return _or_none(lambda: resolve(record.base_model_name_or_path))
+
+
+def _or_none(read: Any) -> Any:
+    try:
+        return read()
+    except ShortGPTError:
+        return None

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,6 @@ CONFIG_NAME = "shortgpt_config.json"
 # The model_type of the small config.json that marks a recipe for transformers' AutoConfig (see auto.py).
 RECIPE_MODEL_TYPE = "shortgpt_recipe"
 ADAPTER_CONFIG = "adapter_config.json"
-KINDS = ("model", "recipe", "adapter")
 # from_pretrained arguments that say where and how to read a Hub repo.
 HUB_KWARGS = ("token", "cache_dir", "local_files_only")
 
@@ -70,6 +69,8 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None, **hub_kwa
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
         HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
@@ -81,8 +82,12 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None, **hub_kwa
         kwargs["local_files_only"] = True
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, **kwargs))
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError, but the repo is there
+        raise ShortGPTError(f"{repo_id!r} is gated: accept its conditions on the Hub, then log in (`hf auth login`) or pass token=") from None
     except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, HFValidationError):
         return None
+    except HfHubHTTPError as e:
+        raise ShortGPTError(f"the Hub failed to serve {repo_id}/{filename}: {str(e).splitlines()[0]}") from None
 
 
 def looks_like_path(name: str) -> bool:
@@ -100,6 +105,7 @@ class Source:
     revision: str | None = None  # the commit a Hub id resolved to
     pruned: bool = False  # a model whose config carries a ShortGPT record
     folder: Path | None = None  # a local folder, absolute
+    hub: dict[str, Any] = field(default_factory=dict, compare=False)  # token, cache_dir...: how it was read
 
     @property
     def location(self) -> str:
@@ -117,14 +123,21 @@ class Source:
         """``from_pretrained`` arguments that read the same revision, from the cache when offline."""
         if self.where != "hub":
             return {}
-        return {"revision": self.revision} | ({} if hub_reachable() else {"local_files_only": True})
+        return self.hub | {"revision": self.revision} | ({} if hub_reachable() else {"local_files_only": True})
 
-    def file(self, filename: str, **hub_kwargs: Any) -> Path | None:
+    def file(self, filename: str) -> Path | None:
         """One file of this folder or repo, or None."""
         if self.where == "hub":
-            return hub_file(self.name, filename, self.revision, **hub_kwargs)
+            return hub_file(self.name, filename, self.revision, **self.hub)
         path = Path(self.location) / filename
         return path if path.is_file() else None
+
+    def read_text(self, filename: str) -> str:
+        """One file's text; a file that cannot be had (deleted, or refused by the Hub) is a one-line error."""
+        path = self.file(filename)
+        if path is None:
+            raise ShortGPTError(f"{self.describe()} has no readable {filename}")
+        return path.read_text()
 
     def describe(self) -> str:
         """What this is, for messages: "the recipe folder /abs/x", "the PEFT adapter 'org/x' on the Hub"..."""
@@ -151,11 +164,11 @@ def _classify_repo(name: str, revision: str | None, hub_kwargs: dict[str, Any]) 
     if config is not None:
         data = _read_json(config)
         kind = "recipe" if data.get("model_type") == RECIPE_MODEL_TYPE else "model"
-        return Source(name, "hub", kind, revision=config.parent.name, pruned="shortgpt" in data)
+        return Source(name, "hub", kind, revision=config.parent.name, pruned="shortgpt" in data, hub=hub_kwargs)
     for filename, kind in ((CONFIG_NAME, "recipe"), (ADAPTER_CONFIG, "adapter")):
         found = hub_file(name, filename, revision, **hub_kwargs)
         if found is not None:
-            return Source(name, "hub", kind, revision=found.parent.name)
+            return Source(name, "hub", kind, revision=found.parent.name, hub=hub_kwargs)
     where = "on the Hub" if hub_reachable() else f"in the local Hugging Face cache ({_offline_reason()})"
     at = f" at revision {revision}" if revision else ""
     raise ShortGPTError(f"{name!r} is not a local folder, and no model, recipe or adapter{at} was found {where}")
@@ -192,7 +205,7 @@ def resolve(name: str | Path, revision: str | None = None, **hub_kwargs: Any) ->
         validate_repo_id(text)
     except HFValidationError:
         raise ShortGPTError(f"{text!r} is neither a local folder, a built-in model ({', '.join(BUILTINS)}) nor a valid Hub id") from None
-    return _classify_repo(text, revision, hub_kwargs)
+    return _classify_repo(text, revision, {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS and v is not None})
 
 
 def hub_id_of(name: str | None) -> str | None:
@@ -214,13 +227,14 @@ def hub_id_of(name: str | None) -> str | None:
     return name
 
 
-def recorded_name(name_or_path: str | None) -> tuple[str | None, str | None]:
-    """``(portable name, Hub commit)`` of the model a record should name as its base;
-    a name that resolves to nothing (an in-memory model) is kept as it is."""
+def recorded_name(name_or_path: str | None, revision: str | None = None) -> tuple[str | None, str | None]:
+    """``(portable name, Hub commit)`` of the model a record should name as its base
+    (``revision``: the one it was loaded at, when known); a name that resolves to
+    nothing (an in-memory model) is kept as it is."""
     if not name_or_path:
         return None, None
     try:
-        source = resolve(name_or_path)
+        source = resolve(name_or_path, revision)
     except ShortGPTError:
         return name_or_path, None
     return source.portable, source.revision

@@ -128,3 +128,28 @@ def test_cli_heal_of_a_relative_path_reloads_from_anywhere(tmp_path):
     assert stored == str((work / "my-pruned").resolve())
     layers, _ = reload_adapter(work / "adapter", cwd=elsewhere)
     assert layers == NUM_LAYERS - len(REMOVED)
+
+
+def test_recipe_loads_take_config_overrides_and_adapters(tmp_path):
+    """Config arguments (output_attentions, use_cache) reach the base through both loaders, and
+    transformers' own adapter loading (AutoModelForCausalLM on an adapter folder) puts the
+    adapter on the recipe it names."""
+    recipe = recipe_with_base(tmp_path)
+    auto = AutoModelForCausalLM.from_pretrained(recipe, output_attentions=True, attn_implementation="eager")
+    assert auto.config.output_attentions and len(auto(input_ids=IDS).attentions) == NUM_LAYERS - len(REMOVED)
+    ours = PrunedForCausalLM.from_pretrained(recipe, use_cache=False, attn_implementation="eager")
+    assert ours.config.use_cache is False
+
+    healed = heal(ours, TOKENS, seq_len=32, steps=2, lr=1e-2, batch_size=4, progress=False)
+    healed.save_pretrained(tmp_path / "adapter")
+    with_adapter = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter", attn_implementation="eager")
+    assert with_adapter.config.num_hidden_layers == NUM_LAYERS - len(REMOVED)
+    torch.testing.assert_close(with_adapter(input_ids=IDS).logits, healed(input_ids=IDS).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_a_recipe_saved_without_a_tokenizer_carries_its_bases(tmp_path):
+    recipe_with_base(tmp_path)
+    model = PrunedForCausalLM.from_pretrained(tmp_path / "recipe")
+    save_recipe(model, tmp_path / "bare")
+    assert (tmp_path / "bare" / "tokenizer.json").is_file(), "pipeline(model=recipe) needs the tokenizer in the recipe"
+    assert json.loads((tmp_path / "bare" / "config.json").read_text())["vocab_size"] == 128

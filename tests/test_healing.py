@@ -234,3 +234,8 @@ def test_any_peft_lora_config(saved_pruned, tmp_path):
     assert record["variant"] == "DoRA" and record["r"] == 4 and record["target_modules"] == ["q_proj", "v_proj"]
     trained = [n for n, p in healed.named_parameters() if p.requires_grad]
     assert trained and all("q_proj" in n or "v_proj" in n for n in trained) and any("lora_magnitude_vector" in n for n in trained)
+
+
+def test_lora_config_with_one_layer_index(saved_pruned, tmp_path):
+    healed = heal(saved_pruned, TOKENS, seq_len=32, steps=1, batch_size=4, peft_config=LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=1), progress=False)
+    assert healed.get_base_model().config.shortgpt["recovery"][-1]["layers"] == [1]

@@ -58,7 +58,7 @@ def pruned_reference(model: nn.Module) -> str | None:
         if source.kind == "recipe":
             saved = read_recipe(source)
         elif source.kind == "model" and source.pruned:
-            saved = ShortGPTConfig.from_dict(json.loads(source.file("config.json").read_text())["shortgpt"])
+            saved = ShortGPTConfig.from_dict(json.loads(source.read_text("config.json"))["shortgpt"])
         else:
             return None
     except ShortGPTError:
@@ -211,7 +211,7 @@ class LoraRecovery(RecoveryMethod):
             "r": config.r,
             "alpha": config.lora_alpha,
             "target_modules": sorted(config.target_modules) if isinstance(config.target_modules, (set, list)) else config.target_modules,
-            "layers": layers if isinstance(layers, str) else ("all" if config.layers_to_transform is None else list(config.layers_to_transform)),
+            "layers": layers if isinstance(layers, str) else _transformed(config.layers_to_transform),
             "variant": ("DoRA" if config.use_dora else "LoRA") + (", rsLoRA" if config.use_rslora else ""),
             "steps": steps,
             "processes": accelerator.num_processes,
@@ -224,6 +224,13 @@ class LoraRecovery(RecoveryMethod):
             "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
         }
         return peft_model, details
+
+
+def _transformed(layers: int | list[int] | None) -> str | list[int]:
+    """What a LoraConfig's ``layers_to_transform`` (None, one index or a list) covers, for the record."""
+    if layers is None:
+        return "all"
+    return [layers] if isinstance(layers, int) else list(layers)
 
 
 def _has_accelerator() -> bool:
@@ -320,30 +327,42 @@ def save_healed(peft_model: nn.Module, out_dir: str | Path, tokenizer: Any = Non
     ``config.shortgpt`` and its recovery record. PEFT's own
     ``peft_model.save_pretrained`` writes the same adapter; this adds the
     checks, the tokenizer and an atomic write. Under ``accelerate launch``
-    only the main process writes; the others wait for it."""
+    only the main process checks and writes; the others wait for it, and raise
+    the same error if it fails."""
     from accelerate import PartialState
 
     from ..saving import atomic_folder, check_destination, save_pruned
 
     state = PartialState()
-    if not merge:
-        base_ref = peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path
-        if not base_ref or base_ref != pruned_reference(peft_model.get_base_model()):
-            raise ShortGPTError(
-                f"the adapter's base ({base_ref or 'none'}) is not where this pruned model is saved: save the pruned model "
-                "with save_pruned (or save_recipe) before healing, or save with merge=True"
-            )
-    check_destination(out_dir, overwrite)
-    state.wait_for_everyone()  # every process has checked before the main one writes
-    if state.is_main_process:
-        if merge:
-            save_pruned(peft_model.merge_and_unload(), out_dir, tokenizer, overwrite=overwrite)
-        else:
-            with atomic_folder(out_dir, overwrite) as tmp:
-                peft_model.save_pretrained(tmp)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(tmp)
-    elif merge:
-        peft_model.merge_and_unload()  # every process ends with the same merged model
-    state.wait_for_everyone()
+    failure = None
+    if state.is_main_process:  # checks and writes on one process; every process then raises the same error, or none
+        try:
+            if not merge:
+                base_ref = peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path
+                if not base_ref or base_ref != pruned_reference(peft_model.get_base_model()):
+                    raise ShortGPTError(
+                        f"the adapter's base ({base_ref or 'none'}) is not where this pruned model is saved: save the pruned model "
+                        "with save_pruned (or save_recipe) before healing, or save with merge=True"
+                    )
+            check_destination(out_dir, overwrite)
+            if merge:
+                save_pruned(peft_model.merge_and_unload(), out_dir, tokenizer, overwrite=overwrite)
+            else:
+                with atomic_folder(out_dir, overwrite) as tmp:
+                    peft_model.save_pretrained(tmp)
+                    if tokenizer is not None:
+                        tokenizer.save_pretrained(tmp)
+        except Exception as e:
+            if state.num_processes == 1:
+                raise
+            # The other processes wait below: they must learn of the failure, or they would wait forever.
+            failure = str(e) if isinstance(e, ShortGPTError) else f"saving the adapter failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        failure = broadcast_object_list([failure], from_process=0)[0]
+        if merge and not state.is_main_process:
+            peft_model.merge_and_unload()  # every process ends with the same merged model
+    if failure is not None:
+        raise ShortGPTError(failure)
     return Path(out_dir).resolve()
