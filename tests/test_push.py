@@ -66,6 +66,9 @@ push_to_hub(model, "tester/tiny-pruned", eval_results=[{"task": "perplexity", "m
 merged = ModelCard.load("tester/tiny-pruned", ignore_metadata_errors=True)
 out["merged"] = {"tags": merged.data.tags, "results": sorted((r.dataset_name, r.metric_type, r.metric_value) for r in merged.data.eval_results), "notes": "Notes of my own." in merged.text}
 
+# A recipe named by its Hub id is pushed on as a recipe.
+push_to_hub("tester/tiny-recipe", "tester/recipe-copy")
+
 # transformers' own push_to_hub tags a pruned model through add_model_tags.
 model.push_to_hub("tester/plain-push")
 out["plain_tags"] = ModelCard.load("tester/plain-push").data.tags
@@ -118,6 +121,9 @@ def test_push_and_load_back_over_http(hub, tmp_path):
     assert merged["results"] == [["-", "perplexity", 12.5], ["my-set", "accuracy", 0.5]], "our result is added to the user's"
     assert merged["notes"], "text the user added outside our section stays"
     assert {"shortgpt", "layer-pruning", "pruned"} <= set(out["plain_tags"])
+    copy = hub.files("tester/recipe-copy")
+    assert json.loads(copy["shortgpt_config.json"])["removed_layers"] == json.loads(recipe["shortgpt_config.json"])["removed_layers"]
+    assert "model.safetensors" not in copy
 
 
 def test_bad_input_and_server_failure(hub, tmp_path, monkeypatch):
