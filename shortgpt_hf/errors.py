@@ -8,3 +8,9 @@ class ShortGPTError(ValueError):
     traceback; anything else that escapes is a bug in shortgpt_hf and keeps its
     traceback.
     """
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__

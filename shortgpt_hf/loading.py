@@ -9,18 +9,13 @@ from typing import Any
 from torch import nn
 
 from .config import ShortGPTConfig
-from .errors import ShortGPTError
+from .errors import ShortGPTError, first_line
 from .families import auto_class
 from .pruning import tag_pruned
 from .sources import HUB_KWARGS, Source, resolve
 
 # from_pretrained arguments that also decide which config is read.
 _CONFIG_KWARGS = (*HUB_KWARGS, "revision", "subfolder")
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def mark_loaded(model: nn.Module, source: Source) -> nn.Module:
@@ -46,9 +41,9 @@ def load_native(source: Source, **from_pretrained_kwargs: Any) -> nn.Module:
         auto = AutoModelForCausalLM if kwargs.get("trust_remote_code") else auto_class(AutoConfig.from_pretrained(source.location, **hub))
         model = auto.from_pretrained(source.location, **kwargs)
     except OSError as e:
-        raise ShortGPTError(f"cannot load {source.name!r}: {_first_line(e)}") from None
+        raise ShortGPTError(f"cannot load {source.name!r}: {first_line(e)}") from None
     except ValueError as e:  # e.g. a config with no causal-LM class (BERT, T5 encoders)
-        raise ShortGPTError(f"{source.name!r} is not a supported causal LM: {_first_line(e)}") from None
+        raise ShortGPTError(f"{source.name!r} is not a supported causal LM: {first_line(e)}") from None
     return mark_loaded(model, source)
 
 
@@ -59,7 +54,7 @@ def text_config_of(source: Source) -> Any:
     try:
         return AutoConfig.from_pretrained(source.location, **source.hub_kwargs()).get_text_config(decoder=True)
     except OSError as e:
-        raise ShortGPTError(f"cannot load {source.name!r}: {_first_line(e)}") from None
+        raise ShortGPTError(f"cannot load {source.name!r}: {first_line(e)}") from None
 
 
 def base_of(source: Source) -> Source | None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .config import CONFIG_NAME, RecipeConfig, ShortGPTConfig
-from .errors import ShortGPTError
+from .errors import ShortGPTError, first_line
 from .families import describe_config, family_of, native_class
 from .layers import find_decoder_layers
 from .loading import load_native, mark_loaded, text_config_of
@@ -117,7 +117,7 @@ def _load_from_base(base: Source, record: ShortGPTConfig, maps: dict[str, torch.
     try:
         config, model_kwargs = AutoConfig.from_pretrained(base.location, return_unused_kwargs=True, **hub, **model_kwargs)
     except OSError as e:
-        raise ShortGPTError(f"cannot read the base model's config at {base.name!r}: {str(e).splitlines()[0]}") from None
+        raise ShortGPTError(f"cannot read the base model's config at {base.name!r}: {first_line(e)}") from None
     kwargs = hub | model_kwargs | both
     _check_base(record, config, repr(record.base_model_name_or_path))
     native = native_class(config)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .builtin import BUILTINS, builtin_path
-from .errors import ShortGPTError
+from .errors import ShortGPTError, first_line
 
 CONFIG_NAME = "shortgpt_config.json"
 # The model_type of the small config.json that marks a recipe for transformers' AutoConfig (see auto.py).
@@ -87,11 +87,22 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None, **hub_kwa
     except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, HFValidationError):
         return None
     except HfHubHTTPError as e:
-        raise ShortGPTError(f"the Hub failed to serve {repo_id}/{filename}: {str(e).splitlines()[0]}") from None
+        raise ShortGPTError(f"the Hub failed to serve {repo_id}/{filename}: {first_line(e)}") from None
 
 
 def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _valid_repo_id(name: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -198,13 +209,8 @@ def resolve(name: str | Path, revision: str | None = None, **hub_kwargs: Any) ->
         return _classify_folder(text, path.resolve())
     if looks_like_path(text):
         raise ShortGPTError(f"no such folder: {text}")
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        raise ShortGPTError(f"{text!r} is neither a local folder, a built-in model ({', '.join(BUILTINS)}) nor a valid Hub id") from None
+    if not _valid_repo_id(text):
+        raise ShortGPTError(f"{text!r} is neither a local folder, a built-in model ({', '.join(BUILTINS)}) nor a valid Hub id")
     return _classify_repo(text, revision, {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS and v is not None})
 
 
@@ -215,14 +221,7 @@ def hub_id_of(name: str | None) -> str | None:
         return None
     if name in BUILTINS:
         return BUILTINS[name].hub_id
-    if Path(name).expanduser().exists() or looks_like_path(name):
-        return None
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
+    if Path(name).expanduser().exists() or looks_like_path(name) or not _valid_repo_id(name):
         return None
     return name
 

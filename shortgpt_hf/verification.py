@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ShortGPTError
+from .errors import ShortGPTError, first_line
 from .families import auto_class, describe, family_of
 from .layers import input_device, probe_ids, text_config
 
@@ -58,9 +58,8 @@ def explained(subject: nn.Module | str, what: str) -> Iterator[None]:
     except ShortGPTError:
         raise
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:300]
         name = subject if isinstance(subject, str) else describe(subject)
-        raise ShortGPTError(f"{name}: {what} failed ({type(e).__name__}: {first})") from e
+        raise ShortGPTError(f"{name}: {what} failed ({type(e).__name__}: {first_line(e)})") from e
 
 
 def verify_structure(model: nn.Module) -> None:

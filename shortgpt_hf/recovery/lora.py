@@ -332,6 +332,7 @@ def save_healed(peft_model: nn.Module, out_dir: str | Path, tokenizer: Any = Non
     from accelerate import PartialState
 
     from ..saving import atomic_folder, check_destination, save_pruned
+    from ..verification import explained
 
     state = PartialState()
     failure = None
@@ -345,18 +346,18 @@ def save_healed(peft_model: nn.Module, out_dir: str | Path, tokenizer: Any = Non
                         "with save_pruned (or save_recipe) before healing, or save with merge=True"
                     )
             check_destination(out_dir, overwrite)
-            if merge:
-                save_pruned(peft_model.merge_and_unload(), out_dir, tokenizer, overwrite=overwrite)
-            else:
-                with atomic_folder(out_dir, overwrite) as tmp:
-                    peft_model.save_pretrained(tmp)
-                    if tokenizer is not None:
-                        tokenizer.save_pretrained(tmp)
-        except Exception as e:
+            with explained("the healed model", "saving it"):
+                if merge:
+                    save_pruned(peft_model.merge_and_unload(), out_dir, tokenizer, overwrite=overwrite)
+                else:
+                    with atomic_folder(out_dir, overwrite) as tmp:
+                        peft_model.save_pretrained(tmp)
+                        if tokenizer is not None:
+                            tokenizer.save_pretrained(tmp)
+        except ShortGPTError as e:
             if state.num_processes == 1:
                 raise
-            # The other processes wait below: they must learn of the failure, or they would wait forever.
-            failure = str(e) if isinstance(e, ShortGPTError) else f"saving the adapter failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            failure = str(e)  # the other processes wait below: they must learn of it, or they would wait forever
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
