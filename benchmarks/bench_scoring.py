@@ -99,23 +99,29 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import os
-import platform
-import re
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
-from pathlib import Path
 
 import numpy as np
 import torch
-from contention import QUIET, Contention
+from harness import (
+    MMAP_THRESHOLD,
+    QUIET,
+    Interleaved,
+    add_threads_argument,
+    command_line,
+    machine_info,
+    peak_rss,
+    report,
+    run_child,
+    set_threads,
+    timing,
+    write_json,
+)
 from short_transformers import ShortTransformer
 from short_transformers.dist import angular_distance_last_token
 from short_transformers.utils import get_best_pruning_start
@@ -136,30 +142,6 @@ APPROACHES = {
 SHORT_TRANSFORMERS_ATTRS = (
     "layer_count", "distance", "memory", "clear_memory", "analyse_layers", "prune", "remove_layers", "set_metric"
 )
-
-
-def _rss_kib() -> int:
-    """Current resident set size in KiB (Linux)."""
-    return _status_kib("VmRSS")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(field + r":\s+(\d+)", f.read()).group(1))
-
-
-def _maxrss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (also what ru_maxrss reports); False if not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def setup():
@@ -353,84 +335,35 @@ def memory_worker(which: str) -> None:
     """Child process: load, settle, reset the peak counter, run one approach once, print JSON."""
     model, windows, batches = setup()
     gc.collect()
-    base_rss = _rss_kib()
-    reset = _reset_peak()
-    maxrss_before = _maxrss_kib()
-    t0 = time.perf_counter()
-    layers = run_whole(which, model, batches)
-    seconds = time.perf_counter() - t0
-    maxrss = _maxrss_kib()
-    hwm = _status_kib("VmHWM")
-    print(
-        "RESULT "
-        + json.dumps(
-            {
-                "approach": which,
-                "rss_after_load_mib": base_rss / 1024,
-                "peak_reset": reset,
-                "maxrss_before_run_mib": maxrss_before / 1024,
-                "maxrss_mib": maxrss / 1024,
-                "vmhwm_mib": hwm / 1024,
-                "extra_peak_mib": (maxrss - base_rss) / 1024,
-                "extra_peak_vmhwm_mib": (hwm - base_rss) / 1024,
-                "seconds": seconds,
-                "layers": layers,
-            }
-        ),
-        flush=True,
+    with peak_rss() as peak, timing() as spent:
+        layers = run_whole(which, model, batches)
+    report(
+        {
+            "approach": which,
+            "rss_after_load_mib": peak.before_mib,
+            "peak_reset": peak.reset,
+            "maxrss_before_run_mib": peak.maxrss_before_mib,
+            "maxrss_mib": peak.maxrss_mib,
+            "vmhwm_mib": peak.vmhwm_mib,
+            "extra_peak_mib": peak.extra_mib,
+            "extra_peak_vmhwm_mib": peak.extra_vmhwm_mib,
+            "seconds": spent.wall,
+            "layers": layers,
+        }
     )
 
 
 def measure_memory(which: str, default_malloc: bool = False, threads: int | None = None) -> dict:
-    env = dict(os.environ)
-    if not default_malloc:
-        # glibc raises its mmap threshold after freeing a large block, after which
-        # freed few-MiB temporaries stay in the heap; how much stays varies run to
-        # run (A, default glibc: +77..+204 MiB over several runs; fixed: +56 +-1).
-        # A fixed threshold measures what an approach holds, reproducibly.
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--only", which] + (["--threads", str(threads)] if threads else []),
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"memory run {which} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-
-
-def machine_info() -> dict:
-    import transformers
-
-    cpu = platform.processor()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        m = re.search(r"Model name:\s*(.+)", out)
-        cpu = m.group(1).strip() if m else cpu
-    except OSError:
-        pass
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
+    """One approach's peak memory, from a fresh child process (``--only``)."""
+    args = ["--only", which] + (["--threads", str(threads)] if threads else [])
+    return run_child(__file__, *args, fixed_malloc=not default_malloc)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=sorted(STEPS), help="(internal) run one approach once and report its peak memory")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="torch threads (default: torch's, one per core); 1 leaves a core to another job on a shared machine",
-    )
+    add_threads_argument(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-approach memory subprocesses")
     parser.add_argument(
         "--no-native-check",
@@ -444,8 +377,7 @@ def main() -> None:
     )
     parser.add_argument("--json", metavar="OUT", help="also write the numbers to this JSON file")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     if args.only:
         memory_worker(args.only)
@@ -479,28 +411,36 @@ def main() -> None:
         flush=True,
     )
 
-    # Interleaved per batch: for every (round, batch) the four approaches run
-    # back to back in a rotating order, so a burst of load from elsewhere hits
-    # them all, and A/B, C/B, D/B can be compared within each set (paired ratios).
+    # Interleaved per batch: set r * nb + b is batch b of round r, in which the
+    # four approaches run back to back in a rotating order, so A/B, C/B, D/B can
+    # be compared within each set (paired ratios).
     nb = len(batches)
-    wall = {k: [[0.0] * nb for _ in range(args.rounds)] for k in order}
-    cpu = {k: [[0.0] * nb for _ in range(args.rounds)] for k in order}
-    contention = [[0.0] * nb for _ in range(args.rounds)]  # Contention.share() over each set
+    sets = Interleaved(order)
+    cpu_s: dict[str, list[float]] = {k: [] for k in order}  # per set, as sets.values holds wall seconds
     totals: dict[str, np.ndarray] = {}  # per-layer sums (A, C), distance matrix sums (D)
+
+    def timed_step(which: str, ids: torch.Tensor, mask: torch.Tensor, first_round: bool) -> float:
+        gc.collect()
+        with timing() as spent:
+            res = STEPS[which](model, ids, mask)
+        cpu_s[which].append(spent.cpu)
+        if first_round and res is not None:
+            totals[which] = np.asarray(res) + totals.get(which, 0)
+        return spent.wall
+
+    def per_round(per_set: list[float]) -> list[list[float]]:
+        return [per_set[r * nb : (r + 1) * nb] for r in range(args.rounds)]
+
     for r in range(args.rounds):
-        for b, (ids, mask) in enumerate(batches):
-            shift = (r * nb + b) % len(order)
-            meter = Contention()
-            for which in order[shift:] + order[:shift]:
-                gc.collect()
-                c0, t0 = time.process_time(), time.perf_counter()
-                res = STEPS[which](model, ids, mask)
-                wall[which][r][b] = time.perf_counter() - t0
-                cpu[which][r][b] = time.process_time() - c0
-                if r == 0 and res is not None:
-                    totals[which] = np.asarray(res) + totals.get(which, 0)
-            contention[r][b] = meter.share()
-        print("round %d/%d: " % (r + 1, args.rounds) + ", ".join(f"{k} {sum(wall[k][r]):.2f}s" for k in order), flush=True)
+        for ids, mask in batches:
+            sets.run(timed_step, ids, mask, r == 0)
+        print(
+            f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {sum(sets.values[k][-nb:]):.2f}s" for k in order),
+            flush=True,
+        )
+    wall = {k: per_round(sets.values[k]) for k in order}
+    cpu = {k: per_round(cpu_s[k]) for k in order}
+    contention = per_round(sets.contention)
     layers = {k: pick(k, v) for k, v in totals.items()}
     layers["B"] = None
     d_matrix = totals["D"] / nb  # the library's running mean over forward calls
@@ -512,13 +452,9 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in round_wall.items()}
     med_cpu = {k: statistics.median(v) for k, v in round_cpu.items()}
     best = {k: sum(min(wall[k][r][b] for r in range(args.rounds)) for b in range(nb)) for k in order}
-    paired = {
-        k: statistics.median(wall[k][r][b] / wall["B"][r][b] for r in range(args.rounds) for b in range(nb)) for k in order
-    }
-    quiet_sets = [(r, b) for r in range(args.rounds) for b in range(nb) if contention[r][b] < QUIET]
-    paired_quiet = {
-        k: statistics.median(wall[k][r][b] / wall["B"][r][b] for r, b in quiet_sets) if quiet_sets else None for k in order
-    }
+    paired = {k: sets.paired(k, "B") for k in order}
+    quiet_sets = [divmod(i, nb) for i in sets.quiet()]  # (round, batch)
+    paired_quiet = {k: sets.paired(k, "B", quiet=True) for k in order}
     rows = []
     for k in order:
         rows.append(
@@ -553,7 +489,7 @@ def main() -> None:
             f"| {row['approach']}: {row['what']} | {row['median_s']:.2f} | {row['ratio_to_bare']:.3f} | "
             f"{row['paired_ratio_to_bare']:.3f} | {quiet} | {row['min_ratio_to_bare']:.3f} | {mem} | {chosen} |"
         )
-    per_set = [x for per_round in contention for x in per_round]
+    per_set = sets.contention
     print(
         f"quiet sets (contention under {QUIET:.0%}): {len(quiet_sets)} of {len(per_set)}; "
         f"contention per set: median {statistics.median(per_set):.0%}, max {max(per_set):.0%}"
@@ -596,7 +532,7 @@ def main() -> None:
 
     if args.json:
         result = {
-            "command": " ".join([Path(sys.executable).name] + sys.argv),
+            "command": command_line(),
             "machine": info,
             "model": MODEL,
             "dtype": dtype,
@@ -623,11 +559,11 @@ def main() -> None:
                 "single_layer_lowest": d_single,
                 "native_check": native,
             },
-            "malloc_mmap_threshold": None if args.default_malloc else os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072"),
+            "malloc_mmap_threshold": None if args.default_malloc else os.environ.get("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD),
             "target_met": met,
             "total_s": total,
         }
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
         print(f"wrote {args.json}")
 
 

@@ -92,8 +92,9 @@ class Ablation(JsonRecord):
         ``folder`` (made if missing), on bare matplotlib figures (no pyplot state)."""
         from matplotlib.figure import Figure
 
+        from .atomic import save_figure
+
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         written = []
         methods = list(dict.fromkeys(run.method for run in self.runs))
         for (task, metric), dense in zip(self.measures(), self.dense):
@@ -113,8 +114,7 @@ class Ablation(JsonRecord):
             ax.legend(fontsize=8)
             fig.tight_layout()
             path = folder / (f"{metric}.png" if task == metric else f"{task.replace(':', '_')}_{metric}.png")
-            fig.savefig(path, dpi=120)
-            written.append(path)
+            written.append(save_figure(fig, path))
         if self.scores:
             fig = Figure(figsize=(max(6, 0.28 * self.num_layers), 2.2 * len(self.scores)))
             axes = fig.subplots(len(self.scores), 1, squeeze=False)
@@ -124,9 +124,7 @@ class Ablation(JsonRecord):
             axes[-1, 0].set_xlabel("layer")
             fig.suptitle(f"{self.model}: per-layer scores on the dense model (low = removed first)")
             fig.tight_layout()
-            path = folder / "layer_scores.png"
-            fig.savefig(path, dpi=120)
-            written.append(path)
+            written.append(save_figure(fig, folder / "layer_scores.png"))
         return written
 
 

@@ -6,17 +6,19 @@ with exit status 2; no output folder is created before all checks pass.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from .builtin import DEFAULT_MODEL
-from .errors import ShortGPTError
+from .errors import ShortGPTError, fault
 from .ablation import PAPER_METRICS, RECOVERIES
 from .scoring import METRICS, REPAIR_METRICS
 
@@ -30,6 +32,24 @@ app = typer.Typer(
     add_completion=False,
 )
 out = Console()
+
+
+def command(**options: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``app.command``, with Ctrl-C turned into our one-line error: typer would
+    otherwise exit 130 without a word, and the user could not tell whether the
+    output was written (it never is half-written: every write is atomic)."""
+
+    def register(function: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(function)
+        def run(*args: Any, **kwargs: Any) -> None:
+            try:
+                function(*args, **kwargs)
+            except KeyboardInterrupt:
+                raise ShortGPTError("interrupted; no output was left half-written") from None
+
+        return app.command(**options)(run)
+
+    return register
 
 ModelArg = Annotated[
     str, typer.Argument(help="Built-in name (smollm2-135m, gemma3-270m), or a folder or Hub id holding a dense model, a pruned checkpoint or a recipe.")
@@ -88,7 +108,7 @@ def _training_free_methods() -> list[str]:
     return [name for name, method in RECOVERY_METHODS.items() if method.needs_removed_layers]
 
 
-@app.command()
+@command()
 def score(
     model: ModelArg = DEFAULT_MODEL,
     calibration: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (default: packaged Shakespeare).")] = None,
@@ -120,7 +140,7 @@ def score(
         out.print(f"chart written to {plot}")
 
 
-@app.command()
+@command()
 def prune(
     model: ModelArg = DEFAULT_MODEL,
     n_layers: Annotated[Optional[int], typer.Option(help="Remove this many lowest-scoring layers.")] = None,
@@ -148,7 +168,8 @@ def prune(
     from .pruning import count_parameters
     from .selection import removal_count
     from .pruning import prune as prune_model
-    from .saving import check_destination, save_pruned, save_recipe
+    from .atomic import check_destination
+    from .saving import save_pruned, save_recipe
     from .texts import heldout_texts
 
     if n_layers is not None and ratio is not None:
@@ -195,7 +216,7 @@ def prune(
     out.print(f"{kind} saved to {saved}" + (" (verified: cache parity and reload logits)" if verify else ""))
 
 
-@app.command()
+@command()
 def load(
     model: Annotated[str, typer.Argument(help="Pruned checkpoint or recipe: folder or Hub id.")],
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
@@ -218,7 +239,7 @@ def load(
         out.print("placement: " + ", ".join(f"{n} modules on {d}" for d, n in Counter(map(str, m.hf_device_map.values())).items()))
 
 
-@app.command()
+@command()
 def generate(
     model: ModelArg = DEFAULT_MODEL,
     prompt: Annotated[str, typer.Option(help="The prompt text.")] = "Friends, Romans, countrymen, lend me your ears;",
@@ -317,7 +338,7 @@ def _comparison_table(reports: list["EvalReport"]) -> Table:
     return table
 
 
-@app.command(name="eval")
+@command(name="eval")
 def eval_(
     models: Annotated[
         Optional[list[str]],
@@ -340,6 +361,7 @@ def eval_(
 
     Several models are evaluated one after another on the same data and shown
     side by side (e.g. plain removal, linear repair, LoRA healing and both)."""
+    from .atomic import write_file
     from .config import ShortGPTConfig
     from .evaluation import check_tasks, evaluate
 
@@ -363,7 +385,7 @@ def eval_(
             del m
         out.print(_comparison_table(reports))
         if json_out:
-            json_out.write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
+            write_file(json_out, json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
             out.print(f"results written to {json_out}")
         return
     model = models[0]
@@ -382,7 +404,7 @@ def eval_(
         out.print(f"results written to {json_out}")
 
 
-@app.command()
+@command()
 def ablate(
     model: ModelArg = DEFAULT_MODEL,
     ratios: Annotated[str, typer.Option(help="Comma-separated fractions of layers to remove.")] = "0.1,0.2,0.3",
@@ -404,7 +426,7 @@ def ablate(
     """Prune with every metric at every ratio, evaluate each, and plot (the paper's Figures 4-5)."""
     from .ablation import ablate as run_ablation
     from .ablation import check_request
-    from .saving import atomic_folder, check_destination
+    from .atomic import atomic_folder, check_destination
 
     try:
         fractions = [float(r) for r in _split(ratios)]
@@ -439,7 +461,7 @@ def ablate(
     out.print(f"ablation.json and {len(plots)} plots written to {target}")
 
 
-@app.command()
+@command()
 def push(
     folder: Annotated[str, typer.Argument(help="A pruned checkpoint or recipe (from shortgpt prune): folder or Hub id.")],
     repo_id: Annotated[str, typer.Argument(help="Hub repo, e.g. your-name/smollm2-135m-shortgpt.")],
@@ -458,7 +480,7 @@ def push(
     out.print(f"pushed {folder} to {repo_id}: {url}")
 
 
-@app.command()
+@command()
 def heal(
     pruned: Annotated[str, typer.Argument(help="A saved pruned checkpoint or recipe (from shortgpt prune): folder or Hub id.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the adapter (or, with --merge, the merged checkpoint).")],
@@ -478,7 +500,7 @@ def heal(
     """LoRA-heal a pruned model (PEFT + accelerate; runs under `accelerate launch` too)."""
     from .recovery import heal as heal_model
     from .recovery import save_healed
-    from .saving import check_destination
+    from .atomic import check_destination
     from .texts import heldout_texts
 
     from .config import ShortGPTConfig
@@ -498,11 +520,25 @@ def heal(
 
 
 def main() -> None:
+    """Run the CLI: a mistake, a fault of the machine or the network, or Ctrl-C ends
+    in one ``shortgpt: error:`` line and exit status 2. Every write is atomic
+    (`shortgpt_hf.atomic`), so nothing half-written is left behind either way."""
     try:
         app()
     except ShortGPTError as e:
-        print(f"shortgpt: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
+    except KeyboardInterrupt:  # before a command started (while importing, say)
+        _fail("interrupted")
+    except Exception as e:
+        reason = fault(e)
+        if reason is None:
+            raise  # a bug in shortgpt_hf: keep its traceback
+        _fail(reason)
+
+
+def _fail(message: str) -> None:
+    print(f"shortgpt: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

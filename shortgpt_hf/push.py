@@ -17,8 +17,8 @@ from torch import nn
 
 from .card import CHART, merge_into_existing, model_card, scores_chart, split_adapter
 from .config import ShortGPTConfig
-from .errors import ShortGPTError
-from .sources import hub_file, resolve
+from .errors import ShortGPTError, fault, first_line
+from .sources import hub_file, hub_reachable, offline_reason, resolve
 
 KINDS = ("full", "recipe")
 
@@ -73,16 +73,22 @@ def push_to_hub(
     if kind not in KINDS:
         raise ShortGPTError(f"kind must be one of {KINDS}, got {kind!r}")
     token = _check_target(repo_id, token)
+    if not hub_reachable():  # before minutes of work, and instead of half a minute of retries
+        raise ShortGPTError(f"cannot push to {repo_id}: {offline_reason()}")
     source = None
     if isinstance(model_or_dir, (str, Path)):
-        from .loading import load_model, load_tokenizer
+        from .loading import load_tokenizer
+        from .modeling import load_pruned
 
         source = resolve(model_or_dir)
         if source.kind == "adapter" or not (source.kind == "recipe" or source.pruned):
             raise ShortGPTError(f"{source.describe()} is not a pruned model: prune it first (shortgpt prune), then push the folder it writes")
         if source.kind == "recipe":
             kind = "recipe"
-        model, _ = load_model(source.portable, tokenizer=False)
+        # A local checkpoint is uploaded as its files and a recipe needs no weights: the card
+        # only needs the architecture, so build it on the meta device instead of reading every tensor.
+        weightless = source.where == "local" or kind == "recipe"
+        model = load_pruned(source, **({"device_map": "meta"} if weightless else {}))
         if tokenizer is None:
             try:
                 tokenizer = load_tokenizer(source)
@@ -119,5 +125,9 @@ def push_to_hub(
                 create_pr=create_pr,
             )
         except HfHubHTTPError as e:
-            raise ShortGPTError(f"upload to {repo_id} failed: {str(e).splitlines()[0]}") from None
+            raise ShortGPTError(f"upload to {repo_id} failed: {first_line(e)}") from None
+        except Exception as e:  # the connection dropped mid-upload, or the Hub went offline
+            if fault(e) is None:
+                raise
+            raise ShortGPTError(f"upload to {repo_id} failed: {fault(e)}; nothing was committed") from None
     return info.pr_url if create_pr and info.pr_url else info.commit_url

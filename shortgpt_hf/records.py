@@ -16,8 +16,10 @@ class JsonRecord:
         return asdict(self)  # type: ignore[call-overload]
 
     def to_json(self, path: str | Path | None = None) -> str:
-        """The record as indented JSON; also written to ``path`` when given."""
+        """The record as indented JSON; also written (atomically) to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         if path is not None:
-            Path(path).write_text(text)
+            from .atomic import write_file
+
+            write_file(path, text)
         return text

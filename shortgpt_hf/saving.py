@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from .atomic import atomic_folder
 from .config import RecipeConfig, ShortGPTConfig
 from .errors import ShortGPTError
 from .families import auto_class
@@ -19,39 +15,6 @@ from .layers import probe_ids, text_config
 from .loading import load_tokenizer, text_config_of
 from .recovery.linear import linear_maps, save_maps
 from .verification import explained, logits_close, parity_tolerance, uncached_logits, verify_reload
-
-
-def check_destination(out_dir: str | Path, overwrite: bool) -> Path:
-    """Refuse a non-empty destination unless ``overwrite`` (checked before any work is done)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ShortGPTError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ShortGPTError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; on success it replaces ``out_dir``
-    in one rename, on any exception it is deleted and ``out_dir`` is untouched."""
-    out = check_destination(out_dir, overwrite).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's permissions
-    try:
-        yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_pruned(

@@ -88,8 +88,11 @@ def bar_chart(values: dict[int, float], highlighted: set[int], path: str | Path,
     """Per-layer bars, ``highlighted`` layers in red (the score chart of the CLI and the model card).
 
     Drawn on a bare matplotlib ``Figure``, never through pyplot, so a notebook's
-    backend and open figures are left alone; missing parent folders are made."""
+    backend and open figures are left alone; missing parent folders are made, and
+    the file is written atomically."""
     from matplotlib.figure import Figure
+
+    from .atomic import save_figure
 
     fig = Figure(figsize=(max(6, 0.28 * (max(values) + 1)), 3.2))
     ax = fig.subplots()
@@ -98,9 +101,7 @@ def bar_chart(values: dict[int, float], highlighted: set[int], path: str | Path,
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def _order_scores(metric: str, num_layers: int, seed: int) -> list[float]:

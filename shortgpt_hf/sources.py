@@ -57,7 +57,8 @@ def hub_reachable() -> bool:
     return True
 
 
-def _offline_reason() -> str:
+def offline_reason() -> str:
+    """Why only the cache is read, for messages."""
     from huggingface_hub import constants
 
     return "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the Hub at {constants.ENDPOINT} cannot be reached"
@@ -180,7 +181,7 @@ def _classify_repo(name: str, revision: str | None, hub_kwargs: dict[str, Any]) 
         found = hub_file(name, filename, revision, **hub_kwargs)
         if found is not None:
             return Source(name, "hub", kind, revision=found.parent.name, hub=hub_kwargs)
-    where = "on the Hub" if hub_reachable() else f"in the local Hugging Face cache ({_offline_reason()})"
+    where = "on the Hub" if hub_reachable() else f"in the local Hugging Face cache ({offline_reason()})"
     at = f" at revision {revision}" if revision else ""
     raise ShortGPTError(f"{name!r} is not a local folder, and no model, recipe or adapter{at} was found {where}")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ShortGPTError, first_line
+from .errors import ShortGPTError, fault, first_line
 from .families import auto_class, describe, family_of
 from .layers import input_device, probe_ids, text_config
 
@@ -58,6 +58,8 @@ def explained(subject: nn.Module | str, what: str) -> Iterator[None]:
     except ShortGPTError:
         raise
     except Exception as e:
+        if fault(e) is not None:  # a full disk or a lost connection is not the family's fault: the caller words it
+            raise
         name = subject if isinstance(subject, str) else describe(subject)
         raise ShortGPTError(f"{name}: {what} failed ({type(e).__name__}: {first_line(e)})") from e
 

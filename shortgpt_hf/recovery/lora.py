@@ -331,7 +331,8 @@ def save_healed(peft_model: nn.Module, out_dir: str | Path, tokenizer: Any = Non
     the same error if it fails."""
     from accelerate import PartialState
 
-    from ..saving import atomic_folder, check_destination, save_pruned
+    from ..atomic import atomic_folder, check_destination
+    from ..saving import save_pruned
     from ..verification import explained
 
     state = PartialState()

@@ -1,0 +1,106 @@
+"""Writing folders and files so that a failure, a full disk or Ctrl-C never
+leaves anything half-written, and a user's folder is never replaced unasked.
+
+Every output is built under a temporary name beside its destination and put
+in place with one ``os.replace``; on any exception, KeyboardInterrupt
+included, the temporary copy is deleted and the destination is as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import ShortGPTError, fault
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def check_destination(out_dir: str | Path, overwrite: bool) -> Path:
+    """Refuse a non-empty destination unless ``overwrite``, and one we may not
+    write, before any work is done (a real write test: permission bits do not
+    tell a read-only file system, or root, apart)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ShortGPTError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ShortGPTError(f"{out} exists and is not empty; choose another folder, or allow replacing it (--overwrite)")
+    parent = next(p for p in out.absolute().parents if p.exists())
+    try:
+        tempfile.TemporaryDirectory(prefix=".shortgpt-probe-", dir=parent).cleanup()
+    except OSError as e:
+        raise ShortGPTError(f"cannot write {out}: {fault(e)}") from None
+    return out
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces ``out_dir``
+    in one rename, on any exception it is deleted and ``out_dir`` is untouched.
+    Write faults (no space left, permission denied) become one `ShortGPTError` line."""
+    out = check_destination(out_dir, overwrite).resolve()
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the output's permissions
+        yield tmp
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except Exception as e:
+        reason = fault(e)
+        if reason is None:
+            raise
+        raise ShortGPTError(f"could not write {out}: {reason}; nothing was written") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_file(path: str | Path, data: str | bytes) -> Path:
+    """Write one file atomically (JSON results, charts): a full disk leaves the old file, or none."""
+    path = Path(path)
+    if path.is_dir():
+        raise ShortGPTError(f"{path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as e:
+        raise ShortGPTError(f"cannot write {path}: {fault(e)}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ShortGPTError(f"could not write {path}: {fault(e)}; nothing was written") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Render a matplotlib figure (format from the file name, PNG by default) and write it atomically."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix[1:] or "png", dpi=120)
+    return write_file(path, buffer.getvalue())

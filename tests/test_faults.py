@@ -1,0 +1,161 @@
+"""Faults a user can cause or meet: each ends in one ``shortgpt: error:`` line,
+exit status 2, and nothing half-written (no output folder, no temporary folder)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import assert_one_line_error, run_cli
+from tiny_models import tiny_model, tiny_tokenizer
+
+from shortgpt_hf import ShortGPTError, prune, save_pruned
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("faults") / "pruned"
+    model = tiny_model("llama")
+    prune(model, layers=[1])
+    save_pruned(model, folder, tiny_tokenizer())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("faults") / "dense"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def closed_port() -> int:
+    """A local port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """``shortgpt ARGS`` in a fresh process, with ``env`` added to the environment."""
+    return subprocess.run([sys.executable, "-m", "shortgpt_hf.cli", *map(str, args)], capture_output=True, text=True, env=os.environ | env, timeout=300)
+
+
+def nothing_left(parent: Path, *names: str) -> bool:
+    """No output and no temporary sibling (``.<name>.tmp-*``) in ``parent``."""
+    return not any((parent / n).exists() for n in names) and not [p for p in parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture
+def unwritable(tmp_path) -> Path:
+    """A folder this process may not create files in. Permission bits do not stop
+    root, so as root a path under /sys (a file system where nothing can be made) stands in."""
+    if os.geteuid() != 0:
+        tmp_path.chmod(0o555)
+        yield tmp_path
+        tmp_path.chmod(0o755)
+    elif Path("/sys/kernel").is_dir():
+        yield Path("/sys/kernel")
+    else:
+        pytest.skip("no read-only location to write to as root")
+
+
+def test_hub_unreachable_is_one_line_at_once(pruned_dir, tmp_path):
+    env = dict(HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", HF_HUB_OFFLINE="0", HF_TOKEN="hf_x", HF_HOME=str(tmp_path / "home"))
+    result = cli("push", pruned_dir, "me/pruned", **env)
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "cannot push to me/pruned: the Hub at http://127.0.0.1:")
+    result = cli("prune", "someone/some-model", "--layers", "1", "--out", tmp_path / "out", **env)
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "no model, recipe or adapter was found in the local Hugging Face cache (the Hub at")
+    assert nothing_left(tmp_path, "out")
+
+
+def test_offline_mode_is_one_line(pruned_dir, tmp_path):
+    env = dict(HF_HUB_OFFLINE="1", HF_TOKEN="hf_x", HF_HOME=str(tmp_path / "home"))
+    result = cli("push", pruned_dir, "me/pruned", **env)
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "cannot push to me/pruned: HF_HUB_OFFLINE is set")
+    result = cli("eval", "someone/some-model", **env)
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "(HF_HUB_OFFLINE is set)")
+
+
+def test_unwritable_output_folder(dense_dir, unwritable, tmp_path, capsys, monkeypatch):
+    out = unwritable / "shortgpt-out"
+    code, _, err = run_cli(capsys, monkeypatch, "prune", dense_dir, "--layers", "1", "--out", out)
+    assert code == 2
+    assert_one_line_error(err, f"cannot write {out}:")
+    assert not out.exists()
+    code, _, err = run_cli(capsys, monkeypatch, "score", dense_dir, "--calibration", __file__, "--seq-len", "16", "--json", out / "s.json")
+    assert code == 2
+    assert_one_line_error(err, "cannot write")
+    model = tiny_model("llama")
+    prune(model, layers=[1])
+    with pytest.raises(ShortGPTError, match="cannot write"):
+        save_pruned(model, out)
+
+
+def _interrupt_inside_the_write(monkeypatch, error: BaseException) -> None:
+    """Fail the checkpoint's weights file half-way through: bytes on disk, then ``error``."""
+    import transformers.modeling_utils as modeling_utils
+
+    def half_written(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)
+        raise error
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", half_written)
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (KeyboardInterrupt(), "interrupted; no output was left half-written"),
+        (__import__("safetensors").SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), "no space left on device; nothing was written"),
+        (PermissionError(13, "Permission denied"), "permission denied; nothing was written"),
+    ],
+    ids=["ctrl-c", "disk-full", "permission"],
+)
+def test_a_save_that_fails_half_way_leaves_nothing(dense_dir, tmp_path, capsys, monkeypatch, error, message):
+    _interrupt_inside_the_write(monkeypatch, error)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, monkeypatch, "prune", dense_dir, "--layers", "1", "--out", out)
+    assert code == 2
+    assert_one_line_error(err, message)
+    assert nothing_left(tmp_path, "out")
+    # Replacing a folder the same way keeps the old one.
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")
+    code, _, err = run_cli(capsys, monkeypatch, "prune", dense_dir, "--layers", "1", "--out", out, "--overwrite")
+    assert code == 2 and [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_ctrl_c_in_python_propagates_and_leaves_nothing(tmp_path, monkeypatch):
+    _interrupt_inside_the_write(monkeypatch, KeyboardInterrupt())
+    model = tiny_model("llama")
+    prune(model, layers=[1])
+    with pytest.raises(KeyboardInterrupt):
+        save_pruned(model, tmp_path / "out", verify=False)
+    assert nothing_left(tmp_path, "out")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--layers", "1.5"], "--layers must be comma-separated integers, got '1.5'"),
+        (["--calibration", "{bin}", "--n-layers", "1", "--seq-len", "8"], "is not UTF-8 text (byte 128 cannot be decoded)"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_written(dense_dir, tmp_path, capsys, monkeypatch, args, message):
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    args = [a.replace("{bin}", str(binary)) for a in args]
+    code, _, err = run_cli(capsys, monkeypatch, "prune", dense_dir, *args, "--out", tmp_path / "out")
+    assert code == 2
+    assert_one_line_error(err, message)
+    assert nothing_left(tmp_path, "out")
+    with pytest.raises(ShortGPTError, match="layer indices must be integers, got 1.5"):
+        prune(tiny_model("llama"), layers=[1.5])
