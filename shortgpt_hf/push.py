@@ -41,6 +41,12 @@ def _check_target(repo_id: str, token: str | None) -> str:
     return token
 
 
+def _check_reachable(repo_id: str) -> None:
+    """Before any work, and instead of half a minute of retries."""
+    if not hub_reachable():
+        raise ShortGPTError(f"cannot push to {repo_id}: {offline_reason()}")
+
+
 def _existing_card(repo_id: str, revision: str | None, token: str) -> str | None:
     readme = hub_file(repo_id, "README.md", revision, token=token)
     return readme.read_text() if readme is not None else None
@@ -73,8 +79,8 @@ def push_to_hub(
     if kind not in KINDS:
         raise ShortGPTError(f"kind must be one of {KINDS}, got {kind!r}")
     token = _check_target(repo_id, token)
-    if not hub_reachable():  # before minutes of work, and instead of half a minute of retries
-        raise ShortGPTError(f"cannot push to {repo_id}: {offline_reason()}")
+    if not isinstance(model_or_dir, (str, Path)) and ShortGPTConfig.from_model(split_adapter(model_or_dir)[0]) is None:
+        raise ShortGPTError("this model has not been pruned: nothing to push as a ShortGPT model")
     source = None
     if isinstance(model_or_dir, (str, Path)):
         from .loading import load_tokenizer
@@ -85,6 +91,7 @@ def push_to_hub(
             raise ShortGPTError(f"{source.describe()} is not a pruned model: prune it first (shortgpt prune), then push the folder it writes")
         if source.kind == "recipe":
             kind = "recipe"
+        _check_reachable(repo_id)
         # A local checkpoint is uploaded as its files and a recipe needs no weights: the card
         # only needs the architecture, so build it on the meta device instead of reading every tensor.
         weightless = source.where == "local" or kind == "recipe"
@@ -96,9 +103,8 @@ def push_to_hub(
                 pass
     else:
         model = model_or_dir
+        _check_reachable(repo_id)
     record = ShortGPTConfig.from_model(split_adapter(model)[0])
-    if record is None:
-        raise ShortGPTError("this model has not been pruned: nothing to push as a ShortGPT model")
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="shortgpt-push-") as tmp:
