@@ -1,13 +1,13 @@
 """shortgpt_hf: remove redundant decoder layers from Hugging Face causal LMs (ShortGPT)."""
 
-__version__ = "0.1.0"
+import importlib.metadata
 
 from .ablation import Ablation, ablate
 from .builtin import BUILTINS, DEFAULT_MODEL, builtin_path, load_builtin
 from .card import model_card
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
-from .evaluation import EvalReport, EvalResult, evaluate, perplexity
+from .evaluation import EvalReport, EvalResult, PerplexitySettings, evaluate, perplexity
 from .recovery import RECOVERY_METHODS, RecoveryMethod, heal, recover, save_healed
 from .layers import find_decoder_layers
 from .loading import load_model
@@ -18,6 +18,8 @@ from . import auto  # noqa: F401  (registers recipes with transformers' Auto cla
 from .pruning import prune
 from .surgery import remove_layers
 from .verification import verify_pruned
+
+__version__ = importlib.metadata.version("shortgpt_hf")  # the one version is pyproject.toml's
 from .push import push_to_hub
 from .saving import save_pruned, save_recipe
 from .scoring import METRICS, LayerScores, score_layers
@@ -47,6 +49,7 @@ __all__ = [
     "model_card",
     "multiple_choice",
     "perplexity",
+    "PerplexitySettings",
     "prune",
     "push_to_hub",
     "recover",

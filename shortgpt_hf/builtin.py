@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,34 +72,38 @@ def cache_home() -> Path:
 
 
 def _convert(spec: BuiltinModel, target: Path) -> None:
-    """Dequantize the GGUF into a plain checkpoint. A model loaded straight from
-    GGUF refuses ``save_pretrained``, so the weights go into a fresh model built
-    from the same config."""
+    """Dequantize the GGUF into a plain float32 checkpoint: the only dtype that
+    holds the dequantized values exactly (4-bit codes times float16 scales, plus
+    float16 offsets), so every figure measured on it is the GGUF's own model. A
+    model loaded straight from GGUF refuses ``save_pretrained``, so the weights
+    go into a fresh model built from the same config."""
     import torch
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .atomic import atomic_folder
 
     try:
         gguf = spec.locate()
     except (importlib.metadata.PackageNotFoundError, ModuleNotFoundError):
         raise ShortGPTError(f"built-in model {spec.name!r} needs its weights package: {spec.install}") from None
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise RuntimeError(f"GGUF conversion of {spec.name} left missing={missing} unexpected={unexpected}")
-    model.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tqdm(total=3, desc=f"first use: converting {spec.name} from {gguf.name} (once)", unit="step") as bar:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        bar.update()
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise RuntimeError(f"GGUF conversion of {spec.name} left missing={missing} unexpected={unexpected}")
+        model.tie_weights()
+        bar.update()
+        with atomic_folder(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        bar.update()
 
 
 def builtin_path(name: str) -> Path:

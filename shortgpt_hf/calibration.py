@@ -127,7 +127,7 @@ def prepare_calibration(
 ) -> TokenWindows:
     """Tokenize and cut calibration data into windows of at most ``seq_len`` tokens."""
     if seq_len < 2:
-        raise ShortGPTError(f"seq_len must be at least 2, got {seq_len}")
+        raise ShortGPTError(f"the window length (seq_len / --seq-len) must be at least 2 tokens, got {seq_len}")
     streams, description, bos = token_streams(calibration, tokenizer, text_column)
     step = seq_len - (bos is not None)
     windows: list[torch.Tensor] = []
@@ -147,5 +147,5 @@ def prepare_calibration(
     if result.num_tokens == 0:
         raise ShortGPTError("calibration is empty")
     if result.num_tokens < seq_len:
-        raise ShortGPTError(f"calibration has {result.num_tokens} tokens, fewer than one window of seq_len={seq_len}")
+        raise ShortGPTError(f"calibration has {result.num_tokens} tokens, fewer than one window of {seq_len} (the window length, seq_len / --seq-len)")
     return result

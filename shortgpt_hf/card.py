@@ -74,7 +74,10 @@ def _eval_rows(eval_results: list[dict[str, Any]] | None) -> list[dict[str, Any]
         if missing:
             raise ShortGPTError(f"each eval result needs task, metric and pruned (missing {sorted(missing)} in {r})")
         fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-        rows.append({"task": r["task"], "dataset": r.get("dataset", "-"), "metric": r["metric"], "dense": fmt(r.get("dense")), "pruned": fmt(r["pruned"]), "value": r["pruned"]})
+        rows.append({
+            "task": r["task"], "dataset": r.get("dataset", "-"), "metric": r["metric"], "dense": fmt(r.get("dense")),
+            "pruned": fmt(r["pruned"]), "value": r["pruned"], "settings": r.get("settings"),
+        })
     return rows
 
 
@@ -89,7 +92,8 @@ def model_card(
     """Render the card of a pruned model (or of a PEFT adapter on one).
 
     ``eval_results``: dicts with ``task``, ``metric``, ``pruned`` and optionally
-    ``dataset`` and ``dense`` (the base's value, shown side by side).
+    ``dataset``, ``dense`` (the base's value, shown side by side) and
+    ``settings`` (how it was measured, shown under the table).
     ``kind``: "full", "recipe" or "adapter" (default: adapter for a PeftModel,
     else full) decides the loading instructions.
     """
@@ -151,6 +155,7 @@ def model_card(
         chart=chart if record.layer_scores else None,
         calibration=record.calibration,
         eval_rows=rows,
+        eval_settings=list(dict.fromkeys(f"{r['metric']} on {r['dataset']}: {r['settings']}" for r in rows if r["settings"])),
         recovery=recovery,
         kind=kind,
         loader=loader,

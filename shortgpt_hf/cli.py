@@ -11,19 +11,18 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+import typer.core
 from rich.console import Console
-from rich.table import Table
 
 from .builtin import DEFAULT_MODEL
+from .evaluation import HEADLINE
 from .errors import ShortGPTError, fault
 from .ablation import PAPER_METRICS, RECOVERIES
 from .scoring import METRICS, REPAIR_METRICS
-
-if TYPE_CHECKING:
-    from .evaluation import EvalReport
+from .tables import ablation_tables, eval_table, score_table
 
 app = typer.Typer(
     help="ShortGPT layer pruning for Hugging Face causal LMs.",
@@ -55,6 +54,14 @@ ModelArg = Annotated[
     str, typer.Argument(help="Built-in name (smollm2-135m, gemma3-270m), or a folder or Hub id holding a dense model, a pruned checkpoint or a recipe.")
 ]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DtypeOption = Annotated[
+    str,
+    typer.Option(
+        help="Load and compute in this dtype: auto (the checkpoint's own, as transformers does), float32, bfloat16 or "
+        "float16. What a command saves is saved in it."
+    ),
+]
+DeviceMapOption = Annotated[Optional[str], typer.Option(help="accelerate device_map, e.g. auto.")]
 
 
 def _from_pretrained_kwargs(dtype: str, device_map: Optional[str]) -> dict:
@@ -79,19 +86,6 @@ def _parse_layers(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ShortGPTError(f"--layers must be comma-separated integers, got {text!r}") from None
-
-
-def _score_table(scores, marked: set[int], original: list[int] | None = None) -> Table:
-    table = Table(title=f"{scores.metric} per layer ({scores.num_tokens} calibration tokens)" if scores.num_tokens else scores.metric)
-    table.add_column("layer", justify="right")
-    if original is not None:
-        table.add_column("original", justify="right")
-    table.add_column(scores.metric, justify="right")
-    table.add_column("")
-    for i, value in enumerate(scores.scores):
-        row = [str(i)] + ([str(original[i])] if original is not None else []) + [f"{value:.5f}", "<- lowest" if i in marked else ""]
-        table.add_row(*row)
-    return table
 
 
 def _score(model, tokenizer, metric: str, calibration: Optional[Path], seq_len: int, max_tokens: int, batch_size: int, block_size: int = 1, max_layers: Optional[int] = None):
@@ -120,8 +114,8 @@ def score(
     block_size: Annotated[int, typer.Option(help="Score blocks of n consecutive layers (angular metric).")] = 1,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the scores as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG bar chart here.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
-    device_map: Annotated[Optional[str], typer.Option(help="accelerate device_map, e.g. auto.")] = None,
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
 ) -> None:
     """Score every decoder layer (Block Influence by default) and mark the lowest."""
     from .config import ShortGPTConfig
@@ -131,7 +125,7 @@ def score(
     result = _score(m, tok, metric, calibration, seq_len, max_tokens, batch_size, block_size, max_layers=greedy)
     marked = set(result.lowest(lowest if block_size == 1 else block_size)) if 0 < lowest < result.num_layers else set()
     record = ShortGPTConfig.from_model(m)
-    out.print(_score_table(result, marked, record.kept_layers if record else None))
+    out.print(score_table(result, marked, record.kept_layers if record else None))
     if json_out:
         result.to_json(json_out)
         out.print(f"scores written to {json_out}")
@@ -144,7 +138,7 @@ def score(
 def prune(
     model: ModelArg = DEFAULT_MODEL,
     n_layers: Annotated[Optional[int], typer.Option(help="Remove this many lowest-scoring layers.")] = None,
-    ratio: Annotated[Optional[float], typer.Option(help="Remove this fraction of layers (default 0.25 when nothing else is given).")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="Remove this fraction of layers, rounded to the nearest layer, halves up (25% of 18 is 5). Default 0.25 when nothing else is given.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Remove exactly these current layers, e.g. 3,7,9.")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default ./<model>-shortgpt).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
@@ -160,8 +154,8 @@ def prune(
     ridge: Annotated[float, typer.Option(help="Ridge term of the linear repair, relative to the mean activation energy (0: none).")] = 0.0,
     recovery_tokens: Annotated[Optional[int], typer.Option(help="Calibration tokens for the repair (default: all of --calibration; the packaged plays are 153k tokens, about 9 minutes on 2 CPU cores for SmolLM2-135M, 32768 take 2).")] = None,
     verify: Annotated[bool, typer.Option(help="Check cache parity and the saved checkpoint's logits.")] = True,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
-    device_map: Annotated[Optional[str], typer.Option(help="accelerate device_map, e.g. auto.")] = None,
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
 ) -> None:
     """Score (if needed), remove layers (and repair them with --recovery linear), and save a native checkpoint."""
     from .layers import find_decoder_layers
@@ -170,7 +164,7 @@ def prune(
     from .pruning import prune as prune_model
     from .atomic import check_destination
     from .saving import save_pruned, save_recipe
-    from .texts import heldout_texts
+    from .texts import HELDOUT_PLAYS, heldout_texts
 
     if n_layers is not None and ratio is not None:
         raise ShortGPTError("give only one of --n-layers and --ratio")
@@ -211,6 +205,7 @@ def prune(
         gaps = ", ".join(f"{g['removed']} -> {g['folded_into'] if g['map'] else 'unrepaired'}" for g in step["gaps"])
         out.print(f"{recovery} repair on {step['tokens']:,} tokens: {gaps}")
         out.print(f"held-out perplexity {step['perplexity_before']:.2f} (plain removal) -> {step['perplexity_after']:.2f} (repaired)")
+        out.print(f"  measured on {step['perplexity_settings']} of the held-out play {HELDOUT_PLAYS[0]}")
     out.print(f"parameters: {before:,} -> {after:,} ({100 * (1 - after / before):.1f}% fewer)")
     kind = "recipe" if recipe else "checkpoint"
     out.print(f"{kind} saved to {saved}" + (" (verified: cache parity and reload logits)" if verify else ""))
@@ -219,8 +214,8 @@ def prune(
 @command()
 def load(
     model: Annotated[str, typer.Argument(help="Pruned checkpoint or recipe: folder or Hub id.")],
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
-    device_map: Annotated[Optional[str], typer.Option(help="accelerate device_map, e.g. auto.")] = None,
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
 ) -> None:
     """Load a pruned checkpoint or a recipe and summarise it."""
     from collections import Counter
@@ -248,8 +243,8 @@ def generate(
     layers: Annotated[Optional[str], typer.Option(help="Skip exactly these layers during prefill, e.g. 12,13,14.")] = None,
     boundary: Annotated[bool, typer.Option(help="Run the last prompt token through the full model (POP).")] = True,
     sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
-    device_map: Annotated[Optional[str], typer.Option(help="accelerate device_map, e.g. auto.")] = None,
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
 ) -> None:
     """Generate text, optionally with ShortGPT-gen prefill skipping; print the time to first token."""
     import time
@@ -300,44 +295,6 @@ def _split(text: Optional[str]) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
-def _eval_table(report: "EvalReport") -> Table:
-    table = Table(title=f"evaluation of {report.model}")
-    for name in ("task", "dataset", "metric"):
-        table.add_column(name)
-    if report.baseline is not None:
-        table.add_column(f"{report.baseline.model}", justify="right")
-    table.add_column("value", justify="right")
-    table.add_column("chance", justify="right")
-    table.add_column("n", justify="right")
-    for r in report.results:
-        row = [r.task, r.dataset, r.metric]
-        if report.baseline is not None:
-            try:
-                row.append(f"{report.baseline.get(r.task, r.metric):.4g}")
-            except KeyError:
-                row.append("-")
-        row += [f"{r.value:.4g}", "-" if r.chance is None else f"{r.chance:.3f}", "-" if r.num_samples is None else str(r.num_samples)]
-        table.add_row(*row)
-    return table
-
-
-def _comparison_table(reports: list["EvalReport"]) -> Table:
-    table = Table(title="evaluation")
-    for name in ("task", "dataset", "metric"):
-        table.add_column(name)
-    for report in reports:
-        table.add_column(report.model, justify="right")
-    for r in reports[0].results:
-        values = []
-        for report in reports:
-            try:
-                values.append(f"{report.get(r.task, r.metric):.4g}")
-            except KeyError:
-                values.append("-")
-        table.add_row(r.task, r.dataset, r.metric, *values)
-    return table
-
-
 @command(name="eval")
 def eval_(
     models: Annotated[
@@ -349,13 +306,13 @@ def eval_(
     lm_eval_include: Annotated[Optional[Path], typer.Option(help="Folder of your own lm-eval task YAMLs.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many questions per multiple-choice / lm-eval task.")] = None,
     with_base: Annotated[bool, typer.Option(help="Also evaluate the pruned model's recorded base and show both.")] = False,
-    seq_len: Annotated[int, typer.Option(help="Perplexity window in tokens.")] = 256,
-    stride: Annotated[int, typer.Option(help="Perplexity window stride (smaller: more context per token, slower).")] = 128,
-    max_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity.")] = 8192,
+    seq_len: Annotated[int, typer.Option(help="Perplexity window in tokens.")] = HEADLINE.seq_len,
+    stride: Annotated[Optional[int], typer.Option(help="Move each perplexity window by this many tokens (default: disjoint windows; smaller: more context per token, slower).")] = HEADLINE.stride,
+    max_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity.")] = HEADLINE.max_tokens,
     batch_size: int = 8,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here (shortgpt push --eval reads it).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
-    device_map: Annotated[Optional[str], typer.Option(help="accelerate device_map, e.g. auto.")] = None,
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
 ) -> None:
     """Evaluate models, pruned checkpoints, recipes or adapters: perplexity, multiple choice, lm-eval tasks.
 
@@ -383,7 +340,7 @@ def eval_(
             m, tok = _load(name, dtype, device_map, adapters=True)
             reports.append(evaluate(m, tok, name=name, **options))
             del m
-        out.print(_comparison_table(reports))
+        out.print(eval_table(reports))
         if json_out:
             write_file(json_out, json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
             out.print(f"results written to {json_out}")
@@ -398,7 +355,7 @@ def eval_(
         del m
         base, base_tok = _load(record.base_model_name_or_path, dtype, device_map, revision=record.base_revision)
         report.baseline = evaluate(base, base_tok, name=record.base_model_name_or_path, **options)
-    out.print(_eval_table(report))
+    out.print(eval_table([report]))
     if json_out:
         report.to_json(json_out)
         out.print(f"results written to {json_out}")
@@ -418,10 +375,10 @@ def ablate(
     calibration: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (default: packaged Shakespeare).")] = None,
     calibration_tokens: Annotated[int, typer.Option(help="Calibration tokens for scoring.")] = 8192,
     limit: Annotated[Optional[int], typer.Option(help="At most this many questions per multiple-choice task.")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity.")] = 4096,
+    max_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity (windows as in shortgpt eval).")] = HEADLINE.max_tokens,
     seed: Annotated[int, typer.Option(help="Seed of the random baseline.")] = 0,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "float32",
-    device_map: Annotated[Optional[str], typer.Option(help="accelerate device_map, e.g. auto.")] = None,
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
 ) -> None:
     """Prune with every metric at every ratio, evaluate each, and plot (the paper's Figures 4-5)."""
     from .ablation import ablate as run_ablation
@@ -443,21 +400,13 @@ def ablate(
     m, tok = _load(model, dtype, device_map)
     result = run_ablation(
         m, tok, **request, calibration=calibration, calibration_tokens=calibration_tokens, recovery_options={"lora": {"steps": lora_steps}},
-        seed=seed, name=model, mc_limit=limit, max_tokens=max_tokens, stride=None,
+        seed=seed, name=model, mc_limit=limit, max_tokens=max_tokens,
     )
     with atomic_folder(target, overwrite) as tmp:
         result.to_json(tmp / "ablation.json")
         plots = result.plot(tmp)
-    measures = result.measures()
-    table = Table(title=f"ablation of {model} ({result.num_layers} layers)")
-    for name in ("method", "removed", "layers (original)"):
-        table.add_column(name)
-    for task, metric in measures:
-        table.add_column(metric if task == metric else f"{task} {metric}", justify="right")
-    table.add_row("dense", "0", "", *(f"{r.value:.4g}" for r in result.dense))
-    for run in result.runs:
-        table.add_row(run.method, f"{len(run.removed_layers)} ({run.ratio:g})", ",".join(map(str, run.removed_layers)), *(f"{run.value(t, mt):.4g}" for t, mt in measures))
-    out.print(table)
+    for table in ablation_tables(result):
+        out.print(table)
     out.print(f"ablation.json and {len(plots)} plots written to {target}")
 
 
@@ -501,21 +450,23 @@ def heal(
     from .recovery import heal as heal_model
     from .recovery import save_healed
     from .atomic import check_destination
-    from .texts import heldout_texts
+    from .texts import HELDOUT_PLAYS, heldout_texts
 
     from .config import ShortGPTConfig
     from .sources import resolve
 
     check_destination(out_dir, overwrite)
-    m, tok = _load(pruned, "float32", None)
+    m, tok = _load(pruned, "auto", None)
     if ShortGPTConfig.from_model(m) is None:
         raise ShortGPTError(f"{resolve(pruned).describe()} has no layers removed: prune it first (shortgpt prune {pruned}), then heal what it writes")
-    dense = _load(teacher, "float32", None)[0] if teacher else None
+    dense = _load(teacher, "auto", None)[0] if teacher else None
     chosen = layers if layers in ("all", "adjacent") else _parse_layers(layers)
     healed = heal_model(m, data, tokenizer=tok, steps=steps, lr=lr, r=r, alpha=alpha, layers=chosen, seq_len=seq_len, batch_size=batch_size, teacher=dense, kd_weight=kd_weight, eval_data=heldout_texts()[:1])
     saved = save_healed(healed, out_dir, tok, merge=merge, overwrite=overwrite)
     record = healed.get_base_model().config.shortgpt["recovery"][-1]
-    out.print(f"held-out perplexity {record['perplexity_before']:.2f} -> {record['perplexity_after']:.2f} after {steps} steps ({record['tokens']:,} tokens)")
+    trained = f"{steps} step{'s' if steps != 1 else ''} ({record['tokens']:,} tokens)"
+    out.print(f"held-out perplexity {record['perplexity_before']:.2f} -> {record['perplexity_after']:.2f} after {trained}")
+    out.print(f"  measured on {record['perplexity_settings']} of the held-out play {HELDOUT_PLAYS[0]}")
     out.print(f"{'merged checkpoint' if merge else 'adapter'} saved to {saved}")
 
 
@@ -524,7 +475,9 @@ def main() -> None:
     in one ``shortgpt: error:`` line and exit status 2. Every write is atomic
     (`shortgpt_hf.atomic`), so nothing half-written is left behind either way."""
     try:
-        app()
+        command = typer.main.get_command(app)
+        _plain_placeholders(command)
+        command()
     except ShortGPTError as e:
         _fail(str(e))
     except KeyboardInterrupt:  # before a command started (while importing, say)
@@ -534,6 +487,24 @@ def main() -> None:
         if reason is None:
             raise  # a bug in shortgpt_hf: keep its traceback
         _fail(reason)
+
+
+def _plain_placeholders(group: typer.core.TyperGroup) -> None:
+    """Help in the usual Unix style (``--out DIR``, ``--steps N``, flags bare)
+    instead of typer's ``<path>``, ``<int>`` and ``<bool>`` tags."""
+    for command in group.commands.values():
+        for param in command.params:
+            kind = param.type_descriptor
+            if isinstance(param, typer.core.TyperArgument):
+                param.metavar = param.name.upper()
+                placeholder = None
+            elif getattr(param, "is_flag", False):
+                placeholder = None
+            elif kind.is_path:
+                placeholder = "DIR" if param.name.endswith(("dir", "include")) else "FILE"
+            else:
+                placeholder = {int: "N", float: "X"}.get(kind.annotation, "TEXT")
+            param.display_type_rich = lambda ctx, text=placeholder: text
 
 
 def _fail(message: str) -> None:

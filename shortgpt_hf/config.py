@@ -10,6 +10,7 @@ pruned model composes without ambiguity.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -26,9 +27,7 @@ CONFIG_TYPE = "shortgpt"
 
 
 def _library_version() -> str:
-    from . import __version__
-
-    return __version__
+    return importlib.metadata.version("shortgpt_hf")
 
 
 @dataclass

@@ -21,11 +21,38 @@ from tqdm.auto import tqdm
 
 from .calibration import CalibrationData, token_streams
 from .errors import ShortGPTError
-from .layers import input_device
+from .layers import eval_mode, input_device
 from .records import JsonRecord
 
 DEFAULT_TASKS = ("ppl", "mc")
 HELDOUT_DATASET = "shakespeare-heldout"
+
+
+@dataclass(frozen=True)
+class PerplexitySettings:
+    """The one definition of the perplexity we print, record and put on cards.
+
+    `perplexity`, `evaluate`, `ablate`, ``shortgpt eval`` and the before/after
+    numbers of a recovery all default to `HEADLINE`: the first 4,096 tokens of
+    the text, in disjoint windows of 256 tokens, as lm-evaluation-harness scores
+    rolling perplexity (each token is scored once, with the tokens before it in
+    its own window as context). Disjoint windows are the cheapest definition, which
+    matters when an ablation evaluates dozens of models; a smaller ``stride``
+    gives every token more context and a lower number, at about
+    ``seq_len / stride`` times the cost. Numbers taken with other settings are
+    not comparable, so every one is shown with `describe`."""
+
+    seq_len: int = 256
+    stride: int | None = None  # None: disjoint windows
+    max_tokens: int | None = 4096
+
+    def describe(self) -> str:
+        tokens = "all tokens" if self.max_tokens is None else f"first {self.max_tokens:,} tokens"
+        windows = f"disjoint {self.seq_len}-token windows" if self.stride is None else f"{self.seq_len}-token windows moved by {self.stride}"
+        return f"{tokens}, {windows}"
+
+
+HEADLINE = PerplexitySettings()
 
 
 def _windows(stream: torch.Tensor, seq_len: int, stride: int, bos: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -58,17 +85,17 @@ def perplexity(
     tokenizer: Any,
     texts: CalibrationData = None,
     *,
-    seq_len: int = 256,
-    stride: int | None = None,
-    max_tokens: int | None = 8192,
+    seq_len: int = HEADLINE.seq_len,
+    stride: int | None = HEADLINE.stride,
+    max_tokens: int | None = HEADLINE.max_tokens,
     batch_size: int = 8,
-    progress: bool = False,
+    progress: bool = True,
 ) -> float:
     """Token-level perplexity of ``texts`` (any calibration form; default: the
     packaged held-out plays, never used for calibration), over the first
     ``max_tokens`` tokens, in windows of ``seq_len`` tokens moved by ``stride``
-    (default: non-overlapping windows; smaller: more context per token, at
-    about ``seq_len / stride`` times the cost)."""
+    (default: disjoint windows, see `PerplexitySettings`; smaller: more context
+    per token, at about ``seq_len / stride`` times the cost)."""
     nll, count = _log_likelihood(model, tokenizer, texts, seq_len, stride, max_tokens, batch_size, progress)
     return math.exp(nll / count)
 
@@ -81,12 +108,12 @@ def _log_likelihood(
     from .texts import heldout_texts
 
     if seq_len < 2:
-        raise ShortGPTError(f"seq_len must be at least 2, got {seq_len}")
+        raise ShortGPTError(f"the window length (seq_len / --seq-len) must be at least 2 tokens, got {seq_len}")
     streams, _, bos = token_streams(heldout_texts() if texts is None else texts, tokenizer)
     body = seq_len - (bos is not None)
     stride = body if stride is None else stride
     if not 1 <= stride <= body:
-        raise ShortGPTError(f"stride must be between 1 and {body} (seq_len{' - 1 for BOS' if bos is not None else ''}), got {stride}")
+        raise ShortGPTError(f"the window stride (stride / --stride) must be between 1 and {body} (the window length{' less one for BOS' if bos is not None else ''}), got {stride}")
     if max_tokens is not None:
         kept, budget = [], max_tokens
         for s in streams:
@@ -100,23 +127,21 @@ def _log_likelihood(
     device = input_device(model)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     nll, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
-        chunk = windows[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for row, (piece, target) in enumerate(chunk):
-            ids[row, : len(piece)] = piece
-            mask[row, : len(piece)] = 1
-            labels[row, : len(piece)] = piece.masked_fill(~target, -100)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float().cpu()
-        targets = labels[:, 1:]
-        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum").item()
-        count += int((targets != -100).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
+            chunk = windows[start : start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            labels = torch.full_like(ids, -100)
+            for row, (piece, target) in enumerate(chunk):
+                ids[row, : len(piece)] = piece
+                mask[row, : len(piece)] = 1
+                labels[row, : len(piece)] = piece.masked_fill(~target, -100)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float().cpu()
+            targets = labels[:, 1:]
+            nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum").item()
+            count += int((targets != -100).sum())
     return nll, count
 
 
@@ -132,6 +157,7 @@ class EvalResult:
     higher_is_better: bool
     num_samples: int | None = None
     chance: float | None = None
+    settings: str | None = None  # how it was measured, when that changes the number (perplexity windows)
 
 
 @dataclass
@@ -165,7 +191,7 @@ class EvalReport(JsonRecord):
         "pruned", the baseline's matching numbers (if any) as "dense"."""
         rows = []
         for r in self.results:
-            row = {"task": r.task, "dataset": r.dataset, "metric": r.metric, "pruned": r.value}
+            row = {"task": r.task, "dataset": r.dataset, "metric": r.metric, "pruned": r.value, "settings": r.settings}
             if self.baseline is not None:
                 try:
                     row["dense"] = self.baseline.get(r.task, r.metric)
@@ -196,7 +222,8 @@ def _perplexity_result(model: nn.Module, tokenizer: Any, spec: str, options: dic
     keys = ("seq_len", "stride", "max_tokens", "batch_size", "progress")
     nll, count = _log_likelihood(model, tokenizer, source, *(options[k] for k in keys))
     dataset = f"file:{Path(source).name}" if source else HELDOUT_DATASET
-    return EvalResult("perplexity", dataset, "perplexity", math.exp(nll / count), False, count)
+    settings = PerplexitySettings(options["seq_len"], options["stride"], options["max_tokens"]).describe()
+    return EvalResult("perplexity", dataset, "perplexity", math.exp(nll / count), False, count, settings=settings)
 
 
 def _multiple_choice_results(model: nn.Module, tokenizer: Any, spec: str, options: dict[str, Any]) -> list[EvalResult]:
@@ -220,9 +247,9 @@ def evaluate(
     lm_eval_tasks: Sequence[str] | None = None,
     lm_eval_include: str | Path | None = None,
     lm_eval_limit: int | None = None,
-    seq_len: int = 256,
-    stride: int | None = 128,
-    max_tokens: int | None = 8192,
+    seq_len: int = HEADLINE.seq_len,
+    stride: int | None = HEADLINE.stride,
+    max_tokens: int | None = HEADLINE.max_tokens,
     mc_limit: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
@@ -231,7 +258,8 @@ def evaluate(
     """Evaluate a (pruned) model on ``tasks``:
 
     - ``"ppl"``: perplexity on the packaged held-out plays (``"ppl:FILE"``: a
-      text file), windows of ``seq_len`` moved by ``stride``, ``max_tokens``;
+      text file), windows of ``seq_len`` moved by ``stride``, the first
+      ``max_tokens`` tokens (defaults: `HEADLINE`, the same as `perplexity`);
     - ``"mc"``: every packaged BIG-bench multiple-choice task
       (``"mc:general_knowledge+emoji_movie"`` or ``"mc:path/task.json"``),
       ``mc_limit`` questions each (seeded sample);

@@ -116,3 +116,16 @@ def probe_ids(model: nn.Module, length: int = 12, seed: int = 0) -> torch.Tensor
         plain = next(i for i in range(3, vocab) if i not in special)
         ids = ids.masked_fill(torch.isin(ids, torch.tensor(special)), plain)
     return ids
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a measurement in eval mode (no dropout) and give the model back in the
+    mode it had, also when the measurement fails or is interrupted: a model
+    being trained must not come back from an evaluation in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -11,6 +11,7 @@ local (your own YAML in ``include_path``, or a populated datasets cache) run.
 from __future__ import annotations
 
 import logging
+from unittest import mock
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ def run_lm_eval(
     """One `EvalResult` per task and metric the harness reports (stderr rows dropped)."""
     try:
         import lm_eval
+        import lm_eval.evaluator
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
@@ -47,10 +49,14 @@ def run_lm_eval(
         raise ShortGPTError(f"lm-eval knows no task {', '.join(map(repr, unknown))}" + ("" if include_path else " (local task YAMLs go in include_path)"))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    # lm-eval records `git describe` of the current directory, which says nothing about an in-memory
+    # model and prints "fatal: not a git repository" outside one; the hash is left out instead.
+    quiet_git = mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None)
     try:
-        output = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0
-        )
+        with quiet_git:
+            output = lm_eval.simple_evaluate(
+                model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0
+            )
     except (OSError, ConnectionError, ValueError) as e:  # the datasets/Hub errors of a task whose data is unreachable
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ShortGPTError(

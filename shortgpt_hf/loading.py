@@ -76,7 +76,7 @@ def load_tokenizer(source: Source) -> Any:
             return AutoTokenizer.from_pretrained(candidate.location, **candidate.hub_kwargs())
         except (OSError, ValueError, TypeError):
             candidate = base_of(candidate)
-    raise ShortGPTError(f"no tokenizer found for {source.name!r}" + ("" if source.kind == "model" else " nor its base") + ": pass tokenizer=")
+    raise ShortGPTError(f"no tokenizer found for {source.name!r}" + ("" if source.kind == "model" else " nor its base") + ": save the tokenizer beside the model, or give one (tokenizer=...)")
 
 
 def load_model(name_or_path: str, tokenizer: bool = True, *, adapters: bool = False, **from_pretrained_kwargs: Any) -> tuple[Any, Any]:
@@ -136,5 +136,5 @@ def tokenizer_for(model: Any) -> Any:
     try:
         source = resolve(model.name_or_path)
     except ShortGPTError as e:
-        raise ShortGPTError(f"no tokenizer given and none found at {model.name_or_path!r}: pass tokenizer=") from e
+        raise ShortGPTError(f"no tokenizer given and none found at {model.name_or_path!r}: give one (tokenizer=...)") from e
     return load_tokenizer(source)

@@ -184,7 +184,7 @@ def load_pruned(source: Source, *, removed_layers: Sequence[int] | None = None, 
     model = load_native(source, **kwargs)
     record = ShortGPTConfig.from_model(model)
     if record is None:
-        raise ShortGPTError(f"{source.describe()} has no layers removed: prune it first (shortgpt prune, or prune()), or pass removed_layers=[...] to prune it on load")
+        raise ShortGPTError(f"{source.describe()} has no layers removed: prune it first (shortgpt prune), or name the layers to remove on load (removed_layers=[...])")
     if mode is not None and mode != record.mode:
         raise ShortGPTError(f"{source.describe()} was saved in {record.mode!r} mode; it cannot be loaded in {mode!r} mode")
     maps_file = source.file(MAPS_FILE) if map_keys(record) else None

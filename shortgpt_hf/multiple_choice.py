@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ShortGPTError
-from .layers import input_device
+from .layers import eval_mode, input_device
 
 # Where SmolLM2-135M is clearly above chance zero-shot (measured on the dense model; re-checked in tests).
 PACKAGED_TASKS = ("general_knowledge", "emoji_movie")
@@ -148,29 +148,27 @@ def choice_loglikelihoods(
     device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     result = [0.0] * len(requests)
-    was_training = model.training
-    model.eval()
-    for start in tqdm(range(0, len(order), batch_size), desc="choices", disable=not progress):
-        rows = order[start : start + batch_size]
-        width = len(encoded[rows[0]][0])
-        keep = max(encoded[i][1] for i in rows) + 1
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(rows):
-            seq = encoded[i][0]
-            ids[r, width - len(seq) :] = torch.tensor(seq)
-            mask[r, width - len(seq) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        logits = model(
-            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=False, logits_to_keep=keep
-        ).logits
-        # logits[:, j] predicts token width - keep + j + 1
-        logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
-        targets = ids[:, width - keep + 1 :]
-        picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        for r, i in enumerate(rows):
-            result[i] = float(picked[r, keep - 1 - encoded[i][1] :].sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in tqdm(range(0, len(order), batch_size), desc="choices", disable=not progress):
+            rows = order[start : start + batch_size]
+            width = len(encoded[rows[0]][0])
+            keep = max(encoded[i][1] for i in rows) + 1
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, i in enumerate(rows):
+                seq = encoded[i][0]
+                ids[r, width - len(seq) :] = torch.tensor(seq)
+                mask[r, width - len(seq) :] = 1
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            logits = model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=False, logits_to_keep=keep
+            ).logits
+            # logits[:, j] predicts token width - keep + j + 1
+            logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+            targets = ids[:, width - keep + 1 :]
+            picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            for r, i in enumerate(rows):
+                result[i] = float(picked[r, keep - 1 - encoded[i][1] :].sum())
     return result
 
 

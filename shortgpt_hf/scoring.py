@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .calibration import CalibrationData, TokenWindows, is_tokenized, prepare_calibration
 from .errors import ShortGPTError
-from .layers import find_decoder_layers, input_device
+from .layers import eval_mode, find_decoder_layers, input_device
 from .loading import tokenizer_for
 from .records import JsonRecord
 
@@ -56,7 +56,7 @@ class LayerScores(JsonRecord):
         """The ``n`` layers to remove first: lowest scores, ties broken by index (or a greedy metric's first ``n``)."""
         if self.order is not None:
             if n > len(self.order):
-                raise ShortGPTError(f"these {self.metric} scores chose only {len(self.order)} layers; re-score with max_layers={n} or more")
+                raise ShortGPTError(f"these {self.metric} scores chose only {len(self.order)} layers; re-score asking for {n} or more (max_layers / --lowest)")
             return sorted(self.order[:n])
         if self.block_size > 1:
             if n != self.block_size:
@@ -221,17 +221,15 @@ def score_layers(
         return LayerScores(metric, added, num_layers, windows.num_tokens, windows.description, seq_len, order=order)
     device = input_device(model)
     acc = _Accumulator(metric, layers, block_size)
-    was_training = model.training
-    model.eval()
-    try:
-        bar = tqdm(total=windows.num_tokens, unit="tok", desc=f"scoring ({metric})", disable=not progress)
-        for ids, mask in windows.batches(batch_size, pad_id):
-            acc.set_mask(mask)
-            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            bar.update(int(mask.sum()))
-        bar.close()
-    finally:
-        acc.remove()
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            bar = tqdm(total=windows.num_tokens, unit="tok", desc=f"scoring ({metric})", disable=not progress)
+            for ids, mask in windows.batches(batch_size, pad_id):
+                acc.set_mask(mask)
+                model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                bar.update(int(mask.sum()))
+            bar.close()
+        finally:
+            acc.remove()
     scores = [float(s.item()) / windows.num_tokens for s in acc.sums]
     return LayerScores(metric, scores, num_layers, windows.num_tokens, windows.description, seq_len, block_size)

@@ -8,6 +8,7 @@ counts "25% of N layers" the same way.
 from __future__ import annotations
 
 import operator
+from decimal import ROUND_FLOOR, Decimal
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -18,15 +19,21 @@ if TYPE_CHECKING:
 
 
 def removal_count(num_layers: int, n_layers: int | None = None, ratio: float | None = None) -> int:
-    """How many layers ``n_layers`` or ``ratio`` removes, refusing none or all (cheap: check before scoring)."""
+    """How many layers ``n_layers`` or ``ratio`` removes, refusing none or all (cheap: check before scoring).
+
+    A ratio removes ``ratio * num_layers`` layers rounded to the nearest whole
+    layer, halves up: 25% of 18 layers is 5 and 25% of 30 is 8. Python's
+    ``round`` would round halves to even (4 of 18 but 8 of 30), and float
+    arithmetic would put 0.35 * 30 just below 10.5; the ratio is read as the
+    decimal the user wrote instead."""
     if ratio is not None:
         if not 0 < ratio < 1:
             raise ShortGPTError(f"ratio must be between 0 and 1, got {ratio}")
-        n_layers = round(ratio * num_layers)
+        n_layers = int((Decimal(repr(float(ratio))) * num_layers + Decimal("0.5")).to_integral_value(ROUND_FLOOR))
         if n_layers == 0:
             raise ShortGPTError(f"ratio {ratio} removes zero of {num_layers} layers")
     if not 0 < n_layers < num_layers:
-        raise ShortGPTError(f"n_layers must remove between 1 and {num_layers - 1} of {num_layers} layers, got {n_layers}")
+        raise ShortGPTError(f"the number of layers to remove must be between 1 and {num_layers - 1} (of {num_layers}), got {n_layers}")
     return n_layers
 
 

@@ -12,6 +12,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Fixtures that hand a test the real converted model: a test using one (directly or
+# through another fixture) is marked slow, and only slow tests may reach a real model.
+REAL_MODEL_FIXTURES = {"smollm2_path", "smollm2"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _real_models_only_in_slow_tests(request, monkeypatch):
+    """Keep the fast tier (``pytest -m "not slow"``) fast for good: a test that is not
+    marked slow fails at once if it asks for a built-in real model."""
+    if request.node.get_closest_marker("slow"):
+        return
+    import shortgpt_hf.builtin
+    import shortgpt_hf.sources
+
+    def refuse(name: str):
+        raise AssertionError(f"{request.node.nodeid} loads the real model {name}: mark it @pytest.mark.slow")
+
+    monkeypatch.setattr(shortgpt_hf.builtin, "builtin_path", refuse)
+    monkeypatch.setattr(shortgpt_hf.sources, "builtin_path", refuse)
+
+
 def run_python(code: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run code in a fresh interpreter (used to prove that nothing of ours is needed)."""
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)

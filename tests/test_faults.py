@@ -159,3 +159,19 @@ def test_bad_input_is_refused_before_anything_is_written(dense_dir, tmp_path, ca
     assert nothing_left(tmp_path, "out")
     with pytest.raises(ShortGPTError, match="layer indices must be integers, got 1.5"):
         prune(tiny_model("llama"), layers=[1.5])
+
+
+def test_a_failed_measurement_gives_the_model_back_in_training_mode():
+    from shortgpt_hf import perplexity, score_layers
+
+    model = tiny_model("llama").train()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken layer")
+
+    model.model.layers[2].forward = broken
+    text = [" ".join(f"t{3 + i % 100}" for i in range(64))]
+    for measure in (lambda: perplexity(model, tiny_tokenizer(), text, seq_len=16), lambda: score_layers(model, text, tokenizer=tiny_tokenizer(), seq_len=16)):
+        with pytest.raises(RuntimeError, match="broken layer"):
+            measure()
+        assert model.training and all(m.training for m in model.modules())

@@ -211,7 +211,7 @@ def test_repair_aware_selection_is_greedy_on_the_fitted_error():
     assert order[1] == min(second, key=second.get), "step two must pick the cheapest pair containing the first choice"
     scores = score_layers(model, TOKENS, "linear_residual", max_layers=3, progress=False)
     assert scores.order == order and scores.lowest(2) == sorted(order[:2])
-    with pytest.raises(ShortGPTError, match="chose only 3 layers; re-score with max_layers=4"):
+    with pytest.raises(ShortGPTError, match="chose only 3 layers; re-score asking for 4 or more"):
         scores.lowest(4)
 
 

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from ..evaluation import HEADLINE
 from ..calibration import CalibrationData, TokenWindows, is_tokenized, prepare_calibration
 from ..config import ShortGPTConfig
 from ..errors import ShortGPTError
@@ -82,7 +83,7 @@ class RecoveryStep:
     options: dict[str, Any]
     seq_len: int
     eval_data: CalibrationData
-    eval_tokens: int
+    eval_tokens: int | None
 
     def fit(self, model: nn.Module, removing: list[int]) -> Any:
         """What `run` needs from layers about to be removed (None for methods that need none)."""
@@ -100,7 +101,7 @@ def plan(
     seq_len: int = 256,
     max_tokens: int | None = None,
     eval_data: CalibrationData = None,
-    eval_tokens: int = 4096,
+    eval_tokens: int | None = HEADLINE.max_tokens,
     **options: Any,
 ) -> RecoveryStep:
     """Check ``method`` and its ``options`` against ``model`` and prepare the calibration windows
@@ -121,16 +122,17 @@ def plan(
 
 def run(model: nn.Module, step: RecoveryStep, fitted: Any = None) -> nn.Module:
     """Apply a planned step to a pruned model, measure it if asked, and append it to ``config.shortgpt["recovery"]``."""
-    from ..evaluation import perplexity
+    from ..evaluation import PerplexitySettings, perplexity
 
-    ppl = dict(seq_len=step.seq_len, max_tokens=step.eval_tokens)
+    settings = PerplexitySettings(step.seq_len, None, step.eval_tokens)
+    ppl = dict(seq_len=settings.seq_len, max_tokens=settings.max_tokens, progress=step.options.get("progress", True))
     before = perplexity(model, step.tokenizer, step.eval_data, **ppl) if step.eval_data is not None else None
     extra = {"fitted": fitted} if step.method.needs_removed_layers else {}
     recovered, details = step.method.apply(model, step.windows, step.tokenizer, **extra, **step.options)
     entry = {"method": step.method.name, **details, "data": step.windows.description}
     if before is not None:
         after = perplexity(recovered, step.tokenizer, step.eval_data, **ppl)
-        entry.update(perplexity_before=round(before, 4), perplexity_after=round(after, 4))
+        entry.update(perplexity_before=round(before, 4), perplexity_after=round(after, 4), perplexity_settings=settings.describe())
     base = recovered_base(recovered)
     base.config.shortgpt = {**base.config.shortgpt, "recovery": [*(base.config.shortgpt.get("recovery") or []), entry]}
     return recovered
@@ -145,7 +147,7 @@ def recover(
     seq_len: int = 256,
     max_tokens: int | None = None,
     eval_data: CalibrationData = None,
-    eval_tokens: int = 4096,
+    eval_tokens: int | None = HEADLINE.max_tokens,
     **options: Any,
 ) -> nn.Module:
     """Run recovery ``method`` on a pruned model and record it in ``config.shortgpt["recovery"]``.

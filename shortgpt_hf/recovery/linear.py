@@ -52,7 +52,7 @@ from ..calibration import TokenWindows
 from ..config import ShortGPTConfig
 from ..errors import ShortGPTError
 from ..families import Fold, describe, family_of, is_vision_language
-from ..layers import find_decoder_layers, input_device, text_config
+from ..layers import eval_mode, find_decoder_layers, input_device, text_config
 from .base import RecoveryMethod, register
 
 logger = logging.getLogger("shortgpt_hf")
@@ -232,24 +232,22 @@ def collect(model: nn.Module, gaps: list[Gap], windows: TokenWindows, pad_id: in
         raise _Done
 
     handles.append(found.layers[max(g.last for g in gaps)].register_forward_hook(stop, with_kwargs=True))
-    was_training = model.training
-    model.eval()
     device = input_device(model)
-    try:
-        bar = tqdm(total=windows.num_tokens, unit="tok", desc="linear repair: activations", disable=not progress)
-        for ids, mask in windows.batches(batch_size, pad_id):
-            state["mask"] = mask.reshape(-1).bool()
-            seen.clear()
-            try:
-                model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            except _Done:
-                pass
-            bar.update(int(mask.sum()))
-        bar.close()
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            bar = tqdm(total=windows.num_tokens, unit="tok", desc="linear repair: activations", disable=not progress)
+            for ids, mask in windows.batches(batch_size, pad_id):
+                state["mask"] = mask.reshape(-1).bool()
+                seen.clear()
+                try:
+                    model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                except _Done:
+                    pass
+                bar.update(int(mask.sum()))
+            bar.close()
+        finally:
+            for h in handles:
+                h.remove()
     return equations
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..evaluation import HEADLINE
 from ..calibration import CalibrationData, TokenWindows
 from ..config import ShortGPTConfig
 from ..errors import ShortGPTError
@@ -104,9 +105,9 @@ class LoraRecovery(RecoveryMethod):
             raise ShortGPTError(f"healing supports text-only causal LMs; {describe(model)} is a vision-language model")
         _check_method("qlora" if quantized else "lora", model)
         if not 0 <= kd_weight <= 1:
-            raise ShortGPTError(f"kd_weight must be between 0 and 1, got {kd_weight}")
+            raise ShortGPTError(f"the distillation weight (kd_weight / --kd-weight) must be between 0 and 1, got {kd_weight}")
         if steps < 1:
-            raise ShortGPTError(f"steps must be at least 1, got {steps}")
+            raise ShortGPTError(f"the number of training steps (steps / --steps) must be at least 1, got {steps}")
         if gradient_accumulation_steps < 1:
             raise ShortGPTError(f"gradient_accumulation_steps must be at least 1, got {gradient_accumulation_steps}")
         if temperature <= 0:
@@ -287,7 +288,7 @@ def heal(
     tokenizer: Any = None,
     seq_len: int = 256,
     eval_data: CalibrationData = None,
-    eval_tokens: int = 4096,
+    eval_tokens: int | None = HEADLINE.max_tokens,
     **options: Any,
 ) -> nn.Module:
     """Train LoRA adapters on a pruned model and return the ``PeftModel``.
