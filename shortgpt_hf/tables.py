@@ -10,7 +10,7 @@ is harmless.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +18,7 @@ from rich import box
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from .ablation import Ablation
+    from .ablation import Ablation, AblationRun
     from .evaluation import EvalReport, EvalResult
     from .scoring import LayerScores
 
@@ -74,51 +74,81 @@ def score_table(scores: LayerScores, marked: set[int], original: list[int] | Non
 
 
 def eval_table(reports: Sequence[EvalReport]) -> Table:
-    """One column per model, in order; a report's baseline, if any, comes first."""
+    """One column per model, in order; a report's baseline, if any, comes first.
+    Model names are cut to what leaves the numbers room; with many models the
+    chance and sample-count columns (also in the JSON) give way."""
     columns = [r for report in reports for r in ([report.baseline] if report.baseline is not None else []) + [report]]
-    names = [short_name(r.model) for r in columns]
-    full = ", ".join(r.model for r, n in zip(columns, names) if n != r.model)
-    caption = "; ".join(filter(None, [_how_measured(reports[0].results), f"models: {full}" if full else ""]))
+    for extras in (True, False):
+        for limit in range(24, 6, -1):
+            table = _eval_grid(reports[0].results, columns, limit, extras)
+            if _fits(table):
+                return table
+    return table
+
+
+def _eval_grid(rows: Sequence[EvalResult], columns: Sequence[EvalReport], limit: int, extras: bool) -> Table:
+    names = [short_name(r.model, limit) for r in columns]
+    if len(set(names)) < len(names):  # cut names that no longer tell the models apart: number them
+        names = [f"[{i}]" for i in range(1, len(columns) + 1)]
+        full = ", ".join(f"{n} {r.model}" for n, r in zip(names, columns))
+    else:
+        full = ", ".join(r.model for r, n in zip(columns, names) if n != r.model)
+    caption = "; ".join(filter(None, [_how_measured(rows), f"models: {full}" if full else ""]))
     table = _table("evaluation", caption or None)
-    table.add_column("measure")
+    table.add_column("measure", no_wrap=True)
     for name in names:
-        table.add_column(name, justify="right")
-    table.add_column("chance", justify="right")
-    table.add_column("n", justify="right")
-    for r in reports[0].results:
+        table.add_column(name, justify="right", no_wrap=True)
+    if extras:
+        table.add_column("chance", justify="right", no_wrap=True)
+        table.add_column("n", justify="right", no_wrap=True)
+    for r in rows:
         values = []
         for report in columns:
             try:
                 values.append(f"{report.get(r.task, r.metric):.4g}")
             except KeyError:
                 values.append("-")
-        chance = "-" if r.chance is None else f"{r.chance:.3f}"
-        table.add_row(measure_name(r), *values, chance, "-" if r.num_samples is None else str(r.num_samples))
+        if extras:
+            values += ["-" if r.chance is None else f"{r.chance:.3f}", "-" if r.num_samples is None else str(r.num_samples)]
+        table.add_row(measure_name(r), *values)
     return table
 
 
+def _fits(table: Table) -> bool:
+    from rich.console import Console
+
+    console = Console(width=10 * WIDTH)
+    return console.measure(table).maximum <= WIDTH
+
+
 def ablation_tables(result: Ablation) -> list[Table]:
-    """One table per measure (methods down, fractions removed across), then the layers each run removed."""
+    """Per measure and per way of recovering, one table (methods down, fractions
+    removed across); then the layers each run removed."""
     ratios = sorted({run.ratio for run in result.runs})
     counts = {run.ratio: len(run.removed_layers) for run in result.runs}
-    methods = list(dict.fromkeys(run.method for run in result.runs))
     header = [f"{ratio:.0%} ({counts[ratio]})" for ratio in ratios]
-    tables = []
-    for (task, metric), dense in zip(result.measures(), result.dense):
-        title = f"{measure_name(dense)} of {short_name(result.model)} ({result.num_layers} layers; dense {dense.value:.4g})"
-        table = _table(title, _how_measured([dense]) or None)
+    recoveries = list(dict.fromkeys(run.recovery for run in result.runs))
+
+    def label(run: AblationRun) -> str:
+        return run.metric if run.schedule == "one-shot" else f"{run.metric} ({run.schedule})"
+
+    def grid(title: str, caption: str | None, runs: list[AblationRun], cell: Callable[[AblationRun], str]) -> Table:
+        table = _table(title, caption)
         table.add_column("method")
         for h in header:
-            table.add_column(h, justify="right")
-        for method in methods:
-            by_ratio = {run.ratio: run for run in result.runs if run.method == method}
-            table.add_row(method, *(f"{by_ratio[r].value(task, metric):.4g}" if r in by_ratio else "-" for r in ratios))
-        tables.append(table)
-    layers = _table("layers removed (original indices)")
-    layers.add_column("method")
-    for h in header:
-        layers.add_column(h)
-    for method in methods:
-        by_ratio = {run.ratio: run for run in result.runs if run.method == method}
-        layers.add_row(method, *(layer_ranges(by_ratio[r].removed_layers) if r in by_ratio else "-" for r in ratios))
-    return [*tables, layers]
+            table.add_column(h, justify="right", no_wrap=True)
+        for method in dict.fromkeys(map(label, runs)):
+            by_ratio = {run.ratio: run for run in runs if label(run) == method}
+            table.add_row(method, *(cell(by_ratio[r]) if r in by_ratio else "-" for r in ratios))
+        return table
+
+    tables = []
+    for (task, metric), dense in zip(result.measures(), result.dense):
+        for recovery in recoveries:
+            runs = [run for run in result.runs if run.recovery == recovery]
+            title = f"{measure_name(dense)} of {short_name(result.model)} ({result.num_layers} layers; dense {dense.value:.4g})"
+            title += "" if recovery == "none" else f", after {recovery} recovery"
+            tables.append(grid(title, _how_measured([dense]) or None, runs, lambda run: f"{run.value(task, metric):.4g}"))
+    plain = [run for run in result.runs if run.recovery == recoveries[0]]
+    tables.append(grid("layers removed (original indices)", None, plain, lambda run: layer_ranges(run.removed_layers)))
+    return tables
