@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from harness import timing
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -29,6 +29,7 @@ from tiny_models import MODEL_TYPES, removal, tiny_config, tiny_model  # noqa: E
 
 from shortgpt_hf import prune, save_pruned  # noqa: E402
 from shortgpt_hf.families import FAMILIES, VISION_LANGUAGE, Family  # noqa: E402
+
 
 def handling(family: Family) -> str:
     parts = []
@@ -59,12 +60,13 @@ def refused(family: Family) -> str:
 
 
 def time_family(key: str) -> float:
-    start = time.perf_counter()
-    model = tiny_model(key)
-    prune(model, layers=removal(key), verify=True)  # the test matrix's removal
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pruned(model, Path(tmp) / "out")
-    return time.perf_counter() - start
+    """Wall seconds of the test matrix's work on the family's tiny model: build, prune, save and reload."""
+    with timing() as spent:
+        model = tiny_model(key)
+        prune(model, layers=removal(key), verify=True)  # the test matrix's removal
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pruned(model, Path(tmp) / "out")
+    return spent.wall
 
 
 def main() -> None:

@@ -15,11 +15,10 @@ Target: at least half of the gap recovered.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
+from harness import timing, write_json
 
 from shortgpt_hf import load_builtin, perplexity, prune, score_layers
 from shortgpt_hf.recovery import heal
@@ -50,9 +49,9 @@ def main() -> None:
     ppl_unhealed = perplexity(pruned(), tok, held_out, **EVAL)
     results = {"layers": layers, "dense": ppl_dense, "unhealed": ppl_unhealed, "variants": {}}
     for name, teacher in (("CE", None), ("CE+KD", dense)):
-        start = time.perf_counter()
-        heal(pruned(), calibration_texts(), tokenizer=tok, steps=5, teacher=teacher, **TRAIN)
-        per_step = (time.perf_counter() - start) / 5
+        with timing() as probe:
+            heal(pruned(), calibration_texts(), tokenizer=tok, steps=5, teacher=teacher, **TRAIN)
+        per_step = probe.wall / 5
         steps = max(args.every, int(args.budget / per_step))
         curve = [(0, ppl_unhealed)]
 
@@ -60,13 +59,22 @@ def main() -> None:
             if step % args.every == 0 or step == steps:
                 curve.append((step, perplexity(model, tok, held_out, **EVAL)))
 
-        start = time.perf_counter()
-        heal(pruned(), calibration_texts(), tokenizer=tok, steps=steps, teacher=teacher, callback=record, **TRAIN)
-        seconds = time.perf_counter() - start
+        with timing() as spent:
+            heal(pruned(), calibration_texts(), tokenizer=tok, steps=steps, teacher=teacher, callback=record, **TRAIN)
+        seconds = spent.wall
         final = curve[-1][1]
         recovered = (ppl_unhealed - final) / (ppl_unhealed - ppl_dense)
-        results["variants"][name] = {"steps": steps, "seconds": seconds, "curve": curve, "final": final, "gap_recovered": recovered}
-        print(f"{name}: {steps} steps in {seconds:.0f}s (incl. {len(curve) - 1} evaluations): perplexity {ppl_unhealed:.1f} -> {final:.1f}, gap recovered {recovered:.2f}")
+        results["variants"][name] = {
+            "steps": steps,
+            "seconds": seconds,
+            "curve": curve,
+            "final": final,
+            "gap_recovered": recovered,
+        }
+        print(
+            f"{name}: {steps} steps in {seconds:.0f}s (incl. {len(curve) - 1} evaluations): "
+            f"perplexity {ppl_unhealed:.1f} -> {final:.1f}, gap recovered {recovered:.2f}"
+        )
 
     import matplotlib
 
@@ -75,7 +83,9 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, v in results["variants"].items():
-        ax.plot(*zip(*v["curve"]), marker="o", markersize=3, label=f"{name} ({v['gap_recovered']:.0%} of gap)")
+        ax.plot(
+            *zip(*v["curve"], strict=True), marker="o", markersize=3, label=f"{name} ({v['gap_recovered']:.0%} of gap)"
+        )
     ax.axhline(ppl_dense, color="black", linestyle="--", label=f"dense ({ppl_dense:.1f})")
     ax.axhline(ppl_unhealed, color="tab:red", linestyle=":", label=f"pruned, unhealed ({ppl_unhealed:.1f})")
     ax.set_yscale("log")
@@ -87,7 +97,7 @@ def main() -> None:
     fig.savefig(args.plot, dpi=110)
     print(f"dense {ppl_dense:.2f}, unhealed {ppl_unhealed:.2f}; plot: {args.plot}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

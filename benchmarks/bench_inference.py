@@ -44,19 +44,20 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from harness import (
+    Interleaved,
+    add_threads_argument,
+    command_line,
+    machine_info,
+    set_threads,
+    timing,
+    write_json,
+)
 from transformers.generation.streamers import BaseStreamer
-
-from contention import QUIET, Contention
 
 from shortgpt_hf import load_builtin, prune, score_layers
 from shortgpt_hf.texts import heldout_texts
@@ -83,40 +84,34 @@ class TokenClock(BaseStreamer):
         pass
 
 
-def paired(measure: Callable[[str], float], order: tuple[str, ...]) -> tuple[dict[str, float], float]:
-    """``measure`` each model back to back; also the contention meanwhile."""
-    meter = Contention()
-    values = {name: measure(name) for name in order}
-    return values, meter.share()
-
-
-def summary(measure: str, unit: str, dense: list[float], pruned: list[float], contention: list[float]) -> dict:
+def summary(measure: str, unit: str, pairs: Interleaved) -> dict:
     """Medians per model, and the median paired speed-up over all pairs and over quiet pairs.
 
     ``unit`` "s" is a time (speed-up = dense / pruned); otherwise a rate (pruned / dense).
     """
-    speedups = [d / p if unit == "s" else p / d for d, p in zip(dense, pruned)]
-    quiet = [x for x, share in zip(speedups, contention) if share < QUIET]
+    num, den = ("dense", "pruned") if unit == "s" else ("pruned", "dense")
+    speedups = pairs.ratios(num, den)
+    medians = pairs.medians()
     return {
         "measure": measure,
         "unit": unit,
-        "dense": statistics.median(dense),
-        "pruned": statistics.median(pruned),
-        "speedup": statistics.median(speedups),
+        "dense": medians["dense"],
+        "pruned": medians["pruned"],
+        "speedup": pairs.paired(num, den),
         "speedup_min": min(speedups),
         "speedup_max": max(speedups),
-        "quiet_pairs": len(quiet),
-        "speedup_quiet": statistics.median(quiet) if quiet else None,
-        "contention": contention,
+        "quiet_pairs": len(pairs.quiet()),
+        "speedup_quiet": pairs.paired(num, den, quiet=True),
+        "contention": pairs.contention,
     }
 
 
 @torch.no_grad()
 def prefill_seconds(model, ids: torch.Tensor) -> float:
     """One prefill as ``generate`` runs it: filling a cache, logits for the last position only."""
-    start = time.perf_counter()
-    model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    return time.perf_counter() - start
+    with timing() as spent:
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return spent.wall
 
 
 def decode_rate(model, ids: torch.Tensor, pad_id: int) -> float:
@@ -144,30 +139,13 @@ def parameter_counts(model) -> dict[str, int]:
     }
 
 
-def machine_info() -> dict:
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="torch threads (default: torch's, one per core); 1 leaves a core to another job on a shared machine",
-    )
+    add_threads_argument(parser)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--json", metavar="OUT", help="also write the numbers to this JSON file")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     t_start = time.perf_counter()
     info = machine_info()
@@ -207,28 +185,24 @@ def main() -> None:
         for name in MODELS:
             measure(name)
 
-    # measure -> model -> one value per round; contention per round
-    values = {key: {name: [] for name in MODELS} for key in measures}
-    contention: dict[int | str, list[float]] = {key: [] for key in measures}
+    # measure -> one pair per round, the models' order alternating
+    pairs = {key: Interleaved(MODELS) for key in measures}
     for r in range(args.rounds):
-        order = MODELS if r % 2 == 0 else MODELS[::-1]
         for key, measure in measures.items():
-            pair, share = paired(measure, order)
-            for name, v in pair.items():
-                values[key][name].append(v)
-            contention[key].append(share)
+            pairs[key].run(measure)
+        last = {key: {name: v[-1] for name, v in p.values.items()} for key, p in pairs.items()}
         print(
             f"round {r + 1}/{args.rounds} (dense/pruned): "
-            + ", ".join(f"prefill {n} {values[n]['dense'][-1]:.3f}/{values[n]['pruned'][-1]:.3f}s" for n in PREFILL_LENGTHS)
-            + f", decode {values['decode']['dense'][-1]:.1f}/{values['decode']['pruned'][-1]:.1f} tok/s"
+            + ", ".join(f"prefill {n} {last[n]['dense']:.3f}/{last[n]['pruned']:.3f}s" for n in PREFILL_LENGTHS)
+            + f", decode {last['decode']['dense']:.1f}/{last['decode']['pruned']:.1f} tok/s"
             + "; contention "
-            + "/".join(f"{contention[key][-1]:.0%}" for key in values),
+            + "/".join(f"{p.contention[-1]:.0%}" for p in pairs.values()),
             flush=True,
         )
 
     names = {n: (f"prefill {n} tokens", "s") for n in PREFILL_LENGTHS}
     names["decode"] = (f"decode {DECODE_TOKENS} tokens after {DECODE_PROMPT}", "tok/s")
-    rows = [summary(*names[key], values[key]["dense"], values[key]["pruned"], contention[key]) for key in measures]
+    rows = [summary(*names[key], pairs[key]) for key in measures]
     for row in rows:
         row["ideal"] = ideal
         row["fraction_of_ideal"] = row["speedup"] / ideal
@@ -236,8 +210,8 @@ def main() -> None:
 
     print()
     print(
-        "| measure | dense | pruned | speed-up (paired median) | range over rounds | quiet pairs | speed-up (quiet pairs) "
-        "| ideal | fraction of ideal (all / quiet) |"
+        "| measure | dense | pruned | speed-up (paired median) | range over rounds | quiet pairs "
+        "| speed-up (quiet pairs) | ideal | fraction of ideal (all / quiet) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
@@ -245,8 +219,9 @@ def main() -> None:
         quiet = "n/a" if row["speedup_quiet"] is None else f"{row['speedup_quiet']:.3f}"
         quiet_fraction = "n/a" if row["speedup_quiet"] is None else f"{row['fraction_of_ideal_quiet']:.2f}"
         print(
-            f"| {row['measure']} | {row['dense']:.{digits}f} {row['unit']} | {row['pruned']:.{digits}f} {row['unit']} | "
-            f"{row['speedup']:.3f} | {row['speedup_min']:.3f}-{row['speedup_max']:.3f} | {row['quiet_pairs']}/{args.rounds} "
+            f"| {row['measure']} | {row['dense']:.{digits}f} {row['unit']} "
+            f"| {row['pruned']:.{digits}f} {row['unit']} | {row['speedup']:.3f} "
+            f"| {row['speedup_min']:.3f}-{row['speedup_max']:.3f} | {row['quiet_pairs']}/{args.rounds} "
             f"| {quiet} | {ideal:.3f} | {row['fraction_of_ideal']:.2f} / {quiet_fraction} |"
         )
     total = time.perf_counter() - t_start
@@ -254,7 +229,7 @@ def main() -> None:
 
     if args.json:
         result = {
-            "command": " ".join([Path(sys.executable).name] + sys.argv),
+            "command": command_line(),
             "machine": info,
             "model": MODEL,
             "dtype": str(dense.dtype),
@@ -266,11 +241,11 @@ def main() -> None:
             "total_parameter_ratio": param_ratio,
             "rounds": args.rounds,
             "rows": rows,
-            "prefill_s": {f"{name}_{n}": values[n][name] for n in PREFILL_LENGTHS for name in MODELS},
-            "decode_tok_s": values["decode"],
+            "prefill_s": {f"{name}_{n}": pairs[n].values[name] for n in PREFILL_LENGTHS for name in MODELS},
+            "decode_tok_s": pairs["decode"].values,
             "total_s": total,
         }
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
         print(f"wrote {args.json}")
 
 

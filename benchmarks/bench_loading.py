@@ -16,26 +16,17 @@ load's, and recipe load time no worse than the full load's.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from harness import peak_rss, report, rotated, run_child, timing, write_json
 
 REMOVED = [12, 13, 14, 15, 16, 17, 25, 26]  # SmolLM2-135M's 8 lowest-BI layers on the packaged text
 
 
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
 def child(kind: str, recipe: str) -> None:
+    """One load in this (fresh) process; reports its time, peak memory over the start, total peak."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -48,18 +39,23 @@ def child(kind: str, recipe: str) -> None:
     from transformers.models.llama import modeling_llama  # noqa: F401
 
     AutoConfig.from_pretrained(base)
-    before = rss_mib()
-    start = time.perf_counter()
-    if kind == "full":
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    else:
-        model = PrunedForCausalLM.from_pretrained(recipe, dtype=torch.float32)
-    for p in model.parameters():  # touch every weight: mmap'd tensors count once paged in
-        p.data.sum()
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with peak_rss() as peak, timing() as spent:
+        if kind == "full":
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        else:
+            model = PrunedForCausalLM.from_pretrained(recipe, dtype=torch.float32)
+        for p in model.parameters():  # touch every weight: mmap'd tensors count once paged in
+            p.data.sum()
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    print(json.dumps({"kind": kind, "seconds": seconds, "extra_mib": peak - before, "peak_mib": peak, "params": params}))
+    report(
+        {
+            "kind": kind,
+            "seconds": spent.wall,
+            "extra_mib": peak.extra_mib,
+            "peak_mib": peak.maxrss_mib,
+            "params": params,
+        }
+    )
 
 
 def main() -> None:
@@ -73,32 +69,54 @@ def main() -> None:
         child(args.only, args.recipe)
         return
 
-    from shortgpt_hf import ShortGPTConfig, builtin_path, save_recipe
     from transformers import AutoConfig
+
+    from shortgpt_hf import ShortGPTConfig, builtin_path, save_recipe
 
     layers = AutoConfig.from_pretrained(builtin_path("smollm2-135m")).num_hidden_layers
     recipe = Path(tempfile.mkdtemp()) / "recipe"
-    save_recipe(ShortGPTConfig(removed_layers=REMOVED, original_num_hidden_layers=layers, model_type="llama", base_model_name_or_path="smollm2-135m"), recipe)
+    save_recipe(
+        ShortGPTConfig(
+            removed_layers=REMOVED,
+            original_num_hidden_layers=layers,
+            model_type="llama",
+            base_model_name_or_path="smollm2-135m",
+        ),
+        recipe,
+    )
     runs: dict[str, list[dict]] = {"full": [], "recipe": []}
     for r in range(args.rounds):
-        for kind in (("full", "recipe") if r % 2 == 0 else ("recipe", "full")):
-            out = subprocess.run([sys.executable, __file__, "--only", kind, "--recipe", str(recipe)], capture_output=True, text=True, check=True)
-            runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for kind in rotated(("full", "recipe"), r):
+            runs[kind].append(run_child(__file__, "--only", kind, "--recipe", str(recipe)))
     summary = {}
     for kind, rows in runs.items():
-        summary[kind] = {key: statistics.median(row[key] for row in rows) for key in ("seconds", "extra_mib", "peak_mib")} | {"params": rows[0]["params"]}
+        summary[kind] = {
+            key: statistics.median(row[key] for row in rows) for key in ("seconds", "extra_mib", "peak_mib")
+        } | {"params": rows[0]["params"]}
     kept = summary["recipe"]["params"] / summary["full"]["params"]
     mem_ratio = summary["recipe"]["extra_mib"] / summary["full"]["extra_mib"]
     time_ratio = summary["recipe"]["seconds"] / summary["full"]["seconds"]
-    print(f"removed {len(REMOVED)} of {layers} layers; kept parameter fraction {kept:.3f}; {args.rounds} rounds, medians")
+    print(
+        f"removed {len(REMOVED)} of {layers} layers; kept parameter fraction {kept:.3f}; {args.rounds} rounds, medians"
+    )
     print("| load | from_pretrained s | extra peak RSS MiB | total peak RSS MiB | parameters |")
     print("|---|---:|---:|---:|---:|")
     for kind, row in summary.items():
         print(f"| {kind} | {row['seconds']:.2f} | {row['extra_mib']:.0f} | {row['peak_mib']:.0f} | {row['params']:,} |")
-    print(f"memory ratio {mem_ratio:.3f} (target <= {kept + 0.10:.3f}): {'MET' if mem_ratio <= kept + 0.10 else 'NOT MET'}")
+    target = kept + 0.10
+    print(f"memory ratio {mem_ratio:.3f} (target <= {target:.3f}): {'MET' if mem_ratio <= target else 'NOT MET'}")
     print(f"time ratio {time_ratio:.3f} (target <= 1.0): {'MET' if time_ratio <= 1.0 else 'NOT MET'}")
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "runs": runs, "kept_fraction": kept, "memory_ratio": mem_ratio, "time_ratio": time_ratio}, indent=2))
+        write_json(
+            args.json,
+            {
+                "summary": summary,
+                "runs": runs,
+                "kept_fraction": kept,
+                "memory_ratio": mem_ratio,
+                "time_ratio": time_ratio,
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ Target: at 2048 tokens, at least 85% of the ideal speed-up (boundary on).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from harness import Interleaved, timing, write_json
 
 from shortgpt_hf import disable_prefill_skip, enable_prefill_skip, load_builtin, score_layers
 from shortgpt_hf.texts import heldout_texts
@@ -30,9 +29,9 @@ DECODE_TOKENS = 64
 
 
 def timed(model, ids, new_tokens: int) -> float:
-    start = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return time.perf_counter() - start
+    with timing() as spent:
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return spent.wall
 
 
 @torch.no_grad()
@@ -40,10 +39,10 @@ def decode_rate(model, ids) -> float:
     """Tokens/s of DECODE_TOKENS single-token forwards over a cache holding the prompt."""
     out = model(input_ids=ids, use_cache=True)
     cache, token = out.cache, ids[:, -1:]
-    start = time.perf_counter()
-    for _ in range(DECODE_TOKENS):
-        cache = model(input_ids=token, cache=cache, use_cache=True).cache
-    return DECODE_TOKENS / (time.perf_counter() - start)
+    with timing() as spent:
+        for _ in range(DECODE_TOKENS):
+            cache = model(input_ids=token, cache=cache, use_cache=True).cache
+    return DECODE_TOKENS / spent.wall
 
 
 def main() -> None:
@@ -68,44 +67,51 @@ def main() -> None:
         if modes[mode] is not None:
             enable_prefill_skip(model, layers, boundary=modes[mode])
 
-    ttft = {(mode, n): [] for mode in modes for n in LENGTHS}
+    def ttft_of(mode: str, n: int) -> float:
+        set_mode(mode)
+        return timed(model, prompts[n], 1)
+
+    ttft = {n: Interleaved(modes) for n in LENGTHS}  # per length, the modes back to back, rotating
     decode = {mode: [] for mode in modes}
-    order = list(modes)
-    for r in range(args.rounds):
-        for n in LENGTHS:  # the modes back to back, rotating, so noise hits all alike
-            for mode in order[r % 3 :] + order[: r % 3]:
-                set_mode(mode)
-                ttft[mode, n].append(timed(model, prompts[n], 1))
-        for mode in order:
+    for _ in range(args.rounds):
+        for n in LENGTHS:
+            ttft[n].run(ttft_of, n)
+        for mode in modes:
             set_mode(mode)
             decode[mode].append(decode_rate(model, prompts[256]))
     set_mode("dense")
 
-    def paired(mode: str, n: int) -> float:
-        return statistics.median(d / s for d, s in zip(ttft["dense", n], ttft[mode, n]))
-
     rows = []
     print(f"skipped layers {layers} of {total}; ideal prefill speed-up {ideal:.3f}; {args.rounds} rounds")
-    print("| prompt tokens | dense TTFT s | skip TTFT s | speed-up | speed-up / ideal | no-boundary skip TTFT s | speed-up | / ideal |")
+    print(
+        "| prompt tokens | dense TTFT s | skip TTFT s | speed-up | speed-up / ideal "
+        "| no-boundary skip TTFT s | speed-up | / ideal |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in LENGTHS:
         row = {"tokens": n, "ideal": ideal}
-        for mode in modes:
-            row[f"{mode}_s"] = statistics.median(ttft[mode, n])
+        for mode, median in ttft[n].medians().items():
+            row[f"{mode}_s"] = median
         for mode in ("skip", "skip_no_boundary"):
-            row[f"{mode}_speedup"] = paired(mode, n)
+            row[f"{mode}_speedup"] = ttft[n].paired("dense", mode)
         rows.append(row)
         print(
-            f"| {n} | {row['dense_s']:.3f} | {row['skip_s']:.3f} | {row['skip_speedup']:.3f} | {row['skip_speedup'] / ideal:.2f} "
-            f"| {row['skip_no_boundary_s']:.3f} | {row['skip_no_boundary_speedup']:.3f} | {row['skip_no_boundary_speedup'] / ideal:.2f} |"
+            f"| {n} | {row['dense_s']:.3f} | {row['skip_s']:.3f} | {row['skip_speedup']:.3f} "
+            f"| {row['skip_speedup'] / ideal:.2f} | {row['skip_no_boundary_s']:.3f} "
+            f"| {row['skip_no_boundary_speedup']:.3f} | {row['skip_no_boundary_speedup'] / ideal:.2f} |"
         )
     rates = {mode: statistics.median(v) for mode, v in decode.items()}
-    print("decode tokens/s after a 256-token prompt: " + ", ".join(f"{m} {v:.1f}" for m, v in rates.items()) + f" (skip/dense {rates['skip'] / rates['dense']:.3f})")
+    print(
+        "decode tokens/s after a 256-token prompt: "
+        + ", ".join(f"{m} {v:.1f}" for m, v in rates.items())
+        + f" (skip/dense {rates['skip'] / rates['dense']:.3f})"
+    )
     at_2048 = rows[-1]["skip_speedup"] / ideal
-    print(f"target: speed-up at 2048 (boundary on) >= 85% of ideal: {'MET' if at_2048 >= 0.85 else 'NOT MET'} ({at_2048:.2f})")
+    met = "MET" if at_2048 >= 0.85 else "NOT MET"
+    print(f"target: speed-up at 2048 (boundary on) >= 85% of ideal: {met} ({at_2048:.2f})")
     if args.json:
-        raw = {f"{mode}_{n}": v for (mode, n), v in ttft.items()}
-        args.json.write_text(json.dumps({"layers": layers, "ideal": ideal, "rows": rows, "decode_tok_s": rates, "raw_ttft": raw}, indent=2))
+        raw = {f"{mode}_{n}": ttft[n].values[mode] for mode in modes for n in LENGTHS}
+        write_json(args.json, {"layers": layers, "ideal": ideal, "rows": rows, "decode_tok_s": rates, "raw_ttft": raw})
 
 
 if __name__ == "__main__":

@@ -140,7 +140,14 @@ APPROACHES = {
 }
 # What ShortTransformer.from_model sets on the model; removed again after D.
 SHORT_TRANSFORMERS_ATTRS = (
-    "layer_count", "distance", "memory", "clear_memory", "analyse_layers", "prune", "remove_layers", "set_metric"
+    "layer_count",
+    "distance",
+    "memory",
+    "clear_memory",
+    "analyse_layers",
+    "prune",
+    "remove_layers",
+    "set_metric",
 )
 
 
@@ -172,7 +179,9 @@ def _score(model, ids, mask):
     from shortgpt_hf.scoring import score_layers
 
     calibration = {"input_ids": ids, "attention_mask": mask}
-    return score_layers(model, calibration, "bi", seq_len=SEQ_LEN, batch_size=BATCH_SIZE, max_tokens=None, progress=False)
+    return score_layers(
+        model, calibration, "bi", seq_len=SEQ_LEN, batch_size=BATCH_SIZE, max_tokens=None, progress=False
+    )
 
 
 def step_a(model, ids, mask) -> list[float]:
@@ -361,7 +370,9 @@ def measure_memory(which: str, default_malloc: bool = False, threads: int | None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=sorted(STEPS), help="(internal) run one approach once and report its peak memory")
+    parser.add_argument(
+        "--only", choices=sorted(STEPS), help="(internal) run one approach once and report its peak memory"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
     add_threads_argument(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-approach memory subprocesses")
@@ -373,7 +384,8 @@ def main() -> None:
     parser.add_argument(
         "--default-malloc",
         action="store_true",
-        help="memory children keep glibc's dynamic mmap threshold (noisier peaks) instead of MALLOC_MMAP_THRESHOLD_=131072",
+        help="memory children keep glibc's dynamic mmap threshold (noisier peaks) "
+        "instead of MALLOC_MMAP_THRESHOLD_=131072",
     )
     parser.add_argument("--json", metavar="OUT", help="also write the numbers to this JSON file")
     args = parser.parse_args()
@@ -396,8 +408,8 @@ def main() -> None:
             memory[which] = measure_memory(which, args.default_malloc, args.threads)
             m = memory[which]
             print(
-                f"memory {which}: +{m['extra_peak_mib']:.0f} MiB (ru_maxrss), +{m['extra_peak_vmhwm_mib']:.0f} MiB (VmHWM), "
-                f"{m['seconds']:.1f}s, layers {m['layers']}",
+                f"memory {which}: +{m['extra_peak_mib']:.0f} MiB (ru_maxrss), "
+                f"+{m['extra_peak_vmhwm_mib']:.0f} MiB (VmHWM), {m['seconds']:.1f}s, layers {m['layers']}",
                 flush=True,
             )
 
@@ -416,7 +428,7 @@ def main() -> None:
     # be compared within each set (paired ratios).
     nb = len(batches)
     sets = Interleaved(order)
-    cpu_s: dict[str, list[float]] = {k: [] for k in order}  # per set, as sets.values holds wall seconds
+    cpu_s: dict[str, list[float]] = {k: [] for k in order}  # CPU seconds per set, beside the wall seconds in sets
     totals: dict[str, np.ndarray] = {}  # per-layer sums (A, C), distance matrix sums (D)
 
     def timed_step(which: str, ids: torch.Tensor, mask: torch.Tensor, first_round: bool) -> float:
@@ -484,7 +496,9 @@ def main() -> None:
     for row in rows:
         mem = "n/a" if row["extra_peak_rss_mib"] is None else f"{row['extra_peak_rss_mib']:.0f}"
         chosen = "-" if row[f"layers_picked_{N_REMOVE}"] is None else str(row[f"layers_picked_{N_REMOVE}"])
-        quiet = "n/a" if row["paired_ratio_to_bare_quiet_sets"] is None else f"{row['paired_ratio_to_bare_quiet_sets']:.3f}"
+        quiet = (
+            "n/a" if row["paired_ratio_to_bare_quiet_sets"] is None else f"{row['paired_ratio_to_bare_quiet_sets']:.3f}"
+        )
         print(
             f"| {row['approach']}: {row['what']} | {row['median_s']:.2f} | {row['ratio_to_bare']:.3f} | "
             f"{row['paired_ratio_to_bare']:.3f} | {quiet} | {row['min_ratio_to_bare']:.3f} | {mem} | {chosen} |"
@@ -520,9 +534,10 @@ def main() -> None:
         native = native_check(model, batches, totals["D"])
         native["seconds"] = time.perf_counter() - t_check
         print(
-            f"D native check (batch 1, unmodified metric, {native['seconds']:.0f}s): max |diff| {native['max_abs_diff']:.2e} "
-            f"(values up to {native['max_value']:.2f}); same library block {native['same_library_block']}, "
-            f"same row-{N_REMOVE - 1} block {native['same_paper_block']}, same single lowest {native['same_single_lowest']}"
+            f"D native check (batch 1, unmodified metric, {native['seconds']:.0f}s): "
+            f"max |diff| {native['max_abs_diff']:.2e} (values up to {native['max_value']:.2f}); "
+            f"same library block {native['same_library_block']}, same row-{N_REMOVE - 1} block "
+            f"{native['same_paper_block']}, same single lowest {native['same_single_lowest']}"
         )
     for k in ("A", "C", "D"):
         if k in memory and memory[k]["layers"] != layers[k]:
@@ -559,7 +574,9 @@ def main() -> None:
                 "single_layer_lowest": d_single,
                 "native_check": native,
             },
-            "malloc_mmap_threshold": None if args.default_malloc else os.environ.get("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD),
+            "malloc_mmap_threshold": None
+            if args.default_malloc
+            else os.environ.get("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD),
             "target_met": met,
             "total_s": total,
         }
