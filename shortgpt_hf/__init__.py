@@ -2,20 +2,20 @@
 
 import importlib.metadata
 
+from . import auto  # noqa: F401  (registers recipes with transformers' Auto classes)
 from .ablation import Ablation, ablate
 from .builtin import BUILTINS, DEFAULT_MODEL, builtin_path, load_builtin
 from .card import model_card
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
 from .evaluation import EvalReport, EvalResult, PerplexitySettings, evaluate, perplexity
-from .recovery import RECOVERY_METHODS, RecoveryMethod, heal, recover, save_healed
 from .layers import find_decoder_layers
 from .loading import load_model
-from .multiple_choice import multiple_choice
 from .modeling import PrunedForCausalLM
+from .multiple_choice import multiple_choice
 from .prefill_skip import disable_prefill_skip, enable_prefill_skip
-from . import auto  # noqa: F401  (registers recipes with transformers' Auto classes)
 from .pruning import prune
+from .recovery import RECOVERY_METHODS, RecoveryMethod, heal, recover, save_healed
 from .surgery import remove_layers
 from .verification import verify_pruned
 

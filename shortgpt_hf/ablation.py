@@ -25,11 +25,11 @@ from .errors import ShortGPTError
 from .evaluation import DEFAULT_TASKS, EvalReport, EvalResult, check_tasks, evaluate
 from .layers import find_decoder_layers
 from .loading import tokenizer_for
-from .records import JsonRecord
 from .pruning import prune, restored_after
-from .selection import removal_count
+from .records import JsonRecord
 from .recovery import heal
 from .scoring import HIDDEN_STATE_METRICS, METRICS, ORDER_METRICS, REPAIR_METRICS, LayerScores, score_layers
+from .selection import removal_count
 
 PAPER_METRICS = HIDDEN_STATE_METRICS + ORDER_METRICS  # what the ablation runs unless told otherwise
 
@@ -69,7 +69,7 @@ class Ablation(JsonRecord):
         return {"schema_version": SCHEMA_VERSION, **super().to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Ablation":
+    def from_dict(cls, data: dict[str, Any]) -> Ablation:
         if data.get("schema_version") != SCHEMA_VERSION:
             raise ShortGPTError(f"ablation schema {data.get('schema_version')} is not {SCHEMA_VERSION}")
         runs = [AblationRun(**{**r, "results": [EvalResult(**x) for x in r["results"]]}) for r in data["runs"]]
@@ -97,12 +97,18 @@ class Ablation(JsonRecord):
         folder = Path(folder)
         written = []
         methods = list(dict.fromkeys(run.method for run in self.runs))
-        for (task, metric), dense in zip(self.measures(), self.dense):
+        for (task, metric), dense in zip(self.measures(), self.dense, strict=True):
             fig = Figure(figsize=(6.4, 4))
             ax = fig.subplots()
             for method in methods:
                 points = sorted((run.ratio, run.value(task, metric)) for run in self.runs if run.method == method)
-                ax.plot([0.0] + [p[0] for p in points], [dense.value] + [p[1] for p in points], marker="o", label=method, linestyle="--" if "iterative" in method else "-")
+                ax.plot(
+                    [0.0] + [p[0] for p in points],
+                    [dense.value] + [p[1] for p in points],
+                    marker="o",
+                    label=method,
+                    linestyle="--" if "iterative" in method else "-",
+                )
             ax.axhline(dense.value, color="grey", linestyle=":", linewidth=1, label="dense")
             if dense.chance is not None:
                 ax.axhline(dense.chance, color="black", linestyle="-.", linewidth=1, label="chance")
@@ -118,7 +124,7 @@ class Ablation(JsonRecord):
         if self.scores:
             fig = Figure(figsize=(max(6, 0.28 * self.num_layers), 2.2 * len(self.scores)))
             axes = fig.subplots(len(self.scores), 1, squeeze=False)
-            for ax, (metric, values) in zip(axes[:, 0], self.scores.items()):
+            for ax, (metric, values) in zip(axes[:, 0], self.scores.items(), strict=True):
                 ax.bar(range(len(values)), values)
                 ax.set_ylabel(metric)
             axes[-1, 0].set_xlabel("layer")
@@ -128,11 +134,19 @@ class Ablation(JsonRecord):
         return written
 
 
-def check_request(ratios: Sequence[float], metrics: Sequence[str], schedules: Sequence[str], tasks: Sequence[str], recoveries: Sequence[str] = ("none",)) -> None:
+def check_request(
+    ratios: Sequence[float],
+    metrics: Sequence[str],
+    schedules: Sequence[str],
+    tasks: Sequence[str],
+    recoveries: Sequence[str] = ("none",),
+) -> None:
     """Refuse a bad ablation request before the model is loaded or scored."""
     bad_recovery = [r for r in recoveries if r not in RECOVERIES]
     if bad_recovery or not recoveries:
-        raise ShortGPTError(f"recoveries must be among {', '.join(RECOVERIES)}, got {', '.join(bad_recovery) or 'none'}")
+        raise ShortGPTError(
+            f"recoveries must be among {', '.join(RECOVERIES)}, got {', '.join(bad_recovery) or 'none'}"
+        )
     if not ratios:
         raise ShortGPTError("give at least one ratio")
     outside = [r for r in ratios if not 0 < r < 1]
@@ -140,7 +154,9 @@ def check_request(ratios: Sequence[float], metrics: Sequence[str], schedules: Se
         raise ShortGPTError(f"ratio must be between 0 and 1, got {outside[0]}")
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
-        raise ShortGPTError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}")
+        raise ShortGPTError(
+            f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}"
+        )
     bad = [s for s in schedules if s not in SCHEDULES]
     if bad or not schedules:
         raise ShortGPTError(f"schedules must be among {', '.join(SCHEDULES)}, got {', '.join(schedules) or 'none'}")
@@ -185,7 +201,9 @@ def ablate(
     check_request(ratios, metrics, schedules, tasks, recoveries)
     num_layers = len(find_decoder_layers(model).layers)
     if ShortGPTConfig.from_model(model) is not None:
-        raise ShortGPTError("ablate a dense model: this one is already pruned, and the ratios would not be of its original depth")
+        raise ShortGPTError(
+            "ablate a dense model: this one is already pruned, and the ratios would not be of its original depth"
+        )
     counts = {r: removal_count(num_layers, ratio=r) for r in sorted(set(ratios))}
     tokenizer = tokenizer or tokenizer_for(model)
     label = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
@@ -195,20 +213,42 @@ def ablate(
 
     def score(m: nn.Module, metric: str) -> LayerScores:
         steps = max(counts.values()) if metric in REPAIR_METRICS else None
-        return score_layers(m, calibration, metric, tokenizer=tokenizer, max_tokens=calibration_tokens, seed=seed, max_layers=steps, progress=False)
+        return score_layers(
+            m,
+            calibration,
+            metric,
+            tokenizer=tokenizer,
+            max_tokens=calibration_tokens,
+            seed=seed,
+            max_layers=steps,
+            progress=False,
+        )
 
     options = recovery_options or {}
 
     def recovered(n: int, scores: LayerScores, recovery: str) -> list[EvalResult]:
         """Evaluate one removal after one way of recovering from it (the caller restores the model)."""
         steps = recovery.split("+")
-        kwargs = dict(recovery="linear", recovery_data=calibration, tokenizer=tokenizer, recovery_options={"progress": False, **options.get("linear", {})}) if "linear" in steps else {}
+        kwargs = (
+            dict(
+                recovery="linear",
+                recovery_data=calibration,
+                tokenizer=tokenizer,
+                recovery_options={"progress": False, **options.get("linear", {})},
+            )
+            if "linear" in steps
+            else {}
+        )
         prune(model, n_layers=n, scores=scores, **kwargs)
         if "lora" not in steps:
             return run_eval(model)
-        trainable = {p: p.requires_grad for p in model.parameters()}  # PEFT freezes the base; the ablation gives it back as it was
+        trainable = {
+            p: p.requires_grad for p in model.parameters()
+        }  # PEFT freezes the base; the ablation gives it back as it was
         try:
-            return run_eval(heal(model, calibration, tokenizer=tokenizer, **{"progress": False, **options.get("lora", {})}))
+            return run_eval(
+                heal(model, calibration, tokenizer=tokenizer, **{"progress": False, **options.get("lora", {})})
+            )
         finally:
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
@@ -219,7 +259,11 @@ def ablate(
     plan = [("one-shot", m) for m in metrics if "one-shot" in schedules]
     plan += [("iterative", m) for m in metrics if "iterative" in schedules and m in HIDDEN_STATE_METRICS]
     one_shot_runs = len(recoveries) if "one-shot" in schedules else 0
-    bar = tqdm(total=sum(one_shot_runs if s == "one-shot" else 1 for s, _ in plan) * len(counts), desc="ablation", disable=not progress)
+    bar = tqdm(
+        total=sum(one_shot_runs if s == "one-shot" else 1 for s, _ in plan) * len(counts),
+        desc="ablation",
+        disable=not progress,
+    )
     for schedule, metric in plan:
         if schedule == "one-shot":
             for ratio, n in counts.items():

@@ -31,7 +31,10 @@ def check_destination(out_dir: str | Path, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise ShortGPTError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ShortGPTError(f"{out} exists and is not empty; choose another folder, or let it be replaced (--overwrite, or overwrite=True in Python)")
+        raise ShortGPTError(
+            f"{out} exists and is not empty; choose another folder, or let it be replaced "
+            "(--overwrite, or overwrite=True in Python)"
+        )
     parent = next(p for p in out.absolute().parents if p.exists())
     try:
         tempfile.TemporaryDirectory(prefix=".shortgpt-probe-", dir=parent).cleanup()

@@ -48,7 +48,9 @@ class TokenWindows:
         return ids, mask
 
 
-def _texts_and_description(calibration: CalibrationData, text_column: str) -> tuple[list[str] | None, list[torch.Tensor] | None, str]:
+def _texts_and_description(
+    calibration: CalibrationData, text_column: str
+) -> tuple[list[str] | None, list[torch.Tensor] | None, str]:
     if calibration is None:
         return calibration_texts(), None, DEFAULT_CALIBRATION_DESCRIPTION
     if isinstance(calibration, (str, os.PathLike)):
@@ -58,7 +60,9 @@ def _texts_and_description(calibration: CalibrationData, text_column: str) -> tu
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:  # a binary file would be scored as replacement characters
-            raise ShortGPTError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded): give a plain text file") from None
+            raise ShortGPTError(
+                f"{path} is not UTF-8 text (byte {e.start} cannot be decoded): give a plain text file"
+            ) from None
         return [text], None, f"file:{path.name}"
     if isinstance(calibration, torch.Tensor):
         rows = calibration if calibration.dim() == 2 else calibration.unsqueeze(0)
@@ -68,7 +72,7 @@ def _texts_and_description(calibration: CalibrationData, text_column: str) -> tu
         ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
         mask = calibration.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
-        return None, [row[m.bool()] for row, m in zip(ids, mask)], f"tokens:{tuple(ids.shape)}"
+        return None, [row[m.bool()] for row, m in zip(ids, mask, strict=True)], f"tokens:{tuple(ids.shape)}"
     column_names = getattr(calibration, "column_names", None)
     if column_names is not None:  # a datasets.Dataset, without importing datasets
         if text_column not in column_names:
@@ -90,7 +94,11 @@ def is_tokenized(calibration: CalibrationData) -> bool:
     """Token tensors need no tokenizer; every other form does."""
     if isinstance(calibration, (torch.Tensor, dict)):
         return True
-    return isinstance(calibration, Sequence) and bool(calibration) and all(isinstance(t, torch.Tensor) for t in calibration)
+    return (
+        isinstance(calibration, Sequence)
+        and bool(calibration)
+        and all(isinstance(t, torch.Tensor) for t in calibration)
+    )
 
 
 def _bos_id(tokenizer: Any) -> int | None:
@@ -102,7 +110,9 @@ def _bos_id(tokenizer: Any) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
-def token_streams(calibration: CalibrationData, tokenizer: Any, text_column: str = "text") -> tuple[list[torch.Tensor], str, int | None]:
+def token_streams(
+    calibration: CalibrationData, tokenizer: Any, text_column: str = "text"
+) -> tuple[list[torch.Tensor], str, int | None]:
     """One 1-D token tensor per document (no special tokens), its description,
     and the BOS id to start each window with (None when the tokenizer uses none)."""
     texts, token_rows, description = _texts_and_description(calibration, text_column)
@@ -147,5 +157,8 @@ def prepare_calibration(
     if result.num_tokens == 0:
         raise ShortGPTError("calibration is empty")
     if result.num_tokens < seq_len:
-        raise ShortGPTError(f"calibration has {result.num_tokens} tokens, fewer than one window of {seq_len} (the window length, seq_len / --seq-len)")
+        raise ShortGPTError(
+            f"calibration has {result.num_tokens} tokens, fewer than one window of {seq_len} "
+            "(the window length, seq_len / --seq-len)"
+        )
     return result

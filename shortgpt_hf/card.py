@@ -64,7 +64,14 @@ def scores_chart(record: ShortGPTConfig, path: str | Path) -> Path | None:
         return None
     values = {i: v for i, v in enumerate(record.layer_scores) if v is not None}
     status = "skipped in prefill" if record.mode == "prefill_skip" else "removed"
-    return bar_chart(values, set(record.removed_layers), path, xlabel="layer (original index)", ylabel=record.metric or "score", title=f"{record.metric} per layer; red: {status}")
+    return bar_chart(
+        values,
+        set(record.removed_layers),
+        path,
+        xlabel="layer (original index)",
+        ylabel=record.metric or "score",
+        title=f"{record.metric} per layer; red: {status}",
+    )
 
 
 def _eval_rows(eval_results: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -74,10 +81,17 @@ def _eval_rows(eval_results: list[dict[str, Any]] | None) -> list[dict[str, Any]
         if missing:
             raise ShortGPTError(f"each eval result needs task, metric and pruned (missing {sorted(missing)} in {r})")
         fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-        rows.append({
-            "task": r["task"], "dataset": r.get("dataset", "-"), "metric": r["metric"], "dense": fmt(r.get("dense")),
-            "pruned": fmt(r["pruned"]), "value": r["pruned"], "settings": r.get("settings"),
-        })
+        rows.append(
+            {
+                "task": r["task"],
+                "dataset": r.get("dataset", "-"),
+                "metric": r["metric"],
+                "dense": fmt(r.get("dense")),
+                "pruned": fmt(r["pruned"]),
+                "value": r["pruned"],
+                "settings": r.get("settings"),
+            }
+        )
     return rows
 
 
@@ -88,7 +102,7 @@ def model_card(
     repo_id: str = "<repo_id>",
     kind: str | None = None,
     chart: str | None = CHART,
-) -> "ModelCard":
+) -> ModelCard:
     """Render the card of a pruned model (or of a PEFT adapter on one).
 
     ``eval_results``: dicts with ``task``, ``metric``, ``pruned`` and optionally
@@ -117,13 +131,27 @@ def model_card(
         pipeline_tag=pipeline_tag,
         tags=hub_tags(record) + (["lora"] if peft_config is not None else []),
         model_name=repo_id.split("/")[-1],
-        eval_results=[EvalResult(task_type=pipeline_tag, dataset_type=r["dataset"], dataset_name=r["dataset"], metric_type=r["metric"], metric_value=r["value"]) for r in rows] or None,
+        eval_results=[
+            EvalResult(
+                task_type=pipeline_tag,
+                dataset_type=r["dataset"],
+                dataset_name=r["dataset"],
+                metric_type=r["metric"],
+                metric_value=r["value"],
+            )
+            for r in rows
+        ]
+        or None,
     )
     params_after = count_parameters(pruned)
     params_before = record.original_num_parameters
     removed = set(record.removed_layers)
     layer_rows = [
-        {"index": i, "score": f"{v:.5f}", "status": ("skipped in prefill" if record.mode == "prefill_skip" else "removed") if i in removed else ""}
+        {
+            "index": i,
+            "score": f"{v:.5f}",
+            "status": ("skipped in prefill" if record.mode == "prefill_skip" else "removed") if i in removed else "",
+        }
         for i, v in enumerate(record.layer_scores or [])
         if v is not None
     ]
@@ -155,7 +183,9 @@ def model_card(
         chart=chart if record.layer_scores else None,
         calibration=record.calibration,
         eval_rows=rows,
-        eval_settings=list(dict.fromkeys(f"{r['metric']} on {r['dataset']}: {r['settings']}" for r in rows if r["settings"])),
+        eval_settings=list(
+            dict.fromkeys(f"{r['metric']} on {r['dataset']}: {r['settings']}" for r in rows if r["settings"])
+        ),
         recovery=recovery,
         kind=kind,
         loader=loader,
@@ -165,7 +195,7 @@ def model_card(
     )
 
 
-def merge_into_existing(new: "ModelCard", existing_text: str | None) -> "ModelCard":
+def merge_into_existing(new: ModelCard, existing_text: str | None) -> ModelCard:
     """Update a card already on the Hub in place: our marked section is replaced
     and everything else the user wrote is kept. In the metadata our keys take
     the new values, except that tags and eval results are added to the user's:
@@ -178,7 +208,11 @@ def merge_into_existing(new: "ModelCard", existing_text: str | None) -> "ModelCa
     old = ModelCard(existing_text)
     section = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
     ours = section.search(new.text).group(0)
-    text = section.sub(lambda _: ours, old.text, count=1) if section.search(old.text) else old.text.rstrip() + "\n\n" + ours + "\n"
+    text = (
+        section.sub(lambda _: ours, old.text, count=1)
+        if section.search(old.text)
+        else old.text.rstrip() + "\n\n" + ours + "\n"
+    )
     results = list(old.data.eval_results or [])
     for result in new.data.eval_results or []:
         same = [i for i, kept in enumerate(results) if result.is_equal_except_value(kept)]
@@ -191,5 +225,7 @@ def merge_into_existing(new: "ModelCard", existing_text: str | None) -> "ModelCa
         data.pop(key, None)
     data["tags"] = list(dict.fromkeys([*(old.data.tags or []), *(new.data.tags or [])]))
     merged = ModelCard("---\n---\n" + text)
-    merged.data = type(new.data)(**data, eval_results=results or None, model_name=new.data.model_name or old.data.model_name)
+    merged.data = type(new.data)(
+        **data, eval_results=results or None, model_name=new.data.model_name or old.data.model_name
+    )
     return merged

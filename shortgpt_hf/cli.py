@@ -17,10 +17,10 @@ import typer
 import typer.core
 from rich.console import Console
 
-from .builtin import DEFAULT_MODEL
-from .evaluation import HEADLINE
-from .errors import ShortGPTError, fault
 from .ablation import PAPER_METRICS, RECOVERIES
+from .builtin import DEFAULT_MODEL
+from .errors import ShortGPTError, fault
+from .evaluation import HEADLINE
 from .scoring import METRICS, REPAIR_METRICS
 from .tables import ablation_tables, eval_table, score_table
 
@@ -50,8 +50,13 @@ def command(**options: Any) -> Callable[[Callable[..., None]], Callable[..., Non
 
     return register
 
+
 ModelArg = Annotated[
-    str, typer.Argument(help="Built-in name (smollm2-135m, gemma3-270m), or a folder or Hub id holding a dense model, a pruned checkpoint or a recipe.")
+    str,
+    typer.Argument(
+        help="Built-in name (smollm2-135m, gemma3-270m), or a folder or Hub id holding a dense model, "
+        "a pruned checkpoint or a recipe."
+    ),
 ]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DtypeOption = Annotated[
@@ -88,11 +93,29 @@ def _parse_layers(text: str) -> list[int]:
         raise ShortGPTError(f"--layers must be comma-separated integers, got {text!r}") from None
 
 
-def _score(model, tokenizer, metric: str, calibration: Optional[Path], seq_len: int, max_tokens: int, batch_size: int, block_size: int = 1, max_layers: Optional[int] = None):
+def _score(
+    model,
+    tokenizer,
+    metric: str,
+    calibration: Optional[Path],
+    seq_len: int,
+    max_tokens: int,
+    batch_size: int,
+    block_size: int = 1,
+    max_layers: Optional[int] = None,
+):
     from .scoring import score_layers
 
     return score_layers(
-        model, calibration, metric, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, block_size=block_size, max_layers=max_layers
+        model,
+        calibration,
+        metric,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        block_size=block_size,
+        max_layers=max_layers,
     )
 
 
@@ -105,7 +128,9 @@ def _training_free_methods() -> list[str]:
 @command()
 def score(
     model: ModelArg = DEFAULT_MODEL,
-    calibration: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (default: packaged Shakespeare).")] = None,
+    calibration: Annotated[
+        Optional[Path], typer.Option(help="UTF-8 text file (default: packaged Shakespeare).")
+    ] = None,
     metric: Annotated[str, typer.Option(help=f"One of: {', '.join(METRICS)}.")] = "bi",
     lowest: Annotated[int, typer.Option(help="How many lowest-scoring layers to mark.")] = 8,
     seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 256,
@@ -121,7 +146,9 @@ def score(
     from .config import ShortGPTConfig
 
     m, tok = _load(model, dtype, device_map)
-    greedy = lowest if metric in REPAIR_METRICS and 0 < lowest else None  # a greedy choice goes as far as it is asked to
+    greedy = (
+        lowest if metric in REPAIR_METRICS and 0 < lowest else None
+    )  # a greedy choice goes as far as it is asked to
     result = _score(m, tok, metric, calibration, seq_len, max_tokens, batch_size, block_size, max_layers=greedy)
     marked = set(result.lowest(lowest if block_size == 1 else block_size)) if 0 < lowest < result.num_layers else set()
     record = ShortGPTConfig.from_model(m)
@@ -138,32 +165,56 @@ def score(
 def prune(
     model: ModelArg = DEFAULT_MODEL,
     n_layers: Annotated[Optional[int], typer.Option(help="Remove this many lowest-scoring layers.")] = None,
-    ratio: Annotated[Optional[float], typer.Option(help="Remove this fraction of layers, rounded to the nearest layer, halves up (25% of 18 is 5). Default 0.25 when nothing else is given.")] = None,
+    ratio: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Remove this fraction of layers, rounded to the nearest layer, halves up (25% of 18 is 5). "
+            "Default 0.25 when nothing else is given."
+        ),
+    ] = None,
     layers: Annotated[Optional[str], typer.Option(help="Remove exactly these current layers, e.g. 3,7,9.")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default ./<model>-shortgpt).")] = None,
+    out_dir: Annotated[
+        Optional[Path], typer.Option("--out", help="Output folder (default ./<model>-shortgpt).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
-    recipe: Annotated[bool, typer.Option(help="Write a recipe (base id + removed layers, a few KB) instead of a full checkpoint.")] = False,
+    recipe: Annotated[
+        bool, typer.Option(help="Write a recipe (base id + removed layers, a few KB) instead of a full checkpoint.")
+    ] = False,
     metric: Annotated[str, typer.Option(help=f"One of: {', '.join(METRICS)}.")] = "bi",
-    calibration: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (default: packaged Shakespeare).")] = None,
+    calibration: Annotated[
+        Optional[Path], typer.Option(help="UTF-8 text file (default: packaged Shakespeare).")
+    ] = None,
     seq_len: int = 256,
     max_tokens: int = 8192,
     batch_size: int = 8,
     recovery: Annotated[
-        str, typer.Option(help="Repair the removal as part of it: none, or linear (a least-squares map per removed gap, folded into the kept weights; no training). LoRA healing is `shortgpt heal`.")
+        str,
+        typer.Option(
+            help="Repair the removal as part of it: none, or linear (a least-squares map per removed gap, "
+            "folded into the kept weights; no training). LoRA healing is `shortgpt heal`."
+        ),
     ] = "none",
-    ridge: Annotated[float, typer.Option(help="Ridge term of the linear repair, relative to the mean activation energy (0: none).")] = 0.0,
-    recovery_tokens: Annotated[Optional[int], typer.Option(help="Calibration tokens for the repair (default: all of --calibration; the packaged plays are 153k tokens, about 9 minutes on 2 CPU cores for SmolLM2-135M, 32768 take 2).")] = None,
+    ridge: Annotated[
+        float, typer.Option(help="Ridge term of the linear repair, relative to the mean activation energy (0: none).")
+    ] = 0.0,
+    recovery_tokens: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Calibration tokens for the repair (default: all of --calibration; the packaged plays are 153k "
+            "tokens, about 9 minutes on 2 CPU cores for SmolLM2-135M, 32768 take 2)."
+        ),
+    ] = None,
     verify: Annotated[bool, typer.Option(help="Check cache parity and the saved checkpoint's logits.")] = True,
     dtype: DtypeOption = "auto",
     device_map: DeviceMapOption = None,
 ) -> None:
     """Score (if needed), remove layers (and repair them with --recovery linear), and save a native checkpoint."""
+    from .atomic import check_destination
     from .layers import find_decoder_layers
     from .pruning import count_parameters
-    from .selection import removal_count
     from .pruning import prune as prune_model
-    from .atomic import check_destination
     from .saving import save_pruned, save_recipe
+    from .selection import removal_count
     from .texts import HELDOUT_PLAYS, heldout_texts
 
     if n_layers is not None and ratio is not None:
@@ -174,7 +225,10 @@ def prune(
     if chosen is None and n_layers is None and ratio is None:
         ratio = 0.25
     if recovery != "none" and recovery not in _training_free_methods():
-        raise ShortGPTError(f"--recovery must be none or one of {', '.join(_training_free_methods())}, got {recovery!r} (LoRA healing: shortgpt heal)")
+        raise ShortGPTError(
+            f"--recovery must be none or one of {', '.join(_training_free_methods())}, got {recovery!r} "
+            "(LoRA healing: shortgpt heal)"
+        )
     if calibration is not None and not calibration.is_file():
         raise ShortGPTError(f"calibration file not found: {calibration}")
     target = out_dir or Path(f"{Path(model.rstrip('/')).name}-shortgpt")
@@ -183,15 +237,27 @@ def prune(
     m, tok = _load(model, dtype, device_map)
     before = count_parameters(m)
     num_before = len(find_decoder_layers(m).layers)
-    count = removal_count(num_before, n_layers, ratio) if chosen is None else len(chosen)  # refuse "none" or "all" before scoring
+    count = (
+        removal_count(num_before, n_layers, ratio) if chosen is None else len(chosen)
+    )  # refuse "none" or "all" before scoring
     repair = {}
     if recovery != "none":
-        options = dict(ridge=ridge, seq_len=seq_len, max_tokens=recovery_tokens, batch_size=batch_size, eval_data=heldout_texts()[:1])
+        options = dict(
+            ridge=ridge,
+            seq_len=seq_len,
+            max_tokens=recovery_tokens,
+            batch_size=batch_size,
+            eval_data=heldout_texts()[:1],
+        )
         repair = dict(recovery=recovery, recovery_data=calibration, tokenizer=tok, recovery_options=options)
         from .recovery import RECOVERY_METHODS
 
         RECOVERY_METHODS[recovery].check(m, ridge=ridge)  # an unsupported family fails before minutes of scoring
-    scores = None if chosen is not None else _score(m, tok, metric, calibration, seq_len, max_tokens, batch_size, max_layers=count)
+    scores = (
+        None
+        if chosen is not None
+        else _score(m, tok, metric, calibration, seq_len, max_tokens, batch_size, max_layers=count)
+    )
     prune_model(m, chosen, n_layers=n_layers, ratio=ratio, scores=scores, verify=verify, **repair)
     if recipe:
         saved = save_recipe(m, target, tok, overwrite=overwrite, verify=verify)
@@ -199,12 +265,17 @@ def prune(
         saved = save_pruned(m, target, tok, overwrite=overwrite, verify=verify)
     record = m.config.shortgpt
     after = count_parameters(m)
-    out.print(f"removed layers (original indices): {record['removed_layers']}" + (f" by {scores.metric}" if scores else ""))
+    out.print(
+        f"removed layers (original indices): {record['removed_layers']}" + (f" by {scores.metric}" if scores else "")
+    )
     out.print(f"layers: {num_before} -> {record['original_num_hidden_layers'] - len(record['removed_layers'])}")
     for step in (record.get("recovery") or [])[-1:] if recovery != "none" else []:
         gaps = ", ".join(f"{g['removed']} -> {g['folded_into'] if g['map'] else 'unrepaired'}" for g in step["gaps"])
         out.print(f"{recovery} repair on {step['tokens']:,} tokens: {gaps}")
-        out.print(f"held-out perplexity {step['perplexity_before']:.2f} (plain removal) -> {step['perplexity_after']:.2f} (repaired)")
+        out.print(
+            f"held-out perplexity {step['perplexity_before']:.2f} (plain removal) -> "
+            f"{step['perplexity_after']:.2f} (repaired)"
+        )
         out.print(f"  measured on {step['perplexity_settings']} of the held-out play {HELDOUT_PLAYS[0]}")
     out.print(f"parameters: {before:,} -> {after:,} ({100 * (1 - after / before):.1f}% fewer)")
     kind = "recipe" if recipe else "checkpoint"
@@ -226,12 +297,22 @@ def load(
 
     m = PrunedForCausalLM.from_pretrained(model, **_from_pretrained_kwargs(dtype, device_map))
     record = ShortGPTConfig.from_model(m)
-    out.print(f"{type(m).__name__}: {record.num_hidden_layers} of {record.original_num_hidden_layers} layers ({record.mode})")
-    out.print(f"removed layers (original indices): {record.removed_layers}" + (f" by {record.metric}" if record.metric else ""))
-    out.print(f"base: {record.base_model_name_or_path}" + (f" @ {record.base_revision}" if record.base_revision else ""))
+    out.print(
+        f"{type(m).__name__}: {record.num_hidden_layers} of {record.original_num_hidden_layers} layers ({record.mode})"
+    )
+    out.print(
+        f"removed layers (original indices): {record.removed_layers}"
+        + (f" by {record.metric}" if record.metric else "")
+    )
+    out.print(
+        f"base: {record.base_model_name_or_path}" + (f" @ {record.base_revision}" if record.base_revision else "")
+    )
     out.print(f"parameters: {count_parameters(m):,} ({m.dtype})")
     if getattr(m, "hf_device_map", None):
-        out.print("placement: " + ", ".join(f"{n} modules on {d}" for d, n in Counter(map(str, m.hf_device_map.values())).items()))
+        out.print(
+            "placement: "
+            + ", ".join(f"{n} modules on {d}" for d, n in Counter(map(str, m.hf_device_map.values())).items())
+        )
 
 
 @command()
@@ -240,7 +321,9 @@ def generate(
     prompt: Annotated[str, typer.Option(help="The prompt text.")] = "Friends, Romans, countrymen, lend me your ears;",
     max_new_tokens: int = 64,
     prefill_skip: Annotated[Optional[int], typer.Option(help="Skip this many lowest-BI layers during prefill.")] = None,
-    layers: Annotated[Optional[str], typer.Option(help="Skip exactly these layers during prefill, e.g. 12,13,14.")] = None,
+    layers: Annotated[
+        Optional[str], typer.Option(help="Skip exactly these layers during prefill, e.g. 12,13,14.")
+    ] = None,
     boundary: Annotated[bool, typer.Option(help="Run the last prompt token through the full model (POP).")] = True,
     sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
     dtype: DtypeOption = "auto",
@@ -284,11 +367,24 @@ def generate(
     inputs = tok(prompt, return_tensors="pt").to(m.device)
     timer = FirstToken()
     start = time.perf_counter()
-    ids = m.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sample, streamer=timer, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    ids = m.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        streamer=timer,
+        pad_token_id=tok.pad_token_id or tok.eos_token_id,
+    )
     total = time.perf_counter() - start
     new = ids.shape[1] - inputs.input_ids.shape[1]
-    out.print(prompt + tok.decode(ids[0, inputs.input_ids.shape[1] :], skip_special_tokens=True), markup=False, highlight=False)
-    out.print(f"time to first token: {timer.first - start:.3f}s; {new} tokens in {total:.2f}s ({inputs.input_ids.shape[1]}-token prompt)")
+    out.print(
+        prompt + tok.decode(ids[0, inputs.input_ids.shape[1] :], skip_special_tokens=True),
+        markup=False,
+        highlight=False,
+    )
+    out.print(
+        f"time to first token: {timer.first - start:.3f}s; {new} tokens in {total:.2f}s "
+        f"({inputs.input_ids.shape[1]}-token prompt)"
+    )
 
 
 def _split(text: Optional[str]) -> list[str]:
@@ -299,18 +395,38 @@ def _split(text: Optional[str]) -> list[str]:
 def eval_(
     models: Annotated[
         Optional[list[str]],
-        typer.Argument(help="Models to evaluate side by side: built-in names, folders (checkpoints, recipes, PEFT adapters) or Hub ids. Default: smollm2-135m."),
+        typer.Argument(
+            help="Models to evaluate side by side: built-in names, folders (checkpoints, recipes, PEFT adapters) "
+            "or Hub ids. Default: smollm2-135m."
+        ),
     ] = None,
-    tasks: Annotated[str, typer.Option(help="Comma-separated: ppl, ppl:FILE, mc, mc:general_knowledge+emoji_movie, mc:TASK.json.")] = "ppl,mc",
-    lm_eval_tasks: Annotated[Optional[str], typer.Option(help="Comma-separated lm-evaluation-harness tasks (needs lm-eval and the tasks' data).")] = None,
+    tasks: Annotated[
+        str, typer.Option(help="Comma-separated: ppl, ppl:FILE, mc, mc:general_knowledge+emoji_movie, mc:TASK.json.")
+    ] = "ppl,mc",
+    lm_eval_tasks: Annotated[
+        Optional[str],
+        typer.Option(help="Comma-separated lm-evaluation-harness tasks (needs lm-eval and the tasks' data)."),
+    ] = None,
     lm_eval_include: Annotated[Optional[Path], typer.Option(help="Folder of your own lm-eval task YAMLs.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="At most this many questions per multiple-choice / lm-eval task.")] = None,
-    with_base: Annotated[bool, typer.Option(help="Also evaluate the pruned model's recorded base and show both.")] = False,
+    limit: Annotated[
+        Optional[int], typer.Option(help="At most this many questions per multiple-choice / lm-eval task.")
+    ] = None,
+    with_base: Annotated[
+        bool, typer.Option(help="Also evaluate the pruned model's recorded base and show both.")
+    ] = False,
     seq_len: Annotated[int, typer.Option(help="Perplexity window in tokens.")] = HEADLINE.seq_len,
-    stride: Annotated[Optional[int], typer.Option(help="Move each perplexity window by this many tokens (default: disjoint windows; smaller: more context per token, slower).")] = HEADLINE.stride,
+    stride: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Move each perplexity window by this many tokens "
+            "(default: disjoint windows; smaller: more context per token, slower)."
+        ),
+    ] = HEADLINE.stride,
     max_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity.")] = HEADLINE.max_tokens,
     batch_size: int = 8,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here (shortgpt push --eval reads it).")] = None,
+    json_out: Annotated[
+        Optional[Path], typer.Option("--json", help="Write the results as JSON here (shortgpt push --eval reads it).")
+    ] = None,
     dtype: DtypeOption = "auto",
     device_map: DeviceMapOption = None,
 ) -> None:
@@ -329,10 +445,19 @@ def eval_(
     if not _split(tasks) and not _split(lm_eval_tasks):
         raise ShortGPTError("nothing to evaluate: give --tasks and/or --lm-eval-tasks")
     if with_base and len(models) > 1:
-        raise ShortGPTError("--with-base compares one model with its base; to compare several, list the base among them")
+        raise ShortGPTError(
+            "--with-base compares one model with its base; to compare several, list the base among them"
+        )
     options = dict(
-        tasks=_split(tasks), lm_eval_tasks=_split(lm_eval_tasks), lm_eval_include=lm_eval_include, lm_eval_limit=limit,
-        seq_len=seq_len, stride=stride, max_tokens=max_tokens, mc_limit=limit, batch_size=batch_size,
+        tasks=_split(tasks),
+        lm_eval_tasks=_split(lm_eval_tasks),
+        lm_eval_include=lm_eval_include,
+        lm_eval_limit=limit,
+        seq_len=seq_len,
+        stride=stride,
+        max_tokens=max_tokens,
+        mc_limit=limit,
+        batch_size=batch_size,
     )
     if len(models) > 1:
         reports = []
@@ -365,17 +490,30 @@ def eval_(
 def ablate(
     model: ModelArg = DEFAULT_MODEL,
     ratios: Annotated[str, typer.Option(help="Comma-separated fractions of layers to remove.")] = "0.1,0.2,0.3",
-    metrics: Annotated[str, typer.Option(help=f"Comma-separated, from: {', '.join(METRICS)}.")] = ",".join(PAPER_METRICS),
-    recoveries: Annotated[str, typer.Option(help=f"Comma-separated ways to recover each removal, from: {', '.join(RECOVERIES)}.")] = "none",
+    metrics: Annotated[str, typer.Option(help=f"Comma-separated, from: {', '.join(METRICS)}.")] = ",".join(
+        PAPER_METRICS
+    ),
+    recoveries: Annotated[
+        str, typer.Option(help=f"Comma-separated ways to recover each removal, from: {', '.join(RECOVERIES)}.")
+    ] = "none",
     lora_steps: Annotated[int, typer.Option(help="LoRA healing steps for the lora recoveries.")] = 50,
-    iterative: Annotated[bool, typer.Option(help="Also remove one layer at a time, re-scoring in between (hidden-state metrics).")] = False,
+    iterative: Annotated[
+        bool, typer.Option(help="Also remove one layer at a time, re-scoring in between (hidden-state metrics).")
+    ] = False,
     tasks: Annotated[str, typer.Option(help="Comma-separated evaluation tasks, as for shortgpt eval.")] = "ppl,mc",
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder for ablation.json and the plots (default ./<model>-ablation).")] = None,
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Output folder for ablation.json and the plots (default ./<model>-ablation)."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
-    calibration: Annotated[Optional[Path], typer.Option(help="UTF-8 text file (default: packaged Shakespeare).")] = None,
+    calibration: Annotated[
+        Optional[Path], typer.Option(help="UTF-8 text file (default: packaged Shakespeare).")
+    ] = None,
     calibration_tokens: Annotated[int, typer.Option(help="Calibration tokens for scoring.")] = 8192,
     limit: Annotated[Optional[int], typer.Option(help="At most this many questions per multiple-choice task.")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity (windows as in shortgpt eval).")] = HEADLINE.max_tokens,
+    max_tokens: Annotated[
+        int, typer.Option(help="Held-out tokens for perplexity (windows as in shortgpt eval).")
+    ] = HEADLINE.max_tokens,
     seed: Annotated[int, typer.Option(help="Seed of the random baseline.")] = 0,
     dtype: DtypeOption = "auto",
     device_map: DeviceMapOption = None,
@@ -390,7 +528,11 @@ def ablate(
     except ValueError:
         raise ShortGPTError(f"--ratios must be comma-separated numbers, got {ratios!r}") from None
     request = dict(
-        ratios=fractions, metrics=_split(metrics), schedules=("one-shot", "iterative") if iterative else ("one-shot",), tasks=_split(tasks), recoveries=_split(recoveries)
+        ratios=fractions,
+        metrics=_split(metrics),
+        schedules=("one-shot", "iterative") if iterative else ("one-shot",),
+        tasks=_split(tasks),
+        recoveries=_split(recoveries),
     )
     check_request(**request)
     if calibration is not None and not calibration.is_file():
@@ -399,8 +541,16 @@ def ablate(
     check_destination(target, overwrite)
     m, tok = _load(model, dtype, device_map)
     result = run_ablation(
-        m, tok, **request, calibration=calibration, calibration_tokens=calibration_tokens, recovery_options={"lora": {"steps": lora_steps}},
-        seed=seed, name=model, mc_limit=limit, max_tokens=max_tokens,
+        m,
+        tok,
+        **request,
+        calibration=calibration,
+        calibration_tokens=calibration_tokens,
+        recovery_options={"lora": {"steps": lora_steps}},
+        seed=seed,
+        name=model,
+        mc_limit=limit,
+        max_tokens=max_tokens,
     )
     with atomic_folder(target, overwrite) as tmp:
         result.to_json(tmp / "ablation.json")
@@ -412,29 +562,54 @@ def ablate(
 
 @command()
 def push(
-    folder: Annotated[str, typer.Argument(help="A pruned checkpoint or recipe (from shortgpt prune): folder or Hub id.")],
+    folder: Annotated[
+        str, typer.Argument(help="A pruned checkpoint or recipe (from shortgpt prune): folder or Hub id.")
+    ],
     repo_id: Annotated[str, typer.Argument(help="Hub repo, e.g. your-name/smollm2-135m-shortgpt.")],
     private: Annotated[bool, typer.Option(help="Create the repo as private.")] = False,
-    recipe: Annotated[bool, typer.Option(help="Push only the recipe (base id + removed layers), not the weights.")] = False,
+    recipe: Annotated[
+        bool, typer.Option(help="Push only the recipe (base id + removed layers), not the weights.")
+    ] = False,
     create_pr: Annotated[bool, typer.Option(help="Open a pull request instead of committing to main.")] = False,
     message: Annotated[Optional[str], typer.Option(help="Commit message.")] = None,
-    eval_json: Annotated[Optional[Path], typer.Option("--eval", help="Results JSON from shortgpt eval (--with-base for a side-by-side table) for the card.")] = None,
+    eval_json: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--eval", help="Results JSON from shortgpt eval (--with-base for a side-by-side table) for the card."
+        ),
+    ] = None,
 ) -> None:
     """Upload a pruned model with its model card in one commit (token: `hf auth login` or HF_TOKEN)."""
     from .evaluation import EvalReport
     from .push import push_to_hub
 
     rows = EvalReport.from_json(eval_json).card_rows() if eval_json else None
-    url = push_to_hub(folder, repo_id, "recipe" if recipe else "full", private=private, create_pr=create_pr, commit_message=message, eval_results=rows)
+    url = push_to_hub(
+        folder,
+        repo_id,
+        "recipe" if recipe else "full",
+        private=private,
+        create_pr=create_pr,
+        commit_message=message,
+        eval_results=rows,
+    )
     out.print(f"pushed {folder} to {repo_id}: {url}")
 
 
 @command()
 def heal(
-    pruned: Annotated[str, typer.Argument(help="A saved pruned checkpoint or recipe (from shortgpt prune): folder or Hub id.")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the adapter (or, with --merge, the merged checkpoint).")],
-    data: Annotated[Optional[Path], typer.Option(help="Training text file (default: packaged calibration plays).")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="Dense model to distill from (built-in name, folder or Hub id).")] = None,
+    pruned: Annotated[
+        str, typer.Argument(help="A saved pruned checkpoint or recipe (from shortgpt prune): folder or Hub id.")
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Where to write the adapter (or, with --merge, the merged checkpoint).")
+    ],
+    data: Annotated[
+        Optional[Path], typer.Option(help="Training text file (default: packaged calibration plays).")
+    ] = None,
+    teacher: Annotated[
+        Optional[str], typer.Option(help="Dense model to distill from (built-in name, folder or Hub id).")
+    ] = None,
     steps: int = 50,
     lr: float = 2e-4,
     r: int = 8,
@@ -447,25 +622,43 @@ def heal(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
 ) -> None:
     """LoRA-heal a pruned model (PEFT + accelerate; runs under `accelerate launch` too)."""
+    from .atomic import check_destination
+    from .config import ShortGPTConfig
     from .recovery import heal as heal_model
     from .recovery import save_healed
-    from .atomic import check_destination
-    from .texts import HELDOUT_PLAYS, heldout_texts
-
-    from .config import ShortGPTConfig
     from .sources import resolve
+    from .texts import HELDOUT_PLAYS, heldout_texts
 
     check_destination(out_dir, overwrite)
     m, tok = _load(pruned, "auto", None)
     if ShortGPTConfig.from_model(m) is None:
-        raise ShortGPTError(f"{resolve(pruned).describe()} has no layers removed: prune it first (shortgpt prune {pruned}), then heal what it writes")
+        raise ShortGPTError(
+            f"{resolve(pruned).describe()} has no layers removed: prune it first (shortgpt prune {pruned}), "
+            "then heal what it writes"
+        )
     dense = _load(teacher, "auto", None)[0] if teacher else None
     chosen = layers if layers in ("all", "adjacent") else _parse_layers(layers)
-    healed = heal_model(m, data, tokenizer=tok, steps=steps, lr=lr, r=r, alpha=alpha, layers=chosen, seq_len=seq_len, batch_size=batch_size, teacher=dense, kd_weight=kd_weight, eval_data=heldout_texts()[:1])
+    healed = heal_model(
+        m,
+        data,
+        tokenizer=tok,
+        steps=steps,
+        lr=lr,
+        r=r,
+        alpha=alpha,
+        layers=chosen,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        teacher=dense,
+        kd_weight=kd_weight,
+        eval_data=heldout_texts()[:1],
+    )
     saved = save_healed(healed, out_dir, tok, merge=merge, overwrite=overwrite)
     record = healed.get_base_model().config.shortgpt["recovery"][-1]
     trained = f"{steps} step{'s' if steps != 1 else ''} ({record['tokens']:,} tokens)"
-    out.print(f"held-out perplexity {record['perplexity_before']:.2f} -> {record['perplexity_after']:.2f} after {trained}")
+    out.print(
+        f"held-out perplexity {record['perplexity_before']:.2f} -> {record['perplexity_after']:.2f} after {trained}"
+    )
     out.print(f"  measured on {record['perplexity_settings']} of the held-out play {HELDOUT_PLAYS[0]}")
     out.print(f"{'merged checkpoint' if merge else 'adapter'} saved to {saved}")
 
@@ -505,6 +698,14 @@ def _plain_placeholders(group: typer.core.TyperGroup) -> None:
             else:
                 placeholder = {int: "N", float: "X"}.get(kind.annotation, "TEXT")
             param.display_type_rich = lambda ctx, text=placeholder: text
+    for command in [group, *group.commands.values()]:  # click adds --help itself, when help is asked for
+        command.get_help_option = lambda ctx, original=command.get_help_option: _bare(original(ctx))
+
+
+def _bare(option: typer.core.TyperOption | None) -> typer.core.TyperOption | None:
+    if option is not None:
+        option.display_type_rich = lambda ctx: None
+    return option
 
 
 def _fail(message: str) -> None:

@@ -77,9 +77,7 @@ class ShortGPTConfig:
         if self.mode not in MODES:
             raise ShortGPTError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.layer_scores is not None and len(self.layer_scores) != n:
-            raise ShortGPTError(
-                f"layer_scores has {len(self.layer_scores)} entries for {n} original layers"
-            )
+            raise ShortGPTError(f"layer_scores has {len(self.layer_scores)} entries for {n} original layers")
         if self.config_type != CONFIG_TYPE:
             raise ShortGPTError(f"not a ShortGPT config (config_type={self.config_type!r})")
 
@@ -97,7 +95,7 @@ class ShortGPTConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ShortGPTConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ShortGPTConfig:
         """Build from a dict, warning about (not failing on) keys from newer versions."""
         if not isinstance(data, dict):
             raise ShortGPTError(f"a ShortGPT config must be a JSON object, got {type(data).__name__}")
@@ -109,7 +107,9 @@ class ShortGPTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            warnings.warn(f"ignoring unknown ShortGPT config keys {unknown} (written by a newer version?)")
+            warnings.warn(
+                f"ignoring unknown ShortGPT config keys {unknown} (written by a newer version?)", stacklevel=2
+            )
         try:
             return cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as e:
@@ -119,7 +119,7 @@ class ShortGPTConfig:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_json_string(cls, text: str) -> "ShortGPTConfig":
+    def from_json_string(cls, text: str) -> ShortGPTConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -134,7 +134,9 @@ class ShortGPTConfig:
         return path / CONFIG_NAME
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None, **hub_kwargs: Any) -> "ShortGPTConfig":
+    def from_pretrained(
+        cls, name_or_path: str | Path, revision: str | None = None, **hub_kwargs: Any
+    ) -> ShortGPTConfig:
         """Read a recipe from a local folder or a Hub repo (through huggingface_hub's cache)."""
         source = resolve(name_or_path, revision, **hub_kwargs)
         if source.kind != "recipe":
@@ -142,7 +144,7 @@ class ShortGPTConfig:
         return cls.from_json_string(source.read_text(CONFIG_NAME))
 
     @classmethod
-    def from_model(cls, model: Any) -> "ShortGPTConfig | None":
+    def from_model(cls, model: Any) -> ShortGPTConfig | None:
         """The config recorded on a model by `prune`, or None for an unpruned model."""
         data = getattr(model.config, "shortgpt", None)
         return None if data is None else cls.from_dict(data)

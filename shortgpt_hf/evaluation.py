@@ -48,14 +48,20 @@ class PerplexitySettings:
 
     def describe(self) -> str:
         tokens = "all tokens" if self.max_tokens is None else f"first {self.max_tokens:,} tokens"
-        windows = f"disjoint {self.seq_len}-token windows" if self.stride is None else f"{self.seq_len}-token windows moved by {self.stride}"
+        windows = (
+            f"disjoint {self.seq_len}-token windows"
+            if self.stride is None
+            else f"{self.seq_len}-token windows moved by {self.stride}"
+        )
         return f"{tokens}, {windows}"
 
 
 HEADLINE = PerplexitySettings()
 
 
-def _windows(stream: torch.Tensor, seq_len: int, stride: int, bos: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _windows(
+    stream: torch.Tensor, seq_len: int, stride: int, bos: int | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Sliding windows over one document: ``(ids, is_target)`` pairs.
 
     Each window holds ``seq_len`` tokens (the first being BOS for tokenizers
@@ -102,7 +108,14 @@ def perplexity(
 
 @torch.no_grad()
 def _log_likelihood(
-    model: nn.Module, tokenizer: Any, texts: CalibrationData, seq_len: int, stride: int | None, max_tokens: int | None, batch_size: int, progress: bool
+    model: nn.Module,
+    tokenizer: Any,
+    texts: CalibrationData,
+    seq_len: int,
+    stride: int | None,
+    max_tokens: int | None,
+    batch_size: int,
+    progress: bool,
 ) -> tuple[float, int]:
     """Summed negative log-likelihood and the number of tokens it covers."""
     from .texts import heldout_texts
@@ -113,7 +126,10 @@ def _log_likelihood(
     body = seq_len - (bos is not None)
     stride = body if stride is None else stride
     if not 1 <= stride <= body:
-        raise ShortGPTError(f"the window stride (stride / --stride) must be between 1 and {body} (the window length{' less one for BOS' if bos is not None else ''}), got {stride}")
+        raise ShortGPTError(
+            f"the window stride (stride / --stride) must be between 1 and {body} "
+            f"(the window length{' less one for BOS' if bos is not None else ''}), got {stride}"
+        )
     if max_tokens is not None:
         kept, budget = [], max_tokens
         for s in streams:
@@ -138,9 +154,13 @@ def _log_likelihood(
                 ids[row, : len(piece)] = piece
                 mask[row, : len(piece)] = 1
                 labels[row, : len(piece)] = piece.masked_fill(~target, -100)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float().cpu()
+            logits = (
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float().cpu()
+            )
             targets = labels[:, 1:]
-            nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum").item()
+            nll += F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+            ).item()
             count += int((targets != -100).sum())
     return nll, count
 
@@ -166,7 +186,7 @@ class EvalReport(JsonRecord):
 
     model: str
     results: list[EvalResult] = field(default_factory=list)
-    baseline: "EvalReport | None" = None
+    baseline: EvalReport | None = None
 
     def get(self, task: str, metric: str) -> float:
         for r in self.results:
@@ -175,16 +195,18 @@ class EvalReport(JsonRecord):
         raise KeyError(f"no {task}/{metric} in this report")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EvalReport":
+    def from_dict(cls, data: dict[str, Any]) -> EvalReport:
         base = data.get("baseline")
         return cls(data["model"], [EvalResult(**r) for r in data["results"]], cls.from_dict(base) if base else None)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "EvalReport":
+    def from_json(cls, path: str | Path) -> EvalReport:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ShortGPTError(f"{path} is not an evaluation report written by shortgpt eval ({type(e).__name__}: {e})") from None
+            raise ShortGPTError(
+                f"{path} is not an evaluation report written by shortgpt eval ({type(e).__name__}: {e})"
+            ) from None
 
     def card_rows(self) -> list[dict[str, Any]]:
         """The ``eval_results`` of `model_card` / `push_to_hub`: this report as
@@ -214,7 +236,10 @@ def check_tasks(tasks: Sequence[str]) -> None:
             for name in arg.split("+") if arg else []:
                 load_task(name)
         else:
-            raise ShortGPTError(f"unknown task {spec!r}: use ppl, ppl:FILE, mc, mc:NAME[+NAME] or mc:FILE.json (lm-eval tasks go in lm_eval_tasks)")
+            raise ShortGPTError(
+                f"unknown task {spec!r}: use ppl, ppl:FILE, mc, mc:NAME[+NAME] or mc:FILE.json "
+                "(lm-eval tasks go in lm_eval_tasks)"
+            )
 
 
 def _perplexity_result(model: nn.Module, tokenizer: Any, spec: str, options: dict[str, Any]) -> EvalResult:
@@ -235,7 +260,9 @@ def _multiple_choice_results(model: nn.Module, tokenizer: Any, spec: str, option
         task = load_task(name, options["mc_limit"])
         r = multiple_choice(model, tokenizer, task, batch_size=options["batch_size"], progress=options["progress"])
         for metric in ("acc", "acc_norm"):
-            results.append(EvalResult(f"mc:{task.name}", task.source, metric, r[metric], True, r["num_questions"], r["chance"]))
+            results.append(
+                EvalResult(f"mc:{task.name}", task.source, metric, r[metric], True, r["num_questions"], r["chance"])
+            )
     return results
 
 
@@ -272,7 +299,14 @@ def evaluate(
 
     check_tasks(tasks)
     tokenizer = tokenizer or tokenizer_for(model)
-    options = dict(seq_len=seq_len, stride=stride, max_tokens=max_tokens, mc_limit=mc_limit, batch_size=batch_size, progress=progress)
+    options = dict(
+        seq_len=seq_len,
+        stride=stride,
+        max_tokens=max_tokens,
+        mc_limit=mc_limit,
+        batch_size=batch_size,
+        progress=progress,
+    )
     report = EvalReport(name or str(getattr(model, "name_or_path", "") or type(model).__name__))
     for spec in tasks:
         if spec.startswith("ppl"):
@@ -282,5 +316,14 @@ def evaluate(
     if lm_eval_tasks:
         from .lm_eval_bridge import run_lm_eval
 
-        report.results.extend(run_lm_eval(model, tokenizer, lm_eval_tasks, include_path=lm_eval_include, limit=lm_eval_limit, batch_size=batch_size))
+        report.results.extend(
+            run_lm_eval(
+                model,
+                tokenizer,
+                lm_eval_tasks,
+                include_path=lm_eval_include,
+                limit=lm_eval_limit,
+                batch_size=batch_size,
+            )
+        )
     return report

@@ -202,10 +202,12 @@ def _rebuild_zamba2(model: nn.Module, decoder: nn.Module, kept: list[int]) -> No
     layers = list(decoder.layers)
     hybrid = [i for i, layer in enumerate(layers) if isinstance(layer, Zamba2HybridLayer)]
     old_blocks = [layers[i].shared_transformer for i in hybrid]
-    ordinal = [block.feed_forward.layer_dic[kept[i]] for block, i in zip(old_blocks, hybrid)]
+    ordinal = [block.feed_forward.layer_dic[kept[i]] for block, i in zip(old_blocks, hybrid, strict=True)]
     tie_class = [block.block_id for block in old_blocks]
     if getattr(cfg, "tie_word_embeddings", False):  # Zamba2 ties its blocks only alongside the embeddings
-        cfg.num_mem_blocks = next(m for m in range(1, len(hybrid) + 1) if all(tie_class[j] == tie_class[j % m] for j in range(len(hybrid))))
+        cfg.num_mem_blocks = next(
+            m for m in range(1, len(hybrid) + 1) if all(tie_class[j] == tie_class[j % m] for j in range(len(hybrid)))
+        )
     decoder.layers_block_type = list(cfg.layers_block_type)
     with torch.device("meta"):
         fresh = decoder.get_layers()  # also rebuilds decoder._tied_weights_keys
@@ -238,13 +240,22 @@ def _rebuild_zamba2(model: nn.Module, decoder: nn.Module, kept: list[int]) -> No
 _LAYER_TYPES = ("layer_types",)
 _ATTENTION_TYPES = ("layer_types", ("full_attention", "sliding_attention"))
 _ATTENTION_BLOCKS = ("layers_block_type", ("attention",))
-_QWEN_MOE = Periodic("MoE", "decoder_sparse_step", excluded="mlp_only_layers", requires=lambda cfg: (getattr(cfg, "num_experts", 0) or 0) > 0)
+_QWEN_MOE = Periodic(
+    "MoE",
+    "decoder_sparse_step",
+    excluded="mlp_only_layers",
+    requires=lambda cfg: (getattr(cfg, "num_experts", 0) or 0) > 0,
+)
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("Llama", prefill_kv="k_proj/v_proj", fold=_DOWN_PROJ),
     "mistral": Family("Mistral", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj", fold=_DOWN_PROJ),
-    "qwen2": Family("Qwen2", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), prefill_kv="k_proj/v_proj", fold=_DOWN_PROJ),
-    "qwen3": Family("Qwen3", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), prefill_kv="k_proj/v_proj", fold=_DOWN_PROJ),
+    "qwen2": Family(
+        "Qwen2", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), prefill_kv="k_proj/v_proj", fold=_DOWN_PROJ
+    ),
+    "qwen3": Family(
+        "Qwen3", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), prefill_kv="k_proj/v_proj", fold=_DOWN_PROJ
+    ),
     "gemma2": Family("Gemma2", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj", fold=_GEMMA_NORM),
     "gemma3_text": Family("Gemma3", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj", fold=_GEMMA_NORM),
     "phi3": Family("Phi3", per_layer=_LAYER_TYPES, prefill_kv="qkv_proj", fold=_DOWN_PROJ),
@@ -262,8 +273,12 @@ FAMILIES: dict[str, Family] = {
     "opt": Family("OPT"),
     "falcon": Family("Falcon", layers="h"),
     "mixtral": Family("Mixtral", per_layer=_LAYER_TYPES, fold=_DOWN_PROJ),
-    "qwen2_moe": Family("Qwen2-MoE", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), periodic=(_QWEN_MOE,), fold=_DOWN_PROJ),
-    "qwen3_moe": Family("Qwen3-MoE", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), periodic=(_QWEN_MOE,), fold=_DOWN_PROJ),
+    "qwen2_moe": Family(
+        "Qwen2-MoE", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), periodic=(_QWEN_MOE,), fold=_DOWN_PROJ
+    ),
+    "qwen3_moe": Family(
+        "Qwen3-MoE", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), periodic=(_QWEN_MOE,), fold=_DOWN_PROJ
+    ),
     "gpt_oss": Family("GPT-OSS", per_layer=_LAYER_TYPES),
     "cohere": Family("Cohere"),
     "cohere2": Family("Cohere2", per_layer=_LAYER_TYPES),
@@ -297,18 +312,31 @@ FAMILIES: dict[str, Family] = {
     ),
     # Multi-token-prediction layers are keyed after the last layer; a pruned model has nothing there.
     "deepseek_v3": Family("DeepSeek-V3", thresholds=("first_k_dense_replace",), reset={"num_nextn_predict_layers": 0}),
-    "qwen3_next": Family("Qwen3-Next", per_layer=_LAYER_TYPES, periodic=(_QWEN_MOE,), attention_layers=_ATTENTION_TYPES),
-    "qwen2_vl_text": Family("Qwen2-VL text decoder", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), fold=_DOWN_PROJ),
-    "qwen2_5_vl_text": Family("Qwen2.5-VL text decoder", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), fold=_DOWN_PROJ),
+    "qwen3_next": Family(
+        "Qwen3-Next", per_layer=_LAYER_TYPES, periodic=(_QWEN_MOE,), attention_layers=_ATTENTION_TYPES
+    ),
+    "qwen2_vl_text": Family(
+        "Qwen2-VL text decoder", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), fold=_DOWN_PROJ
+    ),
+    "qwen2_5_vl_text": Family(
+        "Qwen2.5-VL text decoder", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), fold=_DOWN_PROJ
+    ),
     "mamba": Family("Mamba"),
     "falcon_h1": Family("Falcon-H1", partial_load=False),  # its weight init reads every layer's mamba mixer
-    "lfm2": Family("LFM2", per_layer=_LAYER_TYPES, layer_indices=("full_attn_idxs",), attention_layers=_ATTENTION_TYPES),
+    "lfm2": Family(
+        "LFM2", per_layer=_LAYER_TYPES, layer_indices=("full_attn_idxs",), attention_layers=_ATTENTION_TYPES
+    ),
     "granitemoehybrid": Family("GraniteMoE-Hybrid", per_layer=_LAYER_TYPES, attention_layers=_ATTENTION_TYPES),
     "jamba": Family(
         "Jamba",
         periodic=(
             Periodic("attention", "attn_layer_period", "attn_layer_offset"),
-            Periodic("MoE", "expert_layer_period", "expert_layer_offset", requires=lambda cfg: (getattr(cfg, "num_experts", 1) or 1) > 1),
+            Periodic(
+                "MoE",
+                "expert_layer_period",
+                "expert_layer_offset",
+                requires=lambda cfg: (getattr(cfg, "num_experts", 1) or 1) > 1,
+            ),
         ),
         attention_layers=_ATTENTION_BLOCKS,
     ),
@@ -330,7 +358,11 @@ FAMILIES: dict[str, Family] = {
     ),
     "gemma3n_text": Family(
         "Gemma3n",
-        refusals=(Refusal("num_kv_shared_layers", "its last layers reuse earlier layers' KV caches, which removal would break"),),
+        refusals=(
+            Refusal(
+                "num_kv_shared_layers", "its last layers reuse earlier layers' KV caches, which removal would break"
+            ),
+        ),
     ),
 }
 
@@ -381,7 +413,9 @@ def family_of(cfg: Any) -> Family:
     owned = set(indices) | {p.excluded for p in periodic} | set(_NOT_PER_LAYER)
     n = cfg.num_hidden_layers
     per_layer = tuple(
-        k for k, v in vars(cfg).items() if isinstance(v, (list, tuple)) and len(v) == n and not k.startswith("_") and k not in owned
+        k
+        for k, v in vars(cfg).items()
+        if isinstance(v, (list, tuple)) and len(v) == n and not k.startswith("_") and k not in owned
     )
     if cfg.model_type not in _warned:
         _warned.add(cfg.model_type)
@@ -425,7 +459,9 @@ def auto_class(config: Any) -> type:
     ``AutoModelForCausalLM`` for text models."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    order = (AutoModelForImageTextToText, AutoModelForCausalLM) if is_vision_language(config) else (AutoModelForCausalLM,)
+    order = (
+        (AutoModelForImageTextToText, AutoModelForCausalLM) if is_vision_language(config) else (AutoModelForCausalLM,)
+    )
     for auto in order:
         if type(config) in auto._model_mapping:
             return auto

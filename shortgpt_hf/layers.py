@@ -45,7 +45,9 @@ def find_decoder_layers(model: nn.Module) -> DecoderLayers:
     if config is None:
         raise ShortGPTError(f"{type(model).__name__} is not a transformers model (no .config)")
     if getattr(config, "is_encoder_decoder", False):
-        raise ShortGPTError(f"{type(model).__name__} is an encoder-decoder model; only decoder-only causal LMs are supported")
+        raise ShortGPTError(
+            f"{type(model).__name__} is an encoder-decoder model; only decoder-only causal LMs are supported"
+        )
     cfg = text_config(model)
     if not getattr(model, "can_generate", lambda: False)() or not hasattr(model, "get_decoder"):
         raise ShortGPTError(
@@ -56,13 +58,17 @@ def find_decoder_layers(model: nn.Module) -> DecoderLayers:
     # submodule built from the text config (a vision tower never is).
     named = list(model.named_modules())  # starts with ("", model)
     decoder = model.get_decoder()
-    owners = [(n, m) for n, m in named if m is decoder] + [(n, m) for n, m in named if getattr(m, "config", None) is cfg]
+    owners = [(n, m) for n, m in named if m is decoder] + [
+        (n, m) for n, m in named if getattr(m, "config", None) is cfg
+    ]
     family = FAMILIES.get(cfg.model_type)
     for prefix, owner in owners:
         if family is not None:
             names = [family.layers]
         else:  # an unknown family: the decoder's own list of blocks, if it has exactly one
-            names = [n for n, m in owner.named_children() if isinstance(m, nn.ModuleList) and len(m) == cfg.num_hidden_layers]
+            names = [
+                n for n, m in owner.named_children() if isinstance(m, nn.ModuleList) and len(m) == cfg.num_hidden_layers
+            ]
         if len(names) != 1:
             continue
         layers, path = getattr(owner, names[0], None), f"{prefix}.{names[0]}" if prefix else names[0]
@@ -111,7 +117,9 @@ def probe_ids(model: nn.Module, length: int = 12, seed: int = 0) -> torch.Tensor
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (2, length), generator=gen)
     # A vision-language model treats its image/video placeholder ids as slots for pixels it is not given.
-    special = [v for k, v in vars(model.config).items() if k.endswith(("_token_id", "_token_index")) and isinstance(v, int)]
+    special = [
+        v for k, v in vars(model.config).items() if k.endswith(("_token_id", "_token_index")) and isinstance(v, int)
+    ]
     if special:
         plain = next(i for i in range(3, vocab) if i not in special)
         ids = ids.masked_fill(torch.isin(ids, torch.tensor(special)), plain)

@@ -11,10 +11,10 @@ local (your own YAML in ``include_path``, or a populated datasets cache) run.
 from __future__ import annotations
 
 import logging
-from unittest import mock
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from torch import nn
 
@@ -46,7 +46,10 @@ def run_lm_eval(
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ShortGPTError(f"lm-eval knows no task {', '.join(map(repr, unknown))}" + ("" if include_path else " (local task YAMLs go in include_path)"))
+        raise ShortGPTError(
+            f"lm-eval knows no task {', '.join(map(repr, unknown))}"
+            + ("" if include_path else " (local task YAMLs go in include_path)")
+        )
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     # lm-eval records `git describe` of the current directory, which says nothing about an in-memory
@@ -55,12 +58,19 @@ def run_lm_eval(
     try:
         with quiet_git:
             output = lm_eval.simple_evaluate(
-                model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0
+                model=lm,
+                tasks=list(tasks),
+                task_manager=manager,
+                limit=limit,
+                num_fewshot=num_fewshot,
+                log_samples=False,
+                bootstrap_iters=0,
             )
     except (OSError, ConnectionError, ValueError) as e:  # the datasets/Hub errors of a task whose data is unreachable
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ShortGPTError(
-            f"lm-eval could not run {', '.join(tasks)}: {first} (is the task's data local? offline, use a task YAML in include_path or a populated datasets cache)"
+            f"lm-eval could not run {', '.join(tasks)}: {first} (is the task's data local? "
+            "offline, use a task YAML in include_path or a populated datasets cache)"
         ) from None
     results = []
     for task, metrics in output["results"].items():
@@ -71,5 +81,7 @@ def run_lm_eval(
             if not filter_name or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             name = metric if filter_name == "none" else f"{metric}({filter_name})"
-            results.append(EvalResult(f"lm_eval:{task}", f"lm_eval/{task}", name, float(value), bool(better.get(metric, True)), n))
+            results.append(
+                EvalResult(f"lm_eval:{task}", f"lm_eval/{task}", name, float(value), bool(better.get(metric, True)), n)
+            )
     return results

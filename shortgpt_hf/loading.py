@@ -38,7 +38,11 @@ def load_native(source: Source, **from_pretrained_kwargs: Any) -> nn.Module:
     kwargs = source.hub_kwargs() | from_pretrained_kwargs
     hub = {k: v for k, v in kwargs.items() if k in _CONFIG_KWARGS}
     try:
-        auto = AutoModelForCausalLM if kwargs.get("trust_remote_code") else auto_class(AutoConfig.from_pretrained(source.location, **hub))
+        auto = (
+            AutoModelForCausalLM
+            if kwargs.get("trust_remote_code")
+            else auto_class(AutoConfig.from_pretrained(source.location, **hub))
+        )
         model = auto.from_pretrained(source.location, **kwargs)
     except OSError as e:
         raise ShortGPTError(f"cannot load {source.name!r}: {first_line(e)}") from None
@@ -76,10 +80,16 @@ def load_tokenizer(source: Source) -> Any:
             return AutoTokenizer.from_pretrained(candidate.location, **candidate.hub_kwargs())
         except (OSError, ValueError, TypeError):
             candidate = base_of(candidate)
-    raise ShortGPTError(f"no tokenizer found for {source.name!r}" + ("" if source.kind == "model" else " nor its base") + ": save the tokenizer beside the model, or give one (tokenizer=...)")
+    raise ShortGPTError(
+        f"no tokenizer found for {source.name!r}"
+        + ("" if source.kind == "model" else " nor its base")
+        + ": save the tokenizer beside the model, or give one (tokenizer=...)"
+    )
 
 
-def load_model(name_or_path: str, tokenizer: bool = True, *, adapters: bool = False, **from_pretrained_kwargs: Any) -> tuple[Any, Any]:
+def load_model(
+    name_or_path: str, tokenizer: bool = True, *, adapters: bool = False, **from_pretrained_kwargs: Any
+) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for a built-in name, a dense model, a full pruned
     checkpoint (with a prefill-skip mode applied), a recipe (rebuilt by
     `PrunedForCausalLM`), or, with ``adapters``, a PEFT adapter (loaded with
@@ -128,7 +138,9 @@ def _load_adapter(source: Source, **from_pretrained_kwargs: Any) -> nn.Module:
 
     adapter_base(source)  # a missing base is one line here, not a traceback from inside peft
     with explained(source.describe(), "loading it onto its base"):
-        return AutoPeftModelForCausalLM.from_pretrained(source.location, **(source.hub_kwargs() | from_pretrained_kwargs))
+        return AutoPeftModelForCausalLM.from_pretrained(
+            source.location, **(source.hub_kwargs() | from_pretrained_kwargs)
+        )
 
 
 def tokenizer_for(model: Any) -> Any:
@@ -136,5 +148,7 @@ def tokenizer_for(model: Any) -> Any:
     try:
         source = resolve(model.name_or_path)
     except ShortGPTError as e:
-        raise ShortGPTError(f"no tokenizer given and none found at {model.name_or_path!r}: give one (tokenizer=...)") from e
+        raise ShortGPTError(
+            f"no tokenizer given and none found at {model.name_or_path!r}: give one (tokenizer=...)"
+        ) from e
     return load_tokenizer(source)

@@ -82,7 +82,11 @@ def recipe_base(record: ShortGPTConfig, **hub_kwargs: Any) -> Source:
             if pinned is None:
                 raise
             base = resolve(name, **hub_kwargs)
-            warnings.warn(f"the recipe pins {name} at revision {pinned}, which is not available; loading revision {base.revision} instead")
+            warnings.warn(
+                f"the recipe pins {name} at revision {pinned}, which is not available; "
+                f"loading revision {base.revision} instead",
+                stacklevel=2,
+            )
     except ShortGPTError as e:
         raise ShortGPTError(f"the recipe's base model is unavailable: {e}") from None
     if base.kind != "model":
@@ -98,11 +102,14 @@ def _check_base(record: ShortGPTConfig, config: Any, where: str) -> None:
         raise ShortGPTError(f"the recipe is for a {record.model_type} model but base {where} is {text.model_type}")
     if text.num_hidden_layers != record.original_num_hidden_layers:
         raise ShortGPTError(
-            f"the recipe expects {record.original_num_hidden_layers} layers but base {where} has {text.num_hidden_layers}"
+            f"the recipe expects {record.original_num_hidden_layers} layers "
+            f"but base {where} has {text.num_hidden_layers}"
         )
 
 
-def _load_from_base(base: Source, record: ShortGPTConfig, maps: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> nn.Module:
+def _load_from_base(
+    base: Source, record: ShortGPTConfig, maps: dict[str, torch.Tensor] | None = None, **kwargs: Any
+) -> nn.Module:
     """Build the model a record describes from its unpruned base: only the kept
     layers for ``mode="remove"`` (with any linear repair ``maps`` folded back
     into them), every layer plus prefill skipping otherwise."""
@@ -115,7 +122,9 @@ def _load_from_base(base: Source, record: ShortGPTConfig, maps: dict[str, torch.
     model_kwargs = {k: v for k, v in kwargs.items() if k not in hub}
     both = {k: model_kwargs.pop(k) for k in ("dtype", "torch_dtype", "quantization_config") if k in model_kwargs}
     try:
-        config, model_kwargs = AutoConfig.from_pretrained(base.location, return_unused_kwargs=True, **hub, **model_kwargs)
+        config, model_kwargs = AutoConfig.from_pretrained(
+            base.location, return_unused_kwargs=True, **hub, **model_kwargs
+        )
     except OSError as e:
         raise ShortGPTError(f"cannot read the base model's config at {base.name!r}: {first_line(e)}") from None
     kwargs = hub | model_kwargs | both
@@ -156,7 +165,9 @@ def apply_prefill_skip(model: nn.Module, record: ShortGPTConfig) -> nn.Module:
 _AUTO_KWARGS = ("_from_auto", "adapter_kwargs", "trust_remote_code", "code_revision")
 
 
-def load_pruned(source: Source, *, removed_layers: Sequence[int] | None = None, mode: str | None = None, **kwargs: Any) -> nn.Module:
+def load_pruned(
+    source: Source, *, removed_layers: Sequence[int] | None = None, mode: str | None = None, **kwargs: Any
+) -> nn.Module:
     """The model `PrunedForCausalLM.from_pretrained` documents, from a resolved source."""
     if removed_layers is not None:
         if source.kind != "model" or source.pruned:
@@ -172,7 +183,9 @@ def load_pruned(source: Source, *, removed_layers: Sequence[int] | None = None, 
         )
         return mark_loaded(_load_from_base(source, record, **kwargs), source)
     if source.kind == "adapter":
-        raise ShortGPTError(f"{source.describe()} is a PEFT adapter: load it with peft's AutoPeftModelForCausalLM.from_pretrained")
+        raise ShortGPTError(
+            f"{source.describe()} is a PEFT adapter: load it with peft's AutoPeftModelForCausalLM.from_pretrained"
+        )
     if source.kind == "recipe":
         record = read_recipe(source)
         if mode is not None:
@@ -184,9 +197,14 @@ def load_pruned(source: Source, *, removed_layers: Sequence[int] | None = None, 
     model = load_native(source, **kwargs)
     record = ShortGPTConfig.from_model(model)
     if record is None:
-        raise ShortGPTError(f"{source.describe()} has no layers removed: prune it first (shortgpt prune), or name the layers to remove on load (removed_layers=[...])")
+        raise ShortGPTError(
+            f"{source.describe()} has no layers removed: prune it first (shortgpt prune), "
+            "or name the layers to remove on load (removed_layers=[...])"
+        )
     if mode is not None and mode != record.mode:
-        raise ShortGPTError(f"{source.describe()} was saved in {record.mode!r} mode; it cannot be loaded in {mode!r} mode")
+        raise ShortGPTError(
+            f"{source.describe()} was saved in {record.mode!r} mode; it cannot be loaded in {mode!r} mode"
+        )
     maps_file = source.file(MAPS_FILE) if map_keys(record) else None
     if maps_file is not None:  # already folded in; kept so that a recipe can be written from this model
         attach_maps(model, load_maps(maps_file, record, repr(source.name)))
@@ -225,7 +243,9 @@ class PrunedForCausalLM:
         ``from_pretrained``."""
         if model_args:
             raise ShortGPTError("PrunedForCausalLM.from_pretrained takes no positional arguments besides the model")
-        adapter = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")  # AutoModelForCausalLM on an adapter folder
+        adapter = (kwargs.get("adapter_kwargs") or {}).get(
+            "_adapter_model_path"
+        )  # AutoModelForCausalLM on an adapter folder
         adapter_kwargs = {k: v for k, v in (kwargs.get("adapter_kwargs") or {}).items() if k != "_adapter_model_path"}
         for key in _AUTO_KWARGS:
             kwargs.pop(key, None)

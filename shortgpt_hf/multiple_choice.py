@@ -61,7 +61,7 @@ class MultipleChoiceTask:
     @classmethod
     def from_bigbench(
         cls, data: dict[str, Any], name: str, source: str, limit: int | None = None, list_choices: bool = False
-    ) -> "MultipleChoiceTask":
+    ) -> MultipleChoiceTask:
         """Format a BIG-bench JSON task as its zero-shot evaluation does; with
         ``list_choices=False`` (cloze form) the choices are not listed in the
         question, only scored as answers."""
@@ -108,9 +108,14 @@ def load_task(spec: str, limit: int | None = None, list_choices: bool = False) -
         name = data.get("name") or path.parent.name
         return MultipleChoiceTask.from_bigbench(data, name, path.name, limit, list_choices)
     if spec not in PACKAGED_TASKS:
-        raise ShortGPTError(f"unknown multiple-choice task {spec!r}; packaged: {', '.join(PACKAGED_TASKS)} (or a path to a BIG-bench task.json)")
+        raise ShortGPTError(
+            f"unknown multiple-choice task {spec!r}; packaged: {', '.join(PACKAGED_TASKS)} "
+            "(or a path to a BIG-bench task.json)"
+        )
     raw = files("shortgpt_hf").joinpath("data", "bigbench", f"{spec}.json.gz").read_bytes()
-    return MultipleChoiceTask.from_bigbench(json.loads(gzip.decompress(raw)), spec, f"bigbench/{spec}", limit, list_choices)
+    return MultipleChoiceTask.from_bigbench(
+        json.loads(gzip.decompress(raw)), spec, f"bigbench/{spec}", limit, list_choices
+    )
 
 
 def _encode(tokenizer: Any, context: str, choice: str, max_len: int) -> tuple[list[int], int]:
@@ -161,7 +166,11 @@ def choice_loglikelihoods(
                 mask[r, width - len(seq) :] = 1
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
             logits = model(
-                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=False, logits_to_keep=keep
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                use_cache=False,
+                logits_to_keep=keep,
             ).logits
             # logits[:, j] predicts token width - keep + j + 1
             logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
@@ -194,4 +203,9 @@ def multiple_choice(
         lengths = np.array([max(1, len(c)) for c in q.choices], dtype=float)
         acc.append(q.scores[int(np.argmax(ll))])
         acc_norm.append(q.scores[int(np.argmax(ll / lengths))])
-    return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "chance": task.chance, "num_questions": len(task.questions)}
+    return {
+        "acc": float(np.mean(acc)),
+        "acc_norm": float(np.mean(acc_norm)),
+        "chance": task.chance,
+        "num_questions": len(task.questions),
+    }

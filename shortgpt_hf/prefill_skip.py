@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from .config import ShortGPTConfig
-from .sources import recorded_name
 from .errors import ShortGPTError
 from .families import FAMILIES, describe, is_vision_language
 from .layers import find_decoder_layers, text_config
 from .pruning import count_parameters, tag_pruned
+from .sources import recorded_name
 
 # The families whose skipped-layer K/V writing is known and tested (their ``prefill_kv`` entry).
 SUPPORTED_FAMILIES = tuple(k for k, family in FAMILIES.items() if family.prefill_kv is not None)
@@ -47,7 +47,9 @@ def _patch(module: nn.Module, replacement) -> None:
     """Route ``module``'s forward through ``replacement(original, *args, **kwargs)``."""
     attr = "_old_forward" if hasattr(module, "_old_forward") else "forward"  # accelerate calls _old_forward
     original = getattr(module, attr)
-    wrapped = functools.wraps(original)(functools.partial(replacement, original))  # keeps the signature generate inspects
+    wrapped = functools.wraps(original)(
+        functools.partial(replacement, original)
+    )  # keeps the signature generate inspects
     module._shortgpt_original_forward = (attr, original, "forward" in vars(module) and attr == "forward")
     setattr(module, attr, wrapped)
 
@@ -61,7 +63,9 @@ def _unpatch(module: nn.Module) -> None:
     del module._shortgpt_original_forward
 
 
-def write_skipped_kv(layer: nn.Module, hidden_states: torch.Tensor, cache: Any, position_embeddings: Any, **kwargs: Any) -> None:
+def write_skipped_kv(
+    layer: nn.Module, hidden_states: torch.Tensor, cache: Any, position_embeddings: Any, **kwargs: Any
+) -> None:
     """Write into ``cache`` the K/V that ``layer``'s attention would write for this input."""
     attn = layer.self_attn
     x = layer.input_layernorm(hidden_states)
@@ -93,7 +97,17 @@ def _skipping_layer_forward(original, hidden_states: torch.Tensor, *args: Any, *
     return hidden_states
 
 
-def _boundary_forward(original, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, use_cache=None, logits_to_keep=0, **kwargs):
+def _boundary_forward(
+    original,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    cache=None,
+    inputs_embeds=None,
+    use_cache=None,
+    logits_to_keep=0,
+    **kwargs,
+):
     """Prefill all but the last prompt token with skipping, then run the last token
     through the full model as the first decode step."""
     model = original.__self__
@@ -101,7 +115,9 @@ def _boundary_forward(original, input_ids=None, attention_mask=None, position_id
     use_cache = model.config.use_cache if use_cache is None else use_cache
     call = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache, **kwargs)
     if not use_cache or tokens.shape[1] < 2:
-        return original(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, logits_to_keep=logits_to_keep, **call)
+        return original(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, logits_to_keep=logits_to_keep, **call
+        )
     if cache is None:
         from transformers import DynamicCache
 
@@ -116,8 +132,20 @@ def _boundary_forward(original, input_ids=None, attention_mask=None, position_id
         return attention_mask if sl is tail else attention_mask[:, sl]
 
     head, tail = slice(None, -1), slice(-1, None)
-    first = original(input_ids=part(input_ids, head), inputs_embeds=part(inputs_embeds, head), cache=cache, logits_to_keep=logits_to_keep, **dict(call, attention_mask=mask(head), position_ids=part(position_ids, head)))
-    last = original(input_ids=part(input_ids, tail), inputs_embeds=part(inputs_embeds, tail), cache=first.cache, logits_to_keep=logits_to_keep, **dict(call, attention_mask=mask(tail), position_ids=part(position_ids, tail)))
+    first = original(
+        input_ids=part(input_ids, head),
+        inputs_embeds=part(inputs_embeds, head),
+        cache=cache,
+        logits_to_keep=logits_to_keep,
+        **dict(call, attention_mask=mask(head), position_ids=part(position_ids, head)),
+    )
+    last = original(
+        input_ids=part(input_ids, tail),
+        inputs_embeds=part(inputs_embeds, tail),
+        cache=first.cache,
+        logits_to_keep=logits_to_keep,
+        **dict(call, attention_mask=mask(tail), position_ids=part(position_ids, tail)),
+    )
     logits = torch.cat([first.logits, last.logits], dim=1)
     if isinstance(logits_to_keep, int) and logits_to_keep > 0:
         logits = logits[:, -logits_to_keep:]
@@ -153,7 +181,9 @@ def enable_prefill_skip(model: nn.Module, layers: Sequence[int], boundary: bool 
     requested = [int(i) for i in layers]
     chosen = sorted(set(requested))
     if len(chosen) != len(requested) or any(not 0 <= i < len(found.layers) for i in chosen):
-        raise ShortGPTError(f"prefill-skip layers must be distinct indices in 0..{len(found.layers) - 1}, got {requested}")
+        raise ShortGPTError(
+            f"prefill-skip layers must be distinct indices in 0..{len(found.layers) - 1}, got {requested}"
+        )
     if len(chosen) >= len(found.layers):
         raise ShortGPTError("cannot skip every layer")
     for i in chosen:

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from .config import ShortGPTConfig
-from .sources import recorded_name
 from .errors import ShortGPTError
 from .layers import find_decoder_layers, layers_as_identity, probe_ids, text_config
 from .selection import select_layers
+from .sources import recorded_name
 from .surgery import check_supported, remove_layers, restore, snapshot
 from .verification import explained, uncached_logits, verify_pruned
 
@@ -48,13 +48,15 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def _record(model: nn.Module, current: list[int], scores: "LayerScores | None") -> ShortGPTConfig:
+def _record(model: nn.Module, current: list[int], scores: LayerScores | None) -> ShortGPTConfig:
     """The config after removing CURRENT layers ``current``, composed with any earlier pruning."""
     previous = ShortGPTConfig.from_model(model)
     original_n = previous.original_num_hidden_layers if previous else text_config(model).num_hidden_layers
     originals = previous.kept_layers if previous else list(range(original_n))
     removed = sorted(set(previous.removed_layers if previous else []) | {originals[i] for i in current})
-    base, revision = (previous.base_model_name_or_path, previous.base_revision) if previous else recorded_name(model.name_or_path)
+    base, revision = (
+        (previous.base_model_name_or_path, previous.base_revision) if previous else recorded_name(model.name_or_path)
+    )
     record = ShortGPTConfig(
         removed_layers=removed,
         original_num_hidden_layers=original_n,
@@ -85,10 +87,10 @@ def prune(
     *,
     n_layers: int | None = None,
     ratio: float | None = None,
-    scores: "LayerScores | None" = None,
+    scores: LayerScores | None = None,
     verify: bool = False,
     recovery: str | None = None,
-    recovery_data: "CalibrationData" = None,
+    recovery_data: CalibrationData = None,
     tokenizer: Any = None,
     recovery_options: dict[str, Any] | None = None,
 ) -> nn.Module:
@@ -117,9 +119,15 @@ def prune(
     chosen = select_layers(len(found.layers), layers, n_layers, ratio, scores)
     previous = ShortGPTConfig.from_model(model)
     if previous is not None and previous.mode == "prefill_skip":
-        raise ShortGPTError("this model skips layers during prefill; call disable_prefill_skip(model) before pruning it")
+        raise ShortGPTError(
+            "this model skips layers during prefill; call disable_prefill_skip(model) before pruning it"
+        )
     check_supported(model, chosen)
-    step = plan(model, recovery, recovery_data, tokenizer=tokenizer, **(recovery_options or {})) if recovery is not None else None
+    step = (
+        plan(model, recovery, recovery_data, tokenizer=tokenizer, **(recovery_options or {}))
+        if recovery is not None
+        else None
+    )
     record = _record(model, chosen, scores)
     snap = snapshot(model)
     was_training = model.training
@@ -128,7 +136,10 @@ def prune(
         reference = None
         if verify:
             model.eval()
-            with explained(model, "computing the reference (removed layers as identity)"), layers_as_identity(model, chosen):
+            with (
+                explained(model, "computing the reference (removed layers as identity)"),
+                layers_as_identity(model, chosen),
+            ):
                 reference = uncached_logits(model, probe_ids(model))
         with explained(model, "removing layers"):
             remove_layers(model, chosen)

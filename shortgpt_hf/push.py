@@ -88,7 +88,10 @@ def push_to_hub(
 
         source = resolve(model_or_dir)
         if source.kind == "adapter" or not (source.kind == "recipe" or source.pruned):
-            raise ShortGPTError(f"{source.describe()} is not a pruned model: prune it first (shortgpt prune), then push the folder it writes")
+            raise ShortGPTError(
+                f"{source.describe()} is not a pruned model: prune it first (shortgpt prune), "
+                "then push the folder it writes"
+            )
         if source.kind == "recipe":
             kind = "recipe"
         _check_reachable(repo_id)
@@ -127,7 +130,12 @@ def push_to_hub(
                 repo_id=repo_id,
                 folder_path=folder,
                 revision=revision,
-                commit_message=commit_message or f"Upload ShortGPT-pruned model ({len(record.removed_layers)} of {record.original_num_hidden_layers} layers {'skipped in prefill' if record.mode == 'prefill_skip' else 'removed'})",
+                commit_message=commit_message
+                or (
+                    f"Upload ShortGPT-pruned model ({len(record.removed_layers)} of "
+                    f"{record.original_num_hidden_layers} layers "
+                    f"{'skipped in prefill' if record.mode == 'prefill_skip' else 'removed'})"
+                ),
                 create_pr=create_pr,
             )
         except HfHubHTTPError as e:

@@ -107,11 +107,19 @@ def write_recipe(model_or_config: nn.Module | ShortGPTConfig, folder: Path, toke
             "save it as a full checkpoint (save_pruned), or save the adapter (save_healed)"
         )
     base = None if is_model and tokenizer is not None else _base(record)
-    if tokenizer is None and base is not None:  # pipeline(model=recipe) reads the tokenizer from the recipe: carry the base's
+    if (
+        tokenizer is None and base is not None
+    ):  # pipeline(model=recipe) reads the tokenizer from the recipe: carry the base's
         tokenizer = _or_none(lambda: load_tokenizer(base))
     record.save_pretrained(folder)
     # config.json: lets AutoModelForCausalLM and pipeline find PrunedForCausalLM
-    vocab = text_config(model_or_config).vocab_size if is_model else _or_none(lambda: text_config_of(base).vocab_size) if base else None
+    vocab = (
+        text_config(model_or_config).vocab_size
+        if is_model
+        else _or_none(lambda: text_config_of(base).vocab_size)
+        if base
+        else None
+    )
     RecipeConfig(**({"vocab_size": vocab} if vocab else {})).save_pretrained(folder)
     save_maps(model_or_config if is_model else None, record, folder)
     if tokenizer is not None:

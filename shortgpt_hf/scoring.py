@@ -56,12 +56,16 @@ class LayerScores(JsonRecord):
         """The ``n`` layers to remove first: lowest scores, ties broken by index (or a greedy metric's first ``n``)."""
         if self.order is not None:
             if n > len(self.order):
-                raise ShortGPTError(f"these {self.metric} scores chose only {len(self.order)} layers; re-score asking for {n} or more (max_layers / --lowest)")
+                raise ShortGPTError(
+                    f"these {self.metric} scores chose only {len(self.order)} layers; "
+                    f"re-score asking for {n} or more (max_layers / --lowest)"
+                )
             return sorted(self.order[:n])
         if self.block_size > 1:
             if n != self.block_size:
                 raise ShortGPTError(
-                    f"these {self.metric} scores rank blocks of {self.block_size} layers; remove exactly {self.block_size}"
+                    f"these {self.metric} scores rank blocks of {self.block_size} layers; "
+                    f"remove exactly {self.block_size}"
                 )
             start = min(range(len(self.scores)), key=lambda i: (self.scores[i], i))
             return list(range(start, start + n))
@@ -71,7 +75,7 @@ class LayerScores(JsonRecord):
         return {"description": self.calibration, "num_tokens": self.num_tokens, "seq_len": self.seq_len}
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "LayerScores":
+    def from_json(cls, text_or_path: str | Path) -> LayerScores:
         path = Path(text_or_path)
         text = path.read_text() if path.suffix == ".json" and path.is_file() else str(text_or_path)
         return cls(**json.loads(text))
@@ -79,12 +83,16 @@ class LayerScores(JsonRecord):
     def plot(self, path: str | Path, highlight: int = 0, title: str | None = None) -> Path:
         """A bar chart of the scores, the ``highlight`` lowest in a second colour."""
         xlabel = "layer" if self.block_size == 1 else f"first layer of {self.block_size}-layer block"
-        title = title or f"{self.metric} per layer ({self.num_tokens} tokens)" + (f", red: lowest {highlight}" if highlight else "")
+        title = title or f"{self.metric} per layer ({self.num_tokens} tokens)" + (
+            f", red: lowest {highlight}" if highlight else ""
+        )
         chosen = set(self.lowest(highlight)) if highlight else set()
         return bar_chart(dict(enumerate(self.scores)), chosen, path, xlabel=xlabel, ylabel=self.metric, title=title)
 
 
-def bar_chart(values: dict[int, float], highlighted: set[int], path: str | Path, *, xlabel: str, ylabel: str, title: str) -> Path:
+def bar_chart(
+    values: dict[int, float], highlighted: set[int], path: str | Path, *, xlabel: str, ylabel: str, title: str
+) -> Path:
     """Per-layer bars, ``highlighted`` layers in red (the score chart of the CLI and the model card).
 
     Drawn on a bare matplotlib ``Figure``, never through pyplot, so a notebook's
@@ -205,7 +213,12 @@ def score_layers(
     if not 1 <= block_size < num_layers:
         raise ShortGPTError(f"block_size must be between 1 and {num_layers - 1}, got {block_size}")
     if metric in ORDER_METRICS:
-        return LayerScores(metric, _order_scores(metric, num_layers, seed), num_layers, calibration=f"none (seed {seed})" if metric == "random" else None)
+        return LayerScores(
+            metric,
+            _order_scores(metric, num_layers, seed),
+            num_layers,
+            calibration=f"none (seed {seed})" if metric == "random" else None,
+        )
 
     if tokenizer is None and not is_tokenized(calibration):
         tokenizer = tokenizer_for(model)

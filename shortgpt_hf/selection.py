@@ -8,8 +8,8 @@ counts "25% of N layers" the same way.
 from __future__ import annotations
 
 import operator
-from decimal import ROUND_FLOOR, Decimal
 from collections.abc import Sequence
+from decimal import ROUND_FLOOR, Decimal
 from typing import TYPE_CHECKING
 
 from .errors import ShortGPTError
@@ -33,7 +33,9 @@ def removal_count(num_layers: int, n_layers: int | None = None, ratio: float | N
         if n_layers == 0:
             raise ShortGPTError(f"ratio {ratio} removes zero of {num_layers} layers")
     if not 0 < n_layers < num_layers:
-        raise ShortGPTError(f"the number of layers to remove must be between 1 and {num_layers - 1} (of {num_layers}), got {n_layers}")
+        raise ShortGPTError(
+            f"the number of layers to remove must be between 1 and {num_layers - 1} (of {num_layers}), got {n_layers}"
+        )
     return n_layers
 
 
@@ -52,7 +54,7 @@ def select_layers(
     layers: Sequence[int] | None = None,
     n_layers: int | None = None,
     ratio: float | None = None,
-    scores: "LayerScores | None" = None,
+    scores: LayerScores | None = None,
 ) -> list[int]:
     """Turn one of the three ways of asking into a sorted list of CURRENT layer indices."""
     given = [k for k, v in (("layers", layers), ("n_layers", n_layers), ("ratio", ratio)) if v is not None]

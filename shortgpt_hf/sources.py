@@ -84,8 +84,16 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None, **hub_kwa
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, **kwargs))
     except GatedRepoError:  # a subclass of RepositoryNotFoundError, but the repo is there
-        raise ShortGPTError(f"{repo_id!r} is gated: accept its conditions on the Hub, then log in (`hf auth login`) or pass token=") from None
-    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, HFValidationError):
+        raise ShortGPTError(
+            f"{repo_id!r} is gated: accept its conditions on the Hub, then log in (`hf auth login`) or pass token="
+        ) from None
+    except (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        HFValidationError,
+    ):
         return None
     except HfHubHTTPError as e:
         raise ShortGPTError(f"the Hub failed to serve {repo_id}/{filename}: {first_line(e)}") from None
@@ -153,7 +161,11 @@ class Source:
 
     def describe(self) -> str:
         """What this is, for messages: "the recipe folder /abs/x", "the PEFT adapter 'org/x' on the Hub"..."""
-        what = {"model": "pruned checkpoint" if self.pruned else "dense model", "recipe": "recipe", "adapter": "PEFT adapter"}[self.kind]
+        what = {
+            "model": "pruned checkpoint" if self.pruned else "dense model",
+            "recipe": "recipe",
+            "adapter": "PEFT adapter",
+        }[self.kind]
         if self.where == "builtin":
             return f"the built-in {what} {self.name}"
         return f"the {what} folder {self.folder}" if self.where == "local" else f"the {what} {self.name!r} on the Hub"
@@ -167,7 +179,10 @@ def _classify_folder(name: str, folder: Path) -> Source:
     if (folder / CONFIG_NAME).is_file() and (data is None or data.get("model_type") == RECIPE_MODEL_TYPE):
         return Source(name, "local", "recipe", folder=folder)
     if data is None:
-        raise ShortGPTError(f"{folder} is a folder, but not a model, recipe or PEFT adapter (no config.json, {CONFIG_NAME} or {ADAPTER_CONFIG})")
+        raise ShortGPTError(
+            f"{folder} is a folder, but not a model, recipe or PEFT adapter "
+            f"(no config.json, {CONFIG_NAME} or {ADAPTER_CONFIG})"
+        )
     return Source(name, "local", "model", pruned="shortgpt" in data, folder=folder)
 
 
@@ -211,7 +226,9 @@ def resolve(name: str | Path, revision: str | None = None, **hub_kwargs: Any) ->
     if looks_like_path(text):
         raise ShortGPTError(f"no such folder: {text}")
     if not _valid_repo_id(text):
-        raise ShortGPTError(f"{text!r} is neither a local folder, a built-in model ({', '.join(BUILTINS)}) nor a valid Hub id")
+        raise ShortGPTError(
+            f"{text!r} is neither a local folder, a built-in model ({', '.join(BUILTINS)}) nor a valid Hub id"
+        )
     return _classify_repo(text, revision, {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS and v is not None})
 
 

@@ -158,7 +158,8 @@ def snapshot(model: nn.Module) -> Snapshot:
 
 
 def restore(model: nn.Module, snap: Snapshot) -> None:
-    """Put back everything `snapshot` recorded: layer list, rebuilt modules, folded weights, config, record, cache indices."""
+    """Put back everything `snapshot` recorded: layer list, rebuilt modules, folded weights, config, record,
+    cache indices."""
     for module, children, parameters in snap.children:
         module._modules = copy.copy(children)
         module._parameters = copy.copy(parameters)

@@ -32,7 +32,7 @@ def _table(title: str, caption: str | None = None) -> Table:
 def short_name(name: str, limit: int = 18) -> str:
     """The last part of a path or Hub id, cut in the middle when it is still too long."""
     name = Path(name.rstrip("/")).name or name
-    return name if len(name) <= limit else f"{name[: limit // 2 - 1]}~{name[-(limit - limit // 2):]}"
+    return name if len(name) <= limit else f"{name[: limit // 2 - 1]}~{name[-(limit - limit // 2) :]}"
 
 
 def layer_ranges(layers: Sequence[int]) -> str:
@@ -68,7 +68,11 @@ def score_table(scores: LayerScores, marked: set[int], original: list[int] | Non
     table.add_column(scores.metric, justify="right")
     table.add_column("")
     for i, value in enumerate(scores.scores):
-        row = [str(i)] + ([str(original[i])] if original is not None else []) + [f"{value:.5f}", "<- lowest" if i in marked else ""]
+        row = (
+            [str(i)]
+            + ([str(original[i])] if original is not None else [])
+            + [f"{value:.5f}", "<- lowest" if i in marked else ""]
+        )
         table.add_row(*row)
     return table
 
@@ -90,9 +94,9 @@ def _eval_grid(rows: Sequence[EvalResult], columns: Sequence[EvalReport], limit:
     names = [short_name(r.model, limit) for r in columns]
     if len(set(names)) < len(names):  # cut names that no longer tell the models apart: number them
         names = [f"[{i}]" for i in range(1, len(columns) + 1)]
-        full = ", ".join(f"{n} {r.model}" for n, r in zip(names, columns))
+        full = ", ".join(f"{n} {r.model}" for n, r in zip(names, columns, strict=True))
     else:
-        full = ", ".join(r.model for r, n in zip(columns, names) if n != r.model)
+        full = ", ".join(r.model for r, n in zip(columns, names, strict=True) if n != r.model)
     caption = "; ".join(filter(None, [_how_measured(rows), f"models: {full}" if full else ""]))
     table = _table("evaluation", caption or None)
     table.add_column("measure", no_wrap=True)
@@ -109,7 +113,10 @@ def _eval_grid(rows: Sequence[EvalResult], columns: Sequence[EvalReport], limit:
             except KeyError:
                 values.append("-")
         if extras:
-            values += ["-" if r.chance is None else f"{r.chance:.3f}", "-" if r.num_samples is None else str(r.num_samples)]
+            values += [
+                "-" if r.chance is None else f"{r.chance:.3f}",
+                "-" if r.num_samples is None else str(r.num_samples),
+            ]
         table.add_row(measure_name(r), *values)
     return table
 
@@ -143,12 +150,22 @@ def ablation_tables(result: Ablation) -> list[Table]:
         return table
 
     tables = []
-    for (task, metric), dense in zip(result.measures(), result.dense):
+    for (task, metric), dense in zip(result.measures(), result.dense, strict=True):
         for recovery in recoveries:
             runs = [run for run in result.runs if run.recovery == recovery]
-            title = f"{measure_name(dense)} of {short_name(result.model)} ({result.num_layers} layers; dense {dense.value:.4g})"
+            title = (
+                f"{measure_name(dense)} of {short_name(result.model)} "
+                f"({result.num_layers} layers; dense {dense.value:.4g})"
+            )
             title += "" if recovery == "none" else f", after {recovery} recovery"
-            tables.append(grid(title, _how_measured([dense]) or None, runs, lambda run: f"{run.value(task, metric):.4g}"))
+            tables.append(
+                grid(
+                    title,
+                    _how_measured([dense]) or None,
+                    runs,
+                    lambda run, task=task, metric=metric: f"{run.value(task, metric):.4g}",
+                )
+            )
     plain = [run for run in result.runs if run.recovery == recoveries[0]]
     tables.append(grid("layers removed (original indices)", None, plain, lambda run: layer_ranges(run.removed_layers)))
     return tables

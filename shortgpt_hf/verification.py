@@ -122,4 +122,6 @@ def verify_reload(model: nn.Module, folder: str | Path) -> None:
         reloaded = auto_class(model.config).from_pretrained(folder, dtype=model.dtype)
         actual = uncached_logits(reloaded, ids)
     if not logits_close(actual, expected, parity_tolerance(model)):
-        raise ShortGPTError(f"verification failed: the saved {describe(model)} checkpoint reloads with different logits")
+        raise ShortGPTError(
+            f"verification failed: the saved {describe(model)} checkpoint reloads with different logits"
+        )

@@ -13,7 +13,13 @@ from transformers import AutoModelForCausalLM
 from shortgpt_hf.calibration import TokenWindows
 from shortgpt_hf.recovery import heal, save_healed
 
-pruned, out, steps, batch_size, accumulation = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+pruned, out, steps, batch_size, accumulation = (
+    Path(sys.argv[1]),
+    Path(sys.argv[2]),
+    int(sys.argv[3]),
+    int(sys.argv[4]),
+    int(sys.argv[5]),
+)
 tokens = torch.load(out / "tokens.pt")
 
 seen: list[int] = []  # the first token of every window this process's DataLoader batched: each window's id
@@ -29,8 +35,15 @@ TokenWindows.pad = staticmethod(spy)
 rates: list[float] = []
 model = AutoModelForCausalLM.from_pretrained(pruned, attn_implementation="eager")
 healed = heal(
-    model, tokens, seq_len=tokens.shape[1], steps=steps, batch_size=batch_size, gradient_accumulation_steps=accumulation,
-    lr=1e-2, progress=False, callback=lambda step, m, logs: rates.append(logs["lr"]),
+    model,
+    tokens,
+    seq_len=tokens.shape[1],
+    steps=steps,
+    batch_size=batch_size,
+    gradient_accumulation_steps=accumulation,
+    lr=1e-2,
+    progress=False,
+    callback=lambda step, m, logs: rates.append(logs["lr"]),
 )
 save_healed(healed, out / "adapter")
 process = healed.get_base_model().config.shortgpt["recovery"][-1]

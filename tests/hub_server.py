@@ -247,7 +247,9 @@ class _Handler(BaseHTTPRequestHandler):
         commit = self._snapshot(repo, rev)
         siblings = [{"rfilename": p, "size": len(d), "blobId": git_blob_sha(d)} for p, d in commit.files.items()]
         info = {"id": repo, "modelId": repo, "author": repo.split("/")[0], "sha": commit.sha, "siblings": siblings}
-        self._send(200, info | {"private": self.hub._repos[repo].private, "gated": False, "disabled": False, "tags": []})
+        self._send(
+            200, info | {"private": self.hub._repos[repo].private, "gated": False, "disabled": False, "tags": []}
+        )
 
     def on_tree(self, repo: str, rev: str, path: str = "") -> None:
         """The entries under ``path``: its direct children, or with ``recursive`` every file and folder below."""

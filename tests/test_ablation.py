@@ -25,8 +25,16 @@ def test_bi_beats_random_and_reverse_at_25_percent(smollm2, tmp_path):
     probe = torch.tensor([[5, 17, 300, 2, 99]])
     before = model(probe).logits
     result = ablate(
-        model, tok, ratios=[0.25], metrics=["bi", "random", "reverse"], schedules=["one-shot", "iterative"],
-        tasks=["ppl"], calibration_tokens=1024, max_tokens=1024, stride=None, progress=False,
+        model,
+        tok,
+        ratios=[0.25],
+        metrics=["bi", "random", "reverse"],
+        schedules=["one-shot", "iterative"],
+        tasks=["ppl"],
+        calibration_tokens=1024,
+        max_tokens=1024,
+        stride=None,
+        progress=False,
     )
     ppl = {run.method: run.value("perplexity", "perplexity") for run in result.runs}
     assert set(ppl) == {"bi", "random", "reverse", "bi (iterative)"}
@@ -68,12 +76,33 @@ def test_ablate_refuses_bad_requests(smollm2):
 def test_cli_ablate_writes_table_json_and_plots(smollm2_path, tmp_path, capsys, monkeypatch):
     """Slow: BI scoring plus 3 evaluations on 512 tokens, about 20 s."""
     out = tmp_path / "abl"
-    code, stdout, err = run_cli(capsys, monkeypatch, "ablate", smollm2_path, "--ratios", "0.1", "--metrics", "bi,reverse", "--tasks", "ppl", "--max-tokens", "512", "--calibration-tokens", "1024", "--out", out)
+    code, stdout, err = run_cli(
+        capsys,
+        monkeypatch,
+        "ablate",
+        smollm2_path,
+        "--ratios",
+        "0.1",
+        "--metrics",
+        "bi,reverse",
+        "--tasks",
+        "ppl",
+        "--max-tokens",
+        "512",
+        "--calibration-tokens",
+        "1024",
+        "--out",
+        out,
+    )
     assert code == 0, err
     assert "ablation of" in stdout and "reverse" in stdout and "27,28,29" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["ablation.json", "layer_scores.png", "perplexity.png"]
     data = json.loads((out / "ablation.json").read_text())
-    assert [r["metric"] for r in data["runs"]] == ["bi", "reverse"] and data["runs"][1]["removed_layers"] == [27, 28, 29]
+    assert [r["metric"] for r in data["runs"]] == ["bi", "reverse"] and data["runs"][1]["removed_layers"] == [
+        27,
+        28,
+        29,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -100,14 +129,28 @@ def test_ablation_compares_recoveries_and_gives_the_model_back(smollm2):
     model, tok = smollm2
     before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
     result = ablate(
-        model, tok, ratios=[0.1], metrics=["bi"], tasks=["ppl"], calibration_tokens=2048, max_tokens=512, progress=False,
+        model,
+        tok,
+        ratios=[0.1],
+        metrics=["bi"],
+        tasks=["ppl"],
+        calibration_tokens=2048,
+        max_tokens=512,
+        progress=False,
         recoveries=["none", "linear", "lora", "linear+lora"],
-        recovery_options={"linear": {"max_tokens": 4096}, "lora": {"steps": 2, "seq_len": 64, "max_tokens": 512, "batch_size": 2}},
+        recovery_options={
+            "linear": {"max_tokens": 4096},
+            "lora": {"steps": 2, "seq_len": 64, "max_tokens": 512, "batch_size": 2},
+        },
     )
     ppl = {run.method: run.value("perplexity", "perplexity") for run in result.runs}
     assert list(ppl) == ["bi", "bi + linear", "bi + lora", "bi + linear+lora"]
     assert len({tuple(run.removed_layers) for run in result.runs}) == 1
-    assert ppl["bi + linear"] < ppl["bi"] and ppl["bi + lora"] != ppl["bi"] and ppl["bi + linear+lora"] != ppl["bi + linear"]
+    assert (
+        ppl["bi + linear"] < ppl["bi"]
+        and ppl["bi + lora"] != ppl["bi"]
+        and ppl["bi + linear+lora"] != ppl["bi + linear"]
+    )
     assert Ablation.from_dict(json.loads(result.to_json())).find("bi + linear+lora", 0.1).recovery == "linear+lora"
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n][0]) and p.requires_grad == before[n][1], n

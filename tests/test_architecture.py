@@ -30,7 +30,11 @@ def imports() -> dict[str, tuple[set[str], set[str]]]:
                 base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
                 target = ".".join(base + ([node.module] if node.module else []))
                 for alias in node.names if not node.module else [None]:
-                    module = f"{target}.{alias.name}" if alias is not None and (PACKAGE / target.replace(".", "/") / f"{alias.name}.py").is_file() else target
+                    module = (
+                        f"{target}.{alias.name}"
+                        if alias is not None and (PACKAGE / target.replace(".", "/") / f"{alias.name}.py").is_file()
+                        else target
+                    )
                     (top if node.col_offset == 0 else inner).add(module or "__init__")
         found[name] = (top - {name}, inner - top - {name})
     return found
@@ -46,7 +50,11 @@ def test_imports_go_down_the_layers():
     wrong, undocumented = [], []
     for module, (top, inner) in imports().items():
         wrong += [f"{module} -> {t}" for t in top if t in layers and layers[t] > layers[module]]
-        undocumented += [f"{module} -> {t}" for t in inner if t in layers and layers[t] > layers[module] and (module, t) not in exceptions]
+        undocumented += [
+            f"{module} -> {t}"
+            for t in inner
+            if t in layers and layers[t] > layers[module] and (module, t) not in exceptions
+        ]
     assert not wrong, f"top-level imports from a higher layer: {wrong}"
     assert not undocumented, f"lazy upward imports missing from docs/architecture.md: {undocumented}"
     stale = [f"{s} -> {t}" for s, t in exceptions if t not in imports()[s][1]]

@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM
 from shortgpt_hf import ShortGPTError, model_card, prune, score_layers
 from shortgpt_hf.card import END, START, merge_into_existing
 
-EVALS = [{"task": "perplexity", "dataset": "shakespeare-heldout", "metric": "perplexity", "dense": 51.76, "pruned": 150.5}]
+EVALS = [
+    {"task": "perplexity", "dataset": "shakespeare-heldout", "metric": "perplexity", "dense": 51.76, "pruned": 150.5}
+]
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(5))
 
 
@@ -35,7 +37,10 @@ def test_full_model_card(pruned_builtin):
     assert "| 30 | 22 |" in card.text and "134,515,008" in card.text and "106,194,240" in card.text
     assert card.text.count("| removed |") == 8 and "![bi per layer](layer_scores.png)" in card.text
     assert "| perplexity | shakespeare-heldout | perplexity | 51.76 | 150.5 |" in card.text
-    assert 'AutoModelForCausalLM.from_pretrained("me/smol-short")' in card.text and "@inproceedings{men2025shortgpt" in card.text
+    assert (
+        'AutoModelForCausalLM.from_pretrained("me/smol-short")' in card.text
+        and "@inproceedings{men2025shortgpt" in card.text
+    )
 
 
 def test_recipe_and_adapter_cards(tmp_path):
@@ -56,7 +61,9 @@ def test_recipe_and_adapter_cards(tmp_path):
 
 def test_update_in_place_keeps_user_text(pruned_builtin):
     first = str(model_card(pruned_builtin, repo_id="me/smol-short"))
-    edited = first.replace(END, END + "\n\n## Notes from the author\nTested on my laptop.\n").replace("license: apache-2.0", "license: apache-2.0\nlanguage: en")
+    edited = first.replace(END, END + "\n\n## Notes from the author\nTested on my laptop.\n").replace(
+        "license: apache-2.0", "license: apache-2.0\nlanguage: en"
+    )
     second = merge_into_existing(model_card(pruned_builtin, EVALS, repo_id="me/smol-short"), edited)
     text = str(second)
     assert text.count(START) == 1 and text.count(END) == 1 and text.count("## Why these layers") == 1

@@ -33,7 +33,9 @@ def tiny_dirs(tmp_path_factory, smollm2_path):
         tok.save_pretrained(root / family)
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32)).save_pretrained(root / "bert")
+    BertModel(
+        BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32)
+    ).save_pretrained(root / "bert")
     (root / "empty.txt").write_text("")
     (root / "short.txt").write_text("Too short.")
     return root
@@ -67,11 +69,18 @@ def test_bad_prune_input(tiny_dirs, tmp_path, capsys, monkeypatch, args, message
 
 @pytest.mark.parametrize(
     "model, message",
-    [("{root}/nope", "no such folder"), ("{root}/bert", "no decoder layer list"), ("{root}/gpt2_scaled", "scale_attn_by_inverse_layer_idx"), ("{root}/empty.txt", "is a file; a model, recipe or adapter is a folder")],
+    [
+        ("{root}/nope", "no such folder"),
+        ("{root}/bert", "no decoder layer list"),
+        ("{root}/gpt2_scaled", "scale_attn_by_inverse_layer_idx"),
+        ("{root}/empty.txt", "is a file; a model, recipe or adapter is a folder"),
+    ],
 )
 def test_bad_models(tiny_dirs, tmp_path, capsys, monkeypatch, model, message):
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, monkeypatch, "prune", model.replace("{root}", str(tiny_dirs)), "--layers", "1", "--out", out)
+    code, _, err = run_cli(
+        capsys, monkeypatch, "prune", model.replace("{root}", str(tiny_dirs)), "--layers", "1", "--out", out
+    )
     assert code == 2
     assert_one_line_error(err, message)
     assert not out.exists()
@@ -85,7 +94,9 @@ def test_vision_language_model_prunes_and_refuses_prefill_skip(tiny_dirs, tmp_pa
     assert code in (0, None), err
     assert "verified" in stdout
     assert AutoModelForImageTextToText.from_pretrained(out).config.text_config.num_hidden_layers == 4
-    code, _, err = run_cli(capsys, monkeypatch, "generate", tiny_dirs / "llava", "--prompt", "hi", "--prefill-skip", "2")
+    code, _, err = run_cli(
+        capsys, monkeypatch, "generate", tiny_dirs / "llava", "--prompt", "hi", "--prefill-skip", "2"
+    )
     assert code == 2
     assert_one_line_error(err, "prefill skipping supports text-only models; LLaVA")
     assert "scoring" not in err  # refused before spending time on scores
@@ -105,19 +116,36 @@ def test_existing_output_needs_overwrite(tiny_dirs, tmp_path, capsys, monkeypatc
     (out / "keep.txt").write_text("mine")
     code, _, err = run_cli(capsys, monkeypatch, "prune", tiny_dirs / "llama", "--layers", "1", "--out", out)
     assert code == 2 and "not empty" in err and (out / "keep.txt").read_text() == "mine"
-    code, stdout, _ = run_cli(capsys, monkeypatch, "prune", tiny_dirs / "llama", "--layers", "1", "--out", out, "--overwrite")
+    code, stdout, _ = run_cli(
+        capsys, monkeypatch, "prune", tiny_dirs / "llama", "--layers", "1", "--out", out, "--overwrite"
+    )
     assert code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders must not be left behind"
 
 
 def test_console_script_prints_no_traceback(tmp_path):
-    result = subprocess.run(["shortgpt", "prune", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    result = subprocess.run(
+        ["shortgpt", "prune", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"shortgpt: error: no such folder: {tmp_path / 'missing'}"]
 
 
 def test_score_command_writes_json_and_plot(smollm2_path, tmp_path, capsys, monkeypatch):
-    code, stdout, _ = run_cli(capsys, monkeypatch, "score", smollm2_path, "--max-tokens", "1024", "--json", tmp_path / "s.json", "--plot", tmp_path / "s.png", "--lowest", "8")
+    code, stdout, _ = run_cli(
+        capsys,
+        monkeypatch,
+        "score",
+        smollm2_path,
+        "--max-tokens",
+        "1024",
+        "--json",
+        tmp_path / "s.json",
+        "--plot",
+        tmp_path / "s.png",
+        "--lowest",
+        "8",
+    )
     assert code == 0
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["metric"] == "bi" and len(data["scores"]) == 30 and data["num_tokens"] == 1024
@@ -154,9 +182,13 @@ assert "shortgpt_hf" not in sys.modules
 
 def test_recipe_and_load_commands(tiny_dirs, tmp_path, capsys, monkeypatch):
     out = tmp_path / "recipe"
-    code, stdout, err = run_cli(capsys, monkeypatch, "prune", tiny_dirs / "llama", "--layers", "0,5", "--recipe", "--out", out)
+    code, stdout, err = run_cli(
+        capsys, monkeypatch, "prune", tiny_dirs / "llama", "--layers", "0,5", "--recipe", "--out", out
+    )
     assert code == 0, err
-    assert "recipe saved to" in stdout and (out / "shortgpt_config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert (
+        "recipe saved to" in stdout and (out / "shortgpt_config.json").is_file() and (out / "tokenizer.json").is_file()
+    )
     assert not list(out.glob("*.safetensors")) and (out / "shortgpt_config.json").stat().st_size < 10_000
     code, stdout, err = run_cli(capsys, monkeypatch, "load", out)
     assert code == 0, err
@@ -168,9 +200,24 @@ def test_recipe_and_load_commands(tiny_dirs, tmp_path, capsys, monkeypatch):
 
 
 def test_generate_command(tiny_dirs, capsys, monkeypatch):
-    code, stdout, err = run_cli(capsys, monkeypatch, "generate", tiny_dirs / "llama", "--layers", "1,2", "--max-new-tokens", "4", "--prompt", "To be")
+    code, stdout, err = run_cli(
+        capsys,
+        monkeypatch,
+        "generate",
+        tiny_dirs / "llama",
+        "--layers",
+        "1,2",
+        "--max-new-tokens",
+        "4",
+        "--prompt",
+        "To be",
+    )
     assert code == 0, err
-    assert "skipping layers [1, 2] during prefill" in stdout and "time to first token:" in stdout and "4 tokens in" in stdout
+    assert (
+        "skipping layers [1, 2] during prefill" in stdout
+        and "time to first token:" in stdout
+        and "4 tokens in" in stdout
+    )
     code, _, err = run_cli(capsys, monkeypatch, "generate", tiny_dirs / "llama", "--layers", "0,1,2,3,4,5")
     assert code == 2
     assert_one_line_error(err, "cannot skip every layer")
@@ -179,11 +226,31 @@ def test_generate_command(tiny_dirs, capsys, monkeypatch):
 def test_heal_command_merges_into_native_checkpoint(tiny_dirs, tmp_path, capsys, monkeypatch):
     pruned, healed = tmp_path / "pruned", tmp_path / "healed"
     assert run_cli(capsys, monkeypatch, "prune", tiny_dirs / "llama", "--layers", "2", "--out", pruned)[0] == 0
-    code, stdout, err = run_cli(capsys, monkeypatch, "heal", pruned, "--out", healed, "--steps", "2", "--seq-len", "32", "--batch-size", "2", "--merge", "--layers", "adjacent")
+    code, stdout, err = run_cli(
+        capsys,
+        monkeypatch,
+        "heal",
+        pruned,
+        "--out",
+        healed,
+        "--steps",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--merge",
+        "--layers",
+        "adjacent",
+    )
     assert code == 0, err
     assert "held-out perplexity" in stdout and "merged checkpoint saved to" in stdout
     record = ShortGPTConfig.from_dict(json.loads((healed / "config.json").read_text())["shortgpt"])
-    assert record.removed_layers == [2] and record.recovery[-1]["steps"] == 2 and record.recovery[-1]["layers"] == "adjacent"
+    assert (
+        record.removed_layers == [2]
+        and record.recovery[-1]["steps"] == 2
+        and record.recovery[-1]["layers"] == "adjacent"
+    )
     assert AutoModelForCausalLM.from_pretrained(healed).config.num_hidden_layers == 5
     code, _, err = run_cli(capsys, monkeypatch, "heal", pruned, "--out", healed, "--steps", "1")
     assert code == 2
@@ -194,21 +261,50 @@ def test_every_command_takes_a_recipe(tiny_dirs, tmp_path, capsys, monkeypatch):
     """score, prune, load, generate, eval and heal on a recipe folder (push: tests/test_push.py);
     a form a command cannot use is named, with what to do."""
     recipe = tmp_path / "recipe"
-    assert run_cli(capsys, monkeypatch, "prune", tiny_dirs / "llama", "--layers", "0,5", "--recipe", "--out", recipe)[0] == 0
+    assert (
+        run_cli(capsys, monkeypatch, "prune", tiny_dirs / "llama", "--layers", "0,5", "--recipe", "--out", recipe)[0]
+        == 0
+    )
     text = tmp_path / "text.txt"
     text.write_text(" ".join(["To be, or not to be, that is the question."] * 60))
     runs = {
         "score": ["score", recipe, "--calibration", text, "--seq-len", "32", "--max-tokens", "256", "--lowest", "1"],
-        "prune": ["prune", recipe, "--layers", "1", "--out", tmp_path / "again", "--calibration", text, "--seq-len", "32"],
+        "prune": [
+            "prune",
+            recipe,
+            "--layers",
+            "1",
+            "--out",
+            tmp_path / "again",
+            "--calibration",
+            text,
+            "--seq-len",
+            "32",
+        ],
         "load": ["load", recipe],
         "generate": ["generate", recipe, "--max-new-tokens", "3", "--prompt", "To be"],
         "eval": ["eval", recipe, "--tasks", f"ppl:{text}", "--max-tokens", "256", "--seq-len", "32", "--stride", "32"],
-        "heal": ["heal", recipe, "--out", tmp_path / "adapter", "--steps", "1", "--seq-len", "32", "--batch-size", "2", "--data", text],
+        "heal": [
+            "heal",
+            recipe,
+            "--out",
+            tmp_path / "adapter",
+            "--steps",
+            "1",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--data",
+            text,
+        ],
     }
     for name, args in runs.items():
         code, stdout, err = run_cli(capsys, monkeypatch, *args)
         assert code in (0, None), f"{name}: {err[-2000:]}"
-    assert ShortGPTConfig.from_dict(json.loads((tmp_path / "again" / "config.json").read_text())["shortgpt"]).removed_layers == [0, 2, 5]
+    assert ShortGPTConfig.from_dict(
+        json.loads((tmp_path / "again" / "config.json").read_text())["shortgpt"]
+    ).removed_layers == [0, 2, 5]
     adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(recipe.resolve()), "the adapter's base is the recipe"
 

@@ -10,7 +10,13 @@ from shortgpt_hf import ShortGPTConfig, ShortGPTError, __version__, prune
 
 
 def test_roundtrip_dict_and_json():
-    config = ShortGPTConfig(removed_layers=[5, 1], original_num_hidden_layers=6, metric="bi", layer_scores=[0.1] * 6, calibration={"num_tokens": 10})
+    config = ShortGPTConfig(
+        removed_layers=[5, 1],
+        original_num_hidden_layers=6,
+        metric="bi",
+        layer_scores=[0.1] * 6,
+        calibration={"num_tokens": 10},
+    )
     assert config.removed_layers == [1, 5] and config.kept_layers == [0, 2, 3, 4] and config.num_hidden_layers == 4
     assert config.library_version == __version__
     assert ShortGPTConfig.from_dict(config.to_dict()) == config

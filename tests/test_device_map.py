@@ -19,7 +19,12 @@ def dispatched(tmp_path):
     embed_bytes = model.model.embed_tokens.weight.numel() * 4
     budget = embed_bytes + 3 * layer_bytes  # room for about three layers: the rest goes to disk
     loaded = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base", dtype=torch.float32, device_map="auto", max_memory={"cpu": budget}, offload_folder=str(tmp_path / "offload"), attn_implementation="eager"
+        tmp_path / "base",
+        dtype=torch.float32,
+        device_map="auto",
+        max_memory={"cpu": budget},
+        offload_folder=str(tmp_path / "offload"),
+        attn_implementation="eager",
     ).eval()
     assert "disk" in set(loaded.hf_device_map.values()), loaded.hf_device_map
     return model, loaded

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from conftest import removed_keys, run_python
+from safetensors.torch import load_file
 from tiny_models import NUM_LAYERS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, pipeline
 
@@ -34,15 +34,23 @@ def recipe_with_base(tmp_path: Path) -> Path:
 def test_automodel_and_pipeline_load_a_recipe(tmp_path, tensor_reads):
     recipe = recipe_with_base(tmp_path)
     tensor_reads.clear()
-    auto = AutoModelForCausalLM.from_pretrained(recipe, device_map="cpu", dtype=torch.float32, attn_implementation="eager")
-    assert tensor_reads and removed_keys(tensor_reads, REMOVED) == [], "AutoModelForCausalLM must read only the kept layers too"
+    auto = AutoModelForCausalLM.from_pretrained(
+        recipe, device_map="cpu", dtype=torch.float32, attn_implementation="eager"
+    )
+    assert tensor_reads and removed_keys(tensor_reads, REMOVED) == [], (
+        "AutoModelForCausalLM must read only the kept layers too"
+    )
     ours = PrunedForCausalLM.from_pretrained(recipe, device_map="cpu", dtype=torch.float32, attn_implementation="eager")
     assert type(auto) is type(ours) and auto.config.num_hidden_layers == NUM_LAYERS - len(REMOVED)
-    assert auto.name_or_path == str(recipe), "a recipe-loaded model names its recipe, so PEFT adapters name it as their base"
+    assert auto.name_or_path == str(recipe), (
+        "a recipe-loaded model names its recipe, so PEFT adapters name it as their base"
+    )
     torch.testing.assert_close(auto(input_ids=IDS).logits, ours(input_ids=IDS).logits, atol=0, rtol=0)
     assert {"shortgpt", "layer-pruning", "pruned"} <= set(auto.model_tags)
 
-    generator = pipeline("text-generation", model=str(recipe), device_map="cpu", model_kwargs={"attn_implementation": "eager"})
+    generator = pipeline(
+        "text-generation", model=str(recipe), device_map="cpu", model_kwargs={"attn_implementation": "eager"}
+    )
     assert type(generator.model) is type(ours) and generator.model.config.num_hidden_layers == NUM_LAYERS - len(REMOVED)
     generated = generator(PROMPT, max_new_tokens=6, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
     ids = tiny_tokenizer()(PROMPT, return_tensors="pt").input_ids
@@ -54,7 +62,8 @@ def test_automodel_and_pipeline_load_a_recipe(tmp_path, tensor_reads):
 import torch, shortgpt_hf
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained({str(recipe)!r}, attn_implementation="eager")
-print(type(m).__name__, m.config.num_hidden_layers, m(input_ids=torch.tensor({IDS.tolist()})).logits.flatten()[:20].tolist())
+print(type(m).__name__, m.config.num_hidden_layers,
+      m(input_ids=torch.tensor({IDS.tolist()})).logits.flatten()[:20].tolist())
 """
     result = run_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -70,17 +79,20 @@ def test_recipes_written_before_the_marker_still_load(tmp_path):
     assert model.config.num_hidden_layers == NUM_LAYERS - len(REMOVED)
 
 
-PEFT_RELOAD = """
+PEFT_RELOAD = f"""
 import sys, torch
 import shortgpt_hf  # only needed when the base is a recipe: it registers recipes with AutoModelForCausalLM
 from peft import AutoPeftModelForCausalLM
 m = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
-print(m.get_base_model().config.num_hidden_layers, m(input_ids=torch.tensor(%s)).logits.flatten()[:30].tolist())
-""" % IDS.tolist()
+print(m.get_base_model().config.num_hidden_layers,
+      m(input_ids=torch.tensor({IDS.tolist()})).logits.flatten()[:30].tolist())
+"""
 
 
 def reload_adapter(adapter: Path, cwd: Path | None = None) -> tuple[int, list[float]]:
-    result = subprocess.run([sys.executable, "-c", PEFT_RELOAD, str(adapter)], capture_output=True, text=True, cwd=cwd, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", PEFT_RELOAD, str(adapter)], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     layers, logits = result.stdout.strip().splitlines()[-1].split(" ", 1)
     return int(layers), eval(logits)
@@ -94,7 +106,9 @@ def test_peft_save_pretrained_after_save_pruned(tmp_path):
     assert model.name_or_path == str((tmp_path / "pruned").resolve())
     healed = heal(model, TOKENS, seq_len=32, steps=2, lr=1e-2, batch_size=4, progress=False)
     healed.save_pretrained(tmp_path / "adapter")
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str((tmp_path / "pruned").resolve())
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        (tmp_path / "pruned").resolve()
+    )
     layers, logits = reload_adapter(tmp_path / "adapter")
     assert layers == NUM_LAYERS - len(REMOVED)
     assert torch.allclose(torch.tensor(logits), healed(input_ids=IDS).logits.flatten()[:30], atol=1e-5)
@@ -105,9 +119,13 @@ def test_adapter_on_a_recipe_reloads_onto_the_recipe(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(recipe, attn_implementation="eager")
     healed = heal(model, TOKENS, seq_len=32, steps=2, lr=1e-2, batch_size=4, progress=False)
     healed.save_pretrained(tmp_path / "adapter")
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(recipe)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        recipe
+    )
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert saved and all("lora_" in k for k in saved), "PEFT sees the recipe's vocabulary unchanged: no embeddings in the adapter"
+    assert saved and all("lora_" in k for k in saved), (
+        "PEFT sees the recipe's vocabulary unchanged: no embeddings in the adapter"
+    )
     layers, logits = reload_adapter(tmp_path / "adapter")
     assert layers == NUM_LAYERS - len(REMOVED)
     assert torch.allclose(torch.tensor(logits), healed(input_ids=IDS).logits.flatten()[:30], atol=1e-5)
@@ -121,7 +139,21 @@ def test_cli_heal_of_a_relative_path_reloads_from_anywhere(tmp_path):
     model = tiny_model("llama")
     prune(model, layers=REMOVED)
     save_pruned(model, work / "my-pruned", tiny_tokenizer())
-    cli = [sys.executable, "-m", "shortgpt_hf.cli", "heal", "my-pruned", "--out", "adapter", "--steps", "2", "--seq-len", "16", "--batch-size", "2"]
+    cli = [
+        sys.executable,
+        "-m",
+        "shortgpt_hf.cli",
+        "heal",
+        "my-pruned",
+        "--out",
+        "adapter",
+        "--steps",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+    ]
     result = subprocess.run(cli, capture_output=True, text=True, cwd=work, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     stored = json.loads((work / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]

@@ -12,7 +12,17 @@ import torch.nn.functional as F
 from conftest import assert_one_line_error, run_cli
 from tiny_models import tiny_model
 
-from shortgpt_hf import EvalReport, ShortGPTError, evaluate, model_card, multiple_choice, perplexity, prune, save_recipe, score_layers
+from shortgpt_hf import (
+    EvalReport,
+    ShortGPTError,
+    evaluate,
+    model_card,
+    multiple_choice,
+    perplexity,
+    prune,
+    save_recipe,
+    score_layers,
+)
 from shortgpt_hf.multiple_choice import PACKAGED_TASKS, MultipleChoiceTask, Question, choice_loglikelihoods, load_task
 
 GEN = torch.Generator().manual_seed(11)
@@ -60,11 +70,15 @@ def test_perplexity_sliding_window_matches_token_by_token_computation(tiny, seq_
         assert count == sum(len(d) - 1 for d in DOCS)
     expected = math.exp(nll / count)
     for batch_size in (1, 4):
-        assert perplexity(tiny, None, DOCS, seq_len=seq_len, stride=stride, batch_size=batch_size) == pytest.approx(expected, rel=1e-5)
+        assert perplexity(tiny, None, DOCS, seq_len=seq_len, stride=stride, batch_size=batch_size) == pytest.approx(
+            expected, rel=1e-5
+        )
 
 
 def test_perplexity_truncates_to_max_tokens_and_checks_stride(tiny):
-    assert perplexity(tiny, None, DOCS, seq_len=8, max_tokens=41) == pytest.approx(perplexity(tiny, None, DOCS[:1], seq_len=8))
+    assert perplexity(tiny, None, DOCS, seq_len=8, max_tokens=41) == pytest.approx(
+        perplexity(tiny, None, DOCS[:1], seq_len=8)
+    )
     for stride in (0, 9):
         with pytest.raises(ShortGPTError, match="must be between 1 and 8"):
             perplexity(tiny, None, DOCS, seq_len=8, stride=stride)
@@ -82,12 +96,21 @@ def naive_choice_logprob(model, tok, context: str, choice: str) -> float:
     return sum(logprobs[t - 1, whole[t]].item() for t in range(n_context, len(whole)))
 
 
-COPY = "The old lighthouse keeper painted the door bright blue every spring. " * 2 + "The old lighthouse keeper painted the door"
+COPY = (
+    "The old lighthouse keeper painted the door bright blue every spring. " * 2
+    + "The old lighthouse keeper painted the door"
+)
 FORCED = [
     # The continuation the context has just shown twice, against choices of other lengths.
-    Question(COPY + " ", ["bright blue every spring.", "green", "with a small brush he had bought in the village last winter"], [1.0, 0.0, 0.0]),
+    Question(
+        COPY + " ",
+        ["bright blue every spring.", "green", "with a small brush he had bought in the village last winter"],
+        [1.0, 0.0, 0.0],
+    ),
     Question("1, 2, 3, 4, 5, 6, 7, 8, 9,", [" 10, 11, 12", " 4", " 71, 5, 3, 99"], [1.0, 0.0, 0.0]),
-    Question("Monday, Tuesday, Wednesday, Thursday,", [" Friday, Saturday, Sunday", " March", " blue whale"], [1.0, 0.0, 0.0]),
+    Question(
+        "Monday, Tuesday, Wednesday, Thursday,", [" Friday, Saturday, Sunday", " March", " blue whale"], [1.0, 0.0, 0.0]
+    ),
 ]
 
 
@@ -118,10 +141,22 @@ def test_packaged_bigbench_tasks_and_prompt_format(tmp_path):
     q = task.questions[0]
     assert q.context == "\nQ: How many legs do horses have?\nA: " and q.scores[q.choices.index("four")] == 1.0
     listed = load_task("general_knowledge", list_choices=True).questions[0]
-    assert listed.context.startswith("\nQ: How many legs do horses have?\n  choice: ") and listed.context.count("\n  choice: ") == 6
+    assert (
+        listed.context.startswith("\nQ: How many legs do horses have?\n  choice: ")
+        and listed.context.count("\n  choice: ") == 6
+    )
     assert [len(load_task(name, limit=10).questions) for name in PACKAGED_TASKS] == [10, 10]
     custom = tmp_path / "task.json"
-    custom.write_text(json.dumps({"name": "mine", "task_prefix": "Quiz.", "example_input_prefix": "\nQ: ", "examples": [{"input": "2+2?", "target_scores": {"4": 1, "5": 0}}]}))
+    custom.write_text(
+        json.dumps(
+            {
+                "name": "mine",
+                "task_prefix": "Quiz.",
+                "example_input_prefix": "\nQ: ",
+                "examples": [{"input": "2+2?", "target_scores": {"4": 1, "5": 0}}],
+            }
+        )
+    )
     assert load_task(str(custom)).questions[0].context == "Quiz.\nQ: 2+2?\nA: "
     for spec, message in [("trivia", "unknown multiple-choice task"), (str(tmp_path / "none.json"), "not found")]:
         with pytest.raises(ShortGPTError, match=message):
@@ -149,7 +184,12 @@ def test_report_json_round_trip_table_rows_and_card(smollm2, tmp_path):
     report = evaluate(model, tok, ["ppl"], max_tokens=512, progress=False)
     report.baseline = dense
     r = report.results[0]
-    assert (r.task, r.dataset, r.metric, r.higher_is_better) == ("perplexity", "shakespeare-heldout", "perplexity", False)
+    assert (r.task, r.dataset, r.metric, r.higher_is_better) == (
+        "perplexity",
+        "shakespeare-heldout",
+        "perplexity",
+        False,
+    )
     assert r.num_samples == 511 and r.value > dense.results[0].value
     # stride 128 over 256-token windows: every token predicted once, so the same count as without overlap
     assert r.value == pytest.approx(perplexity(model, tok, seq_len=256, stride=128, max_tokens=512), rel=1e-6)
@@ -157,8 +197,19 @@ def test_report_json_round_trip_table_rows_and_card(smollm2, tmp_path):
     again = EvalReport.from_json(tmp_path / "eval.json")
     assert again == report
     rows = again.card_rows()
-    assert rows == [{"task": "perplexity", "dataset": "shakespeare-heldout", "metric": "perplexity", "pruned": r.value, "dense": dense.results[0].value}]
-    assert f"| perplexity | shakespeare-heldout | perplexity | {dense.results[0].value:.4g} | {r.value:.4g} |" in model_card(model, rows).text
+    assert rows == [
+        {
+            "task": "perplexity",
+            "dataset": "shakespeare-heldout",
+            "metric": "perplexity",
+            "pruned": r.value,
+            "dense": dense.results[0].value,
+        }
+    ]
+    assert (
+        f"| perplexity | shakespeare-heldout | perplexity | {dense.results[0].value:.4g} | {r.value:.4g} |"
+        in model_card(model, rows).text
+    )
     with pytest.raises(ShortGPTError, match="unknown task 'bleu'"):
         evaluate(model, tok, ["bleu"])
     (tmp_path / "bad.json").write_text("{}")
@@ -201,8 +252,17 @@ def test_lm_eval_bridge_on_a_local_task_agrees_with_our_scorer(smollm2, tmp_path
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "tiny_facts.yaml").write_text(LOCAL_TASK.format(data=data))
     report = evaluate(model, tok, [], lm_eval_tasks=["tiny_facts"], lm_eval_include=tmp_path / "tasks", progress=False)
-    ours = multiple_choice(model, tok, MultipleChoiceTask("tiny_facts", [Question(q + " ", c, [float(i == a) for i in range(len(c))]) for q, c, a in FACTS], "test"))
-    assert {(r.task, r.metric) for r in report.results} == {("lm_eval:tiny_facts", "acc"), ("lm_eval:tiny_facts", "acc_norm")}
+    ours = multiple_choice(
+        model,
+        tok,
+        MultipleChoiceTask(
+            "tiny_facts", [Question(q + " ", c, [float(i == a) for i in range(len(c))]) for q, c, a in FACTS], "test"
+        ),
+    )
+    assert {(r.task, r.metric) for r in report.results} == {
+        ("lm_eval:tiny_facts", "acc"),
+        ("lm_eval:tiny_facts", "acc_norm"),
+    }
     assert report.get("lm_eval:tiny_facts", "acc") == pytest.approx(ours["acc"]) and report.results[0].num_samples == 5
     assert report.get("lm_eval:tiny_facts", "acc_norm") == pytest.approx(ours["acc_norm"])
     with pytest.raises(ShortGPTError, match="lm-eval knows no task 'no_such_task'"):
@@ -214,7 +274,17 @@ def test_cli_eval_of_a_recipe_beside_its_base(smollm2, tmp_path, capsys, monkeyp
     model.name_or_path = "smollm2-135m"  # as load_builtin records it: the recipe's base is the built-in
     prune(model, [12, 13, 14, 15])
     save_recipe(model, tmp_path / "recipe", tok)
-    args = ["eval", tmp_path / "recipe", "--tasks", "ppl", "--max-tokens", "512", "--with-base", "--json", tmp_path / "eval.json"]
+    args = [
+        "eval",
+        tmp_path / "recipe",
+        "--tasks",
+        "ppl",
+        "--max-tokens",
+        "512",
+        "--with-base",
+        "--json",
+        tmp_path / "eval.json",
+    ]
     code, stdout, err = run_cli(capsys, monkeypatch, *args)
     assert code == 0, err
     report = EvalReport.from_json(tmp_path / "eval.json")
@@ -232,7 +302,11 @@ def test_cli_eval_of_a_recipe_beside_its_base(smollm2, tmp_path, capsys, monkeyp
         (["smollm2-135m", "--tasks", "mc:trivia"], "unknown multiple-choice task"),
         (["smollm2-135m", "--tasks", "ppl:missing.txt"], "not found"),
         (["smollm2-135m", "--lm-eval-include", "missing-dir"], "not a folder"),
-        pytest.param(["smollm2-135m", "--tasks", "ppl", "--with-base", "--max-tokens", "64"], "needs a pruned model", marks=pytest.mark.slow),
+        pytest.param(
+            ["smollm2-135m", "--tasks", "ppl", "--with-base", "--max-tokens", "64"],
+            "needs a pruned model",
+            marks=pytest.mark.slow,
+        ),
         (["./no-such-model"], "no such folder: ./no-such-model"),
         (["smollm2-135m", "--tasks", ""], "nothing to evaluate"),
     ],

@@ -22,7 +22,15 @@ from tiny_models import FAMILIES as TINY
 from tiny_models import MODEL_TYPES, NUM_LAYERS, REMOVE, removal, tiny_config, tiny_model
 
 import shortgpt_hf.surgery
-from shortgpt_hf import PrunedForCausalLM, ShortGPTConfig, ShortGPTError, find_decoder_layers, prune, save_pruned, verify_pruned
+from shortgpt_hf import (
+    PrunedForCausalLM,
+    ShortGPTConfig,
+    ShortGPTError,
+    find_decoder_layers,
+    prune,
+    save_pruned,
+    verify_pruned,
+)
 from shortgpt_hf.families import FAMILIES, VISION_LANGUAGE, Family
 from shortgpt_hf.layers import layers_as_identity
 
@@ -56,7 +64,9 @@ def pruned_models():
 def test_removal_matches_identity_and_cache_parity(pruned_models, family):
     case = pruned_models[family]
     model = case["model"]
-    assert not torch.allclose(case["reference"], case["untouched"], atol=1e-3), "identity reference must differ from the full model"
+    assert not torch.allclose(case["reference"], case["untouched"], atol=1e-3), (
+        "identity reference must differ from the full model"
+    )
     kept = NUM_LAYERS - len(removal(family))
     assert len(find_decoder_layers(model).layers) == kept
     assert model.config.get_text_config(decoder=True).num_hidden_layers == kept
@@ -78,7 +88,11 @@ def test_no_per_layer_config_is_left_stale(pruned_models, family):
     cfg = case["model"].config.get_text_config(decoder=True)
     kept = NUM_LAYERS - len(removal(family))
     for key, value in case["before"].items():
-        if isinstance(value, (list, tuple)) and len(value) == NUM_LAYERS and key not in ("eos_token_id", "architectures"):
+        if (
+            isinstance(value, (list, tuple))
+            and len(value) == NUM_LAYERS
+            and key not in ("eos_token_id", "architectures")
+        ):
             assert len(getattr(cfg, key)) == kept, f"{family}: config.{key} still describes the unpruned model"
 
 
@@ -132,10 +146,14 @@ def saved_bases(tmp_path_factory):
 @pytest.mark.parametrize("family", list(TINY))
 def test_prune_on_load_equals_in_memory_prune(pruned_models, saved_bases, family):
     """A recipe's path: the base loaded without its removed layers (or whole, where the family needs it)."""
-    loaded = PrunedForCausalLM.from_pretrained(saved_bases / family, removed_layers=removal(family), attn_implementation="eager")
+    loaded = PrunedForCausalLM.from_pretrained(
+        saved_bases / family, removed_layers=removal(family), attn_implementation="eager"
+    )
     model = pruned_models[family]["model"]
     assert type(loaded) is type(model)
-    torch.testing.assert_close(loaded(input_ids=IDS, use_cache=False).logits, model(input_ids=IDS, use_cache=False).logits)
+    torch.testing.assert_close(
+        loaded(input_ids=IDS, use_cache=False).logits, model(input_ids=IDS, use_cache=False).logits
+    )
 
 
 @pytest.mark.parametrize("removed", [[1], [5], [1, 3], [0, 1, 2, 4]])
@@ -167,7 +185,9 @@ def test_readme_lists_the_table():
     assert listed("Vision-language") == set(VISION_LANGUAGE.values())
     hybrids = re.search(r"^- Hybrids \(([^)]*)\)", section, re.M).group(1)
     assert set(hybrids.split(", ")) == {f.name for f in FAMILIES.values() if f.attention_layers}
-    fields = {r.field for f in FAMILIES.values() for r in f.refusals} | {p.period for f in FAMILIES.values() for p in f.periodic if p.excluded is None}
+    fields = {r.field for f in FAMILIES.values() for r in f.refusals} | {
+        p.period for f in FAMILIES.values() for p in f.periodic if p.excluded is None
+    }
     for field in fields:
         assert f"`{field}`" in section, field
 
@@ -244,7 +264,9 @@ def assert_untouched(model, before):
     assert not hasattr(model.config, "shortgpt")
     torch.testing.assert_close(model(input_ids=IDS, use_cache=False).logits, before)
     cached = model.generate(IDS[:, :6], max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert torch.equal(cached, model.generate(IDS[:, :6], max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False))
+    assert torch.equal(
+        cached, model.generate(IDS[:, :6], max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False)
+    )
 
 
 def test_failed_verification_restores_the_model(monkeypatch):
@@ -283,7 +305,9 @@ def test_any_failure_restores_the_model_and_names_the_family(monkeypatch, tmp_pa
     if expected is ShortGPTError:
         message = str(info.value)
         assert "\n" not in message and f"{stage} failed" in message and type(error).__name__ in message
-        assert (VISION_LANGUAGE.get(MODEL_TYPES.get(family, family)) or FAMILIES[text_model_type(family)].name) in message
+        assert (
+            VISION_LANGUAGE.get(MODEL_TYPES.get(family, family)) or FAMILIES[text_model_type(family)].name
+        ) in message
     monkeypatch.undo()
     assert_untouched(model, before)
     model.save_pretrained(tmp_path / "restored")  # weight ties and tables are consistent again
@@ -329,9 +353,19 @@ def gemma3n():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
-        "gemma3n_text", vocab_size=128, vocab_size_per_layer_input=128, hidden_size=32, hidden_size_per_layer_input=8,
-        intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_hidden_layers=NUM_LAYERS,
-        num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 3, activation_sparsity_pattern=[0.0] * NUM_LAYERS,
+        "gemma3n_text",
+        vocab_size=128,
+        vocab_size_per_layer_input=128,
+        hidden_size=32,
+        hidden_size_per_layer_input=8,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_hidden_layers=NUM_LAYERS,
+        num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention"] * 3,
+        activation_sparsity_pattern=[0.0] * NUM_LAYERS,
     )
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
@@ -340,7 +374,9 @@ def gemma3n():
 def test_non_causal_models_are_refused():
     from transformers import BertConfig, BertModel
 
-    bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32))
+    bert = BertModel(
+        BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32)
+    )
     with pytest.raises(ShortGPTError, match="no decoder layer list"):
         prune(bert, layers=[0])
 
@@ -362,7 +398,9 @@ def test_unknown_family_falls_back_with_a_warning(monkeypatch, caplog, tmp_path,
     save_pruned(model, tmp_path / "out")
 
 
-@pytest.mark.parametrize("family, entry", [("qwen2_moe", Family("Qwen2-MoE", per_layer=("layer_types",))), ("jamba", Family("Jamba"))])
+@pytest.mark.parametrize(
+    "family, entry", [("qwen2_moe", Family("Qwen2-MoE", per_layer=("layer_types",))), ("jamba", Family("Jamba"))]
+)
 def test_stale_construction_time_config_is_caught(monkeypatch, family, entry):
     """Without its layout rules, a family that picks layer kinds at construction (dense or MoE, attention
     or Mamba) may still run in memory, but its config would rebuild other layers: verification says so."""
@@ -403,7 +441,8 @@ def test_restored_after_puts_a_hybrid_back(tmp_path):
     model.eval()
     assert_untouched(model, before)
     after = [p for n, p in model.named_parameters() if "shared_transformer" in n]
-    assert len(after) == len(blocks) and all(a is b for a, b in zip(after, blocks))  # the same tensors, tied as before
+    # the same tensors, tied as before
+    assert len(after) == len(blocks) and all(a is b for a, b in zip(after, blocks, strict=True))
     model.save_pretrained(tmp_path / "dense")
 
 
@@ -433,4 +472,3 @@ def test_bad_prune_requests(kwargs, message):
     with pytest.raises(ShortGPTError, match=message):
         prune(model, **kwargs)
     assert len(find_decoder_layers(model).layers) == NUM_LAYERS
-

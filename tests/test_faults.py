@@ -40,7 +40,13 @@ def closed_port() -> int:
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     """``shortgpt ARGS`` in a fresh process, with ``env`` added to the environment."""
-    return subprocess.run([sys.executable, "-m", "shortgpt_hf.cli", *map(str, args)], capture_output=True, text=True, env=os.environ | env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "shortgpt_hf.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=os.environ | env,
+        timeout=300,
+    )
 
 
 def nothing_left(parent: Path, *names: str) -> bool:
@@ -63,13 +69,20 @@ def unwritable(tmp_path) -> Path:
 
 
 def test_hub_unreachable_is_one_line_at_once(pruned_dir, tmp_path):
-    env = dict(HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", HF_HUB_OFFLINE="0", HF_TOKEN="hf_x", HF_HOME=str(tmp_path / "home"))
+    env = dict(
+        HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}",
+        HF_HUB_OFFLINE="0",
+        HF_TOKEN="hf_x",
+        HF_HOME=str(tmp_path / "home"),
+    )
     result = cli("push", pruned_dir, "me/pruned", **env)
     assert result.returncode == 2
     assert_one_line_error(result.stderr, "cannot push to me/pruned: the Hub at http://127.0.0.1:")
     result = cli("prune", "someone/some-model", "--layers", "1", "--out", tmp_path / "out", **env)
     assert result.returncode == 2
-    assert_one_line_error(result.stderr, "no model, recipe or adapter was found in the local Hugging Face cache (the Hub at")
+    assert_one_line_error(
+        result.stderr, "no model, recipe or adapter was found in the local Hugging Face cache (the Hub at"
+    )
     assert nothing_left(tmp_path, "out")
 
 
@@ -89,7 +102,9 @@ def test_unwritable_output_folder(dense_dir, unwritable, tmp_path, capsys, monke
     assert code == 2
     assert_one_line_error(err, f"cannot write {out}:")
     assert not out.exists()
-    code, _, err = run_cli(capsys, monkeypatch, "score", dense_dir, "--calibration", __file__, "--seq-len", "16", "--json", out / "s.json")
+    code, _, err = run_cli(
+        capsys, monkeypatch, "score", dense_dir, "--calibration", __file__, "--seq-len", "16", "--json", out / "s.json"
+    )
     assert code == 2
     assert_one_line_error(err, "cannot write")
     model = tiny_model("llama")
@@ -113,7 +128,12 @@ def _interrupt_inside_the_write(monkeypatch, error: BaseException) -> None:
     "error, message",
     [
         (KeyboardInterrupt(), "interrupted; no output was left half-written"),
-        (__import__("safetensors").SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), "no space left on device; nothing was written"),
+        (
+            __import__("safetensors").SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            ),
+            "no space left on device; nothing was written",
+        ),
         (PermissionError(13, "Permission denied"), "permission denied; nothing was written"),
     ],
     ids=["ctrl-c", "disk-full", "permission"],
@@ -146,7 +166,10 @@ def test_ctrl_c_in_python_propagates_and_leaves_nothing(tmp_path, monkeypatch):
     "args, message",
     [
         (["--layers", "1.5"], "--layers must be comma-separated integers, got '1.5'"),
-        (["--calibration", "{bin}", "--n-layers", "1", "--seq-len", "8"], "is not UTF-8 text (byte 128 cannot be decoded)"),
+        (
+            ["--calibration", "{bin}", "--n-layers", "1", "--seq-len", "8"],
+            "is not UTF-8 text (byte 128 cannot be decoded)",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_anything_is_written(dense_dir, tmp_path, capsys, monkeypatch, args, message):
@@ -171,7 +194,10 @@ def test_a_failed_measurement_gives_the_model_back_in_training_mode():
 
     model.model.layers[2].forward = broken
     text = [" ".join(f"t{3 + i % 100}" for i in range(64))]
-    for measure in (lambda: perplexity(model, tiny_tokenizer(), text, seq_len=16), lambda: score_layers(model, text, tokenizer=tiny_tokenizer(), seq_len=16)):
+    for measure in (
+        lambda: perplexity(model, tiny_tokenizer(), text, seq_len=16),
+        lambda: score_layers(model, text, tokenizer=tiny_tokenizer(), seq_len=16),
+    ):
         with pytest.raises(RuntimeError, match="broken layer"):
             measure()
         assert model.training and all(m.training for m in model.modules())

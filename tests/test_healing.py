@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_python
-from tiny_models import NUM_LAYERS, tiny_model, tiny_tokenizer
 from peft import IA3Config, LoraConfig
+from tiny_models import NUM_LAYERS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shortgpt_hf import ShortGPTConfig, ShortGPTError, perplexity, prune, save_pruned
@@ -35,7 +35,9 @@ def test_adapter_round_trip_through_peft_and_merge(saved_pruned, tmp_path):
     healed = heal(saved_pruned, TOKENS, steps=3, lr=1e-2, seq_len=32, batch_size=4, layers="adjacent", progress=False)
     config = healed.peft_config["default"]
     assert config.base_model_name_or_path == str((tmp_path / "pruned").resolve())
-    assert config.layers_to_transform == [1, 2] and config.layers_to_transform == adjacent_layers(ShortGPTConfig.from_model(saved_pruned))
+    assert config.layers_to_transform == [1, 2] and config.layers_to_transform == adjacent_layers(
+        ShortGPTConfig.from_model(saved_pruned)
+    )
     healed.eval()
     expected = healed(input_ids=IDS).logits
     save_healed(healed, tmp_path / "adapter")
@@ -44,7 +46,7 @@ def test_adapter_round_trip_through_peft_and_merge(saved_pruned, tmp_path):
     code = f"""
 import sys, torch
 from peft import AutoPeftModelForCausalLM
-m = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / 'adapter')!r}, attn_implementation="eager").eval()
+m = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / "adapter")!r}, attn_implementation="eager").eval()
 assert m.get_base_model().config.num_hidden_layers == {NUM_LAYERS - 1}, m.get_base_model().config.num_hidden_layers
 print(m(input_ids=torch.tensor({IDS.tolist()})).logits.flatten()[:50].tolist())
 assert "shortgpt_hf" not in sys.modules
@@ -57,7 +59,11 @@ assert "shortgpt_hf" not in sys.modules
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
     torch.testing.assert_close(merged(input_ids=IDS).logits, expected, atol=1e-5, rtol=1e-4)
     record = ShortGPTConfig.from_model(merged)
-    assert record.removed_layers == [2] and record.recovery[-1]["steps"] == 3 and record.recovery[-1]["tokens"] == 3 * 4 * 32
+    assert (
+        record.removed_layers == [2]
+        and record.recovery[-1]["steps"] == 3
+        and record.recovery[-1]["tokens"] == 3 * 4 * 32
+    )
     assert record.recovery[-1]["layers"] == "adjacent" and record.recovery[-1]["data"].startswith("tokens")
 
 
@@ -72,7 +78,10 @@ def test_healing_refusals(saved_pruned, tmp_path):
         heal(saved_pruned, TOKENS, seq_len=32, steps=1, peft_config=LoraConfig(r=4), r=8, layers="adjacent")
     with pytest.raises(ShortGPTError, match="peft_config must be a peft LoraConfig"):
         heal(saved_pruned, TOKENS, seq_len=32, steps=1, peft_config=IA3Config())
-    for bad, message in ((dict(temperature=0), "temperature must be positive"), (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps must be")):
+    for bad, message in (
+        (dict(temperature=0), "temperature must be positive"),
+        (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps must be"),
+    ):
         with pytest.raises(ShortGPTError, match=message):
             heal(saved_pruned, TOKENS, seq_len=32, steps=1, **bad)
     in_memory = tiny_model("llama")
@@ -94,11 +103,24 @@ def test_healing_lowers_heldout_perplexity_on_real_model(smollm2_path, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
     prune(model, layers=[12, 13, 14, 15, 16, 17, 25, 26])
     held_out = [heldout_texts()[0]]
-    healed = heal(model, calibration_texts(), tokenizer=tok, steps=24, lr=1e-3, seq_len=128, batch_size=2, eval_data=held_out, eval_tokens=2048, progress=False)
+    healed = heal(
+        model,
+        calibration_texts(),
+        tokenizer=tok,
+        steps=24,
+        lr=1e-3,
+        seq_len=128,
+        batch_size=2,
+        eval_data=held_out,
+        eval_tokens=2048,
+        progress=False,
+    )
     record = healed.get_base_model().config.shortgpt["recovery"][-1]
     print(record)
     assert record["perplexity_after"] < 0.8 * record["perplexity_before"]
-    assert perplexity(healed, tok, held_out, seq_len=128, max_tokens=2048) == pytest.approx(record["perplexity_after"], rel=1e-3)
+    assert perplexity(healed, tok, held_out, seq_len=128, max_tokens=2048) == pytest.approx(
+        record["perplexity_after"], rel=1e-3
+    )
 
 
 def test_a_new_recovery_method_is_one_registered_class(saved_pruned, monkeypatch):
@@ -148,14 +170,38 @@ def test_two_process_healing_shards_data_and_keeps_the_schedule(tmp_path):
     out.mkdir()
     torch.save(tokens, out / "tokens.pt")
     steps, batch_size, accumulation = 3, 2, 2
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    worker = [str(Path(__file__).parent / "heal_worker.py"), str(tmp_path / "pruned"), str(out), str(steps), str(batch_size), str(accumulation)]
-    result = subprocess.run(launch + worker, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    worker = [
+        str(Path(__file__).parent / "heal_worker.py"),
+        str(tmp_path / "pruned"),
+        str(out),
+        str(steps),
+        str(batch_size),
+        str(accumulation),
+    ]
+    result = subprocess.run(
+        launch + worker, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((out / f"process{i}.json").read_text()) for i in (0, 1)]
 
     windows = [set(r["seen"]) for r in ranks]
-    assert windows[0] and windows[1] and not windows[0] & windows[1], f"the processes trained on the same windows: {windows}"
+    assert windows[0] and windows[1] and not windows[0] & windows[1], (
+        f"the processes trained on the same windows: {windows}"
+    )
     assert windows[0] | windows[1] == set(range(3, 19)), "together they cover the data"
     # accelerate's DataLoader reads one batch ahead, so a process may batch one more than it trains on
     assert all(0 <= len(r["seen"]) - steps * accumulation * batch_size <= batch_size for r in ranks)
@@ -164,27 +210,59 @@ def test_two_process_healing_shards_data_and_keeps_the_schedule(tmp_path):
 
     rates: list[float] = []
     single = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", attn_implementation="eager")
-    heal(single, tokens, seq_len=16, steps=steps, batch_size=2 * batch_size, gradient_accumulation_steps=accumulation, lr=1e-2, progress=False,
-         callback=lambda step, m, logs: rates.append(logs["lr"]))
-    assert ranks[0]["rates"] == ranks[1]["rates"] == pytest.approx(rates), "the schedule ends where a single process with the same global batch ends"
+    heal(
+        single,
+        tokens,
+        seq_len=16,
+        steps=steps,
+        batch_size=2 * batch_size,
+        gradient_accumulation_steps=accumulation,
+        lr=1e-2,
+        progress=False,
+        callback=lambda step, m, logs: rates.append(logs["lr"]),
+    )
+    assert ranks[0]["rates"] == ranks[1]["rates"] == pytest.approx(rates), (
+        "the schedule ends where a single process with the same global batch ends"
+    )
     assert len(rates) == steps and rates[-1] == pytest.approx(1e-2 * (1 - (steps - 1) / steps))
 
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [], "no temporary folder is left"
     code = f"""
 import torch
 from peft import AutoPeftModelForCausalLM
-m = AutoPeftModelForCausalLM.from_pretrained({str(out / 'adapter')!r}, attn_implementation="eager")
+m = AutoPeftModelForCausalLM.from_pretrained({str(out / "adapter")!r}, attn_implementation="eager")
 print(m.get_base_model().config.num_hidden_layers)
 """
     reloaded = run_python(code)
-    assert reloaded.returncode == 0 and reloaded.stdout.strip().splitlines()[-1] == str(NUM_LAYERS - 1), reloaded.stderr[-2000:]
+    assert reloaded.returncode == 0 and reloaded.stdout.strip().splitlines()[-1] == str(NUM_LAYERS - 1), (
+        reloaded.stderr[-2000:]
+    )
 
     # The README's command: the CLI itself under accelerate launch; both processes run it, one writes.
     (tmp_path / "train.txt").write_text(" ".join(f"t{3 + i % 120}" for i in range(2000)))
-    heal_cli = ["-m", "shortgpt_hf.cli", "heal", str(tmp_path / "pruned"), "--out", str(tmp_path / "cli-adapter"), "--steps", "2", "--seq-len", "16", "--batch-size", "2", "--data", str(tmp_path / "train.txt")]
-    result = subprocess.run(launch + heal_cli, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    heal_cli = [
+        "-m",
+        "shortgpt_hf.cli",
+        "heal",
+        str(tmp_path / "pruned"),
+        "--out",
+        str(tmp_path / "cli-adapter"),
+        "--steps",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--data",
+        str(tmp_path / "train.txt"),
+    ]
+    result = subprocess.run(
+        launch + heal_cli, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert json.loads((tmp_path / "cli-adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str((tmp_path / "pruned").resolve())
+    assert json.loads((tmp_path / "cli-adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        (tmp_path / "pruned").resolve()
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder is left"
 
 
@@ -193,7 +271,16 @@ def test_gradient_accumulation_equals_the_larger_batch(saved_pruned, tmp_path):
     adapters = []
     for batch_size, accumulation in ((4, 1), (2, 2)):
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", attn_implementation="eager")
-        healed = heal(model, TOKENS, seq_len=32, steps=2, lr=1e-2, batch_size=batch_size, gradient_accumulation_steps=accumulation, progress=False)
+        healed = heal(
+            model,
+            TOKENS,
+            seq_len=32,
+            steps=2,
+            lr=1e-2,
+            batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            progress=False,
+        )
         assert healed.get_base_model().config.shortgpt["recovery"][-1]["tokens"] == 2 * 4 * 32
         adapters.append({n: p.detach().clone() for n, p in healed.named_parameters() if "lora_" in n})
     assert adapters[0].keys() == adapters[1].keys() and adapters[0]
@@ -208,15 +295,31 @@ def test_distillation_temperature_and_callback(saved_pruned, tmp_path):
     teacher = torch.randn(2, 5, 11)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float)
     for temperature in (1.0, 2.0, 4.0):
-        kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1), log_target=True, reduction="none").sum(-1)
+        kl = F.kl_div(
+            F.log_softmax(student / temperature, -1),
+            F.log_softmax(teacher / temperature, -1),
+            log_target=True,
+            reduction="none",
+        ).sum(-1)
         expected = (kl * mask).sum() / mask.sum() * temperature**2
         torch.testing.assert_close(distill_loss(student, teacher, mask, temperature), expected)
 
     # A teacher identical to the student (LoRA starts as the identity) gives no distillation loss at any temperature.
     teacher_model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", attn_implementation="eager")
     logs = []
-    healed = heal(saved_pruned, TOKENS, seq_len=32, steps=3, lr=1e-2, batch_size=4, teacher=teacher_model, kd_weight=1.0, temperature=3.0,
-                  progress=False, callback=lambda step, model, info: logs.append((step, model, info)))
+    healed = heal(
+        saved_pruned,
+        TOKENS,
+        seq_len=32,
+        steps=3,
+        lr=1e-2,
+        batch_size=4,
+        teacher=teacher_model,
+        kd_weight=1.0,
+        temperature=3.0,
+        progress=False,
+        callback=lambda step, model, info: logs.append((step, model, info)),
+    )
     assert [step for step, _, _ in logs] == [1, 2, 3] and all(model is healed for _, model, _ in logs)
     assert logs[0][2]["loss"] == pytest.approx(0.0, abs=1e-6) and logs[-1][2]["loss"] > 0
     assert logs[0][2]["lr"] > logs[-1][2]["lr"] > 0
@@ -230,13 +333,27 @@ def test_any_peft_lora_config(saved_pruned, tmp_path):
     healed = heal(saved_pruned, TOKENS, seq_len=32, steps=2, lr=1e-2, batch_size=4, peft_config=config, progress=False)
     used = healed.peft_config["default"]
     assert used.use_dora and used.r == 4 and set(used.target_modules) == {"q_proj", "v_proj"}
-    assert used.base_model_name_or_path == str((tmp_path / "pruned").resolve()) and config.base_model_name_or_path is None
+    assert (
+        used.base_model_name_or_path == str((tmp_path / "pruned").resolve()) and config.base_model_name_or_path is None
+    )
     record = healed.get_base_model().config.shortgpt["recovery"][-1]
     assert record["variant"] == "DoRA" and record["r"] == 4 and record["target_modules"] == ["q_proj", "v_proj"]
     trained = [n for n, p in healed.named_parameters() if p.requires_grad]
-    assert trained and all("q_proj" in n or "v_proj" in n for n in trained) and any("lora_magnitude_vector" in n for n in trained)
+    assert (
+        trained
+        and all("q_proj" in n or "v_proj" in n for n in trained)
+        and any("lora_magnitude_vector" in n for n in trained)
+    )
 
 
 def test_lora_config_with_one_layer_index(saved_pruned, tmp_path):
-    healed = heal(saved_pruned, TOKENS, seq_len=32, steps=1, batch_size=4, peft_config=LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=1), progress=False)
+    healed = heal(
+        saved_pruned,
+        TOKENS,
+        seq_len=32,
+        steps=1,
+        batch_size=4,
+        peft_config=LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=1),
+        progress=False,
+    )
     assert healed.get_base_model().config.shortgpt["recovery"][-1]["layers"] == [1]

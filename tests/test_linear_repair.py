@@ -18,7 +18,9 @@ from shortgpt_hf.pruning import restored_after
 from shortgpt_hf.recovery import linear_maps
 from shortgpt_hf.recovery.linear import LinearRecovery, fold_rule, maps_from_record, repair_aware_order
 
-TOKENS = torch.randint(3, 128, (16, 24), generator=torch.Generator().manual_seed(5))  # 384 calibration tokens, hidden size 32
+TOKENS = torch.randint(
+    3, 128, (16, 24), generator=torch.Generator().manual_seed(5)
+)  # 384 calibration tokens, hidden size 32
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
 FOLDABLE = [f for f in FAMILIES if family_of(tiny_config(f).get_text_config(decoder=True)).fold is not None]
 REMOVE = [0, 2, 3, 5]  # a gap at the embeddings, a two-layer gap and a gap that ends at the last layer
@@ -31,7 +33,9 @@ def logits(model, ids=IDS):
 
 def repaired(family, removed=REMOVE, **options):
     model = tiny_model(family)
-    prune(model, layers=removed, recovery="linear", recovery_data=TOKENS, recovery_options=dict(progress=False, **options))
+    prune(
+        model, layers=removed, recovery="linear", recovery_data=TOKENS, recovery_options=dict(progress=False, **options)
+    )
     return model
 
 
@@ -45,7 +49,9 @@ def maps_applied_by_hooks(dense, record, maps):
         if m.map is None:
             continue
         module = dense.get_input_embeddings() if m.after is None else layers[m.after].get_submodule(fold.output)
-        handles.append(module.register_forward_hook(lambda mod, args, out, t=m.map: out * t if t.dim() == 1 else out @ t))
+        handles.append(
+            module.register_forward_hook(lambda mod, args, out, t=m.map: out * t if t.dim() == 1 else out @ t)
+        )
     try:
         with layers_as_identity(dense, record.removed_layers):
             yield dense
@@ -93,10 +99,18 @@ def test_an_exactly_linear_gap_is_repaired_exactly(removed, into):
     model = exactly_linear_llama(removed)
     dense = logits(model)
     prune(model, layers=[removed])
-    assert (logits(model) - dense).abs().max() > 1e-2, "removing the layer must change the model (100x the tolerance below)"
+    assert (logits(model) - dense).abs().max() > 1e-2, (
+        "removing the layer must change the model (100x the tolerance below)"
+    )
     model = exactly_linear_llama(removed)
     # Layer 0's update lives in half the channels, so MᵀM is singular there: a vanishing ridge picks the exact map.
-    prune(model, layers=[removed], recovery="linear", recovery_data=TOKENS, recovery_options=dict(ridge=1e-9, progress=False))
+    prune(
+        model,
+        layers=[removed],
+        recovery="linear",
+        recovery_data=TOKENS,
+        recovery_options=dict(ridge=1e-9, progress=False),
+    )
     torch.testing.assert_close(logits(model), dense, atol=1e-4, rtol=0)
     gap = ShortGPTConfig.from_model(model).recovery[0]["gaps"][0]
     assert gap["folded_into"] == into and gap["relative_error_repaired"] < 1e-9 < gap["relative_error_plain"]
@@ -108,7 +122,11 @@ def test_folded_maps_equal_hooked_maps_and_reload_natively(family, tmp_path, cap
         model = repaired(family)
     record = ShortGPTConfig.from_model(model)
     [step] = record.recovery
-    assert step["method"] == "linear" and step["tokens"] == TOKENS.numel() and [g["removed"] for g in step["gaps"]] == [[0], [2, 3], [5]]
+    assert (
+        step["method"] == "linear"
+        and step["tokens"] == TOKENS.numel()
+        and [g["removed"] for g in step["gaps"]] == [[0], [2, 3], [5]]
+    )
     repaired_gaps = [g for g in step["gaps"] if g["map"] is not None]
     assert all(g["relative_error_repaired"] <= g["relative_error_plain"] for g in repaired_gaps)
     tied = step["gaps"][0]["map"] is None
@@ -161,15 +179,28 @@ def unchanged(model, params, message, **kwargs):
 def test_bad_input_is_refused_in_one_line_and_the_model_is_untouched():
     model = tiny_model("llama")
     params = [id(p) for p in model.parameters()]
-    unchanged(model, params, "16 calibration tokens cannot determine a 32x32 map .* ridge", recovery_data=TOKENS[:1, :16], recovery_options=dict(seq_len=16, progress=False))
+    unchanged(
+        model,
+        params,
+        "16 calibration tokens cannot determine a 32x32 map .* ridge",
+        recovery_data=TOKENS[:1, :16],
+        recovery_options=dict(seq_len=16, progress=False),
+    )
     unchanged(model, params, "ridge must be a non-negative number", recovery_options=dict(ridge=-1.0))
-    unchanged(model, params, "recovery method 'linear': got an unexpected keyword argument 'rigde'", recovery_options=dict(rigde=1e-3))
+    unchanged(
+        model,
+        params,
+        "recovery method 'linear': got an unexpected keyword argument 'rigde'",
+        recovery_options=dict(rigde=1e-3),
+    )
     with torch.no_grad():
         find_decoder_layers(model).layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     unchanged(model, params, "NaN or Inf in the activations of Llama", recovery_options=dict(progress=False))
 
     gpt2 = tiny_model("gpt2")
-    with pytest.raises(ShortGPTError, match=r"linear repair does not know where to fold a map in GPT-2 \(GPT2LMHeadModel\)"):
+    with pytest.raises(
+        ShortGPTError, match=r"linear repair does not know where to fold a map in GPT-2 \(GPT2LMHeadModel\)"
+    ):
         prune(gpt2, layers=[2], recovery="linear", recovery_data=TOKENS)
     assert ShortGPTConfig.from_model(gpt2) is None
 
@@ -178,7 +209,9 @@ def test_bad_input_is_refused_in_one_line_and_the_model_is_untouched():
         prune(skipping, layers=[2], recovery="linear", recovery_data=TOKENS)
 
     pruned = prune(tiny_model("llama"), layers=[2])
-    with pytest.raises(ShortGPTError, match=r"fitted on the layers being removed.*prune\(model, \.\.\., recovery='linear'\)"):
+    with pytest.raises(
+        ShortGPTError, match=r"fitted on the layers being removed.*prune\(model, \.\.\., recovery='linear'\)"
+    ):
         recover(pruned, "linear", TOKENS)
 
 
@@ -190,9 +223,14 @@ def test_a_ridge_term_makes_too_few_tokens_usable_and_is_recorded():
 
 def test_pruning_a_repaired_model_again_keeps_its_history():
     model = repaired("llama", removed=[2])
-    prune(model, layers=[3], recovery="linear", recovery_data=TOKENS, recovery_options=dict(progress=False))  # original layer 4
+    prune(
+        model, layers=[3], recovery="linear", recovery_data=TOKENS, recovery_options=dict(progress=False)
+    )  # original layer 4
     record = ShortGPTConfig.from_model(model)
-    assert record.removed_layers == [2, 4] and [[g["removed"] for g in s["gaps"]] for s in record.recovery] == [[[2]], [[4]]]
+    assert record.removed_layers == [2, 4] and [[g["removed"] for g in s["gaps"]] for s in record.recovery] == [
+        [[2]],
+        [[4]],
+    ]
     assert sorted(linear_maps(model)) == ["recovery.0.gap.2", "recovery.1.gap.4"]
 
 
@@ -233,11 +271,17 @@ def test_a_recipe_carries_its_maps_and_never_reads_removed_layers(family, tmp_pa
     torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
     assert ShortGPTConfig.from_model(loaded).recovery == ShortGPTConfig.from_model(model).recovery
 
-    # A native checkpoint keeps the maps beside it (plain transformers ignores the file), so a recipe can still be written from a reload.
+    # A native checkpoint keeps the maps beside it (plain transformers ignores the file), so a recipe can still be
+    # written from a reload.
     save_pruned(loaded, tmp_path / "native")
     again = PrunedForCausalLM.from_pretrained(tmp_path / "native", attn_implementation="eager")
     save_recipe(again, tmp_path / "recipe2")
-    torch.testing.assert_close(logits(PrunedForCausalLM.from_pretrained(tmp_path / "recipe2", attn_implementation="eager")), logits(model), atol=0, rtol=0)
+    torch.testing.assert_close(
+        logits(PrunedForCausalLM.from_pretrained(tmp_path / "recipe2", attn_implementation="eager")),
+        logits(model),
+        atol=0,
+        rtol=0,
+    )
 
     (tmp_path / "recipe" / MAPS_FILE).unlink()
     with pytest.raises(ShortGPTError, match=f"records a linear repair but has no {MAPS_FILE}"):
@@ -253,7 +297,11 @@ def test_the_card_shows_the_repair_and_its_effect():
     model = repaired("llama", eval_data=TOKENS[:4], eval_tokens=96, seq_len=24)
     step = ShortGPTConfig.from_model(model).recovery[0]
     text = str(model_card(model, repo_id="me/tiny-repaired"))
-    assert "1. **linear**" in text and f"perplexity_before: {step['perplexity_before']}" in text and f"perplexity_after: {step['perplexity_after']}" in text
+    assert (
+        "1. **linear**" in text
+        and f"perplexity_before: {step['perplexity_before']}" in text
+        and f"perplexity_after: {step['perplexity_after']}" in text
+    )
     assert "| 2, 3 | full | layer 1 |" in text and "| 0 | full | input embeddings |" in text
     assert "'key'" not in text and "gaps:" not in text
 
@@ -275,7 +323,12 @@ def test_linear_repair_of_real_smollm2_at_25_percent(smollm2):
         with restored_after(model):
             prune(model, ratio=0.25, scores=scores, tokenizer=tok, **recovery)
             mc = multiple_choice(model, tok, "general_knowledge")
-            return perplexity(model, tok, held_out, seq_len=256, max_tokens=4096), mc["acc"], mc["num_questions"], ShortGPTConfig.from_model(model)
+            return (
+                perplexity(model, tok, held_out, seq_len=256, max_tokens=4096),
+                mc["acc"],
+                mc["num_questions"],
+                ShortGPTConfig.from_model(model),
+            )
 
     plain_ppl, plain_acc, n, record = measure()
     ppl, acc, _, repaired_record = measure(recovery="linear", recovery_options=dict(max_tokens=8192, progress=False))
@@ -286,7 +339,9 @@ def test_linear_repair_of_real_smollm2_at_25_percent(smollm2):
     assert acc >= plain_acc - 2 * noise
 
 
-def test_cli_prunes_with_linear_repair_and_eval_compares_it_with_plain_removal_and_lora(smollm2_path, tmp_path, capsys, monkeypatch):
+def test_cli_prunes_with_linear_repair_and_eval_compares_it_with_plain_removal_and_lora(
+    smollm2_path, tmp_path, capsys, monkeypatch
+):
     from conftest import assert_one_line_error, run_cli
 
     from shortgpt_hf import heal, save_healed
@@ -294,24 +349,47 @@ def test_cli_prunes_with_linear_repair_and_eval_compares_it_with_plain_removal_a
     common = ["--layers", "13,14,25"]  # BI's lowest three: no scoring pass needed
     code, out, err = run_cli(capsys, monkeypatch, "prune", smollm2_path, *common, "--out", tmp_path / "plain")
     assert code == 0, err
-    code, out, err = run_cli(capsys, monkeypatch, "prune", smollm2_path, *common, "--recovery", "linear", "--recovery-tokens", "4096", "--out", tmp_path / "linear")
+    code, out, err = run_cli(
+        capsys,
+        monkeypatch,
+        "prune",
+        smollm2_path,
+        *common,
+        "--recovery",
+        "linear",
+        "--recovery-tokens",
+        "4096",
+        "--out",
+        tmp_path / "linear",
+    )
     assert code == 0, err
     assert "linear repair on 4,096 tokens" in out and "-> layer" in out and "(plain removal) ->" in out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     native = AutoModelForCausalLM.from_pretrained(tmp_path / "linear")  # plain transformers, nothing of ours
     assert native.config.shortgpt["recovery"][0]["method"] == "linear" and native.config.num_hidden_layers == 27
-    healed = heal(native, TOKENS, tokenizer=AutoTokenizer.from_pretrained(tmp_path / "linear"), steps=2, seq_len=24, progress=False)
+    healed = heal(
+        native,
+        TOKENS,
+        tokenizer=AutoTokenizer.from_pretrained(tmp_path / "linear"),
+        steps=2,
+        seq_len=24,
+        progress=False,
+    )
     save_healed(healed, tmp_path / "linear+lora", AutoTokenizer.from_pretrained(tmp_path / "linear"))
 
     models = [tmp_path / "plain", tmp_path / "linear", tmp_path / "linear+lora"]
-    code, out, err = run_cli(capsys, monkeypatch, "eval", *models, "--tasks", "ppl", "--max-tokens", "512", "--json", tmp_path / "cmp.json")
+    code, out, err = run_cli(
+        capsys, monkeypatch, "eval", *models, "--tasks", "ppl", "--max-tokens", "512", "--json", tmp_path / "cmp.json"
+    )
     assert code == 0, err
     reports = json.loads((tmp_path / "cmp.json").read_text())
     ppl = [r["results"][0]["value"] for r in reports]
     assert [r["model"] for r in reports] == [str(m) for m in models] and ppl[1] < ppl[0] and ppl[2] != ppl[1]
 
-    code, _, err = run_cli(capsys, monkeypatch, "prune", "gpt2-tiny-does-not-matter", "--recovery", "lora", "--out", tmp_path / "x")
+    code, _, err = run_cli(
+        capsys, monkeypatch, "prune", "gpt2-tiny-does-not-matter", "--recovery", "lora", "--out", tmp_path / "x"
+    )
     assert code == 2 and not (tmp_path / "x").exists()
     assert_one_line_error(err, "--recovery must be none or one of linear, got 'lora' (LoRA healing: shortgpt heal)")
     code, _, err = run_cli(capsys, monkeypatch, "eval", tmp_path / "plain", tmp_path / "linear", "--with-base")
@@ -324,17 +402,23 @@ def test_repair_on_a_dispatched_model_matches_one_device_and_refuses_offloaded_w
 
     tiny_model("llama").save_pretrained(tmp_path / "base")
     kwargs = dict(dtype=torch.float32, attn_implementation="eager")
+
     def placement(on_disk: int) -> dict:
         layers = {f"model.layers.{i}": ("disk" if i == on_disk else "cpu") for i in range(6)}
         return {"model.embed_tokens": "cpu", **layers, "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
 
-    # Layer 3 is offloaded to disk: its activations are read while fitting, and it is removed, so nothing is folded there.
-    dispatched = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=placement(3), offload_folder=str(tmp_path / "offload3"), **kwargs).eval()
+    # Layer 3 is offloaded to disk: its activations are read while fitting, and it is removed, so nothing is folded
+    # there.
+    dispatched = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", device_map=placement(3), offload_folder=str(tmp_path / "offload3"), **kwargs
+    ).eval()
     assert "disk" in dispatched.hf_device_map.values()
     prune(dispatched, layers=REMOVE, recovery="linear", recovery_data=TOKENS, recovery_options=dict(progress=False))
     torch.testing.assert_close(logits(dispatched), logits(repaired("llama")))
 
-    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=placement(1), offload_folder=str(tmp_path / "offload1"), **kwargs).eval()
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", device_map=placement(1), offload_folder=str(tmp_path / "offload1"), **kwargs
+    ).eval()
     params = [id(p) for p in offloaded.parameters()]
     with pytest.raises(ShortGPTError, match="cannot fold a map into .* offloaded or quantized"):
         prune(offloaded, layers=[2, 3], recovery="linear", recovery_data=TOKENS, recovery_options=dict(progress=False))
@@ -346,7 +430,11 @@ def test_a_recipe_is_refused_for_trained_weights_it_could_not_rebuild(tmp_path):
 
     model = repaired("llama", removed=[2])
     steps = [*model.config.shortgpt["recovery"], {"method": "lora", "steps": 3}]
-    model.config.shortgpt = {**model.config.shortgpt, "recovery": steps, "base_model_name_or_path": str(tmp_path / "base")}
+    model.config.shortgpt = {
+        **model.config.shortgpt,
+        "recovery": steps,
+        "base_model_name_or_path": str(tmp_path / "base"),
+    }
     with pytest.raises(ShortGPTError, match="recovered with lora, which a recipe cannot rebuild"):
         save_recipe(model, tmp_path / "recipe")
     assert not (tmp_path / "recipe").exists()

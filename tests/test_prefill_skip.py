@@ -5,7 +5,16 @@ import torch
 from tiny_models import NUM_LAYERS, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from shortgpt_hf import PrunedForCausalLM, ShortGPTConfig, ShortGPTError, disable_prefill_skip, enable_prefill_skip, prune, save_recipe, score_layers
+from shortgpt_hf import (
+    PrunedForCausalLM,
+    ShortGPTConfig,
+    ShortGPTError,
+    disable_prefill_skip,
+    enable_prefill_skip,
+    prune,
+    save_recipe,
+    score_layers,
+)
 from shortgpt_hf.layers import layers_as_identity
 from shortgpt_hf.prefill_skip import SUPPORTED_FAMILIES
 
@@ -114,7 +123,9 @@ def test_mode_roundtrips_through_recipes_and_checkpoints(tmp_path):
         assert ShortGPTConfig.from_model(loaded) == record
         assert len(loaded.model.layers) == NUM_LAYERS
         assert torch.equal(loaded.generate(IDS, **GREEDY), expected)
-    on_load = PrunedForCausalLM.from_pretrained(tmp_path / "base", removed_layers=SKIP, mode="prefill_skip", attn_implementation="eager")
+    on_load = PrunedForCausalLM.from_pretrained(
+        tmp_path / "base", removed_layers=SKIP, mode="prefill_skip", attn_implementation="eager"
+    )
     assert ShortGPTConfig.from_model(on_load).prefill_boundary is True
     enable_prefill_skip(model, SKIP, boundary=True)
     assert torch.equal(on_load.generate(IDS, **GREEDY), model.generate(IDS, **GREEDY))
@@ -122,7 +133,7 @@ def test_mode_roundtrips_through_recipes_and_checkpoints(tmp_path):
 
 def matching_prefix(generated, reference):
     lengths = []
-    for a, b in zip(generated.tolist(), reference.tolist()):
+    for a, b in zip(generated.tolist(), reference.tolist(), strict=True):
         n = 0
         while n < len(a) and a[n] == b[n]:
             n += 1
@@ -169,11 +180,16 @@ def test_dispatched_model_with_disk_offload(tmp_path):
     model.save_pretrained(tmp_path / "base")
     layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
     dispatched = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base", device_map="auto", max_memory={"cpu": model.model.embed_tokens.weight.numel() * 4 + 3 * layer_bytes},
-        offload_folder=str(tmp_path / "offload"), attn_implementation="eager",
+        tmp_path / "base",
+        device_map="auto",
+        max_memory={"cpu": model.model.embed_tokens.weight.numel() * 4 + 3 * layer_bytes},
+        offload_folder=str(tmp_path / "offload"),
+        attn_implementation="eager",
     )
     assert "disk" in dispatched.hf_device_map.values()
-    assert hasattr(dispatched, "_old_forward") and all(hasattr(dispatched.model.layers[i], "_old_forward") for i in SKIP)
+    assert hasattr(dispatched, "_old_forward") and all(
+        hasattr(dispatched.model.layers[i], "_old_forward") for i in SKIP
+    )
     for m in (model, dispatched):
         enable_prefill_skip(m, SKIP)
     assert torch.equal(dispatched.generate(IDS, **GREEDY), model.generate(IDS, **GREEDY))

@@ -53,18 +53,35 @@ out["layers"] = {k: m.config.num_hidden_layers for k, m in loaded.items()}
 card = ModelCard.load("tester/tiny-pruned")
 out["card"] = {"base_model": card.data.base_model, "tags": card.data.tags, "library_name": card.data.library_name}
 
-again = push_to_hub(loaded["pruned_recipe"], "tester/tiny-recipe", kind="recipe", eval_results=[{"task": "perplexity", "metric": "perplexity", "dense": 10.0, "pruned": 12.5}])
+again = push_to_hub(
+    loaded["pruned_recipe"],
+    "tester/tiny-recipe",
+    kind="recipe",
+    eval_results=[{"task": "perplexity", "metric": "perplexity", "dense": 10.0, "pruned": 12.5}],
+)
 out["again_url"] = again
 
 # The user edits the card on the Hub (a tag and a result of their own); our next push adds to them.
 card = ModelCard.load("tester/tiny-pruned")
 card.data.tags = card.data.tags + ["my-tag"]
-card.data.eval_results = [EvalResult(task_type="text-generation", dataset_type="my-set", dataset_name="my-set", metric_type="accuracy", metric_value=0.5)]
+card.data.eval_results = [
+    EvalResult(
+        task_type="text-generation",
+        dataset_type="my-set",
+        dataset_name="my-set",
+        metric_type="accuracy",
+        metric_value=0.5,
+    )
+]
 card.text = card.text + "\n\nNotes of my own.\n"
 card.push_to_hub("tester/tiny-pruned")
 push_to_hub(model, "tester/tiny-pruned", eval_results=[{"task": "perplexity", "metric": "perplexity", "pruned": 12.5}])
 merged = ModelCard.load("tester/tiny-pruned", ignore_metadata_errors=True)
-out["merged"] = {"tags": merged.data.tags, "results": sorted((r.dataset_name, r.metric_type, r.metric_value) for r in merged.data.eval_results), "notes": "Notes of my own." in merged.text}
+out["merged"] = {
+    "tags": merged.data.tags,
+    "results": sorted((r.dataset_name, r.metric_type, r.metric_value) for r in merged.data.eval_results),
+    "notes": "Notes of my own." in merged.text,
+}
 
 # A recipe named by its Hub id is pushed on as a recipe.
 push_to_hub("tester/tiny-recipe", "tester/recipe-copy")
@@ -82,13 +99,22 @@ print(json.dumps(out))
 def hub(tmp_path):
     with HubServer(token=TOKEN) as server:
         home = tmp_path / "hf_home"  # the client also writes xet logs and a registry cache under HF_HOME
-        server.env = dict(os.environ, HF_ENDPOINT=server.endpoint, HF_TOKEN=TOKEN, HF_HOME=str(home), HF_HUB_CACHE=str(home / "hub"), HF_HUB_OFFLINE="0")
+        server.env = dict(
+            os.environ,
+            HF_ENDPOINT=server.endpoint,
+            HF_TOKEN=TOKEN,
+            HF_HOME=str(home),
+            HF_HUB_CACHE=str(home / "hub"),
+            HF_HUB_OFFLINE="0",
+        )
         yield server
 
 
 def test_push_and_load_back_over_http(hub, tmp_path):
     tests_dir = os.path.dirname(__file__)
-    result = subprocess.run([sys.executable, "-c", CLIENT, tests_dir], capture_output=True, text=True, env=hub.env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", CLIENT, tests_dir], capture_output=True, text=True, env=hub.env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     base_sha = hub.commits("tester/tiny-base")[-1].sha
@@ -96,14 +122,23 @@ def test_push_and_load_back_over_http(hub, tmp_path):
 
     full = hub.files("tester/tiny-pruned")
     assert {"config.json", "model.safetensors", "README.md"} <= set(full)
-    assert full["layer_scores.png"][:4] == b"\x89PNG" and "![bi per layer](layer_scores.png)" in full["README.md"].decode()
+    assert (
+        full["layer_scores.png"][:4] == b"\x89PNG" and "![bi per layer](layer_scores.png)" in full["README.md"].decode()
+    )
     for name in ("config.json", "model.safetensors"):
         assert full[name] == open(os.path.join(out["local"], name), "rb").read(), f"{name} must arrive byte for byte"
     # the repo's initial commit, then one commit per push: ours, the user's card edit, ours again (a PR is not on main)
-    assert [c.message.split(" (")[0] for c in hub.commits("tester/tiny-pruned")] == ["initial commit", "Upload ShortGPT-pruned model", "Upload README.md with huggingface_hub", "Upload ShortGPT-pruned model"]
+    assert [c.message.split(" (")[0] for c in hub.commits("tester/tiny-pruned")] == [
+        "initial commit",
+        "Upload ShortGPT-pruned model",
+        "Upload README.md with huggingface_hub",
+        "Upload ShortGPT-pruned model",
+    ]
     recipe = hub.files("tester/tiny-recipe")
     assert "shortgpt_config.json" in recipe and "model.safetensors" not in recipe
-    assert json.loads(recipe["config.json"])["model_type"] == "shortgpt_recipe", "a recipe's config.json only marks it for AutoConfig"
+    assert json.loads(recipe["config.json"])["model_type"] == "shortgpt_recipe", (
+        "a recipe's config.json only marks it for AutoConfig"
+    )
 
     assert out["max_diff"] == {"auto_full": 0.0, "pruned_full": 0.0, "pruned_recipe": 0.0, "auto_recipe": 0.0}
     assert set(out["layers"].values()) == {4}
@@ -118,11 +153,16 @@ def test_push_and_load_back_over_http(hub, tmp_path):
 
     merged = out["merged"]
     assert "my-tag" in merged["tags"] and {"shortgpt", "layer-pruning", "pruned"} <= set(merged["tags"])
-    assert merged["results"] == [["-", "perplexity", 12.5], ["my-set", "accuracy", 0.5]], "our result is added to the user's"
+    assert merged["results"] == [["-", "perplexity", 12.5], ["my-set", "accuracy", 0.5]], (
+        "our result is added to the user's"
+    )
     assert merged["notes"], "text the user added outside our section stays"
     assert {"shortgpt", "layer-pruning", "pruned"} <= set(out["plain_tags"])
     copy = hub.files("tester/recipe-copy")
-    assert json.loads(copy["shortgpt_config.json"])["removed_layers"] == json.loads(recipe["shortgpt_config.json"])["removed_layers"]
+    assert (
+        json.loads(copy["shortgpt_config.json"])["removed_layers"]
+        == json.loads(recipe["shortgpt_config.json"])["removed_layers"]
+    )
     assert "model.safetensors" not in copy
 
 
@@ -147,12 +187,23 @@ def test_bad_input_and_server_failure(hub, tmp_path, monkeypatch):
     assert result.stderr.strip().splitlines()[-1].startswith("shortgpt: error: upload to tester/broken failed")
     assert hub.files("tester/broken") == {}, "a failed commit must leave nothing behind"
     (tmp_path / "bad_eval.json").write_text("[1, 2]")
-    result = subprocess.run(cli + ["--eval", str(tmp_path / "bad_eval.json")], capture_output=True, text=True, env=hub.env)
-    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("shortgpt: error:") and "not an evaluation report" in result.stderr
+    result = subprocess.run(
+        cli + ["--eval", str(tmp_path / "bad_eval.json")], capture_output=True, text=True, env=hub.env
+    )
+    assert (
+        result.returncode == 2
+        and result.stderr.strip().splitlines()[-1].startswith("shortgpt: error:")
+        and "not an evaluation report" in result.stderr
+    )
     # The retry succeeds, with a `shortgpt eval --with-base` report in the card.
     dense = EvalReport("base", [EvalResult("perplexity", "shakespeare-heldout", "perplexity", 51.76, False, 8191)])
-    EvalReport("pruned", [EvalResult("perplexity", "shakespeare-heldout", "perplexity", 150.5, False, 8191)], baseline=dense).to_json(tmp_path / "eval.json")
+    EvalReport(
+        "pruned", [EvalResult("perplexity", "shakespeare-heldout", "perplexity", 150.5, False, 8191)], baseline=dense
+    ).to_json(tmp_path / "eval.json")
     result = subprocess.run(cli + ["--eval", str(tmp_path / "eval.json")], capture_output=True, text=True, env=hub.env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "config.json" in hub.files("tester/broken")
-    assert "| perplexity | shakespeare-heldout | perplexity | 51.76 | 150.5 |" in hub.files("tester/broken")["README.md"].decode()
+    assert (
+        "| perplexity | shakespeare-heldout | perplexity | 51.76 | 150.5 |"
+        in hub.files("tester/broken")["README.md"].decode()
+    )

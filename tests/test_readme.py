@@ -39,8 +39,10 @@ bpe = Tokenizer(models.BPE(unk_token="<unk>"))
 bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
 bpe.decoder = decoders.ByteLevel()
 bpe.train_from_iterator(calibration_texts(), trainers.BpeTrainer(
-    vocab_size=512, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    vocab_size=512, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                    unk_token="<unk>")
 config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=30, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                      tie_word_embeddings=True)
@@ -53,27 +55,39 @@ shortgpt_hf.load_builtin = lambda name="smollm2-135m", **kwargs: load_model(str(
 
 Path("train.txt").write_text(calibration_texts()[0][:20000])
 Path("heldout.txt").write_text(heldout_texts()[0][:8000])
-Path("facts.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in FACTS))
+Path("facts.jsonl").write_text(
+    "".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in FACTS))
 Path("my_tasks").mkdir()
-Path("my_tasks/my_task.yaml").write_text(LOCAL_TASK.format(data=Path("facts.jsonl").resolve()).replace("task: tiny_facts", "task: my_task"))
+Path("my_tasks/my_task.yaml").write_text(
+    LOCAL_TASK.format(data=Path("facts.jsonl").resolve()).replace("task: tiny_facts", "task: my_task"))
 """
 
 
 def test_the_readme_has_the_snippets_this_test_expects():
     assert len(BLOCKS) >= 7, "the README lost Python examples; update this test's expectations"
-    assert "task: tiny_facts" in __import__("test_evaluation").LOCAL_TASK, "the local lm-eval task is renamed for the README's my_task"
+    assert "task: tiny_facts" in __import__("test_evaluation").LOCAL_TASK, (
+        "the local lm-eval task is renamed for the README's my_task"
+    )
 
 
 @pytest.mark.slow
 def test_readme_python_snippets_run(tmp_path):
-    program = PRELUDE + "".join(f"\nprint('--- README block {i}', flush=True)\n{block}" for i, block in enumerate(BLOCKS, 1))
+    program = PRELUDE + "".join(
+        f"\nprint('--- README block {i}', flush=True)\n{block}" for i, block in enumerate(BLOCKS, 1)
+    )
     (tmp_path / "work").mkdir()
     with HubServer(token=TOKEN) as hub:
         env = os.environ | dict(
-            HF_ENDPOINT=hub.endpoint, HF_TOKEN=TOKEN, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"), TESTS=str(Path(__file__).parent)
+            HF_ENDPOINT=hub.endpoint,
+            HF_TOKEN=TOKEN,
+            HF_HUB_OFFLINE="0",
+            HF_HOME=str(tmp_path / "hf_home"),
+            TESTS=str(Path(__file__).parent),
         )
         code = "import os; TESTS = os.environ['TESTS']\n" + program
-        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "work", env=env, capture_output=True, text=True, timeout=1200)
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path / "work", env=env, capture_output=True, text=True, timeout=1200
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
         assert result.stdout.count("--- README block") == len(BLOCKS)
         pushed = {repo: set(hub.files(repo)) for repo in ("your-name/smollm2-135m-shortgpt", "me/smollm2-shortgpt")}

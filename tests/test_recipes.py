@@ -9,12 +9,20 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from conftest import removed_keys
+from safetensors.torch import load_file, save_file
 from tiny_models import NUM_LAYERS, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shortgpt_hf import PrunedForCausalLM, ShortGPTConfig, ShortGPTError, find_decoder_layers, prune, save_pruned, save_recipe
+from shortgpt_hf import (
+    PrunedForCausalLM,
+    ShortGPTConfig,
+    ShortGPTError,
+    find_decoder_layers,
+    prune,
+    save_pruned,
+    save_recipe,
+)
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
 REMOVED = [0, 3, NUM_LAYERS - 1]
@@ -50,7 +58,9 @@ def test_hybrid_recipes_load_only_kept_layers(family, removed, tmp_path, tensor_
 def test_impossible_recipe_is_refused_before_reading_weights(tmp_path, tensor_reads):
     tiny_model("jamba").save_pretrained(tmp_path / "base")
     tensor_reads.clear()
-    with pytest.raises(ShortGPTError, match="expert_layer_period/expert_layer_offset"):  # MoE layers 1, 3 would become 0, 1
+    with pytest.raises(
+        ShortGPTError, match="expert_layer_period/expert_layer_offset"
+    ):  # MoE layers 1, 3 would become 0, 1
         PrunedForCausalLM.from_pretrained(tmp_path / "base", removed_layers=[0, 2, 5])
     assert not tensor_reads
 
@@ -78,7 +88,9 @@ def test_three_loading_forms_equal_in_memory_prune(base_dir, tmp_path):
         assert len(find_decoder_layers(loaded).layers) == NUM_LAYERS - len(REMOVED)
         torch.testing.assert_close(loaded(input_ids=IDS).logits, expected, atol=1e-6, rtol=1e-6)
         kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-        assert torch.equal(loaded.generate(IDS[:, :5], **kwargs), loaded.generate(IDS[:, :5], use_cache=False, **kwargs))
+        assert torch.equal(
+            loaded.generate(IDS[:, :5], **kwargs), loaded.generate(IDS[:, :5], use_cache=False, **kwargs)
+        )
 
 
 def test_loaded_recipe_saves_as_native_checkpoint(base_dir, tmp_path):
@@ -120,13 +132,20 @@ def test_device_map_auto_places_only_kept_layers(tmp_path, tensor_reads):
     layer_bytes = sum(p.numel() * 4 for p in base.model.layers[0].parameters())
     budget = base.model.embed_tokens.weight.numel() * 4 + 2 * layer_bytes
     loaded = PrunedForCausalLM.from_pretrained(
-        tmp_path / "base", removed_layers=REMOVED, device_map="auto", max_memory={"cpu": budget}, offload_folder=str(tmp_path / "offload"), **EAGER
+        tmp_path / "base",
+        removed_layers=REMOVED,
+        device_map="auto",
+        max_memory={"cpu": budget},
+        offload_folder=str(tmp_path / "offload"),
+        **EAGER,
     )
     placed = {k: v for k, v in loaded.hf_device_map.items() if k.startswith("model.layers.")}
     assert "disk" in placed.values() and "cpu" in loaded.hf_device_map.values(), loaded.hf_device_map
     assert sorted(int(k.split(".")[2]) for k in placed) == list(range(NUM_LAYERS - len(REMOVED)))
     assert removed_keys(tensor_reads, REMOVED) == []
-    torch.testing.assert_close(loaded(input_ids=IDS).logits, in_memory(tmp_path / "base")(input_ids=IDS).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        loaded(input_ids=IDS).logits, in_memory(tmp_path / "base")(input_ids=IDS).logits, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_real_smollm2_recipe_on_builtin_base(smollm2, tmp_path):
@@ -142,7 +161,10 @@ def test_real_smollm2_recipe_on_builtin_base(smollm2, tmp_path):
 
 
 def write_recipe(path, **changes):
-    record = dict(ShortGPTConfig(removed_layers=[1], original_num_hidden_layers=NUM_LAYERS, model_type="llama").to_dict(), **changes)
+    record = dict(
+        ShortGPTConfig(removed_layers=[1], original_num_hidden_layers=NUM_LAYERS, model_type="llama").to_dict(),
+        **changes,
+    )
     path.mkdir(parents=True, exist_ok=True)
     (path / "shortgpt_config.json").write_text(json.dumps(record))
     return path
@@ -152,7 +174,10 @@ def write_recipe(path, **changes):
     "changes, message",
     [
         (dict(base_model_name_or_path="{tmp}/missing"), "base model is unavailable: no such folder"),
-        (dict(base_model_name_or_path="nobody/no-such-model"), "base model is unavailable: 'nobody/no-such-model' is not a local folder, and no model"),
+        (
+            dict(base_model_name_or_path="nobody/no-such-model"),
+            "base model is unavailable: 'nobody/no-such-model' is not a local folder, and no model",
+        ),
         (dict(base_model_name_or_path=None), "names no base model"),
         (dict(base_model_name_or_path="{base}", model_type="qwen3"), "for a qwen3 model but base"),
         (dict(base_model_name_or_path="{base}", original_num_hidden_layers=8), "expects 8 layers but base"),
@@ -162,7 +187,10 @@ def write_recipe(path, **changes):
 def test_recipe_checked_against_base(tmp_path, changes, message):
     tiny_model("llama").save_pretrained(tmp_path / "base")
     in_memory(tmp_path / "base", [0]).save_pretrained(tmp_path / "pruned")
-    changes = {k: v.format(tmp=tmp_path, base=tmp_path / "base", pruned=tmp_path / "pruned") if isinstance(v, str) else v for k, v in changes.items()}
+    changes = {
+        k: v.format(tmp=tmp_path, base=tmp_path / "base", pruned=tmp_path / "pruned") if isinstance(v, str) else v
+        for k, v in changes.items()
+    }
     with pytest.raises(ShortGPTError, match=message):
         PrunedForCausalLM.from_pretrained(write_recipe(tmp_path / "recipe", **changes))
 
@@ -184,7 +212,10 @@ def test_bad_recipe_files(tmp_path):
         save_recipe(tiny_model("llama"), tmp_path / "r")
     write_recipe(tmp_path / "occupied")
     with pytest.raises(ShortGPTError, match="not empty"):
-        save_recipe(ShortGPTConfig(removed_layers=[1], original_num_hidden_layers=4, base_model_name_or_path="x"), tmp_path / "occupied")
+        save_recipe(
+            ShortGPTConfig(removed_layers=[1], original_num_hidden_layers=4, base_model_name_or_path="x"),
+            tmp_path / "occupied",
+        )
 
 
 HUB_SCRIPT = r"""
@@ -193,13 +224,16 @@ from shortgpt_hf import PrunedForCausalLM, ShortGPTError
 root, good, missing = sys.argv[1], sys.argv[2], sys.argv[3]
 ids = torch.arange(3, 15).reshape(2, 6)
 out = {}
-out["by_id"] = PrunedForCausalLM.from_pretrained("tiny-org/tiny-recipe", attn_implementation="eager")(input_ids=ids).logits.tolist()
-out["local"] = PrunedForCausalLM.from_pretrained(root + "/pinned", attn_implementation="eager")(input_ids=ids).logits.tolist()
+out["by_id"] = PrunedForCausalLM.from_pretrained(
+    "tiny-org/tiny-recipe", attn_implementation="eager")(input_ids=ids).logits.tolist()
+out["local"] = PrunedForCausalLM.from_pretrained(
+    root + "/pinned", attn_implementation="eager")(input_ids=ids).logits.tolist()
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     PrunedForCausalLM.from_pretrained(root + "/stale", attn_implementation="eager")
 out["stale_warning"] = [str(w.message) for w in caught if missing in str(w.message)]
-out["base_revision"] = PrunedForCausalLM.from_pretrained("tiny-org/tiny-base", removed_layers=[1]).config.shortgpt["base_revision"]
+out["base_revision"] = PrunedForCausalLM.from_pretrained(
+    "tiny-org/tiny-base", removed_layers=[1]).config.shortgpt["base_revision"]
 print(json.dumps(out))
 """
 
@@ -218,14 +252,22 @@ def test_hub_ids_resolve_through_the_cache_offline(tmp_path):
 
     base = tiny_model("llama")
     base.save_pretrained(cached_repo("tiny-org/tiny-base", good))
-    record = ShortGPTConfig(removed_layers=[0, 4], original_num_hidden_layers=NUM_LAYERS, model_type="llama", base_model_name_or_path="tiny-org/tiny-base", base_revision=good)
+    record = ShortGPTConfig(
+        removed_layers=[0, 4],
+        original_num_hidden_layers=NUM_LAYERS,
+        model_type="llama",
+        base_model_name_or_path="tiny-org/tiny-base",
+        base_revision=good,
+    )
     record.save_pretrained(cached_repo("tiny-org/tiny-recipe", "c" * 40))
     record.save_pretrained(tmp_path / "pinned")
     stale = ShortGPTConfig(**{**record.to_dict(), "base_revision": missing})
     stale.save_pretrained(tmp_path / "stale")
 
     env = dict(os.environ, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(tmp_path), good, missing], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", HUB_SCRIPT, str(tmp_path), good, missing], capture_output=True, text=True, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     prune(base, layers=[0, 4])

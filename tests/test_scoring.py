@@ -17,7 +17,10 @@ def reference_terms(model, ids, fn):
     """Per-layer mean of fn(x_in, x_out) from output_hidden_states, for layers 0..L-2
     (the last hidden state is after the final norm, so the last layer is not comparable)."""
     hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
-    return [fn(hidden[i].reshape(-1, hidden[i].shape[-1]), hidden[i + 1].reshape(-1, hidden[i].shape[-1])).mean().item() for i in range(len(hidden) - 2)]
+    return [
+        fn(hidden[i].reshape(-1, hidden[i].shape[-1]), hidden[i + 1].reshape(-1, hidden[i].shape[-1])).mean().item()
+        for i in range(len(hidden) - 2)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -53,7 +56,10 @@ def test_angular_blocks_follow_gromov():
     result = score_layers(model, TOKENS, "angular", seq_len=16, block_size=2, progress=False)
     hidden = model(input_ids=TOKENS, output_hidden_states=True).hidden_states
     flat = [h.reshape(-1, 32) for h in hidden]
-    expected = [(torch.arccos(F.cosine_similarity(flat[s], flat[s + 2], dim=-1).clamp(-1, 1)) / math.pi).mean().item() for s in range(NUM_LAYERS - 2)]
+    expected = [
+        (torch.arccos(F.cosine_similarity(flat[s], flat[s + 2], dim=-1).clamp(-1, 1)) / math.pi).mean().item()
+        for s in range(NUM_LAYERS - 2)
+    ]
     assert len(result.scores) == NUM_LAYERS - 1
     assert result.scores[: NUM_LAYERS - 2] == pytest.approx(expected, abs=1e-5)
     start = min(range(len(result.scores)), key=result.scores.__getitem__)
@@ -64,10 +70,16 @@ def test_angular_blocks_follow_gromov():
 
 def test_padding_is_masked_batch_size_does_not_matter(smollm2):
     model, tok = smollm2
-    texts = ["To be, or not to be, that is the question.", "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.",
-             "Double, double toil and trouble;", "Now is the winter of our discontent made glorious summer by this sun of York.",
-             "All the world's a stage, and all the men and women merely players.", "O Romeo, Romeo!", "We are such stuff as dreams are made on, and our little life is rounded with a sleep.",
-             "The quality of mercy is not strain'd; it droppeth as the gentle rain from heaven."]
+    texts = [
+        "To be, or not to be, that is the question.",
+        "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.",
+        "Double, double toil and trouble;",
+        "Now is the winter of our discontent made glorious summer by this sun of York.",
+        "All the world's a stage, and all the men and women merely players.",
+        "O Romeo, Romeo!",
+        "We are such stuff as dreams are made on, and our little life is rounded with a sleep.",
+        "The quality of mercy is not strain'd; it droppeth as the gentle rain from heaven.",
+    ]
     one = score_layers(model, texts, tokenizer=tok, seq_len=32, batch_size=1, progress=False)
     eight = score_layers(model, texts, tokenizer=tok, seq_len=32, batch_size=8, progress=False)
     assert one.num_tokens == eight.num_tokens
@@ -98,7 +110,10 @@ def test_calibration_forms_agree(tmp_path, smollm2):
     from datasets import Dataset
 
     model, tok = smollm2
-    text = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness. " * 6
+    text = (
+        "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness. "
+        * 6
+    )
     path = tmp_path / "calib.txt"
     path.write_text(text)
     ids = torch.tensor(tok(text, add_special_tokens=False).input_ids)
@@ -126,7 +141,13 @@ def test_windows_never_span_documents():
 
 @pytest.mark.parametrize(
     "calibration, message",
-    [([], "empty"), (["   "], "empty"), (torch.arange(5), "fewer than one window"), ("/no/such/file.txt", "not found"), (3.5, "unsupported calibration")],
+    [
+        ([], "empty"),
+        (["   "], "empty"),
+        (torch.arange(5), "fewer than one window"),
+        ("/no/such/file.txt", "not found"),
+        (3.5, "unsupported calibration"),
+    ],
 )
 def test_bad_calibration(calibration, message):
     with pytest.raises(ShortGPTError, match=message):

@@ -35,15 +35,27 @@ def test_local_folders_of_every_kind(tmp_path, monkeypatch):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
-    for name, kind, pruned in (("dense", "model", False), ("my-model", "model", True), ("./recipe", "recipe", False), ("adapter", "adapter", False)):
+    for name, kind, pruned in (
+        ("dense", "model", False),
+        ("my-model", "model", True),
+        ("./recipe", "recipe", False),
+        ("adapter", "adapter", False),
+    ):
         for form in (name, str(tmp_path / name)):  # relative (with or without ./) and absolute
             source = resolve(form)
             assert (source.where, source.kind, source.pruned) == ("local", kind, pruned), form
             assert source.portable == str((tmp_path / name).resolve()), "records store a path that works from anywhere"
-    assert "recipe folder" in resolve("recipe").describe() and "pruned checkpoint folder" in resolve("my-model").describe()
+    assert (
+        "recipe folder" in resolve("recipe").describe() and "pruned checkpoint folder" in resolve("my-model").describe()
+    )
     (tmp_path / "empty").mkdir()
-    for bad, message in (("empty", "is a folder, but not a model, recipe or PEFT adapter"), ("./missing", "no such folder"),
-                         ("a/b/c", "no such folder"), ("~/surely-missing-folder", "no such folder"), ("bad name!", "nor a valid Hub id")):
+    for bad, message in (
+        ("empty", "is a folder, but not a model, recipe or PEFT adapter"),
+        ("./missing", "no such folder"),
+        ("a/b/c", "no such folder"),
+        ("~/surely-missing-folder", "no such folder"),
+        ("bad name!", "nor a valid Hub id"),
+    ):
         with pytest.raises(ShortGPTError, match=message):
             resolve(bad)
 
@@ -82,7 +94,13 @@ def test_hub_ids_from_the_cache_offline(tmp_path):
     record = ShortGPTConfig(**{**ShortGPTConfig.from_model(model).to_dict(), "base_model_name_or_path": "gpt2"})
     save_recipe(record, cached_repo(hub, "org/recipe"))
     env = dict(os.environ, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", OFFLINE, "gpt2", "org/pruned", "org/recipe"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", OFFLINE, "gpt2", "org/pruned", "org/recipe"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out == {
@@ -90,7 +108,9 @@ def test_hub_ids_from_the_cache_offline(tmp_path):
         "org/pruned": ["hub", "model", COMMIT, True, "org/pruned"],
         "org/recipe": ["hub", "recipe", COMMIT, False, "org/recipe"],
     }
-    result = subprocess.run([sys.executable, "-c", OFFLINE, "org/absent"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", OFFLINE, "org/absent"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert result.returncode != 0 and "HF_HUB_OFFLINE is set" in result.stderr
 
 
@@ -104,9 +124,19 @@ def test_an_unreachable_hub_fails_fast_in_one_line(tmp_path):
         port = s.getsockname()[1]
     env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "home"))
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "shortgpt_hf.cli", "score", "my-model"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "shortgpt_hf.cli", "score", "my-model"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     elapsed = time.perf_counter() - start
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("shortgpt: error:") and "'my-model' is not a local folder" in last and f"127.0.0.1:{port} cannot be reached" in last
+    assert (
+        last.startswith("shortgpt: error:")
+        and "'my-model' is not a local folder" in last
+        and f"127.0.0.1:{port} cannot be reached" in last
+    )
     assert elapsed < 20, f"took {elapsed:.0f} s"

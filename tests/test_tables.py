@@ -34,7 +34,9 @@ def results(ppl: float, acc: float) -> list[EvalResult]:
 
 def test_eval_tables_fit_and_say_how_perplexity_was_measured():
     base = EvalReport("/home/someone/models/smollm2-135m-dense-reference", results(51.76, 0.414))
-    pruned = EvalReport("/home/someone/experiments/smollm2-135m-shortgpt-linear-repair", results(150.5, 0.286), baseline=base)
+    pruned = EvalReport(
+        "/home/someone/experiments/smollm2-135m-shortgpt-linear-repair", results(150.5, 0.286), baseline=base
+    )
     text = rendered(eval_table([pruned]))
     assert fits(text), text
     assert "51.76" in text and "150.5" in text and "general_knowledge acc_norm" in text
@@ -43,13 +45,27 @@ def test_eval_tables_fit_and_say_how_perplexity_was_measured():
     text = rendered(eval_table(several))
     assert fits(text), text
     assert all(f"{100 + i:.4g}" in text for i in range(4))
-    assert "[4] /tmp/runs/variant-3-with-a-long-name" in " ".join(text.split()), "names cut alike are numbered, and spelled out below"
+    assert "[4] /tmp/runs/variant-3-with-a-long-name" in " ".join(text.split()), (
+        "names cut alike are numbered, and spelled out below"
+    )
 
 
 def test_ablation_tables_fit_with_every_method_and_ratio():
-    methods = [("bi", "one-shot"), ("relative_magnitude", "one-shot"), ("relative_magnitude", "iterative"), ("random", "one-shot")]
+    methods = [
+        ("bi", "one-shot"),
+        ("relative_magnitude", "one-shot"),
+        ("relative_magnitude", "iterative"),
+        ("random", "one-shot"),
+    ]
     runs = [
-        AblationRun(metric, schedule, ratio, list(range(3, 3 + n)) + [25, 26], results(1.4e8 if metric == "random" else 150.5, 0.1), recovery)
+        AblationRun(
+            metric,
+            schedule,
+            ratio,
+            list(range(3, 3 + n)) + [25, 26],
+            results(1.4e8 if metric == "random" else 150.5, 0.1),
+            recovery,
+        )
         for metric, schedule in methods
         for ratio, n in ((0.1, 1), (0.2, 4), (0.25, 6), (0.3, 7))
         for recovery in ("none", "linear+lora")
@@ -67,7 +83,14 @@ def test_ablation_tables_fit_with_every_method_and_ratio():
 
 
 def test_score_table_fits():
-    scores = LayerScores("relative_magnitude", [0.01 * i for i in range(30)], 30, 8192, "shakespeare:hamlet+macbeth+julius_caesar+tempest", 256)
+    scores = LayerScores(
+        "relative_magnitude",
+        [0.01 * i for i in range(30)],
+        30,
+        8192,
+        "shakespeare:hamlet+macbeth+julius_caesar+tempest",
+        256,
+    )
     text = rendered(score_table(scores, {3, 4}, original=list(range(30))))
     assert fits(text), text
     assert "8,192 tokens" in text

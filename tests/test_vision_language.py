@@ -57,7 +57,7 @@ def test_full_checkpoint_saves_verified_and_card_names_the_class(base_dir, tmp_p
     torch.testing.assert_close(reloaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
     card = model_card(model, repo_id="me/tiny-vlm-pruned")
     assert card.data.pipeline_tag == "image-text-to-text"
-    assert "AutoModelForImageTextToText.from_pretrained(\"me/tiny-vlm-pruned\")" in card.text
+    assert 'AutoModelForImageTextToText.from_pretrained("me/tiny-vlm-pruned")' in card.text
     assert "AutoProcessor" in card.text and "AutoModelForCausalLM" not in card.text
 
 

@@ -23,10 +23,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..evaluation import HEADLINE
 from ..calibration import CalibrationData, TokenWindows, is_tokenized, prepare_calibration
 from ..config import ShortGPTConfig
 from ..errors import ShortGPTError
+from ..evaluation import HEADLINE
 from ..loading import tokenizer_for
 
 
@@ -43,14 +43,20 @@ class RecoveryMethod(ABC):
     needs_removed_layers: ClassVar[bool] = False
 
     def check(self, model: nn.Module, **options: Any) -> None:
-        """Refuse bad options or an unsupported model before any data is prepared (cheap)."""
+        """Refuse bad options or an unsupported model before any data is prepared (cheap).
+
+        Optional: the default accepts everything; a subclass overrides it to refuse early.
+        """
+        return None
 
     def fit(self, model: nn.Module, removing: list[int], windows: TokenWindows, tokenizer: Any, **options: Any) -> Any:
         """Measure, on the model before ``removing`` (current indices) are removed, what `apply` needs."""
         raise NotImplementedError(f"recovery method {self.name!r} does not fit on removed layers")
 
     @abstractmethod
-    def apply(self, model: nn.Module, windows: TokenWindows, tokenizer: Any, **options: Any) -> tuple[nn.Module, dict[str, Any]]:
+    def apply(
+        self, model: nn.Module, windows: TokenWindows, tokenizer: Any, **options: Any
+    ) -> tuple[nn.Module, dict[str, Any]]:
         """Recover ``model`` from calibration ``windows``; return the recovered model and what to record."""
 
 
@@ -132,7 +138,11 @@ def run(model: nn.Module, step: RecoveryStep, fitted: Any = None) -> nn.Module:
     entry = {"method": step.method.name, **details, "data": step.windows.description}
     if before is not None:
         after = perplexity(recovered, step.tokenizer, step.eval_data, **ppl)
-        entry.update(perplexity_before=round(before, 4), perplexity_after=round(after, 4), perplexity_settings=settings.describe())
+        entry.update(
+            perplexity_before=round(before, 4),
+            perplexity_after=round(after, 4),
+            perplexity_settings=settings.describe(),
+        )
     base = recovered_base(recovered)
     base.config.shortgpt = {**base.config.shortgpt, "recovery": [*(base.config.shortgpt.get("recovery") or []), entry]}
     return recovered
@@ -167,5 +177,15 @@ def recover(
             f"recovery method {method!r} is fitted on the layers being removed, which this model no longer has: "
             f"prune with prune(model, ..., recovery={method!r}) (CLI: shortgpt prune --recovery {method})"
         )
-    step = plan(model, method, data, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens, eval_data=eval_data, eval_tokens=eval_tokens, **options)
+    step = plan(
+        model,
+        method,
+        data,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        eval_data=eval_data,
+        eval_tokens=eval_tokens,
+        **options,
+    )
     return run(model, step)

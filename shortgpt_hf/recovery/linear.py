@@ -137,7 +137,9 @@ class NormalEquations:
         """The least-squares map; ``ridge`` is relative to the mean of ``diag(MᵀM)``."""
         if self.diagonal:
             denom = self.mm + ridge * self.mm.mean()
-            return torch.where(denom > 0, self.mb / denom.clamp_min(1e-300), torch.ones_like(denom))  # a silent channel keeps its scale
+            return torch.where(
+                denom > 0, self.mb / denom.clamp_min(1e-300), torch.ones_like(denom)
+            )  # a silent channel keeps its scale
         d = self.mm.shape[0]
         if ridge == 0 and self.tokens < d:
             raise ShortGPTError(
@@ -176,7 +178,9 @@ def _rows(hidden: Any, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect(model: nn.Module, gaps: list[Gap], windows: TokenWindows, pad_id: int, *, batch_size: int = 8, progress: bool = True) -> dict[Gap, NormalEquations]:
+def collect(
+    model: nn.Module, gaps: list[Gap], windows: TokenWindows, pad_id: int, *, batch_size: int = 8, progress: bool = True
+) -> dict[Gap, NormalEquations]:
     """One calibration pass that gathers the normal equations of every gap in ``gaps``.
 
     Hooks read, per batch: each kept layer ``p``'s update ``M`` (its fold
@@ -211,7 +215,9 @@ def collect(model: nn.Module, gaps: list[Gap], windows: TokenWindows, pad_id: in
         if p < 0:  # the embeddings' output is layer 0's input: M = Y, so B = L
             handles.append(found.layers[0].register_forward_pre_hook(keep(p, "y"), with_kwargs=True))
         else:
-            handles.append(found.layers[p].get_submodule(fold.output).register_forward_hook(keep(p, "m"), with_kwargs=True))
+            handles.append(
+                found.layers[p].get_submodule(fold.output).register_forward_hook(keep(p, "m"), with_kwargs=True)
+            )
             handles.append(found.layers[p].register_forward_hook(keep(p, "y"), with_kwargs=True))
 
     def gap_end(ends: list[Gap]):
@@ -226,7 +232,9 @@ def collect(model: nn.Module, gaps: list[Gap], windows: TokenWindows, pad_id: in
         return hook
 
     for last in sorted({g.last for g in gaps}):
-        handles.append(found.layers[last].register_forward_hook(gap_end([g for g in gaps if g.last == last]), with_kwargs=True))
+        handles.append(
+            found.layers[last].register_forward_hook(gap_end([g for g in gaps if g.last == last]), with_kwargs=True)
+        )
 
     def stop(module, args, kwargs, output):  # nothing after the deepest gap is needed: skip the rest of the model
         raise _Done
@@ -283,10 +291,15 @@ def _fold_targets(model: nn.Module, layer_index: int, fold: Fold) -> list[tuple[
     for name, module in output.named_modules():
         if isinstance(module, nn.Linear) and name.rpartition(".")[2] == fold.weights:
             targets += [(module, "weight")] + ([(module, "bias")] if module.bias is not None else [])
-        elif isinstance(module._parameters.get(fold.weights), nn.Parameter) and module._parameters[fold.weights].dim() == 3:
+        elif (
+            isinstance(module._parameters.get(fold.weights), nn.Parameter)
+            and module._parameters[fold.weights].dim() == 3
+        ):
             targets.append((module, fold.weights))  # stacked experts, [experts, out, in]
     if not targets:
-        raise ShortGPTError(f"{describe(model)}: found no {fold.weights!r} under layer {layer_index}'s {fold.output} to fold a map into")
+        raise ShortGPTError(
+            f"{describe(model)}: found no {fold.weights!r} under layer {layer_index}'s {fold.output} to fold a map into"
+        )
     return targets
 
 
@@ -324,7 +337,10 @@ def fold_maps(model: nn.Module, maps: list[LinearMap]) -> None:
         for module, name in _fold_targets(model, index, fold if index >= 0 else Fold(diagonal=linear_map.diagonal)):
             param = module._parameters[name]
             if param.device.type == "meta" or not param.dtype.is_floating_point or param.dtype.itemsize < 2:
-                raise ShortGPTError(f"cannot fold a map into {describe(model)}'s {type(module).__name__}.{name}: it is offloaded or quantized")
+                raise ShortGPTError(
+                    f"cannot fold a map into {describe(model)}'s {type(module).__name__}.{name}: "
+                    "it is offloaded or quantized"
+                )
             current_value = updates.get((id(module), name), (None, None, param))[2]
             updates[id(module), name] = (module, name, _folded(current_value, linear_map.map, fold, name, index < 0))
     for module, name, tensor in updates.values():
@@ -347,7 +363,13 @@ def attach_maps(model: nn.Module, maps: dict[str, torch.Tensor]) -> None:
 
 def map_keys(record: ShortGPTConfig) -> list[str]:
     """The keys of the stored maps a record's linear steps name (empty when it has none)."""
-    return [gap["key"] for step in record.recovery or [] if step.get("method") == "linear" for gap in step.get("gaps", []) if gap.get("key")]
+    return [
+        gap["key"]
+        for step in record.recovery or []
+        if step.get("method") == "linear"
+        for gap in step.get("gaps", [])
+        if gap.get("key")
+    ]
 
 
 def save_maps(model: nn.Module, record: ShortGPTConfig, folder: Path) -> None:
@@ -391,11 +413,28 @@ def maps_from_record(record: ShortGPTConfig, tensors: dict[str, torch.Tensor]) -
             if key not in tensors:
                 raise ShortGPTError(f"the recipe's linear repair names map {key!r}, which its {MAPS_FILE} lacks")
             t = tensors[key]
-            maps.append(LinearMap(gap["removed"], gap["after"], t, t.dim() == 1, gap["relative_error_plain"], gap["relative_error_repaired"]))
+            maps.append(
+                LinearMap(
+                    gap["removed"],
+                    gap["after"],
+                    t,
+                    t.dim() == 1,
+                    gap["relative_error_plain"],
+                    gap["relative_error_repaired"],
+                )
+            )
     return maps
 
 
-def _fit(model: nn.Module, removing: list[int], windows: TokenWindows, pad_id: int, ridge: float, batch_size: int, progress: bool) -> list[LinearMap]:
+def _fit(
+    model: nn.Module,
+    removing: list[int],
+    windows: TokenWindows,
+    pad_id: int,
+    ridge: float,
+    batch_size: int,
+    progress: bool,
+) -> list[LinearMap]:
     record = ShortGPTConfig.from_model(model)
     original = record.kept_layers if record is not None else list(range(len(find_decoder_layers(model).layers)))
     gaps = gaps_of(removing)
@@ -434,9 +473,22 @@ class LinearRecovery(RecoveryMethod):
             raise ShortGPTError(f"ridge must be a non-negative number, got {ridge!r}")
         record = ShortGPTConfig.from_model(model)
         if record is not None and record.mode == "prefill_skip":
-            raise ShortGPTError("this model skips layers during prefill; call disable_prefill_skip(model) before pruning and repairing it")
+            raise ShortGPTError(
+                "this model skips layers during prefill; "
+                "call disable_prefill_skip(model) before pruning and repairing it"
+            )
 
-    def fit(self, model: nn.Module, removing: list[int], windows: TokenWindows, tokenizer: Any, *, ridge: float = 0.0, batch_size: int = 8, progress: bool = True) -> list[LinearMap]:
+    def fit(
+        self,
+        model: nn.Module,
+        removing: list[int],
+        windows: TokenWindows,
+        tokenizer: Any,
+        *,
+        ridge: float = 0.0,
+        batch_size: int = 8,
+        progress: bool = True,
+    ) -> list[LinearMap]:
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         return _fit(model, removing, windows, pad_id, float(ridge), batch_size, progress)
 
@@ -465,7 +517,9 @@ class LinearRecovery(RecoveryMethod):
         attach_maps(model, tensors)
         diagonal = any(m.diagonal for m in fitted if m.map is not None and m.after is not None)
         return model, {
-            "map": "diagonal (folded into the norm after the MLP)" if diagonal else "full (folded into the MLP output projections)",
+            "map": "diagonal (folded into the norm after the MLP)"
+            if diagonal
+            else "full (folded into the MLP output projections)",
             "ridge": float(ridge),
             "tokens": windows.num_tokens,
             "gaps": gaps,
@@ -507,7 +561,11 @@ def repair_aware_order(
             chunk = gaps[start : start + per_pass]
             for gap, eq in collect(model, chunk, windows, pad_id, batch_size=batch_size, progress=progress).items():
                 repairable = gap.before >= 0 or embeddings_ok
-                cost[gap] = eq.residual(eq.solve(ridge, f"the gap at layers {gap.first}..{gap.last}")) if repairable else eq.residual(None)
+                cost[gap] = (
+                    eq.residual(eq.solve(ridge, f"the gap at layers {gap.first}..{gap.last}"))
+                    if repairable
+                    else eq.residual(None)
+                )
 
     def gap_with(i: int, removed: set[int]) -> Gap:
         first, last = i, i

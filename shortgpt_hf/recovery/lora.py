@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..evaluation import HEADLINE
 from ..calibration import CalibrationData, TokenWindows
 from ..config import ShortGPTConfig
 from ..errors import ShortGPTError
+from ..evaluation import HEADLINE
 from ..families import describe, is_vision_language
 from ..layers import find_decoder_layers, input_device
 from .base import RecoveryMethod, recover, register
@@ -79,7 +79,10 @@ def _check_method(method: str, model: nn.Module) -> None:
         if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
             raise ShortGPTError("QLoRA needs a CUDA GPU and the bitsandbytes package; use method='lora' here")
         if not getattr(model, "is_loaded_in_4bit", False):
-            raise ShortGPTError("QLoRA trains on a 4-bit base: load the pruned model with quantization_config=BitsAndBytesConfig(load_in_4bit=True)")
+            raise ShortGPTError(
+                "QLoRA trains on a 4-bit base: load the pruned model with "
+                "quantization_config=BitsAndBytesConfig(load_in_4bit=True)"
+            )
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -97,7 +100,15 @@ class LoraRecovery(RecoveryMethod):
     name = "lora"
 
     def check(
-        self, model: nn.Module, *, quantized: bool = False, kd_weight: float = 0.5, steps: int = 50, temperature: float = 1.0, gradient_accumulation_steps: int = 1, **options: Any
+        self,
+        model: nn.Module,
+        *,
+        quantized: bool = False,
+        kd_weight: float = 0.5,
+        steps: int = 50,
+        temperature: float = 1.0,
+        gradient_accumulation_steps: int = 1,
+        **options: Any,
     ) -> None:
         if is_vision_language(model.config):
             # PEFT's AutoPeftModelForCausalLM could not reload the adapter, and text-only
@@ -105,7 +116,9 @@ class LoraRecovery(RecoveryMethod):
             raise ShortGPTError(f"healing supports text-only causal LMs; {describe(model)} is a vision-language model")
         _check_method("qlora" if quantized else "lora", model)
         if not 0 <= kd_weight <= 1:
-            raise ShortGPTError(f"the distillation weight (kd_weight / --kd-weight) must be between 0 and 1, got {kd_weight}")
+            raise ShortGPTError(
+                f"the distillation weight (kd_weight / --kd-weight) must be between 0 and 1, got {kd_weight}"
+            )
         if steps < 1:
             raise ShortGPTError(f"the number of training steps (steps / --steps) must be at least 1, got {steps}")
         if gradient_accumulation_steps < 1:
@@ -146,13 +159,16 @@ class LoraRecovery(RecoveryMethod):
             warnings.warn(
                 "this pruned model is not saved, so an adapter saved from it with PEFT's save_pretrained would name "
                 f"{model.name_or_path or 'no base'!r} as its base and could not be reloaded: save it with save_pruned "
-                "(or save_recipe) before healing"
+                "(or save_recipe) before healing",
+                stacklevel=2,
             )
         else:
             model.name_or_path = model.config.name_or_path = reference  # PEFT copies it into the adapter as its base
         config = _lora_config(model, peft_config, r, alpha, target_modules, layers, reference)
         torch.manual_seed(seed)
-        with warnings.catch_warnings():  # peft 0.21 asks transformers 5 for a renamed property; nothing for a user to act on
+        with (
+            warnings.catch_warnings()
+        ):  # peft 0.21 asks transformers 5 for a renamed property; nothing for a user to act on
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             peft_model = get_peft_model(model, config)
         if quantized:
@@ -168,10 +184,16 @@ class LoraRecovery(RecoveryMethod):
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
         # Not given to accelerator.prepare, which would step it once per process: it is stepped once per
         # optimizer step below, so the schedule ends at ``steps`` whatever the number of processes.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps)
+        )
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-        loader = DataLoader(windows.windows, batch_size=batch_size, collate_fn=functools.partial(TokenWindows.pad, pad_id=pad_id))
-        peft_model, optimizer, loader = accelerator.prepare(peft_model, optimizer, loader)  # each process gets its own share
+        loader = DataLoader(
+            windows.windows, batch_size=batch_size, collate_fn=functools.partial(TokenWindows.pad, pad_id=pad_id)
+        )
+        peft_model, optimizer, loader = accelerator.prepare(
+            peft_model, optimizer, loader
+        )  # each process gets its own share
         if teacher is not None:
             teacher.eval()
             teacher_device = input_device(teacher)
@@ -183,18 +205,30 @@ class LoraRecovery(RecoveryMethod):
         batches = cycled()
         peft_model.train()
         tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
-        bar = tqdm(range(steps), desc=f"healing ({'CE+KD' if teacher is not None else 'CE'})", disable=not (progress and accelerator.is_main_process))
+        bar = tqdm(
+            range(steps),
+            desc=f"healing ({'CE+KD' if teacher is not None else 'CE'})",
+            disable=not (progress and accelerator.is_main_process),
+        )
         for step in bar:
             for _ in range(gradient_accumulation_steps):
                 ids, mask = next(batches)
                 with accelerator.accumulate(peft_model):
                     logits = peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-                    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+                    loss = F.cross_entropy(
+                        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
+                    )
                     if teacher is not None and kd_weight > 0:
                         with torch.no_grad():
-                            teacher_logits = teacher(input_ids=ids.to(teacher_device), attention_mask=mask.to(teacher_device), use_cache=False).logits.to(logits.device)
-                        loss = (1 - kd_weight) * loss + kd_weight * distill_loss(logits, teacher_logits, mask.float(), temperature)
+                            teacher_logits = teacher(
+                                input_ids=ids.to(teacher_device),
+                                attention_mask=mask.to(teacher_device),
+                                use_cache=False,
+                            ).logits.to(logits.device)
+                        loss = (1 - kd_weight) * loss + kd_weight * distill_loss(
+                            logits, teacher_logits, mask.float(), temperature
+                        )
                     accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad()
@@ -203,7 +237,11 @@ class LoraRecovery(RecoveryMethod):
             scheduler.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if callback is not None:
-                callback(step + 1, accelerator.unwrap_model(peft_model), {"loss": loss.item(), "lr": rate, "process": accelerator.process_index})
+                callback(
+                    step + 1,
+                    accelerator.unwrap_model(peft_model),
+                    {"loss": loss.item(), "lr": rate, "process": accelerator.process_index},
+                )
         peft_model = accelerator.unwrap_model(peft_model)
         peft_model.eval()
         config = peft_model.peft_config[peft_model.active_adapter]
@@ -211,7 +249,9 @@ class LoraRecovery(RecoveryMethod):
             "quantized": quantized,
             "r": config.r,
             "alpha": config.lora_alpha,
-            "target_modules": sorted(config.target_modules) if isinstance(config.target_modules, (set, list)) else config.target_modules,
+            "target_modules": sorted(config.target_modules)
+            if isinstance(config.target_modules, (set, list))
+            else config.target_modules,
             "layers": layers if isinstance(layers, str) else _transformed(config.layers_to_transform),
             "variant": ("DoRA" if config.use_dora else "LoRA") + (", rsLoRA" if config.use_rslora else ""),
             "steps": steps,
@@ -239,7 +279,15 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
-def _lora_config(model: nn.Module, peft_config: Any, r: int | None, alpha: int | None, target_modules: Any, layers: Any, reference: str | None) -> Any:
+def _lora_config(
+    model: nn.Module,
+    peft_config: Any,
+    r: int | None,
+    alpha: int | None,
+    target_modules: Any,
+    layers: Any,
+    reference: str | None,
+) -> Any:
     """The user's own ``LoraConfig`` (DoRA, rsLoRA, chosen targets...), or one built from
     the shortcut arguments; either way it names the pruned base."""
     import copy
@@ -249,7 +297,11 @@ def _lora_config(model: nn.Module, peft_config: Any, r: int | None, alpha: int |
     if peft_config is not None:
         if not isinstance(peft_config, LoraConfig):
             raise ShortGPTError(f"peft_config must be a peft LoraConfig, got {type(peft_config).__name__}")
-        given = [name for name, value in (("r", r), ("alpha", alpha), ("target_modules", target_modules), ("layers", layers)) if value is not None]
+        given = [
+            name
+            for name, value in (("r", r), ("alpha", alpha), ("target_modules", target_modules), ("layers", layers))
+            if value is not None
+        ]
         if given:
             raise ShortGPTError(f"give either peft_config or {', '.join(given)}, not both")
         config = copy.deepcopy(peft_config)  # the user's object stays as it was
@@ -265,9 +317,13 @@ def _lora_config(model: nn.Module, peft_config: Any, r: int | None, alpha: int |
     elif isinstance(layers, (list, tuple)) and layers and all(0 <= int(i) < len(found.layers) for i in layers):
         to_transform = [int(i) for i in layers]
     else:
-        raise ShortGPTError(f"layers must be 'all', 'adjacent' or post-pruning indices in 0..{len(found.layers) - 1}, got {layers!r}")
+        raise ShortGPTError(
+            f"layers must be 'all', 'adjacent' or post-pruning indices in 0..{len(found.layers) - 1}, got {layers!r}"
+        )
     if target_modules is None:  # every linear layer of this family's decoder block (never the output head)
-        target_modules = sorted({name.rsplit(".", 1)[-1] for name, m in found.layers[0].named_modules() if isinstance(m, nn.Linear)})
+        target_modules = sorted(
+            {name.rsplit(".", 1)[-1] for name, m in found.layers[0].named_modules() if isinstance(m, nn.Linear)}
+        )
     return LoraConfig(
         r=8 if r is None else r,
         lora_alpha=16 if alpha is None else alpha,
@@ -317,11 +373,21 @@ def heal(
     if method not in METHODS:
         raise ShortGPTError(f"method must be one of {METHODS}, got {method!r}")
     return recover(
-        model, "lora", data, tokenizer=tokenizer, seq_len=seq_len, eval_data=eval_data, eval_tokens=eval_tokens, quantized=method == "qlora", **options
+        model,
+        "lora",
+        data,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        eval_data=eval_data,
+        eval_tokens=eval_tokens,
+        quantized=method == "qlora",
+        **options,
     )
 
 
-def save_healed(peft_model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *, merge: bool = False, overwrite: bool = False) -> Path:
+def save_healed(
+    peft_model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *, merge: bool = False, overwrite: bool = False
+) -> Path:
     """Save a healed model: the adapter alone (its config names the saved pruned
     base, a checkpoint or a recipe, so ``AutoPeftModelForCausalLM`` rebuilds the
     pruned model), or with ``merge=True`` a native checkpoint that keeps
@@ -344,8 +410,9 @@ def save_healed(peft_model: nn.Module, out_dir: str | Path, tokenizer: Any = Non
                 base_ref = peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path
                 if not base_ref or base_ref != pruned_reference(peft_model.get_base_model()):
                     raise ShortGPTError(
-                        f"the adapter's base ({base_ref or 'none'}) is not where this pruned model is saved: save the pruned model "
-                        "with save_pruned (or save_recipe) before healing, or save with merge=True"
+                        f"the adapter's base ({base_ref or 'none'}) is not where this pruned model is saved: "
+                        "save the pruned model with save_pruned (or save_recipe) before healing, "
+                        "or save with merge=True"
                     )
             check_destination(out_dir, overwrite)
             with explained("the healed model", "saving it"):
