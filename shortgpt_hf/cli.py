@@ -1,7 +1,8 @@
 """The ``shortgpt`` command line: score layers, prune and save.
 
-User mistakes surface as `ShortGPTError` and are printed as one line on stderr
-with exit status 2; no output folder is created before all checks pass.
+User mistakes, faults of the machine or the network, and Ctrl-C all end in one
+``shortgpt: error:`` line on stderr with exit status 2 (see `main`); no output
+folder is created before all checks pass, and none is left half-written.
 """
 
 from __future__ import annotations

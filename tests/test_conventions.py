@@ -99,3 +99,22 @@ def test_every_perplexity_carries_its_settings_to_the_report_and_the_card():
     prune(model, layers=[1])
     card = model_card(model, evaluate(model, tok, ["ppl"], progress=False).card_rows()).text
     assert "perplexity on shakespeare-heldout: first 4,096 tokens, disjoint 256-token windows" in card
+
+
+def test_one_perplexity_from_every_entry_point(tmp_path, capsys, monkeypatch):
+    """perplexity(), evaluate(), ablate's dense row and `shortgpt eval` give the same
+    number for the same model: one definition, one set of defaults."""
+    from shortgpt_hf import EvalReport, ablate, perplexity
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    values = {
+        "perplexity": perplexity(model, tok, progress=False),
+        "evaluate": evaluate(model, tok, ["ppl"], progress=False).get("perplexity", "perplexity"),
+        "ablate": ablate(model, tok, ratios=[0.5], metrics=["sequential"], tasks=["ppl"], progress=False).dense[0].value,
+    }
+    code, _, err = run_cli(capsys, monkeypatch, "eval", tmp_path / "dense", "--tasks", "ppl", "--json", tmp_path / "r.json")
+    assert code in (0, None), err
+    values["shortgpt eval"] = EvalReport.from_json(tmp_path / "r.json").get("perplexity", "perplexity")
+    assert max(values.values()) == pytest.approx(min(values.values()), rel=1e-6), values
