@@ -112,9 +112,12 @@ def test_one_perplexity_from_every_entry_point(tmp_path, capsys, monkeypatch):
     values = {
         "perplexity": perplexity(model, tok, progress=False),
         "evaluate": evaluate(model, tok, ["ppl"], progress=False).get("perplexity", "perplexity"),
-        "ablate": ablate(model, tok, ratios=[0.5], metrics=["sequential"], tasks=["ppl"], progress=False).dense[0].value,
+        "ablate": ablate(model, tok, ratios=[0.5], metrics=["sequential"], tasks=["ppl"], progress=False)
+        .dense[0]
+        .value,
     }
-    code, _, err = run_cli(capsys, monkeypatch, "eval", tmp_path / "dense", "--tasks", "ppl", "--json", tmp_path / "r.json")
+    json_out = tmp_path / "r.json"
+    code, _, err = run_cli(capsys, monkeypatch, "eval", tmp_path / "dense", "--tasks", "ppl", "--json", json_out)
     assert code in (0, None), err
-    values["shortgpt eval"] = EvalReport.from_json(tmp_path / "r.json").get("perplexity", "perplexity")
+    values["shortgpt eval"] = EvalReport.from_json(json_out).get("perplexity", "perplexity")
     assert max(values.values()) == pytest.approx(min(values.values()), rel=1e-6), values
