@@ -13,7 +13,7 @@ from shortgpt_hf import Ablation, ShortGPTError, ablate, prune
 from shortgpt_hf.layers import find_decoder_layers
 
 RUN_KEYS = {"metric", "schedule", "ratio", "removed_layers", "results", "recovery"}
-RESULT_KEYS = {"task", "dataset", "metric", "value", "higher_is_better", "num_samples", "chance"}
+RESULT_KEYS = {"task", "dataset", "metric", "value", "higher_is_better", "num_samples", "chance", "settings"}
 
 
 @pytest.mark.slow
@@ -40,7 +40,7 @@ def test_bi_beats_random_and_reverse_at_25_percent(smollm2, tmp_path):
     assert set(ppl) == {"bi", "random", "reverse", "bi (iterative)"}
     assert ppl["bi"] * 10 < ppl["random"] and ppl["bi"] * 10 < ppl["reverse"]
     assert ppl["bi (iterative)"] * 10 < ppl["random"]
-    assert all(len(run.removed_layers) == 8 for run in result.runs)  # round(0.25 * 30)
+    assert all(len(run.removed_layers) == 8 for run in result.runs)  # 0.25 x 30 = 7.5, rounded half up
     assert result.find("reverse", 0.25).removed_layers == list(range(22, 30))
     assert result.find("bi", 0.25).removed_layers == sorted(torch.tensor(result.scores["bi"]).argsort()[:8].tolist())
     # The model is back as it was: all layers, no record, identical logits.
@@ -95,7 +95,7 @@ def test_cli_ablate_writes_table_json_and_plots(smollm2_path, tmp_path, capsys, 
         out,
     )
     assert code == 0, err
-    assert "ablation of" in stdout and "reverse" in stdout and "27,28,29" in stdout
+    assert "perplexity of" in stdout and "reverse" in stdout and "27-29" in stdout and "layers removed" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["ablation.json", "layer_scores.png", "perplexity.png"]
     data = json.loads((out / "ablation.json").read_text())
     assert [r["metric"] for r in data["runs"]] == ["bi", "reverse"] and data["runs"][1]["removed_layers"] == [

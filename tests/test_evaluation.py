@@ -190,9 +190,10 @@ def test_report_json_round_trip_table_rows_and_card(smollm2, tmp_path):
         "perplexity",
         False,
     )
-    assert r.num_samples == 511 and r.value > dense.results[0].value
-    # stride 128 over 256-token windows: every token predicted once, so the same count as without overlap
-    assert r.value == pytest.approx(perplexity(model, tok, seq_len=256, stride=128, max_tokens=512), rel=1e-6)
+    # 512 tokens in two disjoint 256-token windows: the first token of each has no context and is not scored
+    assert r.num_samples == 510 and r.value > dense.results[0].value
+    assert r.settings == "first 512 tokens, disjoint 256-token windows"
+    assert r.value == pytest.approx(perplexity(model, tok, max_tokens=512, progress=False), rel=1e-6)
     report.to_json(tmp_path / "eval.json")
     again = EvalReport.from_json(tmp_path / "eval.json")
     assert again == report
@@ -204,6 +205,7 @@ def test_report_json_round_trip_table_rows_and_card(smollm2, tmp_path):
             "metric": "perplexity",
             "pruned": r.value,
             "dense": dense.results[0].value,
+            "settings": "first 512 tokens, disjoint 256-token windows",
         }
     ]
     assert (
@@ -292,7 +294,8 @@ def test_cli_eval_of_a_recipe_beside_its_base(smollm2, tmp_path, capsys, monkeyp
     pruned, dense = report.get("perplexity", "perplexity"), report.baseline.get("perplexity", "perplexity")
     assert dense < pruned < 10 * dense
     assert f"{dense:.4g}" in stdout and f"{pruned:.4g}" in stdout
-    assert pruned == pytest.approx(perplexity(model, tok, seq_len=256, stride=128, max_tokens=512), rel=1e-5)
+    assert pruned == pytest.approx(perplexity(model, tok, max_tokens=512, progress=False), rel=1e-5)
+    assert "first 512 tokens, disjoint 256-token windows" in " ".join(stdout.split())
 
 
 @pytest.mark.parametrize(
