@@ -11,6 +11,7 @@ shortened model before choosing the next, which the paper leaves open.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,9 +247,10 @@ def ablate(
             p: p.requires_grad for p in model.parameters()
         }  # PEFT freezes the base; the ablation gives it back as it was
         try:
-            return run_eval(
-                heal(model, calibration, tokenizer=tokenizer, **{"progress": False, **options.get("lora", {})})
-            )
+            with warnings.catch_warnings():  # the adapter is evaluated and dropped, never saved
+                warnings.filterwarnings("ignore", message="this pruned model is not saved")
+                healed = heal(model, calibration, tokenizer=tokenizer, **{"progress": False, **options.get("lora", {})})
+            return run_eval(healed)
         finally:
             for p, flag in trainable.items():
                 p.requires_grad_(flag)

@@ -4,6 +4,9 @@ pruned checkpoint, a recipe or a PEFT adapter, from a folder or the Hub
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -131,13 +134,23 @@ def adapter_base(source: Source) -> Source:
     return resolve(base_name)
 
 
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Wrapping a model with PEFT (to train it or to load an adapter) without the
+    FutureWarning that peft 0.21 triggers by asking transformers 5 for a renamed
+    property: it is nothing a user could act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _load_adapter(source: Source, **from_pretrained_kwargs: Any) -> nn.Module:
     from peft import AutoPeftModelForCausalLM
 
     from .verification import explained
 
     adapter_base(source)  # a missing base is one line here, not a traceback from inside peft
-    with explained(source.describe(), "loading it onto its base"):
+    with explained(source.describe(), "loading it onto its base"), quiet_peft():
         return AutoPeftModelForCausalLM.from_pretrained(
             source.location, **(source.hub_kwargs() | from_pretrained_kwargs)
         )

@@ -32,6 +32,7 @@ from ..errors import ShortGPTError
 from ..evaluation import HEADLINE
 from ..families import describe, is_vision_language
 from ..layers import find_decoder_layers, input_device
+from ..loading import quiet_peft
 from .base import RecoveryMethod, recover, register
 
 METHODS = ("lora", "qlora")
@@ -166,10 +167,7 @@ class LoraRecovery(RecoveryMethod):
             model.name_or_path = model.config.name_or_path = reference  # PEFT copies it into the adapter as its base
         config = _lora_config(model, peft_config, r, alpha, target_modules, layers, reference)
         torch.manual_seed(seed)
-        with (
-            warnings.catch_warnings()
-        ):  # peft 0.21 asks transformers 5 for a renamed property; nothing for a user to act on
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with quiet_peft():
             peft_model = get_peft_model(model, config)
         if quantized:
             from peft import prepare_model_for_kbit_training
