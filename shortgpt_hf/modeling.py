@@ -211,6 +211,35 @@ def load_pruned(
     return apply_prefill_skip(model, record) if record.mode == "prefill_skip" else model
 
 
+def skeleton(source: Source) -> nn.Module:
+    """The pruned model a checkpoint or recipe holds, built on the meta device from
+    its configs alone: the architecture, the record and the parameter count, with
+    no tensor read. Enough for a model card or a recipe (linear repair maps, a few
+    KB, are read from their file), and what push uses for a folder whose files are
+    uploaded as they are."""
+    from transformers import AutoConfig
+
+    if source.kind == "recipe":
+        record = read_recipe(source)
+        base = recipe_base(record)
+        config = AutoConfig.from_pretrained(base.location, **base.hub_kwargs())
+        _check_base(record, config, repr(record.base_model_name_or_path))
+    else:
+        config = AutoConfig.from_pretrained(source.location, **source.hub_kwargs())
+        record = ShortGPTConfig.from_dict(config.shortgpt) if getattr(config, "shortgpt", None) else None
+    with torch.device("meta"):
+        model = native_class(config)(config)
+    if source.kind == "recipe":
+        if record.mode == "remove":
+            with explained(model, "removing the recipe's layers on the meta device"):
+                remove_layers(model, record.removed_layers)
+        model.config.shortgpt = record.to_dict()
+    maps_file = source.file(MAPS_FILE) if record is not None and map_keys(record) else None
+    if maps_file is not None:
+        attach_maps(model, load_maps(maps_file, record, repr(source.name)))
+    return mark_loaded(model, source)
+
+
 class PrunedForCausalLM:
     """Loads pruned models; like ``AutoModelForCausalLM``, it returns an instance
     of the native transformers class (e.g. ``LlamaForCausalLM``), with

@@ -84,7 +84,7 @@ def push_to_hub(
     source = None
     if isinstance(model_or_dir, (str, Path)):
         from .loading import load_tokenizer
-        from .modeling import load_pruned
+        from .modeling import load_pruned, skeleton
 
         source = resolve(model_or_dir)
         if source.kind == "adapter" or not (source.kind == "recipe" or source.pruned):
@@ -97,8 +97,7 @@ def push_to_hub(
         _check_reachable(repo_id)
         # A local checkpoint is uploaded as its files and a recipe needs no weights: the card
         # only needs the architecture, so build it on the meta device instead of reading every tensor.
-        weightless = source.where == "local" or kind == "recipe"
-        model = load_pruned(source, **({"device_map": "meta"} if weightless else {}))
+        model = skeleton(source) if source.where == "local" or kind == "recipe" else load_pruned(source)
         if tokenizer is None:
             try:
                 tokenizer = load_tokenizer(source)

@@ -121,3 +121,30 @@ def test_one_perplexity_from_every_entry_point(tmp_path, capsys, monkeypatch):
     assert code in (0, None), err
     values["shortgpt eval"] = EvalReport.from_json(json_out).get("perplexity", "perplexity")
     assert max(values.values()) == pytest.approx(min(values.values()), rel=1e-6), values
+
+
+def test_pushing_a_folder_reads_none_of_its_weights(tmp_path, tensor_reads, monkeypatch):
+    """The card needs the architecture and the parameter count, not the tensors: a
+    local checkpoint is uploaded as its files, and built on the meta device for the card."""
+    from huggingface_hub import HfApi
+
+    import shortgpt_hf.push
+    from shortgpt_hf import push_to_hub
+
+    model = tiny_model("llama")
+    prune(model, layers=[1])
+    save_pruned(model, tmp_path / "pruned", tiny_tokenizer())
+    tensor_reads.clear()
+
+    class Uploading(Exception):
+        pass
+
+    def upload(self, *args, **kwargs):
+        raise Uploading
+
+    monkeypatch.setattr(shortgpt_hf.push, "hub_reachable", lambda: True)
+    monkeypatch.setattr(shortgpt_hf.push, "_existing_card", lambda *args: None)
+    monkeypatch.setattr(HfApi, "create_repo", upload)
+    with pytest.raises(Uploading):
+        push_to_hub(tmp_path / "pruned", "me/pruned", token="hf_x")
+    assert not tensor_reads, f"push read {sorted(tensor_reads)[:3]}..."
