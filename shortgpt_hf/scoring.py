@@ -121,6 +121,21 @@ def _order_scores(metric: str, num_layers: int, seed: int) -> list[float]:
     return torch.rand(num_layers, generator=gen, dtype=torch.float64).tolist()
 
 
+def layer_term(metric: str, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The sum over real tokens (``mask``) of one hidden-state metric between a
+    layer's input ``x`` and output ``y``, in float64: what every scorer adds up."""
+    # Compute on every row and zero the padding afterwards: cheaper than copying out
+    # the real rows, and torch.where keeps a NaN in a pad row out of the sum.
+    x = x.reshape(-1, x.shape[-1]).float()
+    y = y.reshape(-1, y.shape[-1]).float()
+    if metric == "relative_magnitude":  # ||f(x)|| / ||x + f(x)||, f(x) = y - x
+        term = (y - x).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)
+    else:
+        cos = F.cosine_similarity(x, y, dim=-1)
+        term = 1 - cos if metric == "bi" else torch.arccos(cos.clamp(-1, 1)) / math.pi
+    return torch.where(mask, term, 0).sum(dtype=torch.float64)
+
+
 class _Accumulator:
     """Hooks that add one metric term per (masked) token to a per-block running sum."""
 
@@ -157,17 +172,7 @@ class _Accumulator:
     def _add(self, start: int, x: torch.Tensor, y: torch.Tensor) -> None:
         if y.device not in self.masks:
             self.masks[y.device] = next(iter(self.masks.values())).to(y.device)
-        mask = self.masks[y.device]
-        # Compute on every row and zero the padding afterwards: cheaper than copying out
-        # the real rows, and torch.where keeps a NaN in a pad row out of the sum.
-        x = x.reshape(-1, x.shape[-1]).float()
-        y = y.reshape(-1, y.shape[-1]).float()
-        if self.metric == "relative_magnitude":  # ||f(x)|| / ||x + f(x)||, f(x) = y - x
-            term = (y - x).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)
-        else:
-            cos = F.cosine_similarity(x, y, dim=-1)
-            term = 1 - cos if self.metric == "bi" else torch.arccos(cos.clamp(-1, 1)) / math.pi
-        total = torch.where(mask, term, 0).sum(dtype=torch.float64)
+        total = layer_term(self.metric, x, y, self.masks[y.device])
         self.sums[start] = total if self.sums[start] is None else self.sums[start] + total
 
     def remove(self) -> None:

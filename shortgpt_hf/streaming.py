@@ -1,0 +1,368 @@
+"""Models larger than memory: scoring one layer at a time, and writing pruned
+checkpoints tensor by tensor, straight from the base's safetensors shards.
+
+Both work from a skeleton of the model built on the meta device (parameters
+take no memory; buffers such as rotary frequencies are real), and read only
+the tensors they need with ``safe_open``:
+
+- **sequential scoring** (`score_layers_sequentially`) first runs every
+  calibration window through the model with each decoder layer replaced by a
+  stand-in that records what the model hands it: the hidden state, the
+  attention mask for that layer's type (sliding or full) and the rotary
+  embeddings. These are exactly what the full model would pass, because the
+  model's own forward computed them. Then it loads one layer at a time, runs
+  the recorded inputs through it, adds up the same per-token terms as
+  `score_layers`, keeps the outputs as the next layer's inputs and frees the
+  layer. Memory is one layer plus the activations (tokens x hidden).
+- **materialize** (`materialize`) prunes the skeleton with the same `prune`
+  that in-memory pruning uses, so the config, the tensor names and the shard
+  layout are what `save_pruned` writes; it then copies each kept tensor from
+  the base's shards into the new ones, one shard at a time. Removed layers
+  are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import CalibrationData, prepare_calibration
+from .errors import ShortGPTError
+from .families import native_class
+from .layers import find_decoder_layers
+from .loading import load_tokenizer
+from .scoring import HIDDEN_STATE_METRICS, LayerScores, layer_term
+from .sources import Source, resolve
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    """The safetensors files of a model folder and which file holds each tensor.
+
+    Refuses what cannot be read safely or completely: a checkpoint with only
+    pickle files (``.bin``), a shard the index names that is missing, an index
+    that does not match its files."""
+
+    folder: Path
+    files: dict[str, str]  # tensor name -> shard file name
+    reads: list[str] = field(default_factory=list)  # every tensor read, in order (what a test spies on)
+
+    @classmethod
+    def open(cls, source: Source) -> Checkpoint:
+        if source.where == "hub":
+            from huggingface_hub import snapshot_download
+
+            folder = Path(
+                snapshot_download(
+                    source.name, revision=source.revision, allow_patterns=["*.json", "*.safetensors"], **source.hub
+                )
+            )
+        else:
+            folder = Path(source.location)
+        index = folder / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise ShortGPTError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
+            missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+            if missing:
+                raise ShortGPTError(f"{folder} is missing shard {missing[0]} that its {INDEX} names")
+            checkpoint = cls(folder, dict(weight_map))
+            checkpoint._check_index()
+            return checkpoint
+        if (folder / SINGLE).is_file():
+            from safetensors import safe_open
+
+            with safe_open(folder / SINGLE, "pt") as f:
+                return cls(folder, {key: SINGLE for key in f.keys()})
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+            raise ShortGPTError(
+                f"{folder} holds only pickle weights (.bin/.pt); shortgpt_hf reads safetensors only: "
+                "convert them first (load the model and save_pretrained it)"
+            )
+        raise ShortGPTError(f"{folder} has no safetensors weights ({SINGLE} or {INDEX})")
+
+    def _check_index(self) -> None:
+        from safetensors import safe_open
+
+        for shard in sorted(set(self.files.values())):
+            with safe_open(self.folder / shard, "pt") as f:
+                present = set(f.keys())
+            named = {k for k, v in self.files.items() if v == shard}
+            if named - present:
+                raise ShortGPTError(
+                    f"{INDEX} in {self.folder} does not match its files: {shard} lacks {sorted(named - present)[0]}"
+                )
+
+    def read(self, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors ``keys``, one at a time, each file opened once per call."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            if key not in self.files:
+                raise ShortGPTError(f"the checkpoint in {self.folder} has no tensor {key}")
+            by_file.setdefault(self.files[key], []).append(key)
+        for shard, names in by_file.items():
+            with safe_open(self.folder / shard, "pt") as f:
+                for key in names:
+                    self.reads.append(key)
+                    yield key, f.get_tensor(key)
+
+
+def meta_skeleton(source: Source, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model ``source`` describes, with parameters on the meta device and real
+    buffers (rotary frequencies and the like are computed from the config, not read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source.location, **source.hub_kwargs())
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with init_empty_weights(include_buffers=False):
+        model = native_class(config)._from_config(config, dtype=dtype)
+    model.tie_weights()  # as from_pretrained does: a tied head is the embedding, read and written once
+    model.eval()
+    model.name_or_path = model.config.name_or_path = source.portable
+    return model
+
+
+def _load_into(
+    model: nn.Module, checkpoint: Checkpoint, prefix: str, names: Sequence[str], device: torch.device
+) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for key, tensor in checkpoint.read([prefix + n for n in names]):
+        set_module_tensor_to_device(
+            model, key, device, value=tensor, dtype=dtype if tensor.is_floating_point() else None
+        )
+
+
+def _check_keys(needed: set[str], checkpoint: Checkpoint, where: str) -> None:
+    missing = sorted(needed - set(checkpoint.files))
+    if missing:
+        raise ShortGPTError(
+            f"{where}'s tensor names do not match its architecture (no {missing[0]}): sequential scoring and "
+            "materialize read checkpoints saved by transformers 5; load the model and save_pretrained it once"
+        )
+
+
+class _Recorder(nn.Module):
+    """Stands in for one decoder layer while the model's own forward computes what
+    each layer receives; passes the hidden state through unchanged."""
+
+    def __init__(self, index: int, last: bool, store: dict[int, tuple[tuple, dict]]):
+        super().__init__()
+        self.index, self.last, self.store = index, last, store
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.store[self.index] = (args, kwargs)
+        if self.index == 0:
+            self.store[-1] = ((hidden_states,), {})
+        if self.last:
+            raise _Recorded
+        return hidden_states
+
+
+class _Recorded(Exception):
+    pass
+
+
+@torch.no_grad()
+def score_layers_sequentially(
+    name_or_path: str | Path,
+    calibration: CalibrationData = None,
+    metric: str = "bi",
+    *,
+    tokenizer: Any = None,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    max_tokens: int | None = 8192,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    activations_device: str | torch.device | None = None,
+    progress: bool = True,
+    _checkpoint: Checkpoint | None = None,
+) -> LayerScores:
+    """`score_layers` for a model that need not fit in memory: one decoder layer
+    at a time, read from its safetensors shards, with the same scores.
+
+    ``device``: where each layer runs (default: CUDA when available, else CPU).
+    ``activations_device``: where the calibration hidden states wait between
+    layers (default: ``device``; give ``"cpu"`` when tokens x hidden x layers
+    in flight do not fit on the GPU). Peak memory is about one layer plus the
+    activations. Hidden-state metrics only (``bi``, ``angular``,
+    ``relative_magnitude``), one layer per block."""
+    if metric not in HIDDEN_STATE_METRICS:
+        raise ShortGPTError(
+            f"sequential scoring computes the hidden-state metrics ({', '.join(HIDDEN_STATE_METRICS)}); got {metric!r}"
+        )
+    source = resolve(name_or_path)
+    if source.kind != "model" or source.pruned:
+        raise ShortGPTError(f"sequential scoring reads a dense model's checkpoint; {source.describe()} is not one")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    parked = torch.device(activations_device or device)
+    checkpoint = _checkpoint or Checkpoint.open(source)
+    model = meta_skeleton(source, dtype if not isinstance(dtype, str) else getattr(torch, dtype))
+    tokenizer = tokenizer or load_tokenizer(source)
+    windows = prepare_calibration(calibration, tokenizer, seq_len, max_tokens)
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+
+    found = find_decoder_layers(model)
+    layer_prefix = f"{found.path}."
+    decoder = found.decoder
+    decoder_prefix = found.path[: -len(found.attr)]
+    _check_keys({decoder_prefix + n for n, _ in decoder.named_parameters()}, checkpoint, source.describe())
+    outside = [n for n, _ in decoder.named_parameters() if not n.startswith(f"{found.attr}.")]
+    _load_into(model, checkpoint, decoder_prefix, outside, device)
+
+    real_layers = found.layers
+    n = len(real_layers)
+    store: dict[int, tuple[tuple, dict]] = {}
+    recorders = nn.ModuleList(_Recorder(i, i == n - 1, store) for i in range(n))
+    setattr(found.decoder, found.attr, recorders)
+    batches = []  # per batch: (token mask, hidden state, per-layer (args, kwargs))
+    try:
+        for ids, mask in windows.batches(batch_size, pad_id):
+            store.clear()
+            try:
+                decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except _Recorded:
+                pass
+            hidden = store.pop(-1)[0][0].to(parked)
+            batches.append((mask.reshape(-1).bool().to(device), hidden, [store[i] for i in range(n)]))
+    finally:
+        setattr(found.decoder, found.attr, real_layers)
+
+    sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(n)]
+    bar = tqdm(total=n, unit="layer", desc=f"scoring ({metric}) layer by layer", disable=not progress)
+    for i, layer in enumerate(real_layers):
+        names = [name for name, _ in layer.named_parameters()]
+        _load_into(model, checkpoint, f"{layer_prefix}{i}.", names, device)
+        for b, (mask, hidden, per_layer) in enumerate(batches):
+            args, kwargs = per_layer[i]
+            x = hidden.to(device)
+            out = layer(x, *args, **kwargs)
+            y = out[0] if isinstance(out, tuple) else out
+            sums[i] += layer_term(metric, x, y, mask)
+            batches[b] = (mask, y.to(parked), per_layer)
+        layer.to_empty(device="meta")  # frees the layer; its parameters stay meta
+        bar.update()
+    bar.close()
+    scores = [float(s.item()) / windows.num_tokens for s in sums]
+    if any(math.isnan(s) for s in scores):
+        raise ShortGPTError("sequential scoring produced NaN scores: the activations overflowed in this dtype")
+    return LayerScores(metric, scores, n, windows.num_tokens, windows.description, seq_len)
+
+
+def materialize(
+    name_or_path: str | Path,
+    out_dir: str | Path,
+    *,
+    removed_layers: Sequence[int] | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+    _checkpoint: Checkpoint | None = None,
+) -> Path:
+    """Write the pruned native checkpoint of a recipe (or of a dense model and
+    ``removed_layers``) straight from the base's safetensors shards, one shard at
+    a time: what `save_pruned` would write for the same model, tensor for tensor,
+    without ever building it. Atomic like every other write."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_folder, check_destination
+    from .modeling import read_recipe, recipe_base
+    from .pruning import prune
+    from .recovery.linear import map_keys
+
+    source = resolve(name_or_path)
+    check_destination(out_dir, overwrite)
+    if source.kind == "recipe":
+        if removed_layers is not None:
+            raise ShortGPTError(f"{source.describe()} names its removed layers itself; give no removed_layers")
+        record = read_recipe(source)
+        if record.mode != "remove":
+            raise ShortGPTError(f"{source.describe()} skips layers in prefill only; there is nothing to materialize")
+        if map_keys(record):
+            raise ShortGPTError(
+                f"{source.describe()} carries a linear repair; materialize writes plain removals only for now: "
+                "load it with PrunedForCausalLM and save_pruned it"
+            )
+        base, removed = recipe_base(record), list(record.removed_layers)
+    elif source.kind == "model" and not source.pruned:
+        if not removed_layers:
+            raise ShortGPTError(f"{source.describe()} is dense: name the layers to remove (removed_layers / --layers)")
+        base, removed = source, list(removed_layers)
+    else:
+        raise ShortGPTError(f"materialize reads a recipe or a dense model; {source.describe()} is neither")
+    checkpoint = _checkpoint or Checkpoint.open(base)
+    model = meta_skeleton(base)
+    found = find_decoder_layers(model)
+    kept = [i for i in range(len(found.layers)) if i not in set(removed)]
+    prune(model, removed, verify=False)  # the same config fix and record as in memory, on the meta device
+    if source.kind == "recipe":
+        model.config.shortgpt = {
+            **model.config.shortgpt,
+            **{k: v for k, v in record.to_dict().items() if v is not None},
+        }
+    tensors = {name: p for name, p in model.named_parameters()}  # tied weights once, as save_pretrained writes them
+    tensors |= {name: b for name, b in model.named_buffers() if _persistent(model, name)}
+    prefix = f"{found.path}."
+
+    def original(key: str) -> str:
+        if not key.startswith(prefix):
+            return key
+        index, _, rest = key[len(prefix) :].partition(".")
+        return f"{prefix}{kept[int(index)]}.{rest}"
+
+    _check_keys({original(k) for k in tensors}, checkpoint, base.describe())
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    dtype = model.dtype
+    with atomic_folder(out_dir, overwrite) as tmp:
+        bar = tqdm(total=len(tensors), unit="tensor", desc="materializing", disable=not progress)
+        for filename, keys in split.filename_to_tensors.items():
+            shard = {}
+            for key in keys:
+                ((_, tensor),) = checkpoint.read([original(key)])
+                shard[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                bar.update()
+            save_file(shard, str(tmp / filename), metadata={"format": "pt"})
+            del shard
+        bar.close()
+        if split.is_sharded:
+            index = {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                "weight_map": split.tensor_to_filename,
+            }
+            (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(tmp)
+        if model.can_generate() and model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        try:
+            load_tokenizer(source).save_pretrained(tmp)
+        except ShortGPTError:
+            pass  # a base saved without a tokenizer gives a checkpoint without one, as save_pruned does
+    return Path(out_dir).resolve()
+
+
+def _persistent(model: nn.Module, name: str) -> bool:
+    module_name, _, buffer = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return buffer not in module._non_persistent_buffers_set
