@@ -206,6 +206,14 @@ def prune(
         ),
     ] = None,
     verify: Annotated[bool, typer.Option(help="Check cache parity and the saved checkpoint's logits.")] = True,
+    load: Annotated[
+        str,
+        typer.Option(
+            help="full: hold the model in memory; layer-by-layer: score one layer at a time and write the checkpoint "
+            "tensor by tensor from the base's safetensors (for models larger than memory); auto: layer-by-layer "
+            "when the checkpoint is larger than 70% of the free memory."
+        ),
+    ] = "auto",
     dtype: DtypeOption = "auto",
     device_map: DeviceMapOption = None,
 ) -> None:
@@ -234,6 +242,23 @@ def prune(
         raise ShortGPTError(f"calibration file not found: {calibration}")
     target = out_dir or Path(f"{Path(model.rstrip('/')).name}-shortgpt")
     check_destination(target, overwrite)
+    if _layer_by_layer(model, load, dtype, device_map, recovery):
+        _prune_layer_by_layer(
+            model,
+            target,
+            chosen,
+            n_layers,
+            ratio,
+            metric,
+            calibration,
+            seq_len,
+            max_tokens,
+            batch_size,
+            dtype,
+            recipe,
+            overwrite,
+        )
+        return
 
     m, tok = _load(model, dtype, device_map)
     before = count_parameters(m)
@@ -281,6 +306,116 @@ def prune(
     out.print(f"parameters: {before:,} -> {after:,} ({100 * (1 - after / before):.1f}% fewer)")
     kind = "recipe" if recipe else "checkpoint"
     out.print(f"{kind} saved to {saved}" + (" (verified: cache parity and reload logits)" if verify else ""))
+
+
+@command()
+def materialize(
+    model: Annotated[
+        str, typer.Argument(help="A recipe, or a dense model with --layers: folder or Hub id, in safetensors.")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder for the pruned checkpoint.")],
+    layers: Annotated[
+        Optional[str], typer.Option(help="For a dense model: the layers to remove (original indices), e.g. 3,7,9.")
+    ] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest shard to write, as transformers reads it.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+) -> None:
+    """Write a pruned checkpoint tensor by tensor from the base's safetensors shards, never holding the model:
+    the same files save_pruned writes, for models larger than memory."""
+    from .streaming import materialize as write
+
+    chosen = _parse_layers(layers) if layers is not None else None
+    saved = write(model, out_dir, removed_layers=chosen, max_shard_size=max_shard_size, overwrite=overwrite)
+    out.print(f"checkpoint written tensor by tensor to {saved}")
+
+
+LOADS = ("auto", "full", "layer-by-layer")
+STREAMING_SHARE = 0.7  # of the free memory: above it, auto goes layer by layer (activations and copies need the rest)
+
+
+def _layer_by_layer(model: str, load: str, dtype: str, device_map: Optional[str], recovery: str) -> bool:
+    """Which path a prune takes, said out loud: a model that does not fit goes layer by layer."""
+    from .sources import resolve
+    from .streaming import available_memory, checkpoint_bytes
+
+    if load not in LOADS:
+        raise ShortGPTError(f"--load must be one of {', '.join(LOADS)}, got {load!r}")
+    if load == "full":
+        return False
+    source = resolve(model)
+    if load == "auto" and (source.kind != "model" or source.pruned or device_map or recovery != "none"):
+        return False
+    if source.kind != "model" or source.pruned:
+        raise ShortGPTError(f"--load layer-by-layer prunes a dense model; {source.describe()} is not one")
+    if recovery != "none":
+        raise ShortGPTError("--recovery linear needs the model in memory for now: use --load full")
+    device = "cuda" if _torch_cuda() else "cpu"
+    size, free = checkpoint_bytes(source), available_memory(device)
+    size *= 2 if dtype == "float32" and _stored_in_half(source) else 1
+    streaming = load == "layer-by-layer" or size > STREAMING_SHARE * free
+    reason = (
+        "as asked"
+        if load == "layer-by-layer"
+        else f"{size / 2**30:.1f} GiB of weights, {free / 2**30:.1f} GiB free on {device}"
+    )
+    out.print(f"path: {'layer by layer, from the safetensors shards' if streaming else 'in memory'} ({reason})")
+    return streaming
+
+
+def _torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _stored_in_half(source) -> bool:
+    from .loading import text_config_of
+
+    return str(getattr(text_config_of(source), "dtype", "")).endswith(("bfloat16", "float16"))
+
+
+def _prune_layer_by_layer(
+    model,
+    target,
+    chosen,
+    n_layers,
+    ratio,
+    metric,
+    calibration,
+    seq_len,
+    max_tokens,
+    batch_size,
+    dtype,
+    recipe,
+    overwrite,
+) -> None:
+    from .saving import save_recipe
+    from .selection import removal_count
+    from .streaming import materialize, pruned_record, score_layers_sequentially
+
+    scores = None
+    if chosen is None:
+        from .loading import text_config_of
+        from .sources import resolve
+
+        count = removal_count(text_config_of(resolve(model)).num_hidden_layers, n_layers, ratio)
+        scores = score_layers_sequentially(
+            model,
+            calibration,
+            metric,
+            seq_len=seq_len,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            dtype=None if dtype == "auto" else dtype,
+        )
+        chosen = scores.lowest(count)
+    if recipe:
+        saved = save_recipe(pruned_record(model, chosen, scores), target, overwrite=overwrite)
+    else:
+        saved = materialize(model, target, removed_layers=chosen, scores=scores, overwrite=overwrite)
+    out.print(f"removed layers (original indices): {sorted(chosen)}" + (f" by {scores.metric}" if scores else ""))
+    written = "recipe saved to" if recipe else "checkpoint written tensor by tensor to"
+    out.print(f"{written} {saved} (not verified: the model was never whole in memory)")
 
 
 @command()

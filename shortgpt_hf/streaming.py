@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +108,32 @@ class Checkpoint:
                     f"{INDEX} in {self.folder} does not match its files: {shard} lacks {sorted(named - present)[0]}"
                 )
 
+    def meta_tensors(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Shape and dtype of each tensor, as meta tensors, from the files' headers (no data read)."""
+        from safetensors import safe_open
+
+        dtypes = {
+            "F64": torch.float64,
+            "F32": torch.float32,
+            "BF16": torch.bfloat16,
+            "F16": torch.float16,
+            "I64": torch.int64,
+            "I32": torch.int32,
+            "I16": torch.int16,
+            "I8": torch.int8,
+            "U8": torch.uint8,
+            "BOOL": torch.bool,
+            "F8_E4M3": torch.float8_e4m3fn,
+            "F8_E5M2": torch.float8_e5m2,
+        }
+        out = {}
+        for shard in sorted({self.files[k] for k in keys}):
+            with safe_open(self.folder / shard, "pt") as f:
+                for key in (k for k in keys if self.files[k] == shard):
+                    piece = f.get_slice(key)
+                    out[key] = torch.empty(piece.get_shape(), dtype=dtypes[piece.get_dtype()], device="meta")
+        return out
+
     def read(self, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """The tensors ``keys``, one at a time, each file opened once per call."""
         from safetensors import safe_open
@@ -120,6 +148,31 @@ class Checkpoint:
                 for key in names:
                     self.reads.append(key)
                     yield key, f.get_tensor(key)
+
+
+def checkpoint_bytes(source: Source) -> int:
+    """The size of a model's weights on disk, from its safetensors index or files (no tensor read)."""
+    checkpoint = Checkpoint.open(source)
+    index = checkpoint.folder / INDEX
+    if index.is_file():
+        total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+        if total:
+            return int(total)
+    return sum((checkpoint.folder / f).stat().st_size for f in set(checkpoint.files.values()))
+
+
+def available_memory(device: str | torch.device = "cpu") -> int:
+    """Bytes a model could take now: free GPU memory on CUDA, the kernel's MemAvailable otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def meta_skeleton(source: Source, dtype: torch.dtype | None = None) -> nn.Module:
@@ -140,16 +193,30 @@ def meta_skeleton(source: Source, dtype: torch.dtype | None = None) -> nn.Module
     return model
 
 
-def _load_into(
-    model: nn.Module, checkpoint: Checkpoint, prefix: str, names: Sequence[str], device: torch.device
-) -> None:
-    from accelerate.utils import set_module_tensor_to_device
+def _load_into(model: nn.Module, checkpoint: Checkpoint, keys: Sequence[str], device: torch.device) -> None:
+    """Read checkpoint ``keys`` into the meta skeleton, through transformers' own
+    loading: its key renamings and conversions (MoE experts stored one by one and
+    fused on load, say) apply exactly as in ``from_pretrained``."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+    from transformers.utils import logging as hf_logging
 
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    for key, tensor in checkpoint.read([prefix + n for n in names]):
-        set_module_tensor_to_device(
-            model, key, device, value=tensor, dtype=dtype if tensor.is_floating_point() else None
-        )
+    dtype = model.dtype
+    config = LoadStateDictConfig(
+        dtype=dtype,
+        dtype_plan=model._get_dtype_plan(dtype),
+        weight_mapping=get_model_conversion_mapping(model),
+        device_map={"": device},
+    )
+    state = dict(checkpoint.read(keys))
+    quiet = hf_logging.is_progress_bar_enabled()  # our bar counts layers; one bar per layer's load is noise
+    hf_logging.disable_progress_bar()
+    try:
+        convert_and_load_state_dict_in_model(model=model, state_dict=state, load_config=config)
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
 
 
 def _check_keys(needed: set[str], checkpoint: Checkpoint, where: str) -> None:
@@ -159,6 +226,22 @@ def _check_keys(needed: set[str], checkpoint: Checkpoint, where: str) -> None:
             f"{where}'s tensor names do not match its architecture (no {missing[0]}): sequential scoring and "
             "materialize read checkpoints saved by transformers 5; load the model and save_pretrained it once"
         )
+
+
+def _layer_keys(checkpoint: Checkpoint, prefix: str, num_layers: int, where: str) -> list[list[str]]:
+    """The checkpoint's tensor names, per decoder layer (as stored: before any conversion)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
+    by_layer: list[list[str]] = [[] for _ in range(num_layers)]
+    for key in checkpoint.files:
+        match = pattern.match(key)
+        if match is not None and int(match.group(1)) < num_layers:
+            by_layer[int(match.group(1))].append(key)
+    empty = [i for i, keys in enumerate(by_layer) if not keys]
+    if empty:
+        raise ShortGPTError(
+            f"the checkpoint of {where} has no tensors under {prefix}{empty[0]}.: it does not match its config"
+        )
+    return by_layer
 
 
 class _Recorder(nn.Module):
@@ -226,10 +309,9 @@ def score_layers_sequentially(
     layer_prefix = f"{found.path}."
     decoder = found.decoder
     decoder_prefix = found.path[: -len(found.attr)]
-    _check_keys({decoder_prefix + n for n, _ in decoder.named_parameters()}, checkpoint, source.describe())
-    outside = [n for n, _ in decoder.named_parameters() if not n.startswith(f"{found.attr}.")]
-    _load_into(model, checkpoint, decoder_prefix, outside, device)
-
+    by_layer = _layer_keys(checkpoint, layer_prefix, len(found.layers), source.describe())
+    outside = [k for k in checkpoint.files if k.startswith(decoder_prefix) and not k.startswith(layer_prefix)]
+    _load_into(model, checkpoint, outside, device)
     real_layers = found.layers
     n = len(real_layers)
     store: dict[int, tuple[tuple, dict]] = {}
@@ -251,8 +333,10 @@ def score_layers_sequentially(
     sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(n)]
     bar = tqdm(total=n, unit="layer", desc=f"scoring ({metric}) layer by layer", disable=not progress)
     for i, layer in enumerate(real_layers):
-        names = [name for name, _ in layer.named_parameters()]
-        _load_into(model, checkpoint, f"{layer_prefix}{i}.", names, device)
+        _load_into(model, checkpoint, by_layer[i], device)
+        unloaded = [name for name, p in layer.named_parameters() if p.is_meta]
+        if unloaded:
+            raise ShortGPTError(f"layer {i} of {source.describe()} has no tensor for {unloaded[0]} in its checkpoint")
         for b, (mask, hidden, per_layer) in enumerate(batches):
             args, kwargs = per_layer[i]
             x = hidden.to(device)
@@ -269,11 +353,32 @@ def score_layers_sequentially(
     return LayerScores(metric, scores, n, windows.num_tokens, windows.description, seq_len)
 
 
+def _prune_skeleton(model: nn.Module, removed: Sequence[int], scores: LayerScores | None, recipe: Any = None) -> None:
+    """`prune` on the meta device: the same refusals, config fix and record as in memory."""
+    from .pruning import prune
+
+    prune(model, list(removed), scores=scores, verify=False)
+    if recipe is not None:  # a recipe's own record (metric, scores, calibration) is what its checkpoint carries
+        own = {k: v for k, v in recipe.to_dict().items() if v is not None}
+        model.config.shortgpt = {**model.config.shortgpt, **own}
+
+
+def pruned_record(name_or_path: str | Path, removed_layers: Sequence[int], scores: LayerScores | None = None) -> Any:
+    """The `ShortGPTConfig` that removing ``removed_layers`` from a dense model records
+    (for `save_recipe`), worked out on the meta device: no tensor is read."""
+    from .config import ShortGPTConfig
+
+    model = meta_skeleton(resolve(name_or_path))
+    _prune_skeleton(model, removed_layers, scores)
+    return ShortGPTConfig.from_model(model)
+
+
 def materialize(
     name_or_path: str | Path,
     out_dir: str | Path,
     *,
     removed_layers: Sequence[int] | None = None,
+    scores: LayerScores | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     progress: bool = True,
@@ -282,13 +387,14 @@ def materialize(
     """Write the pruned native checkpoint of a recipe (or of a dense model and
     ``removed_layers``) straight from the base's safetensors shards, one shard at
     a time: what `save_pruned` would write for the same model, tensor for tensor,
-    without ever building it. Atomic like every other write."""
+    without ever building it. ``scores`` (from `score_layers_sequentially`) are
+    recorded in ``config.shortgpt`` as `prune` records them. Atomic like every
+    other write."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     from .atomic import atomic_folder, check_destination
     from .modeling import read_recipe, recipe_base
-    from .pruning import prune
     from .recovery.linear import map_keys
 
     source = resolve(name_or_path)
@@ -314,33 +420,26 @@ def materialize(
     checkpoint = _checkpoint or Checkpoint.open(base)
     model = meta_skeleton(base)
     found = find_decoder_layers(model)
-    kept = [i for i in range(len(found.layers)) if i not in set(removed)]
-    prune(model, removed, verify=False)  # the same config fix and record as in memory, on the meta device
-    if source.kind == "recipe":
-        model.config.shortgpt = {
-            **model.config.shortgpt,
-            **{k: v for k, v in record.to_dict().items() if v is not None},
-        }
-    tensors = {name: p for name, p in model.named_parameters()}  # tied weights once, as save_pretrained writes them
-    tensors |= {name: b for name, b in model.named_buffers() if _persistent(model, name)}
     prefix = f"{found.path}."
-
-    def original(key: str) -> str:
-        if not key.startswith(prefix):
-            return key
-        index, _, rest = key[len(prefix) :].partition(".")
-        return f"{prefix}{kept[int(index)]}.{rest}"
-
-    _check_keys({original(k) for k in tensors}, checkpoint, base.describe())
-    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
-    dtype = model.dtype
+    by_layer = _layer_keys(checkpoint, prefix, len(found.layers), base.describe())
+    kept = [i for i in range(len(found.layers)) if i not in set(removed)]
+    _prune_skeleton(model, removed, scores, record if source.kind == "recipe" else None)
+    # The kept tensors as the checkpoint stores them (save_pretrained writes that same form back),
+    # the layer index in their names renumbered; removed layers' tensors are never opened.
+    in_layers = {key for keys in by_layer for key in keys}
+    names = {key: key for key in checkpoint.files if key not in in_layers}
+    for new, old in enumerate(kept):
+        names |= {f"{prefix}{new}.{key[len(f'{prefix}{old}.') :]}": key for key in by_layer[old]}
+    tensors = checkpoint.meta_tensors(list(names.values()))
+    split = split_torch_state_dict_into_shards(
+        {new: tensors[old] for new, old in names.items()}, max_shard_size=max_shard_size
+    )
     with atomic_folder(out_dir, overwrite) as tmp:
-        bar = tqdm(total=len(tensors), unit="tensor", desc="materializing", disable=not progress)
+        bar = tqdm(total=len(names), unit="tensor", desc="materializing", disable=not progress)
         for filename, keys in split.filename_to_tensors.items():
             shard = {}
             for key in keys:
-                ((_, tensor),) = checkpoint.read([original(key)])
-                shard[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                ((_, shard[key]),) = checkpoint.read([names[key]])
                 bar.update()
             save_file(shard, str(tmp / filename), metadata={"format": "pt"})
             del shard
@@ -360,9 +459,3 @@ def materialize(
         except ShortGPTError:
             pass  # a base saved without a tokenizer gives a checkpoint without one, as save_pruned does
     return Path(out_dir).resolve()
-
-
-def _persistent(model: nn.Module, name: str) -> bool:
-    module_name, _, buffer = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    return buffer not in module._non_persistent_buffers_set
