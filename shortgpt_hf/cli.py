@@ -353,13 +353,16 @@ def _layer_by_layer(model: str, load: str, dtype: str, device_map: Optional[str]
     size, free = checkpoint_bytes(source), available_memory(device)
     size *= 2 if dtype == "float32" and _stored_in_half(source) else 1
     streaming = load == "layer-by-layer" or size > STREAMING_SHARE * free
-    reason = (
-        "as asked"
-        if load == "layer-by-layer"
-        else f"{size / 2**30:.1f} GiB of weights, {free / 2**30:.1f} GiB free on {device}"
-    )
+    reason = "as asked" if load == "layer-by-layer" else f"{_size(size)} of weights, {_size(free)} free on {device}"
     out.print(f"path: {'layer by layer, from the safetensors shards' if streaming else 'in memory'} ({reason})")
     return streaming
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1024:.0f} KiB"
 
 
 def _torch_cuda() -> bool:
