@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import CalibrationData, prepare_calibration
+from .calibration import CalibrationData, is_tokenized, prepare_calibration
 from .errors import ShortGPTError
 from .families import native_class
 from .layers import find_decoder_layers
@@ -301,7 +301,8 @@ def score_layers_sequentially(
     parked = torch.device(activations_device or device)
     checkpoint = _checkpoint or Checkpoint.open(source)
     model = meta_skeleton(source, dtype if not isinstance(dtype, str) else getattr(torch, dtype))
-    tokenizer = tokenizer or load_tokenizer(source)
+    if tokenizer is None and not is_tokenized(calibration):
+        tokenizer = load_tokenizer(source)
     windows = prepare_calibration(calibration, tokenizer, seq_len, max_tokens)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
 
@@ -329,6 +330,11 @@ def score_layers_sequentially(
             batches.append((mask.reshape(-1).bool().to(device), hidden, [store[i] for i in range(n)]))
     finally:
         setattr(found.decoder, found.attr, real_layers)
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, _ in list(decoder.named_parameters()):  # the embeddings did their work: free them for the layers
+        if not name.startswith(f"{found.attr}."):
+            set_module_tensor_to_device(decoder, name, "meta")
 
     sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(n)]
     bar = tqdm(total=n, unit="layer", desc=f"scoring ({metric}) layer by layer", disable=not progress)

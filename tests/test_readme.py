@@ -64,7 +64,7 @@ Path("my_tasks/my_task.yaml").write_text(
 
 
 def test_the_readme_has_the_snippets_this_test_expects():
-    assert len(BLOCKS) >= 7, "the README lost Python examples; update this test's expectations"
+    assert len(BLOCKS) >= 8, "the README lost Python examples; update this test's expectations"
     assert "task: tiny_facts" in __import__("test_evaluation").LOCAL_TASK, (
         "the local lm-eval task is renamed for the README's my_task"
     )
@@ -92,7 +92,14 @@ def test_readme_python_snippets_run(tmp_path):
         assert result.stdout.count("--- README block") == len(BLOCKS)
         pushed = {repo: set(hub.files(repo)) for repo in ("your-name/smollm2-135m-shortgpt", "me/smollm2-shortgpt")}
     work = tmp_path / "work"
-    for folder in ("smollm2-pruned", "smollm2-recipe", "smollm2-repaired", "smollm2-repaired-recipe", "smollm2-healed"):
+    for folder in (
+        "smollm2-pruned",
+        "smollm2-recipe",
+        "smollm2-repaired",
+        "smollm2-repaired-recipe",
+        "smollm2-healed",
+        "smollm2-materialized",
+    ):
         assert any((work / folder).iterdir()), f"README block wrote no {folder}/"
     assert json.loads((work / "ablation.json").read_text())["runs"] and any((work / "plots").glob("*.png"))
     for files in pushed.values():

@@ -1,0 +1,158 @@
+"""Models larger than memory: layer-by-layer scoring and materialize against
+accelerate disk offload, on a synthetic Llama checkpoint of about 4 GB.
+
+``--make DIR`` writes the checkpoint (random weights, fp32, 24 layers of
+hidden size 2048, in 500 MB shards). Each measurement then runs in a fresh
+child process (`harness.run_child`), so that its peak RSS is its own:
+
+- **sequential**: `score_layers_sequentially` (one layer resident at a time,
+  the calibration hidden states kept between layers);
+- **offload**: the same Block Influence through `score_layers` on the model
+  loaded with ``device_map="auto"`` and a small ``max_memory``, so accelerate
+  offloads most layers to disk and reads each back for every batch;
+- **materialize**: writing the checkpoint with 6 of the 24 layers removed,
+  tensor by tensor.
+
+Scoring runs at 1, 4 and 16 calibration batches (one 256-token window each),
+so the growth with the number of batches shows: sequential reads the
+checkpoint once whatever the count, disk offload once per batch. Reported:
+wall seconds, peak RSS over the checkpoint size, and peak RSS above the
+interpreter's own (the memory the operation needs), plus the per-layer
+figures that the 70B estimate is worked out from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from harness import machine_info, peak_rss, report, run_child, timing, write_json
+
+HIDDEN, LAYERS, INTERMEDIATE, VOCAB, HEADS = 2048, 24, 4096, 32000, 16
+SEQ_LEN = 256
+BATCH_COUNTS = (1, 4, 16)
+OFFLOAD_MEMORY = "1GiB"  # what accelerate may keep resident; the rest goes to disk
+# Llama-3-70B (bf16): 80 layers of hidden 8192, MLP 28672, 8 KV heads of 128; vocab 128256.
+LLAMA_70B = dict(layers=80, hidden=8192, intermediate=28672, kv=1024, vocab=128256, bytes_per_param=2)
+
+
+def make(folder: Path) -> None:
+    """A random-weight Llama checkpoint, built and saved in shards."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, max_shard_size="500MB")
+
+
+def calibration(batches: int):
+    import torch
+
+    return torch.randint(3, VOCAB, (batches, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+
+
+def child(kind: str, folder: str, batches: int) -> None:
+    import torch
+
+    from shortgpt_hf import score_layers
+    from shortgpt_hf.streaming import materialize, score_layers_sequentially
+
+    torch.set_num_threads(2)
+    data = calibration(batches)
+    with peak_rss() as peak, timing() as spent:
+        if kind == "sequential":
+            scores = score_layers_sequentially(
+                folder, data, seq_len=SEQ_LEN, batch_size=1, device="cpu", progress=False
+            ).scores
+        elif kind == "offload":
+            from transformers import AutoModelForCausalLM
+
+            offload = tempfile.mkdtemp(prefix="offload-")
+            model = AutoModelForCausalLM.from_pretrained(
+                folder,
+                device_map="auto",
+                max_memory={"cpu": OFFLOAD_MEMORY},
+                offload_folder=offload,
+                dtype=torch.float32,
+            )
+            scores = score_layers(model, data, seq_len=SEQ_LEN, batch_size=1, progress=False).scores
+            shutil.rmtree(offload, ignore_errors=True)
+        else:
+            out = Path(tempfile.mkdtemp(prefix="materialized-")) / "out"
+            materialize(folder, out, removed_layers=list(range(8, 14)), max_shard_size="500MB", progress=False)
+            scores = []
+            shutil.rmtree(out.parent, ignore_errors=True)
+    report(
+        {
+            "kind": kind,
+            "batches": batches,
+            "seconds": spent.wall,
+            "peak_mib": peak.maxrss_mib,
+            "extra_mib": peak.extra_mib,
+            "before_mib": peak.before_mib,
+            "scores": scores,
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--make", type=Path, help="write the synthetic checkpoint here first (if missing)")
+    parser.add_argument("--child", nargs=3, metavar=("KIND", "FOLDER", "BATCHES"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], int(args.child[2]))
+        return
+    folder = args.make
+    if not (folder / "config.json").is_file():
+        with timing() as made:
+            make(folder)
+        print(f"made {folder} in {made.wall:.0f} s")
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    print(f"checkpoint: {size / 2**30:.2f} GiB in {len(list(folder.glob('*.safetensors')))} shards; {machine_info()}")
+    rows = []
+    for batches in BATCH_COUNTS:
+        for kind in ("sequential", "offload"):
+            rows.append(run_child(__file__, "--child", kind, str(folder), str(batches)))
+    rows.append(run_child(__file__, "--child", "materialize", str(folder), "0"))
+    print("| operation | batches | wall s | peak RSS / checkpoint | peak RSS MiB | above interpreter MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['kind']} | {r['batches'] or '-'} | {r['seconds']:.1f} | {r['peak_mib'] * 2**20 / size:.3f} | "
+            f"{r['peak_mib']:.0f} | {r['extra_mib']:.0f} |"
+        )
+    by = {(r["kind"], r["batches"]): r for r in rows}
+    for batches in BATCH_COUNTS:
+        seq, off = by[("sequential", batches)], by[("offload", batches)]
+        same = max(abs(a - b) for a, b in zip(seq["scores"], off["scores"], strict=True))
+        print(
+            f"{batches} batches: offload / sequential time {off['seconds'] / seq['seconds']:.2f}x; "
+            f"max score difference {same:.1e}"
+        )
+    layer_bytes = (4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE) * 4
+    print(json.dumps({"layer_bytes": layer_bytes}))
+    if args.json:
+        write_json(
+            args.json, {"machine": machine_info(), "checkpoint_bytes": size, "rows": rows, "layer_bytes": layer_bytes}
+        )
+
+
+if __name__ == "__main__":
+    main()
