@@ -69,6 +69,11 @@ def calibration(batches: int):
 def child(kind: str, folder: str, batches: int) -> None:
     import torch
 
+    if kind == "make":
+        make(Path(folder))
+        report({"kind": "make"})
+        return
+
     from shortgpt_hf import score_layers
     from shortgpt_hf.streaming import materialize, score_layers_sequentially
 
@@ -102,8 +107,9 @@ def child(kind: str, folder: str, batches: int) -> None:
             "kind": kind,
             "batches": batches,
             "seconds": spent.wall,
-            "peak_mib": peak.maxrss_mib,
-            "extra_mib": peak.extra_mib,
+            # VmHWM after the kernel's peak counter was reset: ru_maxrss would start from the parent's peak
+            "peak_mib": peak.vmhwm_mib if peak.reset else peak.maxrss_mib,
+            "extra_mib": peak.extra_vmhwm_mib if peak.reset else peak.extra_mib,
             "before_mib": peak.before_mib,
             "scores": scores,
         }
@@ -120,9 +126,9 @@ def main() -> None:
         child(args.child[0], args.child[1], int(args.child[2]))
         return
     folder = args.make
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file():  # in a child too: this process must stay small for the peaks
         with timing() as made:
-            make(folder)
+            run_child(__file__, "--child", "make", str(folder), "0")
         print(f"made {folder} in {made.wall:.0f} s")
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     print(f"checkpoint: {size / 2**30:.2f} GiB in {len(list(folder.glob('*.safetensors')))} shards; {machine_info()}")

@@ -112,26 +112,12 @@ class Checkpoint:
         """Shape and dtype of each tensor, as meta tensors, from the files' headers (no data read)."""
         from safetensors import safe_open
 
-        dtypes = {
-            "F64": torch.float64,
-            "F32": torch.float32,
-            "BF16": torch.bfloat16,
-            "F16": torch.float16,
-            "I64": torch.int64,
-            "I32": torch.int32,
-            "I16": torch.int16,
-            "I8": torch.int8,
-            "U8": torch.uint8,
-            "BOOL": torch.bool,
-            "F8_E4M3": torch.float8_e4m3fn,
-            "F8_E5M2": torch.float8_e5m2,
-        }
         out = {}
         for shard in sorted({self.files[k] for k in keys}):
             with safe_open(self.folder / shard, "pt") as f:
                 for key in (k for k in keys if self.files[k] == shard):
                     piece = f.get_slice(key)
-                    out[key] = torch.empty(piece.get_shape(), dtype=dtypes[piece.get_dtype()], device="meta")
+                    out[key] = torch.empty(piece.get_shape(), dtype=_DTYPES[piece.get_dtype()], device="meta")
         return out
 
     def read(self, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -359,6 +345,31 @@ def score_layers_sequentially(
     return LayerScores(metric, scores, n, windows.num_tokens, windows.description, seq_len)
 
 
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+def _safetensors_header(layout: dict[str, torch.Tensor]) -> bytes:
+    """The header of a safetensors file holding ``layout``'s tensors (meta tensors: shapes
+    and dtypes only) in that order, so that the data can follow one tensor at a time.
+    safetensors' own ``save_file`` needs every tensor of a shard in memory at once;
+    the format (a little-endian u64 length, JSON padded to 8 bytes, then the raw
+    bytes back to back) is what its reader, and transformers', read."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, t in layout.items():
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
 def _prune_skeleton(model: nn.Module, removed: Sequence[int], scores: LayerScores | None, recipe: Any = None) -> None:
     """`prune` on the meta device: the same refusals, config fix and record as in memory."""
     from .pruning import prune
@@ -397,7 +408,6 @@ def materialize(
     recorded in ``config.shortgpt`` as `prune` records them. Atomic like every
     other write."""
     from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
 
     from .atomic import atomic_folder, check_destination
     from .modeling import read_recipe, recipe_base
@@ -443,12 +453,14 @@ def materialize(
     with atomic_folder(out_dir, overwrite) as tmp:
         bar = tqdm(total=len(names), unit="tensor", desc="materializing", disable=not progress)
         for filename, keys in split.filename_to_tensors.items():
-            shard = {}
-            for key in keys:
-                ((_, shard[key]),) = checkpoint.read([names[key]])
-                bar.update()
-            save_file(shard, str(tmp / filename), metadata={"format": "pt"})
-            del shard
+            layout = {key: tensors[names[key]] for key in keys}
+            with open(tmp / filename, "wb") as f:
+                f.write(_safetensors_header(layout))
+                for key in keys:  # one tensor in memory at a time
+                    ((_, tensor),) = checkpoint.read([names[key]])
+                    f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+                    del tensor
+                    bar.update()
         bar.close()
         if split.is_sharded:
             index = {

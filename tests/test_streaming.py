@@ -162,18 +162,19 @@ def test_unreadable_checkpoints_are_refused_in_one_line(tmp_path, capsys, monkey
 
 
 def test_an_interrupted_materialize_leaves_nothing(tmp_path, monkeypatch):
-    import safetensors.torch
-
+    """Ctrl-C in the middle of the third shard: shards are already on disk, none survives."""
     folder = sharded(tmp_path, "llama")
-    calls = []
+    read, reads = Checkpoint.read, []
 
-    def fails_on_the_third(shard, filename, metadata=None):
-        calls.append(filename)
-        Path(filename).write_bytes(b"\0" * 100)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
+    def interrupted(self, keys):
+        for item in read(self, keys):
+            reads.append(item[0])
+            if len(reads) == 12:
+                raise KeyboardInterrupt
+            yield item
 
-    monkeypatch.setattr(safetensors.torch, "save_file", fails_on_the_third)
+    monkeypatch.setattr(Checkpoint, "read", interrupted)
     with pytest.raises(KeyboardInterrupt):
         materialize(folder, tmp_path / "out", removed_layers=[1], max_shard_size="20KB", progress=False)
+    assert len(reads) == 12
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
