@@ -458,7 +458,7 @@ def materialize(
                 f.write(_safetensors_header(layout))
                 for key in keys:  # one tensor in memory at a time
                     ((_, tensor),) = checkpoint.read([names[key]])
-                    f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+                    f.write(tensor.contiguous().view(torch.uint8).numpy())  # its buffer, not a copy
                     del tensor
                     bar.update()
         bar.close()
