@@ -10,15 +10,17 @@ the tensors they need with ``safe_open``:
   stand-in that records what the model hands it: the hidden state, the
   attention mask for that layer's type (sliding or full) and the rotary
   embeddings. These are exactly what the full model would pass, because the
-  model's own forward computed them. Then it loads one layer at a time, runs
+  model's own forward computed them. Then it loads one layer at a time
+  (through transformers' own loading, so stored-per-expert MoE weights are
+  fused as ``from_pretrained`` fuses them), runs
   the recorded inputs through it, adds up the same per-token terms as
   `score_layers`, keeps the outputs as the next layer's inputs and frees the
   layer. Memory is one layer plus the activations (tokens x hidden).
 - **materialize** (`materialize`) prunes the skeleton with the same `prune`
   that in-memory pruning uses, so the config, the tensor names and the shard
   layout are what `save_pruned` writes; it then copies each kept tensor from
-  the base's shards into the new ones, one shard at a time. Removed layers
-  are never read.
+  the base's shards into the new ones, one tensor in memory at a time.
+  Removed layers are never read.
 """
 
 from __future__ import annotations
@@ -203,15 +205,6 @@ def _load_into(model: nn.Module, checkpoint: Checkpoint, keys: Sequence[str], de
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
-
-
-def _check_keys(needed: set[str], checkpoint: Checkpoint, where: str) -> None:
-    missing = sorted(needed - set(checkpoint.files))
-    if missing:
-        raise ShortGPTError(
-            f"{where}'s tensor names do not match its architecture (no {missing[0]}): sequential scoring and "
-            "materialize read checkpoints saved by transformers 5; load the model and save_pretrained it once"
-        )
 
 
 def _layer_keys(checkpoint: Checkpoint, prefix: str, num_layers: int, where: str) -> list[list[str]]:
