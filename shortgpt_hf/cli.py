@@ -243,21 +243,9 @@ def prune(
     target = out_dir or Path(f"{Path(model.rstrip('/')).name}-shortgpt")
     check_destination(target, overwrite)
     if _layer_by_layer(model, load, dtype, device_map, recovery):
-        _prune_layer_by_layer(
-            model,
-            target,
-            chosen,
-            n_layers,
-            ratio,
-            metric,
-            calibration,
-            seq_len,
-            max_tokens,
-            batch_size,
-            dtype,
-            recipe,
-            overwrite,
-        )
+        scoring = dict(metric=metric, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size)
+        scoring["dtype"] = None if dtype == "auto" else dtype
+        _prune_layer_by_layer(model, target, chosen, n_layers, ratio, calibration, scoring, recipe, overwrite)
         return
 
     m, tok = _load(model, dtype, device_map)
@@ -378,20 +366,18 @@ def _stored_in_half(source) -> bool:
 
 
 def _prune_layer_by_layer(
-    model,
-    target,
-    chosen,
-    n_layers,
-    ratio,
-    metric,
-    calibration,
-    seq_len,
-    max_tokens,
-    batch_size,
-    dtype,
-    recipe,
-    overwrite,
+    model: str,
+    target: Path,
+    chosen: Optional[list[int]],
+    n_layers: Optional[int],
+    ratio: Optional[float],
+    calibration: Optional[Path],
+    scoring: dict[str, Any],
+    recipe: bool,
+    overwrite: bool,
 ) -> None:
+    """`prune` for a model that is never whole in memory: sequential scores, then
+    a recipe, or a checkpoint materialized from the base's shards."""
     from .saving import save_recipe
     from .selection import removal_count
     from .streaming import materialize, pruned_record, score_layers_sequentially
@@ -402,15 +388,7 @@ def _prune_layer_by_layer(
         from .sources import resolve
 
         count = removal_count(text_config_of(resolve(model)).num_hidden_layers, n_layers, ratio)
-        scores = score_layers_sequentially(
-            model,
-            calibration,
-            metric,
-            seq_len=seq_len,
-            max_tokens=max_tokens,
-            batch_size=batch_size,
-            dtype=None if dtype == "auto" else dtype,
-        )
+        scores = score_layers_sequentially(model, calibration, **scoring)
         chosen = scores.lowest(count)
     if recipe:
         saved = save_recipe(pruned_record(model, chosen, scores), target, overwrite=overwrite)

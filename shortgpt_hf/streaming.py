@@ -163,7 +163,7 @@ def available_memory(device: str | torch.device = "cpu") -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def meta_skeleton(source: Source, dtype: torch.dtype | None = None) -> nn.Module:
+def meta_skeleton(source: Source, dtype: torch.dtype | str | None = None) -> nn.Module:
     """The model ``source`` describes, with parameters on the meta device and real
     buffers (rotary frequencies and the like are computed from the config, not read)."""
     from accelerate import init_empty_weights
@@ -279,7 +279,7 @@ def score_layers_sequentially(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     parked = torch.device(activations_device or device)
     checkpoint = _checkpoint or Checkpoint.open(source)
-    model = meta_skeleton(source, dtype if not isinstance(dtype, str) else getattr(torch, dtype))
+    model = meta_skeleton(source, dtype)
     if tokenizer is None and not is_tokenized(calibration):
         tokenizer = load_tokenizer(source)
     windows = prepare_calibration(calibration, tokenizer, seq_len, max_tokens)
@@ -440,9 +440,12 @@ def materialize(
     for new, old in enumerate(kept):
         names |= {f"{prefix}{new}.{key[len(f'{prefix}{old}.') :]}": key for key in by_layer[old]}
     tensors = checkpoint.meta_tensors(list(names.values()))
-    split = split_torch_state_dict_into_shards(
-        {new: tensors[old] for new, old in names.items()}, max_shard_size=max_shard_size
-    )
+    try:  # before anything is written
+        split = split_torch_state_dict_into_shards(
+            {new: tensors[old] for new, old in names.items()}, max_shard_size=max_shard_size
+        )
+    except ValueError as e:
+        raise ShortGPTError(f"max shard size {max_shard_size!r} is not a size like 5GB or 500MB ({e})") from None
     with atomic_folder(out_dir, overwrite) as tmp:
         bar = tqdm(total=len(names), unit="tensor", desc="materializing", disable=not progress)
         for filename, keys in split.filename_to_tensors.items():

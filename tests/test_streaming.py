@@ -178,3 +178,22 @@ def test_an_interrupted_materialize_leaves_nothing(tmp_path, monkeypatch):
         materialize(folder, tmp_path / "out", removed_layers=[1], max_shard_size="20KB", progress=False)
     assert len(reads) == 12
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_bad_shard_size_is_one_line(tmp_path, capsys, monkeypatch):
+    folder = sharded(tmp_path, "llama")
+    code, _, err = run_cli(
+        capsys,
+        monkeypatch,
+        "materialize",
+        folder,
+        "--layers",
+        "1",
+        "--out",
+        tmp_path / "out",
+        "--max-shard-size",
+        "5 bananas",
+    )
+    assert code == 2
+    assert_one_line_error(err, "max shard size '5 bananas' is not a size like 5GB or 500MB")
+    assert not (tmp_path / "out").exists()
