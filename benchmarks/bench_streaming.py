@@ -11,7 +11,12 @@ child process (`harness.run_child`), so that its peak RSS is its own:
   loaded with ``device_map="auto"`` and a small ``max_memory``, so accelerate
   offloads most layers to disk and reads each back for every batch;
 - **materialize**: writing the checkpoint with 6 of the 24 layers removed,
-  tensor by tensor.
+  tensor by tensor;
+- **repair**: `fit_linear_sequentially` for the same 6 layers (one gap), at
+  16 batches (4,096 tokens: a 2048 x 2048 map needs at least 2,048), saved
+  as a recipe with its map;
+- **materialize-repaired**: materialize of that recipe, the map folded into
+  the kept layer before the gap.
 
 Scoring runs at 1, 4 and 16 calibration batches (one 256-token window each),
 so the growth with the number of batches shows: sequential reads the
@@ -34,6 +39,7 @@ from harness import machine_info, peak_rss, report, run_child, timing, write_jso
 HIDDEN, LAYERS, INTERMEDIATE, VOCAB, HEADS = 2048, 24, 4096, 32000, 16
 SEQ_LEN = 256
 BATCH_COUNTS = (1, 4, 16)
+REMOVED = list(range(8, 14))
 OFFLOAD_MEMORY = "1GiB"  # what accelerate may keep resident; the rest goes to disk
 # Llama-3-70B (bf16): 80 layers of hidden 8192, MLP 28672, 8 KV heads of 128; vocab 128256.
 LLAMA_70B = dict(layers=80, hidden=8192, intermediate=28672, kv=1024, vocab=128256, bytes_per_param=2)
@@ -60,6 +66,11 @@ def make(folder: Path) -> None:
     model.save_pretrained(folder, max_shard_size="500MB")
 
 
+def recipe_of(folder: str | Path) -> Path:
+    """Where the repair child leaves its recipe for the materialize-repaired child."""
+    return Path(f"{folder}-repair-recipe")
+
+
 def calibration(batches: int):
     import torch
 
@@ -74,8 +85,8 @@ def child(kind: str, folder: str, batches: int) -> None:
         report({"kind": "make"})
         return
 
-    from shortgpt_hf import score_layers
-    from shortgpt_hf.streaming import materialize, score_layers_sequentially
+    from shortgpt_hf import fit_linear_sequentially, materialize, save_recipe, score_layers, score_layers_sequentially
+    from shortgpt_hf.streaming import pruned_record
 
     torch.set_num_threads(2)
     data = calibration(batches)
@@ -97,9 +108,17 @@ def child(kind: str, folder: str, batches: int) -> None:
             )
             scores = score_layers(model, data, seq_len=SEQ_LEN, batch_size=1, progress=False).scores
             shutil.rmtree(offload, ignore_errors=True)
+        elif kind == "repair":
+            repair = fit_linear_sequentially(
+                folder, REMOVED, data, seq_len=SEQ_LEN, batch_size=1, device="cpu", progress=False
+            )
+            save_recipe(pruned_record(folder, REMOVED, repair=repair), recipe_of(folder), maps=repair.tensors)
+            scores = [g["relative_error_repaired"] for g in repair.entry["gaps"]]
         else:
             out = Path(tempfile.mkdtemp(prefix="materialized-")) / "out"
-            materialize(folder, out, removed_layers=list(range(8, 14)), max_shard_size="500MB", progress=False)
+            repaired = kind == "materialize-repaired"
+            source, layers = (recipe_of(folder), None) if repaired else (folder, REMOVED)
+            materialize(source, out, removed_layers=layers, max_shard_size="500MB", progress=False)
             scores = []
             shutil.rmtree(out.parent, ignore_errors=True)
     report(
@@ -121,6 +140,9 @@ def main() -> None:
     parser.add_argument("--make", type=Path, help="write the synthetic checkpoint here first (if missing)")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "FOLDER", "BATCHES"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--only", choices=("scoring", "materialize", "repair"), help="run one group of measurements, not all three"
+    )
     args = parser.parse_args()
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]))
@@ -137,10 +159,17 @@ def main() -> None:
             while f.read(1 << 26):
                 pass
     rows = []
-    for batches in BATCH_COUNTS:
-        for kind in ("sequential", "offload"):
-            rows.append(run_child(__file__, "--child", kind, str(folder), str(batches)))
-    rows.append(run_child(__file__, "--child", "materialize", str(folder), "0"))
+    if args.only in (None, "scoring"):
+        for batches in BATCH_COUNTS:
+            for kind in ("sequential", "offload"):
+                rows.append(run_child(__file__, "--child", kind, str(folder), str(batches)))
+    if args.only in (None, "materialize"):
+        rows.append(run_child(__file__, "--child", "materialize", str(folder), "0"))
+    if args.only in (None, "repair"):
+        shutil.rmtree(recipe_of(folder), ignore_errors=True)
+        rows.append(run_child(__file__, "--child", "repair", str(folder), str(BATCH_COUNTS[-1])))
+        rows.append(run_child(__file__, "--child", "materialize-repaired", str(folder), "0"))
+        shutil.rmtree(recipe_of(folder), ignore_errors=True)
     print("| operation | batches | wall s | peak RSS / checkpoint | peak RSS MiB | above interpreter MiB |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -149,7 +178,7 @@ def main() -> None:
             f"{r['peak_mib']:.0f} | {r['extra_mib']:.0f} |"
         )
     by = {(r["kind"], r["batches"]): r for r in rows}
-    for batches in BATCH_COUNTS:
+    for batches in BATCH_COUNTS if args.only in (None, "scoring") else ():
         seq, off = by[("sequential", batches)], by[("offload", batches)]
         same = max(abs(a - b) for a, b in zip(seq["scores"], off["scores"], strict=True))
         print(

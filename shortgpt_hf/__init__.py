@@ -23,6 +23,7 @@ __version__ = importlib.metadata.version("shortgpt_hf")  # the one version is py
 from .push import push_to_hub
 from .saving import save_pruned, save_recipe
 from .scoring import METRICS, LayerScores, score_layers
+from .streaming import LinearRepair, fit_linear_sequentially, materialize, score_layers_sequentially
 
 __all__ = [
     "Ablation",
@@ -32,6 +33,7 @@ __all__ = [
     "EvalResult",
     "METRICS",
     "LayerScores",
+    "LinearRepair",
     "PrunedForCausalLM",
     "RECOVERY_METHODS",
     "RecoveryMethod",
@@ -42,10 +44,12 @@ __all__ = [
     "disable_prefill_skip",
     "enable_prefill_skip",
     "evaluate",
+    "fit_linear_sequentially",
     "find_decoder_layers",
     "heal",
     "load_builtin",
     "load_model",
+    "materialize",
     "model_card",
     "multiple_choice",
     "perplexity",
@@ -58,5 +62,6 @@ __all__ = [
     "save_pruned",
     "save_recipe",
     "score_layers",
+    "score_layers_sequentially",
     "verify_pruned",
 ]

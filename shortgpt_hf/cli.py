@@ -242,10 +242,11 @@ def prune(
         raise ShortGPTError(f"calibration file not found: {calibration}")
     target = out_dir or Path(f"{Path(model.rstrip('/')).name}-shortgpt")
     check_destination(target, overwrite)
-    if _layer_by_layer(model, load, dtype, device_map, recovery):
-        scoring = dict(metric=metric, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size)
-        scoring["dtype"] = None if dtype == "auto" else dtype
-        _prune_layer_by_layer(model, target, chosen, n_layers, ratio, calibration, scoring, recipe, overwrite)
+    if _layer_by_layer(model, load, dtype, device_map):
+        walk = dict(seq_len=seq_len, batch_size=batch_size, dtype=None if dtype == "auto" else dtype)
+        scoring = dict(walk, metric=metric, max_tokens=max_tokens)
+        repair = dict(walk, ridge=ridge, max_tokens=recovery_tokens) if recovery != "none" else None
+        _prune_layer_by_layer(model, target, chosen, n_layers, ratio, calibration, scoring, repair, recipe, overwrite)
         return
 
     m, tok = _load(model, dtype, device_map)
@@ -284,8 +285,7 @@ def prune(
     )
     out.print(f"layers: {num_before} -> {record['original_num_hidden_layers'] - len(record['removed_layers'])}")
     for step in (record.get("recovery") or [])[-1:] if recovery != "none" else []:
-        gaps = ", ".join(f"{g['removed']} -> {g['folded_into'] if g['map'] else 'unrepaired'}" for g in step["gaps"])
-        out.print(f"{recovery} repair on {step['tokens']:,} tokens: {gaps}")
+        out.print(f"{recovery} repair on {step['tokens']:,} tokens: {_gaps(step)}")
         out.print(
             f"held-out perplexity {step['perplexity_before']:.2f} (plain removal) -> "
             f"{step['perplexity_after']:.2f} (repaired)"
@@ -321,7 +321,7 @@ LOADS = ("auto", "full", "layer-by-layer")
 STREAMING_SHARE = 0.7  # of the free memory: above it, auto goes layer by layer (activations and copies need the rest)
 
 
-def _layer_by_layer(model: str, load: str, dtype: str, device_map: Optional[str], recovery: str) -> bool:
+def _layer_by_layer(model: str, load: str, dtype: str, device_map: Optional[str]) -> bool:
     """Which path a prune takes, said out loud: a model that does not fit goes layer by layer."""
     from .sources import resolve
     from .streaming import available_memory, checkpoint_bytes
@@ -331,12 +331,12 @@ def _layer_by_layer(model: str, load: str, dtype: str, device_map: Optional[str]
     if load == "full":
         return False
     source = resolve(model)
-    if load == "auto" and (source.kind != "model" or source.pruned or device_map or recovery != "none"):
+    if load == "auto" and (source.kind != "model" or source.pruned or device_map):
         return False
     if source.kind != "model" or source.pruned:
         raise ShortGPTError(f"--load layer-by-layer prunes a dense model; {source.describe()} is not one")
-    if recovery != "none":
-        raise ShortGPTError("--recovery linear needs the model in memory for now: use --load full")
+    if device_map:
+        raise ShortGPTError("--load layer-by-layer places one layer at a time itself; give no --device-map")
     device = "cuda" if _torch_cuda() else "cpu"
     size, free = checkpoint_bytes(source), available_memory(device)
     size *= 2 if dtype == "float32" and _stored_in_half(source) else 1
@@ -373,30 +373,50 @@ def _prune_layer_by_layer(
     ratio: Optional[float],
     calibration: Optional[Path],
     scoring: dict[str, Any],
+    repair_options: Optional[dict[str, Any]],
     recipe: bool,
     overwrite: bool,
 ) -> None:
-    """`prune` for a model that is never whole in memory: sequential scores, then
-    a recipe, or a checkpoint materialized from the base's shards."""
+    """`prune` for a model that is never whole in memory: sequential scores, a linear
+    repair fitted in a second walk up to the deepest gap (when asked), then a recipe,
+    or a checkpoint materialized from the base's shards."""
+    from .loading import text_config_of
+    from .recovery import RECOVERY_METHODS
     from .saving import save_recipe
     from .selection import removal_count
-    from .streaming import materialize, pruned_record, score_layers_sequentially
+    from .sources import resolve
+    from .streaming import (
+        fit_linear_sequentially,
+        materialize,
+        meta_skeleton,
+        pruned_record,
+        score_layers_sequentially,
+    )
 
+    if repair_options:  # an unsupported family or a bad ridge fails before the scoring walk, not after it
+        RECOVERY_METHODS["linear"].check(meta_skeleton(resolve(model)), ridge=repair_options["ridge"])
     scores = None
     if chosen is None:
-        from .loading import text_config_of
-        from .sources import resolve
-
         count = removal_count(text_config_of(resolve(model)).num_hidden_layers, n_layers, ratio)
         scores = score_layers_sequentially(model, calibration, **scoring)
         chosen = scores.lowest(count)
+    repair = fit_linear_sequentially(model, chosen, calibration, **repair_options) if repair_options else None
     if recipe:
-        saved = save_recipe(pruned_record(model, chosen, scores), target, overwrite=overwrite)
+        record = pruned_record(model, chosen, scores, repair)
+        saved = save_recipe(record, target, overwrite=overwrite, maps=repair.tensors if repair else None)
     else:
-        saved = materialize(model, target, removed_layers=chosen, scores=scores, overwrite=overwrite)
+        saved = materialize(model, target, removed_layers=chosen, scores=scores, repair=repair, overwrite=overwrite)
     out.print(f"removed layers (original indices): {sorted(chosen)}" + (f" by {scores.metric}" if scores else ""))
+    if repair is not None:
+        out.print(f"linear repair on {repair.entry['tokens']:,} tokens: {_gaps(repair.entry)}")
+        out.print("held-out perplexity not measured: the model was never whole in memory (shortgpt eval it)")
     written = "recipe saved to" if recipe else "checkpoint written tensor by tensor to"
     out.print(f"{written} {saved} (not verified: the model was never whole in memory)")
+
+
+def _gaps(step: dict[str, Any]) -> str:
+    """A linear repair's gaps and where each map went, for one line of output."""
+    return ", ".join(f"{g['removed']} -> {g['folded_into'] if g['map'] else 'unrepaired'}" for g in step["gaps"])
 
 
 @command()

@@ -49,7 +49,7 @@ def write_checkpoint(model: nn.Module, folder: Path, tokenizer: Any = None) -> N
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
     if record is not None and linear_maps(model):  # not needed to load it; lets a recipe be written from it later
-        save_maps(model, record, folder)
+        save_maps(linear_maps(model), record, folder)
 
 
 def point_at(model: nn.Module, out_dir: str | Path) -> Path:
@@ -67,6 +67,7 @@ def save_recipe(
     *,
     overwrite: bool = False,
     verify: bool = False,
+    maps: dict[str, Any] | None = None,
 ) -> Path:
     """Write the recipe form: ``shortgpt_config.json`` naming the base model and its
     pinned revision (plus the tokenizer files, and ``shortgpt_maps.safetensors``
@@ -75,12 +76,13 @@ def save_recipe(
     `PrunedForCausalLM.from_pretrained` rebuilds the pruned model from it, and so,
     after ``import shortgpt_hf``, do ``AutoModelForCausalLM`` and ``pipeline``; with
     ``verify`` (a model given) it does so before the folder is moved into place
-    and must reproduce the model's logits."""
+    and must reproduce the model's logits. A record given without a model
+    passes the linear repair maps it names as ``maps`` (key -> tensor)."""
     from .modeling import PrunedForCausalLM
 
     is_model = not isinstance(model_or_config, ShortGPTConfig)
     with atomic_folder(out_dir, overwrite) as tmp:
-        write_recipe(model_or_config, tmp, tokenizer)
+        write_recipe(model_or_config, tmp, tokenizer, maps)
         if verify and is_model:
             ids = probe_ids(model_or_config)
             with explained(model_or_config, "rebuilding the model from the recipe"):
@@ -91,7 +93,9 @@ def save_recipe(
     return point_at(model_or_config, out_dir) if is_model else Path(out_dir).resolve()
 
 
-def write_recipe(model_or_config: nn.Module | ShortGPTConfig, folder: Path, tokenizer: Any = None) -> None:
+def write_recipe(
+    model_or_config: nn.Module | ShortGPTConfig, folder: Path, tokenizer: Any = None, maps: dict[str, Any] | None = None
+) -> None:
     """The files of a recipe, into an existing (temporary) folder; refuses what a recipe cannot rebuild."""
     is_model = not isinstance(model_or_config, ShortGPTConfig)
     record = ShortGPTConfig.from_model(model_or_config) if is_model else model_or_config
@@ -121,7 +125,7 @@ def write_recipe(model_or_config: nn.Module | ShortGPTConfig, folder: Path, toke
         else None
     )
     RecipeConfig(**({"vocab_size": vocab} if vocab else {})).save_pretrained(folder)
-    save_maps(model_or_config if is_model else None, record, folder)
+    save_maps(linear_maps(model_or_config) if is_model else maps or {}, record, folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 

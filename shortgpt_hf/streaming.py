@@ -1,26 +1,30 @@
-"""Models larger than memory: scoring one layer at a time, and writing pruned
-checkpoints tensor by tensor, straight from the base's safetensors shards.
+"""Models larger than memory: scoring and linear repair one layer at a time, and
+writing pruned checkpoints tensor by tensor, straight from the base's
+safetensors shards.
 
-Both work from a skeleton of the model built on the meta device (parameters
-take no memory; buffers such as rotary frequencies are real), and read only
-the tensors they need with ``safe_open``:
+All of it works from a skeleton of the model built on the meta device
+(parameters take no memory; buffers such as rotary frequencies are real), and
+reads only the tensors it needs with ``safe_open``:
 
-- **sequential scoring** (`score_layers_sequentially`) first runs every
-  calibration window through the model with each decoder layer replaced by a
-  stand-in that records what the model hands it: the hidden state, the
-  attention mask for that layer's type (sliding or full) and the rotary
-  embeddings. These are exactly what the full model would pass, because the
-  model's own forward computed them. Then it loads one layer at a time
-  (through transformers' own loading, so stored-per-expert MoE weights are
-  fused as ``from_pretrained`` fuses them), runs
-  the recorded inputs through it, adds up the same per-token terms as
-  `score_layers`, keeps the outputs as the next layer's inputs and frees the
-  layer. Memory is one layer plus the activations (tokens x hidden).
+- **the layer walk** (`score_layers_sequentially`, `fit_linear_sequentially`)
+  first runs every calibration window through the model with each decoder
+  layer replaced by a stand-in that records what the model hands it: the
+  hidden state, the attention mask for that layer's type (sliding or full)
+  and the rotary embeddings. These are exactly what the full model would
+  pass, because the model's own forward computed them. Then it loads one
+  layer at a time (through transformers' own loading, so stored-per-expert
+  MoE weights are fused as ``from_pretrained`` fuses them), runs the
+  recorded inputs through it, keeps the outputs as the next layer's inputs
+  and frees the layer. Scoring adds up the same per-token terms as
+  `score_layers`; the repair gathers the same normal equations as
+  ``prune(..., recovery="linear")``. Memory is one layer plus the
+  activations (tokens x hidden).
 - **materialize** (`materialize`) prunes the skeleton with the same `prune`
   that in-memory pruning uses, so the config, the tensor names and the shard
   layout are what `save_pruned` writes; it then copies each kept tensor from
-  the base's shards into the new ones, one tensor in memory at a time.
-  Removed layers are never read.
+  the base's shards into the new ones, one tensor in memory at a time, with
+  any repair folded into the few tensors it changes. Removed layers are
+  never read.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,11 +43,30 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import CalibrationData, is_tokenized, prepare_calibration
+from .calibration import CalibrationData, TokenWindows, is_tokenized, prepare_calibration
+from .config import ShortGPTConfig
 from .errors import ShortGPTError
 from .families import native_class
 from .layers import find_decoder_layers
 from .loading import load_tokenizer
+from .recovery import RECOVERY_METHODS
+from .recovery.linear import (
+    MAPS_FILE,
+    LinearMap,
+    NormalEquations,
+    check_finite,
+    fitted_map,
+    fold_maps,
+    fold_rule,
+    fold_targets,
+    gaps_of,
+    load_maps,
+    maps_from_record,
+    recovery_entry,
+    save_maps,
+    token_rows,
+    unrepairable,
+)
 from .scoring import HIDDEN_STATE_METRICS, LayerScores, layer_term
 from .sources import Source, resolve
 
@@ -181,10 +205,17 @@ def meta_skeleton(source: Source, dtype: torch.dtype | str | None = None) -> nn.
     return model
 
 
-def _load_into(model: nn.Module, checkpoint: Checkpoint, keys: Sequence[str], device: torch.device) -> None:
+def _load_into(
+    model: nn.Module,
+    checkpoint: Checkpoint,
+    keys: Sequence[str],
+    device: torch.device,
+    renamed: dict[str, str] | None = None,
+) -> None:
     """Read checkpoint ``keys`` into the meta skeleton, through transformers' own
     loading: its key renamings and conversions (MoE experts stored one by one and
-    fused on load, say) apply exactly as in ``from_pretrained``."""
+    fused on load, say) apply exactly as in ``from_pretrained``. ``renamed``: the
+    name a key has in a pruned skeleton, where kept layers are renumbered."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.modeling_utils import LoadStateDictConfig
@@ -197,14 +228,33 @@ def _load_into(model: nn.Module, checkpoint: Checkpoint, keys: Sequence[str], de
         weight_mapping=get_model_conversion_mapping(model),
         device_map={"": device},
     )
-    state = dict(checkpoint.read(keys))
+    state = {(renamed or {}).get(key, key): tensor for key, tensor in checkpoint.read(keys)}
     quiet = hf_logging.is_progress_bar_enabled()  # our bar counts layers; one bar per layer's load is noise
     hf_logging.disable_progress_bar()
+    recorded = getattr(model, "_weight_conversions", None)  # each load would record only the conversions it used
     try:
         convert_and_load_state_dict_in_model(model=model, state_dict=state, load_config=config)
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
+        if recorded is not None:
+            model._weight_conversions = recorded
+
+
+def _record_conversions(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """Record on the skeleton the weight conversions that loading the whole checkpoint
+    uses, as ``from_pretrained`` records them: ``save_pretrained`` (and our writing)
+    reverts exactly those, so tensors go back under the names they were stored under.
+    Only names are matched; no tensor is read."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [c for c in mapping if isinstance(c, WeightRenaming)]
+    converters = [c for c in mapping if isinstance(c, WeightConverter)]
+    for key in checkpoint.files:
+        rename_source_key(key, renamings, converters)
+    model._weight_conversions = [c for c in mapping if c.was_used()]
 
 
 def _layer_keys(checkpoint: Checkpoint, prefix: str, num_layers: int, where: str) -> list[list[str]]:
@@ -244,6 +294,106 @@ class _Recorded(Exception):
     pass
 
 
+OnBatch = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]  # (batch, layer input, output, token mask)
+Visit = Callable[[int, nn.Module], AbstractContextManager[OnBatch]]
+
+
+class _LayerWalk:
+    """A dense model's decoder layers run one at a time over the calibration windows, each
+    read from the checkpoint just before and freed just after.
+
+    On creation only the tensors outside the decoder layers are read (the
+    embeddings), the model's own forward records what every layer receives, and
+    they are freed again. `run` then walks the layers once: each one's outputs
+    become the next one's inputs, and a visitor sees every (input, output) pair.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        checkpoint: Checkpoint,
+        windows: TokenWindows,
+        pad_id: int,
+        batch_size: int,
+        dtype: torch.dtype | str | None,
+        device: torch.device,
+        parked: torch.device,
+    ):
+        from accelerate.utils import set_module_tensor_to_device
+
+        self.model = meta_skeleton(source, dtype)
+        self.checkpoint, self.device, self.parked, self.where = checkpoint, device, parked, source.describe()
+        found = find_decoder_layers(self.model)
+        self.layers = found.layers
+        n = len(self.layers)
+        layer_prefix = f"{found.path}."
+        decoder_prefix = found.path[: -len(found.attr)]
+        self.by_layer = _layer_keys(checkpoint, layer_prefix, n, self.where)
+        outside = [k for k in checkpoint.files if k.startswith(decoder_prefix) and not k.startswith(layer_prefix)]
+        _load_into(self.model, checkpoint, outside, device)
+        store: dict[int, tuple[tuple, dict]] = {}
+        setattr(found.decoder, found.attr, nn.ModuleList(_Recorder(i, i == n - 1, store) for i in range(n)))
+        self.batches: list[tuple[torch.Tensor, torch.Tensor, list[tuple[tuple, dict]]]] = []
+        try:  # per batch: token mask, hidden state, and each layer's other arguments
+            for ids, mask in windows.batches(batch_size, pad_id):
+                store.clear()
+                try:
+                    found.decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                except _Recorded:
+                    pass
+                hidden = store.pop(-1)[0][0].to(parked)
+                self.batches.append((mask.reshape(-1).bool().to(device), hidden, [store[i] for i in range(n)]))
+        finally:
+            setattr(found.decoder, found.attr, self.layers)
+        for name, _ in list(found.decoder.named_parameters()):  # the embeddings did their work: free them
+            if not name.startswith(f"{found.attr}."):
+                set_module_tensor_to_device(found.decoder, name, "meta")
+
+    def run(self, through: int, visit: Visit, desc: str, progress: bool) -> None:
+        """Layers ``0..through``, once; ``visit(i, layer)`` is entered around layer ``i``'s batches."""
+        bar = tqdm(total=through + 1, unit="layer", desc=desc, disable=not progress)
+        for i in range(through + 1):
+            layer = self.layers[i]
+            _load_into(self.model, self.checkpoint, self.by_layer[i], self.device)
+            unloaded = [name for name, p in layer.named_parameters() if p.is_meta]
+            if unloaded:
+                raise ShortGPTError(f"layer {i} of {self.where} has no tensor for {unloaded[0]} in its checkpoint")
+            with visit(i, layer) as on_batch:
+                for b, (mask, hidden, per_layer) in enumerate(self.batches):
+                    args, kwargs = per_layer[i]
+                    x = hidden.to(self.device)
+                    out = layer(x, *args, **kwargs)
+                    y = out[0] if isinstance(out, tuple) else out
+                    on_batch(b, x, y, mask)
+                    self.batches[b] = (mask, y.to(self.parked), per_layer)
+            layer.to_empty(device="meta")  # frees the layer; its parameters stay meta
+            bar.update()
+        bar.close()
+
+
+def _dense_source(name_or_path: str | Path, what: str) -> Source:
+    source = resolve(name_or_path)
+    if source.kind != "model" or source.pruned:
+        raise ShortGPTError(f"{what} reads a dense model's checkpoint; {source.describe()} is not one")
+    return source
+
+
+def _windows(
+    source: Source, calibration: CalibrationData, tokenizer: Any, seq_len: int, max_tokens: int | None
+) -> tuple[TokenWindows, int]:
+    if tokenizer is None and not is_tokenized(calibration):
+        tokenizer = load_tokenizer(source)
+    windows = prepare_calibration(calibration, tokenizer, seq_len, max_tokens)
+    return windows, getattr(tokenizer, "pad_token_id", None) or 0
+
+
+def _devices(
+    device: str | torch.device | None, activations_device: str | torch.device | None
+) -> tuple[torch.device, torch.device]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, torch.device(activations_device or device)
+
+
 @torch.no_grad()
 def score_layers_sequentially(
     name_or_path: str | Path,
@@ -265,77 +415,136 @@ def score_layers_sequentially(
 
     ``device``: where each layer runs (default: CUDA when available, else CPU).
     ``activations_device``: where the calibration hidden states wait between
-    layers (default: ``device``; give ``"cpu"`` when tokens x hidden x layers
-    in flight do not fit on the GPU). Peak memory is about one layer plus the
+    layers (default: ``device``; give ``"cpu"`` when tokens x hidden do not
+    fit beside a layer on the GPU). Peak memory is about one layer plus the
     activations. Hidden-state metrics only (``bi``, ``angular``,
     ``relative_magnitude``), one layer per block."""
     if metric not in HIDDEN_STATE_METRICS:
         raise ShortGPTError(
             f"sequential scoring computes the hidden-state metrics ({', '.join(HIDDEN_STATE_METRICS)}); got {metric!r}"
         )
-    source = resolve(name_or_path)
-    if source.kind != "model" or source.pruned:
-        raise ShortGPTError(f"sequential scoring reads a dense model's checkpoint; {source.describe()} is not one")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    parked = torch.device(activations_device or device)
+    source = _dense_source(name_or_path, "sequential scoring")
+    device, parked = _devices(device, activations_device)
     checkpoint = _checkpoint or Checkpoint.open(source)
-    model = meta_skeleton(source, dtype)
-    if tokenizer is None and not is_tokenized(calibration):
-        tokenizer = load_tokenizer(source)
-    windows = prepare_calibration(calibration, tokenizer, seq_len, max_tokens)
-    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-
-    found = find_decoder_layers(model)
-    layer_prefix = f"{found.path}."
-    decoder = found.decoder
-    decoder_prefix = found.path[: -len(found.attr)]
-    by_layer = _layer_keys(checkpoint, layer_prefix, len(found.layers), source.describe())
-    outside = [k for k in checkpoint.files if k.startswith(decoder_prefix) and not k.startswith(layer_prefix)]
-    _load_into(model, checkpoint, outside, device)
-    real_layers = found.layers
-    n = len(real_layers)
-    store: dict[int, tuple[tuple, dict]] = {}
-    recorders = nn.ModuleList(_Recorder(i, i == n - 1, store) for i in range(n))
-    setattr(found.decoder, found.attr, recorders)
-    batches = []  # per batch: (token mask, hidden state, per-layer (args, kwargs))
-    try:
-        for ids, mask in windows.batches(batch_size, pad_id):
-            store.clear()
-            try:
-                decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            except _Recorded:
-                pass
-            hidden = store.pop(-1)[0][0].to(parked)
-            batches.append((mask.reshape(-1).bool().to(device), hidden, [store[i] for i in range(n)]))
-    finally:
-        setattr(found.decoder, found.attr, real_layers)
-    from accelerate.utils import set_module_tensor_to_device
-
-    for name, _ in list(decoder.named_parameters()):  # the embeddings did their work: free them for the layers
-        if not name.startswith(f"{found.attr}."):
-            set_module_tensor_to_device(decoder, name, "meta")
-
+    windows, pad_id = _windows(source, calibration, tokenizer, seq_len, max_tokens)
+    walk = _LayerWalk(source, checkpoint, windows, pad_id, batch_size, dtype, device, parked)
+    n = len(walk.layers)
     sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(n)]
-    bar = tqdm(total=n, unit="layer", desc=f"scoring ({metric}) layer by layer", disable=not progress)
-    for i, layer in enumerate(real_layers):
-        _load_into(model, checkpoint, by_layer[i], device)
-        unloaded = [name for name, p in layer.named_parameters() if p.is_meta]
-        if unloaded:
-            raise ShortGPTError(f"layer {i} of {source.describe()} has no tensor for {unloaded[0]} in its checkpoint")
-        for b, (mask, hidden, per_layer) in enumerate(batches):
-            args, kwargs = per_layer[i]
-            x = hidden.to(device)
-            out = layer(x, *args, **kwargs)
-            y = out[0] if isinstance(out, tuple) else out
+
+    @contextmanager
+    def visit(i: int, layer: nn.Module) -> Iterator[OnBatch]:
+        def add(b: int, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> None:
             sums[i] += layer_term(metric, x, y, mask)
-            batches[b] = (mask, y.to(parked), per_layer)
-        layer.to_empty(device="meta")  # frees the layer; its parameters stay meta
-        bar.update()
-    bar.close()
+
+        yield add
+
+    walk.run(n - 1, visit, f"scoring ({metric}) layer by layer", progress)
     scores = [float(s.item()) / windows.num_tokens for s in sums]
     if any(math.isnan(s) for s in scores):
         raise ShortGPTError("sequential scoring produced NaN scores: the activations overflowed in this dtype")
     return LayerScores(metric, scores, n, windows.num_tokens, windows.description, seq_len)
+
+
+@dataclass
+class LinearRepair:
+    """Linear repair maps fitted layer by layer (`fit_linear_sequentially`), for `materialize`
+    to fold into the tensors they touch, or for a recipe to carry: ``entry`` is what the
+    pruned model's ``config.shortgpt["recovery"]`` records, ``tensors`` the maps under the
+    keys it names (``shortgpt_maps.safetensors``)."""
+
+    removed_layers: list[int]
+    maps: list[LinearMap]
+    entry: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def fit_linear_sequentially(
+    name_or_path: str | Path,
+    removed_layers: Sequence[int],
+    calibration: CalibrationData = None,
+    *,
+    ridge: float = 0.0,
+    tokenizer: Any = None,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    activations_device: str | torch.device | None = None,
+    progress: bool = True,
+    _checkpoint: Checkpoint | None = None,
+) -> LinearRepair:
+    """The linear repair of removing ``removed_layers`` from a dense model that need not fit
+    in memory: the maps ``prune(..., recovery="linear")`` fits, from one walk over the
+    layers up to the deepest gap, one layer in memory at a time.
+
+    A gap needs activations at its two ends only: what the kept layer before it
+    adds (``M``) and outputs (``Y``), and what its last layer outputs (``L``).
+    ``M`` and ``Y`` wait (tokens x hidden each, on ``activations_device``) until
+    the walk reaches the gap's end, where its normal equations are complete and
+    solved. Gaps never overlap, so at most one gap's activations and one
+    ``d x d`` system are held at a time. Options as for `score_layers_sequentially`
+    and ``prune``'s linear recovery (``ridge``; ``max_tokens=None``: all of the
+    calibration)."""
+    source = _dense_source(name_or_path, "sequential linear repair")
+    removed = sorted(set(removed_layers))
+    skeleton = meta_skeleton(source)  # everything that can be refused is refused before a tensor is read
+    RECOVERY_METHODS["linear"].check(skeleton, ridge=ridge)
+    fold = fold_rule(skeleton)
+    original = list(range(len(find_decoder_layers(skeleton).layers)))
+    gaps = gaps_of(removed)
+    skipped = unrepairable(skeleton, gaps, original)
+    _prune_skeleton(skeleton, removed, None)
+    device, parked = _devices(device, activations_device)
+    checkpoint = _checkpoint or Checkpoint.open(source)
+    windows, pad_id = _windows(source, calibration, tokenizer, seq_len, max_tokens)
+    walk = _LayerWalk(source, checkpoint, windows, pad_id, batch_size, dtype, device, parked)
+    starting = {gap.before: gap for gap in gaps}
+    ending = {gap.last: gap for gap in gaps}
+    open_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per batch: M and Y rows at the open gap's start
+    equations: dict[int, NormalEquations] = {}
+    fitted = []
+
+    def rows(t: Any, mask: torch.Tensor, what: str) -> torch.Tensor:
+        return check_finite(token_rows(t, mask), f"{walk.where} ({what})")
+
+    @contextmanager
+    def visit(i: int, layer: nn.Module) -> Iterator[OnBatch]:
+        update: dict[str, Any] = {}
+        handle = None
+        if i in starting:
+            equations[i] = NormalEquations(fold.diagonal)
+            handle = layer.get_submodule(fold.output).register_forward_hook(
+                lambda module, args, output: update.update(m=output)
+            )
+        elif i == 0 and -1 in starting:  # the embeddings' output is layer 0's input: M = Y
+            equations[-1] = NormalEquations(False)
+
+        def on_batch(b: int, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> None:
+            if i == 0 and -1 in starting:
+                embedded = rows(x, mask, "the embeddings").to(parked)
+                open_rows[b] = (embedded, embedded)
+            if i in starting:
+                m = rows(update.pop("m"), mask, f"layer {i} {fold.output}")
+                open_rows[b] = (m.to(parked), rows(y, mask, f"layer {i} output").to(parked))
+            if i in ending:
+                m, y_before = (t.to(device) for t in open_rows.pop(b))
+                target = rows(y, mask, f"layer {i} output")
+                equations[ending[i].before].add(m, target - y_before + m, target)
+
+        try:
+            yield on_batch
+        finally:
+            if handle is not None:
+                handle.remove()
+        if i in ending:
+            gap = ending[i]
+            fitted.append(fitted_map(gap, equations.pop(gap.before), original, ridge, gap in skipped))
+
+    walk.run(removed[-1], visit, "linear repair layer by layer", progress)
+    details, tensors = recovery_entry(fitted, 0, ridge, windows.num_tokens)
+    return LinearRepair(removed, fitted, {"method": "linear", **details, "data": windows.description}, tensors)
 
 
 _DTYPE_NAMES = {
@@ -363,24 +572,83 @@ def _safetensors_header(layout: dict[str, torch.Tensor]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
-def _prune_skeleton(model: nn.Module, removed: Sequence[int], scores: LayerScores | None, recipe: Any = None) -> None:
-    """`prune` on the meta device: the same refusals, config fix and record as in memory."""
+def _prune_skeleton(
+    model: nn.Module, removed: Sequence[int], scores: LayerScores | None, recipe: Any = None, repair: Any = None
+) -> None:
+    """`prune` on the meta device: the same refusals, config fix and record as in memory
+    (plus a recipe's own record, or a repair fitted layer by layer)."""
     from .pruning import prune
 
     prune(model, list(removed), scores=scores, verify=False)
     if recipe is not None:  # a recipe's own record (metric, scores, calibration) is what its checkpoint carries
         own = {k: v for k, v in recipe.to_dict().items() if v is not None}
         model.config.shortgpt = {**model.config.shortgpt, **own}
+    if repair is not None:
+        if sorted(repair.removed_layers) != sorted(removed):
+            raise ShortGPTError(
+                f"the linear repair was fitted for removing layers {repair.removed_layers}, not {sorted(removed)}"
+            )
+        record = model.config.shortgpt
+        model.config.shortgpt = {**record, "recovery": [*(record.get("recovery") or []), repair.entry]}
 
 
-def pruned_record(name_or_path: str | Path, removed_layers: Sequence[int], scores: LayerScores | None = None) -> Any:
+def pruned_record(
+    name_or_path: str | Path,
+    removed_layers: Sequence[int],
+    scores: LayerScores | None = None,
+    repair: LinearRepair | None = None,
+) -> ShortGPTConfig:
     """The `ShortGPTConfig` that removing ``removed_layers`` from a dense model records
-    (for `save_recipe`), worked out on the meta device: no tensor is read."""
-    from .config import ShortGPTConfig
-
+    (for `save_recipe`, with ``maps=repair.tensors`` when repaired), worked out on the
+    meta device: no tensor is read."""
     model = meta_skeleton(resolve(name_or_path))
-    _prune_skeleton(model, removed_layers, scores)
+    _prune_skeleton(model, removed_layers, scores, repair=repair)
     return ShortGPTConfig.from_model(model)
+
+
+def _fold_repair(
+    model: nn.Module, checkpoint: Checkpoint, maps: list[LinearMap], names: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """The tensors a linear repair changes, under their names in the pruned checkpoint
+    (``names``: new name -> the base checkpoint's).
+
+    For each kept layer that takes a map (or the input embeddings), the tensors
+    its fold targets come from (found by running transformers' own
+    ``revert_weight_conversion`` on the skeleton's meta parameters: one tensor
+    per expert for a model stored that way) are read into the pruned skeleton,
+    folded by the same `fold_maps` as in memory, and turned back into the
+    checkpoint's layout the same way, as ``save_pretrained`` does. They are freed
+    from the skeleton again; only the changed tensors wait to be written."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    kept = ShortGPTConfig.from_model(model).kept_layers
+    current = {old: new for new, old in enumerate(kept)}
+    fold = fold_rule(model)
+    module_names = {id(module): name for name, module in model.named_modules()}
+    hosts = dict.fromkeys(m.after for m in maps if m.map is not None and (m.after is None or m.after in current))
+    changed: dict[str, torch.Tensor] = {}
+
+    def stored(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = revert_weight_conversion(model, params)
+        strange = [key for key in out if key not in names]
+        if strange:
+            raise ShortGPTError(
+                f"the repaired tensor {strange[0]} has no counterpart among the checkpoint's tensors: "
+                "this checkpoint stores its weights under other names; load the model in memory to repair it"
+            )
+        return out
+
+    for after in hosts:
+        targets = fold_targets(model, -1 if after is None else current[after], fold)
+        params = {f"{module_names[id(module)]}.{name}": module._parameters[name] for module, name in targets}
+        keys = list(stored(params))
+        _load_into(model, checkpoint, [names[k] for k in keys], torch.device("cpu"), {names[k]: k for k in keys})
+        fold_maps(model, [m for m in maps if m.after == after])
+        folded = {name: module._parameters[attr].detach() for name, (module, attr) in zip(params, targets, strict=True)}
+        changed |= {key: tensor.contiguous() for key, tensor in stored(folded).items()}
+        for module, _ in targets:
+            module.to_empty(device="meta")
+    return changed
 
 
 def materialize(
@@ -389,50 +657,51 @@ def materialize(
     *,
     removed_layers: Sequence[int] | None = None,
     scores: LayerScores | None = None,
+    repair: LinearRepair | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     progress: bool = True,
     _checkpoint: Checkpoint | None = None,
 ) -> Path:
     """Write the pruned native checkpoint of a recipe (or of a dense model and
-    ``removed_layers``) straight from the base's safetensors shards, one shard at
-    a time: what `save_pruned` would write for the same model, tensor for tensor,
-    without ever building it. ``scores`` (from `score_layers_sequentially`) are
-    recorded in ``config.shortgpt`` as `prune` records them. Atomic like every
-    other write."""
+    ``removed_layers``) straight from the base's safetensors shards, one tensor in
+    memory at a time: what `save_pruned` would write for the same model, tensor for
+    tensor, without ever building it. ``scores`` (from `score_layers_sequentially`)
+    are recorded in ``config.shortgpt`` as `prune` records them; a ``repair`` (from
+    `fit_linear_sequentially`), or the maps a recipe carries, is folded into the few
+    tensors it touches. Atomic like every other write."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     from .atomic import atomic_folder, check_destination
     from .modeling import read_recipe, recipe_base
-    from .recovery.linear import map_keys
 
     source = resolve(name_or_path)
     check_destination(out_dir, overwrite)
+    record = None
     if source.kind == "recipe":
-        if removed_layers is not None:
-            raise ShortGPTError(f"{source.describe()} names its removed layers itself; give no removed_layers")
+        if removed_layers is not None or repair is not None:
+            raise ShortGPTError(f"{source.describe()} names its removed layers and repair itself; give neither")
         record = read_recipe(source)
         if record.mode != "remove":
             raise ShortGPTError(f"{source.describe()} skips layers in prefill only; there is nothing to materialize")
-        if map_keys(record):
-            raise ShortGPTError(
-                f"{source.describe()} carries a linear repair; materialize writes plain removals only for now: "
-                "load it with PrunedForCausalLM and save_pruned it"
-            )
         base, removed = recipe_base(record), list(record.removed_layers)
+        map_tensors = load_maps(source.file(MAPS_FILE), record, source.describe())
+        maps = maps_from_record(record, map_tensors)
     elif source.kind == "model" and not source.pruned:
         if not removed_layers:
             raise ShortGPTError(f"{source.describe()} is dense: name the layers to remove (removed_layers / --layers)")
         base, removed = source, list(removed_layers)
+        maps, map_tensors = (repair.maps, repair.tensors) if repair is not None else ([], {})
     else:
         raise ShortGPTError(f"materialize reads a recipe or a dense model; {source.describe()} is neither")
     checkpoint = _checkpoint or Checkpoint.open(base)
     model = meta_skeleton(base)
+    _record_conversions(model, checkpoint)
     found = find_decoder_layers(model)
     prefix = f"{found.path}."
     by_layer = _layer_keys(checkpoint, prefix, len(found.layers), base.describe())
     kept = [i for i in range(len(found.layers)) if i not in set(removed)]
-    _prune_skeleton(model, removed, scores, record if source.kind == "recipe" else None)
+    _prune_skeleton(model, removed, scores, record, repair)
     # The kept tensors as the checkpoint stores them (save_pretrained writes that same form back),
     # the layer index in their names renumbered; removed layers' tensors are never opened.
     in_layers = {key for keys in by_layer for key in keys}
@@ -446,14 +715,18 @@ def materialize(
         )
     except ValueError as e:
         raise ShortGPTError(f"max shard size {max_shard_size!r} is not a size like 5GB or 500MB ({e})") from None
+    folded = _fold_repair(model, checkpoint, maps, names) if maps else {}
     with atomic_folder(out_dir, overwrite) as tmp:
         bar = tqdm(total=len(names), unit="tensor", desc="materializing", disable=not progress)
         for filename, keys in split.filename_to_tensors.items():
-            layout = {key: tensors[names[key]] for key in keys}
+            layout = {key: folded.get(key, tensors[names[key]]) for key in keys}
             with open(tmp / filename, "wb") as f:
                 f.write(_safetensors_header(layout))
                 for key in keys:  # one tensor in memory at a time
-                    ((_, tensor),) = checkpoint.read([names[key]])
+                    if key in folded:
+                        tensor = folded.pop(key)
+                    else:
+                        ((_, tensor),) = checkpoint.read([names[key]])
                     f.write(tensor.contiguous().view(torch.uint8).numpy())  # its buffer, not a copy
                     del tensor
                     bar.update()
@@ -468,6 +741,7 @@ def materialize(
         model.config.save_pretrained(tmp)
         if model.can_generate() and model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
+        save_maps(map_tensors, ShortGPTConfig.from_model(model), tmp)  # as save_pruned keeps them, for a recipe
         try:
             load_tokenizer(source).save_pretrained(tmp)
         except ShortGPTError:

@@ -1,6 +1,6 @@
-"""Models larger than memory: scoring one layer at a time from safetensors shards
-gives the in-memory scores, and materialize writes what save_pruned writes,
-reading each kept tensor once and removed layers never."""
+"""Models larger than memory: scoring and linear repair one layer at a time from
+safetensors shards give the in-memory scores and maps, and materialize writes
+what save_pruned writes, reading each kept tensor once and removed layers never."""
 
 import json
 from pathlib import Path
@@ -12,14 +12,15 @@ from safetensors import safe_open
 from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from shortgpt_hf import ShortGPTError, prune, save_pruned, save_recipe, score_layers
+from shortgpt_hf import PrunedForCausalLM, ShortGPTError, prune, save_pruned, save_recipe, score_layers
 from shortgpt_hf.sources import resolve
-from shortgpt_hf.streaming import Checkpoint, materialize, score_layers_sequentially
+from shortgpt_hf.streaming import Checkpoint, fit_linear_sequentially, materialize, score_layers_sequentially
 
 # Sliding and full layer_types (gemma3_text), two MoE layouts stored expert by expert (mixtral, qwen2_moe).
 FAMILIES = ["llama", "gemma3_text", "mixtral", "qwen2_moe"]
 CALIBRATION = torch.randint(3, 128, (6, 16), generator=torch.Generator().manual_seed(0))
 IDS = torch.arange(3, 15).reshape(2, 6)
+REPAIR_TOKENS = torch.randint(3, 128, (16, 24), generator=torch.Generator().manual_seed(5))  # 384 tokens, hidden 32
 
 
 def sharded(tmp_path: Path, family: str) -> Path:
@@ -85,6 +86,96 @@ def test_materialize_writes_what_save_pruned_writes(family, tmp_path):
     assert (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
     assert torch.equal(reloaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def config_record(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())["shortgpt"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_linear_repair_layer_by_layer_writes_what_in_memory_repair_writes(family, tmp_path):
+    """A gap at the embeddings (left unrepaired where they are tied) and a two-layer gap; layers
+    after the deepest gap are never read for the fit, and the repaired tensors are bit for bit
+    what prune(..., recovery="linear") and save_pruned write, maps file and record included."""
+    folder = sharded(tmp_path, family)
+    removed = [0, 2, 3]
+    options = dict(seq_len=24, batch_size=4, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    prune(model, removed, recovery="linear", recovery_data=REPAIR_TOKENS, recovery_options=options, verify=False)
+    save_pruned(model, tmp_path / "in-memory", tiny_tokenizer(), verify=False)
+
+    fitting = Checkpoint.open(resolve(str(folder)))
+    repair = fit_linear_sequentially(folder, removed, REPAIR_TOKENS, device="cpu", _checkpoint=fitting, **options)
+    assert len(fitting.reads) == len(set(fitting.reads)), "each tensor is read once"
+    read_layers = {int(k.split(".")[2]) for k in fitting.reads if k.startswith("model.layers.")}
+    assert read_layers == {0, 1, 2, 3}, "the walk stops at the deepest gap"
+    assert not [k for k in fitting.reads if k.startswith("lm_head")]
+
+    writing = Checkpoint.open(resolve(str(folder)))
+    materialize(
+        folder, tmp_path / "streamed", removed_layers=removed, repair=repair, progress=False, _checkpoint=writing
+    )
+    assert len(writing.reads) == len(set(writing.reads)), "a tensor the repair changes is read once, too"
+    assert not {int(k.split(".")[2]) for k in writing.reads if k.startswith("model.layers.")} & set(removed)
+
+    expected, got = tensors(tmp_path / "in-memory"), tensors(tmp_path / "streamed")
+    assert expected.keys() == got.keys() and "recovery.0.gap.2" in got
+    for key in expected:
+        assert expected[key].dtype == got[key].dtype and torch.equal(expected[key], got[key]), key
+    assert config_record(tmp_path / "streamed") == config_record(tmp_path / "in-memory")
+    base = tensors(folder)
+    changed = [
+        k
+        for k in got
+        if k in base and k.startswith("model.layers.0.") and not torch.equal(got[k], base[k].to(got[k].dtype))
+    ]
+    assert changed, "the map of the gap at layers 2-3 went into the kept layer 1 (now 0)"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    assert torch.equal(reloaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_a_repaired_recipe_materializes_and_the_cli_repairs_layer_by_layer(tmp_path, capsys, monkeypatch):
+    folder = sharded(tmp_path, "llama")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    options = dict(seq_len=24, batch_size=4, progress=False)
+    prune(model, [2, 3], recovery="linear", recovery_data=REPAIR_TOKENS, recovery_options=options, verify=False)
+    save_recipe(model, tmp_path / "recipe", tiny_tokenizer())
+    save_pruned(model, tmp_path / "in-memory", tiny_tokenizer(), verify=False)
+    materialize(tmp_path / "recipe", tmp_path / "from-recipe", progress=False)
+    expected, got = tensors(tmp_path / "in-memory"), tensors(tmp_path / "from-recipe")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert config_record(tmp_path / "from-recipe") == config_record(tmp_path / "in-memory")
+
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(f"t{3 + (7 * i) % 120}" for i in range(600)))
+    common = ("--load", "layer-by-layer", "--calibration", text, "--seq-len", "24", "--recovery", "linear")
+    code, stdout, err = run_cli(
+        capsys, monkeypatch, "prune", folder, "--layers", "2,3", *common, "--out", tmp_path / "a"
+    )
+    assert code in (0, None), err
+    said = " ".join(stdout.split())
+    assert "path: layer by layer" in said and "linear repair on 600 tokens: [2, 3] -> layer 1" in said
+    assert "held-out perplexity not measured" in said
+    [step] = config_record(tmp_path / "a")["recovery"]
+    assert (
+        step["method"] == "linear"
+        and step["gaps"][0]["relative_error_repaired"] < step["gaps"][0]["relative_error_plain"]
+    )
+    code, stdout, err = run_cli(
+        capsys, monkeypatch, "prune", folder, "--layers", "2,3", *common, "--recipe", "--out", tmp_path / "r"
+    )
+    assert code in (0, None), err
+    assert (tmp_path / "r" / "shortgpt_maps.safetensors").is_file()
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    rebuilt = PrunedForCausalLM.from_pretrained(tmp_path / "r")
+    assert torch.equal(rebuilt(input_ids=IDS).logits, native(input_ids=IDS).logits)
+
+    code, _, err = run_cli(
+        capsys, monkeypatch, "prune", folder, "--n-layers", "2", *common, "--ridge", "-1", "--out", tmp_path / "bad"
+    )
+    assert code == 2
+    assert_one_line_error(err, "ridge must be a non-negative number, got -1.0")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_materialize_a_recipe_and_the_cli(tmp_path, capsys, monkeypatch):

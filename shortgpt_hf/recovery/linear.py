@@ -33,7 +33,11 @@ maps stay with the model (`linear_maps`) so that a recipe can carry them
 model from only the kept layers of its base.
 
 The same statistics score candidate removals: `repair_aware_order` picks
-layers greedily by the error left after each gap's best map.
+layers greedily by the error left after each gap's best map. For a model
+larger than memory, ``streaming.fit_linear_sequentially`` gathers the same
+equations one layer at a time, with the same `NormalEquations`, `fitted_map`
+and `recovery_entry`, and ``streaming.materialize`` folds the maps with the
+same `fold_maps`.
 """
 
 from __future__ import annotations
@@ -168,11 +172,22 @@ class NormalEquations:
         return max(err, 0.0) / max(self.ll, 1e-300)
 
 
+def check_finite(t: torch.Tensor, where: str) -> torch.Tensor:
+    """``t``, or a one-line error: one NaN or Inf would make every map of the repair meaningless."""
+    if not torch.isfinite(t).all():
+        raise ShortGPTError(
+            f"NaN or Inf in the activations of {where}; linear repair needs finite activations "
+            "(load the model in float32 or bfloat16 rather than float16, or check the calibration data)"
+        )
+    return t
+
+
 class _Done(Exception):
     """Raised by a hook once a calibration pass has everything it needs from a batch."""
 
 
-def _rows(hidden: Any, mask: torch.Tensor) -> torch.Tensor:
+def token_rows(hidden: Any, mask: torch.Tensor) -> torch.Tensor:
+    """A layer's (or submodule's) output as one row per real token: padding dropped, batch flattened."""
     hidden = hidden[0] if isinstance(hidden, tuple) else hidden
     return hidden.reshape(-1, hidden.shape[-1])[mask.to(hidden.device)]
 
@@ -197,17 +212,12 @@ def collect(
     handles = []
 
     def finite(t: torch.Tensor, what: str) -> torch.Tensor:
-        if not torch.isfinite(t).all():
-            raise ShortGPTError(
-                f"NaN or Inf in the activations of {describe_model} ({what}); linear repair needs finite activations "
-                "(load the model in float32 or bfloat16 rather than float16, or check the calibration data)"
-            )
-        return t
+        return check_finite(t, f"{describe_model} ({what})")
 
     def keep(p: int, key: str):
         def hook(module, args, kwargs, output=None):
             value = (args[0] if args else kwargs["hidden_states"]) if output is None else output
-            seen.setdefault(p, {})[key] = finite(_rows(value, state["mask"]), f"layer {p} {key}")
+            seen.setdefault(p, {})[key] = finite(token_rows(value, state["mask"]), f"layer {p} {key}")
 
         return hook
 
@@ -222,7 +232,7 @@ def collect(
 
     def gap_end(ends: list[Gap]):
         def hook(module, args, kwargs, output):
-            target = finite(_rows(output, state["mask"]), f"layer {ends[0].last} output")
+            target = finite(token_rows(output, state["mask"]), f"layer {ends[0].last} output")
             for gap in ends:
                 rows = seen[gap.before]
                 y = rows["y"].to(target.device)
@@ -280,7 +290,7 @@ class LinearMap:
         }
 
 
-def _fold_targets(model: nn.Module, layer_index: int, fold: Fold) -> list[tuple[nn.Module, str]]:
+def fold_targets(model: nn.Module, layer_index: int, fold: Fold) -> list[tuple[nn.Module, str]]:
     """``(module, parameter name)`` pairs that carry the map of the gap after current layer ``layer_index``."""
     if layer_index < 0:
         return [(model.get_input_embeddings(), "weight")]
@@ -334,7 +344,7 @@ def fold_maps(model: nn.Module, maps: list[LinearMap]) -> None:
         if linear_map.after is not None and linear_map.after not in current:
             continue  # the layer that carried this map was removed later, and the map with it
         index = -1 if linear_map.after is None else current[linear_map.after]
-        for module, name in _fold_targets(model, index, fold if index >= 0 else Fold(diagonal=linear_map.diagonal)):
+        for module, name in fold_targets(model, index, fold if index >= 0 else Fold(diagonal=linear_map.diagonal)):
             param = module._parameters[name]
             if param.device.type == "meta" or not param.dtype.is_floating_point or param.dtype.itemsize < 2:
                 raise ShortGPTError(
@@ -372,14 +382,13 @@ def map_keys(record: ShortGPTConfig) -> list[str]:
     ]
 
 
-def save_maps(model: nn.Module, record: ShortGPTConfig, folder: Path) -> None:
+def save_maps(maps: dict[str, torch.Tensor], record: ShortGPTConfig, folder: Path) -> None:
     """Write the maps ``record`` names to ``folder/shortgpt_maps.safetensors`` (nothing when it names none)."""
     from safetensors.torch import save_file
 
     keys = map_keys(record)
     if not keys:
         return
-    maps = linear_maps(model) if model is not None else {}
     missing = [k for k in keys if k not in maps]
     if missing:
         raise ShortGPTError(
@@ -426,6 +435,54 @@ def maps_from_record(record: ShortGPTConfig, tensors: dict[str, torch.Tensor]) -
     return maps
 
 
+def unrepairable(model: nn.Module, gaps: list[Gap], original: list[int]) -> list[Gap]:
+    """The gaps no map can repair (one at layer 0 whose embeddings cannot take it), each announced in a warning."""
+    if embeddings_foldable(model):
+        return []
+    skipped = [g for g in gaps if g.before < 0]
+    for gap in skipped:
+        logger.warning(
+            "linear repair: the gap at layers %s has no kept layer before it and the input embeddings are tied to the "
+            "output head (or carry image features), so it is left unrepaired",
+            [original[i] for i in range(gap.first, gap.last + 1)],
+        )
+    return skipped
+
+
+def fitted_map(gap: Gap, eq: NormalEquations, original: list[int], ridge: float, skip: bool = False) -> LinearMap:
+    """The gap's map solved from its normal equations, under ORIGINAL layer indices (``skip``: left unrepaired)."""
+    removed = [original[i] for i in range(gap.first, gap.last + 1)]
+    after = None if gap.before < 0 else original[gap.before]
+    plain = eq.residual(None)
+    if skip:
+        return LinearMap(removed, after, None, eq.diagonal, plain, plain)
+    t = eq.solve(ridge, f"the gap at layers {removed}").float()
+    return LinearMap(removed, after, t, eq.diagonal, plain, eq.residual(t.double()))
+
+
+def recovery_entry(
+    fitted: list[LinearMap], step: int, ridge: float, tokens: int
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """What a linear step records in ``config.shortgpt["recovery"][step]``, and its maps by the keys it names."""
+    gaps, tensors = [], {}
+    for m in fitted:
+        entry = {**m.describe(), "after": m.after, "key": None}
+        if m.map is not None:
+            entry["key"] = f"recovery.{step}.gap.{m.removed[0]}"
+            tensors[entry["key"]] = m.map.detach().cpu().contiguous()
+        gaps.append(entry)
+    diagonal = any(m.diagonal for m in fitted if m.map is not None and m.after is not None)
+    details = {
+        "map": "diagonal (folded into the norm after the MLP)"
+        if diagonal
+        else "full (folded into the MLP output projections)",
+        "ridge": float(ridge),
+        "tokens": tokens,
+        "gaps": gaps,
+    }
+    return details, tensors
+
+
 def _fit(
     model: nn.Module,
     removing: list[int],
@@ -438,26 +495,9 @@ def _fit(
     record = ShortGPTConfig.from_model(model)
     original = record.kept_layers if record is not None else list(range(len(find_decoder_layers(model).layers)))
     gaps = gaps_of(removing)
-    skipped = [g for g in gaps if g.before < 0 and not embeddings_foldable(model)]
-    for gap in skipped:
-        logger.warning(
-            "linear repair: the gap at layers %s has no kept layer before it and the input embeddings are tied to the "
-            "output head (or carry image features), so it is left unrepaired",
-            [original[i] for i in range(gap.first, gap.last + 1)],
-        )
+    skipped = unrepairable(model, gaps, original)
     equations = collect(model, gaps, windows, pad_id, batch_size=batch_size, progress=progress)
-    fitted = []
-    for gap in gaps:
-        eq = equations[gap]
-        removed = [original[i] for i in range(gap.first, gap.last + 1)]
-        after = None if gap.before < 0 else original[gap.before]
-        plain = eq.residual(None)
-        if gap in skipped:
-            fitted.append(LinearMap(removed, after, None, eq.diagonal, plain, plain))
-            continue
-        t = eq.solve(ridge, f"the gap at layers {removed}").float()
-        fitted.append(LinearMap(removed, after, t, eq.diagonal, plain, eq.residual(t.double())))
-    return fitted
+    return [fitted_map(gap, equations[gap], original, ridge, gap in skipped) for gap in gaps]
 
 
 @register
@@ -507,23 +547,9 @@ class LinearRecovery(RecoveryMethod):
             raise ShortGPTError("linear repair needs maps fitted before removal: use prune(..., recovery='linear')")
         fold_maps(model, fitted)
         step = len((model.config.shortgpt or {}).get("recovery") or [])
-        gaps, tensors = [], {}
-        for m in fitted:
-            entry = {**m.describe(), "after": m.after, "key": None}
-            if m.map is not None:
-                entry["key"] = f"recovery.{step}.gap.{m.removed[0]}"
-                tensors[entry["key"]] = m.map.detach().cpu().contiguous()
-            gaps.append(entry)
+        details, tensors = recovery_entry(fitted, step, ridge, windows.num_tokens)
         attach_maps(model, tensors)
-        diagonal = any(m.diagonal for m in fitted if m.map is not None and m.after is not None)
-        return model, {
-            "map": "diagonal (folded into the norm after the MLP)"
-            if diagonal
-            else "full (folded into the MLP output projections)",
-            "ridge": float(ridge),
-            "tokens": windows.num_tokens,
-            "gaps": gaps,
-        }
+        return model, details
 
 
 def repair_aware_order(
