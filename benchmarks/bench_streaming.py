@@ -29,12 +29,13 @@ figures that the 70B estimate is worked out from.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
-from harness import machine_info, peak_rss, report, run_child, timing, write_json
+from harness import drop_page_cache, machine_info, memory_cgroup, peak_rss, report, run_child, timing, write_json
 
 HIDDEN, LAYERS, INTERMEDIATE, VOCAB, HEADS = 2048, 24, 4096, 32000, 16
 SEQ_LEN = 256
@@ -142,6 +143,13 @@ def main() -> None:
     parser.add_argument("--child", nargs=3, metavar=("KIND", "FOLDER", "BATCHES"))
     parser.add_argument("--json", type=Path)
     parser.add_argument(
+        "--memory-limit",
+        type=float,
+        metavar="GIB",
+        help="run each child in a memory cgroup of this many GiB, page cache emptied before each (root): a "
+        "checkpoint larger than the limit is then read from disk, as on a machine that cannot hold it",
+    )
+    parser.add_argument(
         "--only", choices=("scoring", "materialize", "repair"), help="run one group of measurements, not all three"
     )
     args = parser.parse_args()
@@ -155,22 +163,33 @@ def main() -> None:
         print(f"made {folder} in {made.wall:.0f} s")
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     print(f"checkpoint: {size / 2**30:.2f} GiB in {len(list(folder.glob('*.safetensors')))} shards; {machine_info()}")
-    for shard in folder.glob("*.safetensors"):  # every variant starts with the files in the page cache
-        with open(shard, "rb") as f:
-            while f.read(1 << 26):
-                pass
-    rows = []
-    if args.only in (None, "scoring"):
-        for batches in BATCH_COUNTS:
-            for kind in ("sequential", "offload"):
-                rows.append(run_child(__file__, "--child", kind, str(folder), str(batches)))
-    if args.only in (None, "materialize"):
-        rows.append(run_child(__file__, "--child", "materialize", str(folder), "0"))
-    if args.only in (None, "repair"):
-        shutil.rmtree(recipe_of(folder), ignore_errors=True)
-        rows.append(run_child(__file__, "--child", "repair", str(folder), str(BATCH_COUNTS[-1])))
-        rows.append(run_child(__file__, "--child", "materialize-repaired", str(folder), "0"))
-        shutil.rmtree(recipe_of(folder), ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        cgroup = stack.enter_context(memory_cgroup(int(args.memory_limit * 2**30))) if args.memory_limit else None
+        if cgroup:
+            print(f"each child runs in a {args.memory_limit} GiB memory cgroup, the page cache emptied first")
+
+        def measure(kind: str, batches: int) -> dict:
+            if cgroup:
+                drop_page_cache()
+            else:  # every variant starts with the files in the page cache
+                for shard in folder.glob("*.safetensors"):
+                    with open(shard, "rb") as f:
+                        while f.read(1 << 26):
+                            pass
+            return run_child(__file__, "--child", kind, str(folder), str(batches), cgroup=cgroup)
+
+        rows = []
+        if args.only in (None, "scoring"):
+            for batches in BATCH_COUNTS:
+                for kind in ("sequential", "offload"):
+                    rows.append(measure(kind, batches))
+        if args.only in (None, "materialize"):
+            rows.append(measure("materialize", 0))
+        if args.only in (None, "repair"):
+            shutil.rmtree(recipe_of(folder), ignore_errors=True)
+            rows.append(measure("repair", BATCH_COUNTS[-1]))
+            rows.append(measure("materialize-repaired", 0))
+            shutil.rmtree(recipe_of(folder), ignore_errors=True)
     print("| operation | batches | wall s | peak RSS / checkpoint | peak RSS MiB | above interpreter MiB |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

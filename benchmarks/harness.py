@@ -255,19 +255,56 @@ def report(result: dict[str, Any]) -> None:
     print(RESULT + json.dumps(result), flush=True)
 
 
-def run_child(script: str, *args: str, fixed_malloc: bool = False) -> dict[str, Any]:
+def run_child(script: str, *args: str, fixed_malloc: bool = False, cgroup: Path | None = None) -> dict[str, Any]:
     """Run ``python script *args`` in a fresh process and return the dict it passed to `report`.
 
     ``fixed_malloc`` sets ``MALLOC_MMAP_THRESHOLD_`` to `MMAP_THRESHOLD` in the
     child (unless already set), so that its peak does not depend on how much
-    freed memory glibc happened to keep.
+    freed memory glibc happened to keep. ``cgroup``: a memory cgroup
+    (`memory_cgroup`) the child runs in from its first instruction.
     """
     env = dict(os.environ)
     if fixed_malloc:
         env.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)
     argv = [sys.executable, os.path.abspath(script), *args]
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+
+    def enter() -> None:
+        (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    proc = subprocess.run(
+        argv, env=env, capture_output=True, text=True, check=False, preexec_fn=enter if cgroup else None
+    )
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT) :])
     raise RuntimeError(f"{' '.join(argv[1:])} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+@contextmanager
+def memory_cgroup(limit_bytes: int, name: str = "shortgpt-bench") -> Iterator[Path]:
+    """A memory cgroup (v2, or v1's memory controller) limited to ``limit_bytes``, for
+    `run_child`. The page cache a process fills is charged to its cgroup, so a
+    checkpoint larger than the limit cannot stay cached: its reads are real reads,
+    as on a machine whose RAM is smaller than the model. Needs root; removed on exit."""
+    v2, v1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/memory")
+    if (v2 / "cgroup.controllers").is_file():
+        folder, limit = v2 / name, "memory.max"
+    elif v1.is_dir():
+        folder, limit = v1 / name, "memory.limit_in_bytes"
+    else:
+        raise SystemExit("no memory cgroup controller on this machine: --memory-limit cannot be used")
+    try:
+        folder.mkdir(exist_ok=True)
+        (folder / limit).write_text(str(limit_bytes))
+    except OSError as e:
+        raise SystemExit(f"cannot create a memory cgroup ({e}); --memory-limit needs root") from None
+    try:
+        yield folder
+    finally:
+        folder.rmdir()
+
+
+def drop_page_cache() -> None:
+    """Empty the kernel's page cache (root only), so the next child starts with its files on disk only."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
