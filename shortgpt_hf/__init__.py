@@ -23,7 +23,13 @@ __version__ = importlib.metadata.version("shortgpt_hf")  # the one version is py
 from .push import push_to_hub
 from .saving import save_pruned, save_recipe
 from .scoring import METRICS, LayerScores, score_layers
-from .streaming import LinearRepair, fit_linear_sequentially, materialize, score_layers_sequentially
+from .streaming import (
+    LinearRepair,
+    fit_linear_sequentially,
+    materialize,
+    perplexity_sequentially,
+    score_layers_sequentially,
+)
 
 __all__ = [
     "Ablation",
@@ -53,6 +59,7 @@ __all__ = [
     "model_card",
     "multiple_choice",
     "perplexity",
+    "perplexity_sequentially",
     "PerplexitySettings",
     "prune",
     "push_to_hub",

@@ -224,7 +224,7 @@ def prune(
     from .pruning import prune as prune_model
     from .saving import save_pruned, save_recipe
     from .selection import removal_count
-    from .texts import HELDOUT_PLAYS, heldout_texts
+    from .texts import heldout_texts
 
     if n_layers is not None and ratio is not None:
         raise ShortGPTError("give only one of --n-layers and --ratio")
@@ -286,11 +286,7 @@ def prune(
     out.print(f"layers: {num_before} -> {record['original_num_hidden_layers'] - len(record['removed_layers'])}")
     for step in (record.get("recovery") or [])[-1:] if recovery != "none" else []:
         out.print(f"{recovery} repair on {step['tokens']:,} tokens: {_gaps(step)}")
-        out.print(
-            f"held-out perplexity {step['perplexity_before']:.2f} (plain removal) -> "
-            f"{step['perplexity_after']:.2f} (repaired)"
-        )
-        out.print(f"  measured on {step['perplexity_settings']} of the held-out play {HELDOUT_PLAYS[0]}")
+        _print_perplexities(step)
     out.print(f"parameters: {before:,} -> {after:,} ({100 * (1 - after / before):.1f}% fewer)")
     kind = "recipe" if recipe else "checkpoint"
     out.print(f"{kind} saved to {saved}" + (" (verified: cache parity and reload logits)" if verify else ""))
@@ -380,6 +376,7 @@ def _prune_layer_by_layer(
     """`prune` for a model that is never whole in memory: sequential scores, a linear
     repair fitted in a second walk up to the deepest gap (when asked), then a recipe,
     or a checkpoint materialized from the base's shards."""
+    from .evaluation import PerplexitySettings
     from .loading import text_config_of
     from .recovery import RECOVERY_METHODS
     from .saving import save_recipe
@@ -392,6 +389,7 @@ def _prune_layer_by_layer(
         pruned_record,
         score_layers_sequentially,
     )
+    from .texts import heldout_texts
 
     if repair_options:  # an unsupported family or a bad ridge fails before the scoring walk, not after it
         RECOVERY_METHODS["linear"].check(meta_skeleton(resolve(model)), ridge=repair_options["ridge"])
@@ -405,13 +403,39 @@ def _prune_layer_by_layer(
         record = pruned_record(model, chosen, scores, repair)
         saved = save_recipe(record, target, overwrite=overwrite, maps=repair.tensors if repair else None)
     else:
-        saved = materialize(model, target, removed_layers=chosen, scores=scores, repair=repair, overwrite=overwrite)
+        settings = PerplexitySettings(scoring["seq_len"], None, HEADLINE.max_tokens)
+        saved = materialize(
+            model,
+            target,
+            removed_layers=chosen,
+            scores=scores,
+            repair=repair,
+            eval_data=heldout_texts()[:1] if repair else None,
+            eval_settings=settings,
+            overwrite=overwrite,
+        )
     out.print(f"removed layers (original indices): {sorted(chosen)}" + (f" by {scores.metric}" if scores else ""))
     if repair is not None:
         out.print(f"linear repair on {repair.entry['tokens']:,} tokens: {_gaps(repair.entry)}")
-        out.print("held-out perplexity not measured: the model was never whole in memory (shortgpt eval it)")
+        _print_perplexities(
+            None if recipe else json.loads((saved / "config.json").read_text())["shortgpt"]["recovery"][-1]
+        )
     written = "recipe saved to" if recipe else "checkpoint written tensor by tensor to"
     out.print(f"{written} {saved} (not verified: the model was never whole in memory)")
+
+
+def _print_perplexities(step: Optional[dict[str, Any]]) -> None:
+    """A repair's held-out perplexity before and after, as its record holds them."""
+    from .texts import HELDOUT_PLAYS
+
+    if step is None:
+        out.print("held-out perplexity not measured: a recipe written layer by layer is never built (shortgpt eval it)")
+        return
+    out.print(
+        f"held-out perplexity {step['perplexity_before']:.2f} (plain removal) -> "
+        f"{step['perplexity_after']:.2f} (repaired)"
+    )
+    out.print(f"  measured on {step['perplexity_settings']} of the held-out play {HELDOUT_PLAYS[0]}")
 
 
 def _gaps(step: dict[str, Any]) -> str:

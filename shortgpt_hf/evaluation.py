@@ -106,18 +106,17 @@ def perplexity(
     return math.exp(nll / count)
 
 
-@torch.no_grad()
-def _log_likelihood(
-    model: nn.Module,
+def perplexity_batches(
     tokenizer: Any,
     texts: CalibrationData,
     seq_len: int,
     stride: int | None,
     max_tokens: int | None,
     batch_size: int,
-    progress: bool,
-) -> tuple[float, int]:
-    """Summed negative log-likelihood and the number of tokens it covers."""
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The padded ``(input_ids, attention_mask, labels)`` batches that perplexity scores
+    (labels -100 where a token is padding or not a target), for `perplexity` and for
+    scoring them layer by layer (``streaming.perplexity_sequentially``)."""
     from .texts import heldout_texts
 
     if seq_len < 2:
@@ -140,28 +139,51 @@ def _log_likelihood(
     windows = [w for s in streams for w in _windows(s, seq_len, stride, bos)]
     if sum(int(t.sum()) for _, t in windows) == 0:
         raise ShortGPTError("no tokens to evaluate perplexity on")
-    device = input_device(model)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
+    batches = []
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for row, (piece, target) in enumerate(chunk):
+            ids[row, : len(piece)] = piece
+            mask[row, : len(piece)] = 1
+            labels[row, : len(piece)] = piece.masked_fill(~target, -100)
+        batches.append((ids, mask, labels))
+    return batches
+
+
+def negative_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL of each labelled token given the ones before it, and how many tokens that is."""
+    logits, targets = logits.float().cpu(), labels[:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    ).item()
+    return nll, int((targets != -100).sum())
+
+
+@torch.no_grad()
+def _log_likelihood(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: CalibrationData,
+    seq_len: int,
+    stride: int | None,
+    max_tokens: int | None,
+    batch_size: int,
+    progress: bool,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood and the number of tokens it covers."""
+    batches = perplexity_batches(tokenizer, texts, seq_len, stride, max_tokens, batch_size)
+    device = input_device(model)
     nll, count = 0.0, 0
     with eval_mode(model):
-        for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
-            chunk = windows[start : start + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            labels = torch.full_like(ids, -100)
-            for row, (piece, target) in enumerate(chunk):
-                ids[row, : len(piece)] = piece
-                mask[row, : len(piece)] = 1
-                labels[row, : len(piece)] = piece.masked_fill(~target, -100)
-            logits = (
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float().cpu()
-            )
-            targets = labels[:, 1:]
-            nll += F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-            ).item()
-            count += int((targets != -100).sum())
+        for ids, mask, labels in tqdm(batches, desc="perplexity", disable=not progress):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            batch_nll, batch_count = negative_log_likelihood(logits, labels)
+            nll, count = nll + batch_nll, count + batch_count
     return nll, count
 
 

@@ -33,7 +33,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationData, TokenWindows, is_tokenized, prepare_calibration
 from .config import ShortGPTConfig
 from .errors import ShortGPTError
+from .evaluation import HEADLINE, PerplexitySettings, negative_log_likelihood, perplexity_batches
 from .families import native_class
 from .layers import find_decoder_layers
 from .loading import load_tokenizer
@@ -302,19 +303,18 @@ class _LayerWalk:
     """A dense model's decoder layers run one at a time over the calibration windows, each
     read from the checkpoint just before and freed just after.
 
-    On creation only the tensors outside the decoder layers are read (the
+    On creation only the tensors of the decoder outside its layers are read (the
     embeddings), the model's own forward records what every layer receives, and
     they are freed again. `run` then walks the layers once: each one's outputs
     become the next one's inputs, and a visitor sees every (input, output) pair.
+    `logits` finishes with the model's own head.
     """
 
     def __init__(
         self,
         source: Source,
         checkpoint: Checkpoint,
-        windows: TokenWindows,
-        pad_id: int,
-        batch_size: int,
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
         dtype: torch.dtype | str | None,
         device: torch.device,
         parked: torch.device,
@@ -329,13 +329,14 @@ class _LayerWalk:
         layer_prefix = f"{found.path}."
         decoder_prefix = found.path[: -len(found.attr)]
         self.by_layer = _layer_keys(checkpoint, layer_prefix, n, self.where)
+        self.outside_layers = [k for k in checkpoint.files if not k.startswith(layer_prefix)]
         outside = [k for k in checkpoint.files if k.startswith(decoder_prefix) and not k.startswith(layer_prefix)]
         _load_into(self.model, checkpoint, outside, device)
         store: dict[int, tuple[tuple, dict]] = {}
         setattr(found.decoder, found.attr, nn.ModuleList(_Recorder(i, i == n - 1, store) for i in range(n)))
         self.batches: list[tuple[torch.Tensor, torch.Tensor, list[tuple[tuple, dict]]]] = []
         try:  # per batch: token mask, hidden state, and each layer's other arguments
-            for ids, mask in windows.batches(batch_size, pad_id):
+            for ids, mask in batches:
                 store.clear()
                 try:
                     found.decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
@@ -349,10 +350,13 @@ class _LayerWalk:
             if not name.startswith(f"{found.attr}."):
                 set_module_tensor_to_device(found.decoder, name, "meta")
 
-    def run(self, through: int, visit: Visit, desc: str, progress: bool) -> None:
-        """Layers ``0..through``, once; ``visit(i, layer)`` is entered around layer ``i``'s batches."""
-        bar = tqdm(total=through + 1, unit="layer", desc=desc, disable=not progress)
-        for i in range(through + 1):
+    def run(self, through: int, visit: Visit, desc: str, progress: bool, skip: Collection[int] = ()) -> None:
+        """Layers ``0..through``, once; ``visit(i, layer)`` is entered around layer ``i``'s batches.
+        Layers in ``skip`` are neither read nor run: the model with them removed, each kept
+        layer still given the mask of its own type (sliding or full), as pruning keeps it."""
+        ran = [i for i in range(through + 1) if i not in set(skip)]
+        bar = tqdm(total=len(ran), unit="layer", desc=desc, disable=not progress)
+        for i in ran:
             layer = self.layers[i]
             _load_into(self.model, self.checkpoint, self.by_layer[i], self.device)
             unloaded = [name for name, p in layer.named_parameters() if p.is_meta]
@@ -369,6 +373,45 @@ class _LayerWalk:
             layer.to_empty(device="meta")  # frees the layer; its parameters stay meta
             bar.update()
         bar.close()
+
+    def logits(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[torch.Tensor]:
+        """Each batch's logits, after a `run` through every layer: the model's own forward
+        once more, with every decoder layer a stand-in that hands over the walked hidden
+        state, so that the final norm, the head and any logit softcapping are the model's.
+        Reads the tensors outside the layers (embeddings, final norm, head); ``batches``
+        are the ones the walk was created with."""
+        found = find_decoder_layers(self.model)
+        _load_into(self.model, self.checkpoint, self.outside_layers, self.device)
+        self.model.tie_weights()  # a tied head is the embedding just loaded
+        current: dict[str, torch.Tensor] = {}
+        n = len(self.layers)
+        setattr(found.decoder, found.attr, nn.ModuleList(_Replay(current) if i == n - 1 else _Pass() for i in range(n)))
+        try:
+            for (ids, mask), (_, hidden, _) in zip(batches, self.batches, strict=True):
+                current["hidden"] = hidden.to(self.device)
+                yield self.model(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
+                ).logits
+        finally:
+            setattr(found.decoder, found.attr, self.layers)
+
+
+class _Pass(nn.Module):
+    """A decoder layer's stand-in that changes nothing."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+class _Replay(nn.Module):
+    """The last decoder layer's stand-in: returns the hidden state the layer walk computed."""
+
+    def __init__(self, current: dict[str, torch.Tensor]):
+        super().__init__()
+        self.current = current
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.current["hidden"]
 
 
 def _dense_source(name_or_path: str | Path, what: str) -> Source:
@@ -427,7 +470,7 @@ def score_layers_sequentially(
     device, parked = _devices(device, activations_device)
     checkpoint = _checkpoint or Checkpoint.open(source)
     windows, pad_id = _windows(source, calibration, tokenizer, seq_len, max_tokens)
-    walk = _LayerWalk(source, checkpoint, windows, pad_id, batch_size, dtype, device, parked)
+    walk = _LayerWalk(source, checkpoint, windows.batches(batch_size, pad_id), dtype, device, parked)
     n = len(walk.layers)
     sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(n)]
 
@@ -443,6 +486,92 @@ def score_layers_sequentially(
     if any(math.isnan(s) for s in scores):
         raise ShortGPTError("sequential scoring produced NaN scores: the activations overflowed in this dtype")
     return LayerScores(metric, scores, n, windows.num_tokens, windows.description, seq_len)
+
+
+@contextmanager
+def _looking_on(i: int, layer: nn.Module) -> Iterator[OnBatch]:
+    """A visitor that only lets the walk go on."""
+    yield lambda b, x, y, mask: None
+
+
+@torch.no_grad()
+def perplexity_sequentially(
+    name_or_path: str | Path,
+    texts: CalibrationData = None,
+    *,
+    skip: Sequence[int] = (),
+    tokenizer: Any = None,
+    seq_len: int = HEADLINE.seq_len,
+    stride: int | None = HEADLINE.stride,
+    max_tokens: int | None = HEADLINE.max_tokens,
+    batch_size: int = 8,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    activations_device: str | torch.device | None = None,
+    progress: bool = True,
+    _checkpoint: Checkpoint | None = None,
+) -> float:
+    """`perplexity` for a model that need not fit in memory, one decoder layer at a time,
+    with the same windows and the same number; ``skip`` (layer indices) leaves layers
+    out, which gives the perplexity of removing them without writing anything.
+
+    Works on any native checkpoint, a pruned one included. The head runs at the
+    end through the model's own forward (`_LayerWalk.logits`), so its final norm,
+    tied or untied head and logit softcapping are the model's. Options as for
+    `perplexity` and `score_layers_sequentially`."""
+    source = resolve(name_or_path)
+    if source.kind != "model":
+        raise ShortGPTError(f"perplexity layer by layer reads a model's checkpoint; {source.describe()} is not one")
+    return _perplexity(
+        source,
+        texts,
+        skip=skip,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        stride=stride,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        activations_device=activations_device,
+        progress=progress,
+        checkpoint=_checkpoint,
+    )
+
+
+def _perplexity(
+    source: Source,
+    texts: CalibrationData,
+    *,
+    skip: Sequence[int] = (),
+    tokenizer: Any = None,
+    seq_len: int = HEADLINE.seq_len,
+    stride: int | None = HEADLINE.stride,
+    max_tokens: int | None = HEADLINE.max_tokens,
+    batch_size: int = 8,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    activations_device: str | torch.device | None = None,
+    progress: bool = True,
+    checkpoint: Checkpoint | None = None,
+) -> float:
+    """`perplexity_sequentially` of a resolved source."""
+    device, parked = _devices(device, activations_device)
+    checkpoint = checkpoint or Checkpoint.open(source)
+    if tokenizer is None and not is_tokenized(texts):
+        tokenizer = load_tokenizer(source)
+    batches = perplexity_batches(tokenizer, texts, seq_len, stride, max_tokens, batch_size)
+    inputs = [(ids, mask) for ids, mask, _ in batches]
+    walk = _LayerWalk(source, checkpoint, inputs, dtype, device, parked)
+    n = len(walk.layers)
+    if not set(skip) <= set(range(n)) or len(set(skip)) >= n:
+        raise ShortGPTError(f"skip must name some but not all of the {n} layers of {walk.where}, got {list(skip)}")
+    walk.run(n - 1, _looking_on, "perplexity layer by layer", progress, skip=skip)
+    nll, count = 0.0, 0
+    for logits, (_, _, labels) in zip(walk.logits(inputs), batches, strict=True):
+        batch_nll, batch_count = negative_log_likelihood(logits, labels)
+        nll, count = nll + batch_nll, count + batch_count
+    return math.exp(nll / count)
 
 
 @dataclass
@@ -499,7 +628,7 @@ def fit_linear_sequentially(
     device, parked = _devices(device, activations_device)
     checkpoint = _checkpoint or Checkpoint.open(source)
     windows, pad_id = _windows(source, calibration, tokenizer, seq_len, max_tokens)
-    walk = _LayerWalk(source, checkpoint, windows, pad_id, batch_size, dtype, device, parked)
+    walk = _LayerWalk(source, checkpoint, windows.batches(batch_size, pad_id), dtype, device, parked)
     starting = {gap.before: gap for gap in gaps}
     ending = {gap.last: gap for gap in gaps}
     open_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per batch: M and Y rows at the open gap's start
@@ -658,6 +787,8 @@ def materialize(
     removed_layers: Sequence[int] | None = None,
     scores: LayerScores | None = None,
     repair: LinearRepair | None = None,
+    eval_data: CalibrationData = None,
+    eval_settings: PerplexitySettings = HEADLINE,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     progress: bool = True,
@@ -669,7 +800,10 @@ def materialize(
     tensor, without ever building it. ``scores`` (from `score_layers_sequentially`)
     are recorded in ``config.shortgpt`` as `prune` records them; a ``repair`` (from
     `fit_linear_sequentially`), or the maps a recipe carries, is folded into the few
-    tensors it touches. Atomic like every other write."""
+    tensors it touches. With a ``repair`` and ``eval_data``, the held-out perplexity of
+    plain removal and of the repaired checkpoint (measured layer by layer, in its
+    temporary folder before it is moved into place) go into the repair's record, as
+    ``prune(..., recovery="linear")`` records them. Atomic like every other write."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     from .atomic import atomic_folder, check_destination
@@ -716,6 +850,11 @@ def materialize(
     except ValueError as e:
         raise ShortGPTError(f"max shard size {max_shard_size!r} is not a size like 5GB or 500MB ({e})") from None
     folded = _fold_repair(model, checkpoint, maps, names) if maps else {}
+    measured = repair is not None and eval_data is not None
+    if measured:
+        settings = dict(seq_len=eval_settings.seq_len, stride=eval_settings.stride, max_tokens=eval_settings.max_tokens)
+        ppl = dict(settings, tokenizer=load_tokenizer(base))
+        before = _perplexity(base, eval_data, skip=removed, progress=progress, checkpoint=checkpoint, **ppl)
     with atomic_folder(out_dir, overwrite) as tmp:
         bar = tqdm(total=len(names), unit="tensor", desc="materializing", disable=not progress)
         for filename, keys in split.filename_to_tensors.items():
@@ -746,4 +885,14 @@ def materialize(
             load_tokenizer(source).save_pretrained(tmp)
         except ShortGPTError:
             pass  # a base saved without a tokenizer gives a checkpoint without one, as save_pruned does
+        if measured:
+            after = perplexity_sequentially(tmp, eval_data, progress=progress, **ppl)
+            record = model.config.shortgpt
+            entry = record["recovery"][-1] | dict(
+                perplexity_before=round(before, 4),
+                perplexity_after=round(after, 4),
+                perplexity_settings=eval_settings.describe(),
+            )
+            model.config.shortgpt = record | {"recovery": [*record["recovery"][:-1], entry]}
+            model.config.save_pretrained(tmp)
     return Path(out_dir).resolve()

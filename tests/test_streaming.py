@@ -12,14 +12,22 @@ from safetensors import safe_open
 from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from shortgpt_hf import PrunedForCausalLM, ShortGPTError, prune, save_pruned, save_recipe, score_layers
+from shortgpt_hf import PrunedForCausalLM, ShortGPTError, perplexity, prune, save_pruned, save_recipe, score_layers
 from shortgpt_hf.sources import resolve
-from shortgpt_hf.streaming import Checkpoint, fit_linear_sequentially, materialize, score_layers_sequentially
+from shortgpt_hf.streaming import (
+    Checkpoint,
+    fit_linear_sequentially,
+    materialize,
+    perplexity_sequentially,
+    score_layers_sequentially,
+)
+from shortgpt_hf.texts import heldout_texts
 
 # Sliding and full layer_types (gemma3_text), two MoE layouts stored expert by expert (mixtral, qwen2_moe).
 FAMILIES = ["llama", "gemma3_text", "mixtral", "qwen2_moe"]
 CALIBRATION = torch.randint(3, 128, (6, 16), generator=torch.Generator().manual_seed(0))
 IDS = torch.arange(3, 15).reshape(2, 6)
+HELDOUT = [" ".join(f"t{3 + (11 * i) % 120}" for i in range(150)), " ".join(f"t{3 + (5 * i) % 120}" for i in range(90))]
 REPAIR_TOKENS = torch.randint(3, 128, (16, 24), generator=torch.Generator().manual_seed(5))  # 384 tokens, hidden 32
 
 
@@ -86,6 +94,27 @@ def test_materialize_writes_what_save_pruned_writes(family, tmp_path):
     assert (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
     assert torch.equal(reloaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_perplexity_layer_by_layer_equals_perplexity(family, tmp_path):
+    """Whole, with layers skipped (what removing them gives), and on a materialized checkpoint."""
+    folder = sharded(tmp_path, family)
+    options = dict(seq_len=16, max_tokens=200, batch_size=4, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    checkpoint = Checkpoint.open(resolve(str(folder)))
+    got = perplexity_sequentially(folder, HELDOUT, device="cpu", _checkpoint=checkpoint, **options)
+    assert got == pytest.approx(perplexity(model, tiny_tokenizer(), HELDOUT, **options), rel=1e-5)
+    layer_reads = [k for k in checkpoint.reads if k.startswith("model.layers.")]
+    assert len(layer_reads) == len(set(layer_reads)), "each layer is read once"
+    skipped = perplexity_sequentially(folder, HELDOUT, skip=[1, 3], device="cpu", **options)
+    prune(model, [1, 3], verify=False)
+    expected = perplexity(model, tiny_tokenizer(), HELDOUT, **options)
+    assert skipped == pytest.approx(expected, rel=1e-5) and abs(skipped - got) > 1e-3 * got
+    materialize(folder, tmp_path / "pruned", removed_layers=[1, 3], progress=False)
+    assert perplexity_sequentially(tmp_path / "pruned", HELDOUT, **options) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ShortGPTError, match="skip must name some but not all of the 6 layers"):
+        perplexity_sequentially(folder, HELDOUT, skip=range(6), **options)
 
 
 def config_record(folder: Path) -> dict:
@@ -155,16 +184,24 @@ def test_a_repaired_recipe_materializes_and_the_cli_repairs_layer_by_layer(tmp_p
     assert code in (0, None), err
     said = " ".join(stdout.split())
     assert "path: layer by layer" in said and "linear repair on 600 tokens: [2, 3] -> layer 1" in said
-    assert "held-out perplexity not measured" in said
     [step] = config_record(tmp_path / "a")["recovery"]
     assert (
         step["method"] == "linear"
         and step["gaps"][0]["relative_error_repaired"] < step["gaps"][0]["relative_error_plain"]
     )
+    assert f"held-out perplexity {step['perplexity_before']:.2f} (plain removal) -> " in said
+    assert step["perplexity_settings"] == "first 4,096 tokens, disjoint 24-token windows"
+    repaired = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert step["perplexity_after"] == pytest.approx(
+        perplexity(repaired, tiny_tokenizer(), heldout_texts()[:1], seq_len=24, progress=False), abs=1e-3
+    ), "the recorded perplexity is the written checkpoint's"
     code, stdout, err = run_cli(
         capsys, monkeypatch, "prune", folder, "--layers", "2,3", *common, "--recipe", "--out", tmp_path / "r"
     )
     assert code in (0, None), err
+    assert "held-out perplexity not measured: a recipe written layer by layer is never built" in " ".join(
+        stdout.split()
+    )
     assert (tmp_path / "r" / "shortgpt_maps.safetensors").is_file()
     native = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
     rebuilt = PrunedForCausalLM.from_pretrained(tmp_path / "r")
