@@ -205,7 +205,13 @@ def prune(
             "tokens, about 9 minutes on 2 CPU cores for SmolLM2-135M, 32768 take 2)."
         ),
     ] = None,
-    verify: Annotated[bool, typer.Option(help="Check cache parity and the saved checkpoint's logits.")] = True,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Check cache parity and the saved checkpoint's logits (layer by layer: the written checkpoint's "
+            "logits against the base's with the layers skipped, reading each once more)."
+        ),
+    ] = True,
     load: Annotated[
         str,
         typer.Option(
@@ -246,7 +252,9 @@ def prune(
         walk = dict(seq_len=seq_len, batch_size=batch_size, dtype=None if dtype == "auto" else dtype)
         scoring = dict(walk, metric=metric, max_tokens=max_tokens)
         repair = dict(walk, ridge=ridge, max_tokens=recovery_tokens) if recovery != "none" else None
-        _prune_layer_by_layer(model, target, chosen, n_layers, ratio, calibration, scoring, repair, recipe, overwrite)
+        _prune_layer_by_layer(
+            model, target, chosen, n_layers, ratio, calibration, scoring, repair, recipe, overwrite, verify
+        )
         return
 
     m, tok = _load(model, dtype, device_map)
@@ -372,10 +380,11 @@ def _prune_layer_by_layer(
     repair_options: Optional[dict[str, Any]],
     recipe: bool,
     overwrite: bool,
+    verify: bool,
 ) -> None:
     """`prune` for a model that is never whole in memory: sequential scores, a linear
     repair fitted in a second walk up to the deepest gap (when asked), then a recipe,
-    or a checkpoint materialized from the base's shards."""
+    or a checkpoint materialized from the base's shards (and verified, layer by layer)."""
     from .evaluation import PerplexitySettings
     from .loading import text_config_of
     from .recovery import RECOVERY_METHODS
@@ -412,6 +421,7 @@ def _prune_layer_by_layer(
             repair=repair,
             eval_data=heldout_texts()[:1] if repair else None,
             eval_settings=settings,
+            verify=verify,
             overwrite=overwrite,
         )
     out.print(f"removed layers (original indices): {sorted(chosen)}" + (f" by {scores.metric}" if scores else ""))
@@ -420,8 +430,13 @@ def _prune_layer_by_layer(
         _print_perplexities(
             None if recipe else json.loads((saved / "config.json").read_text())["shortgpt"]["recovery"][-1]
         )
-    written = "recipe saved to" if recipe else "checkpoint written tensor by tensor to"
-    out.print(f"{written} {saved} (not verified: the model was never whole in memory)")
+    if recipe:
+        out.print(f"recipe saved to {saved} (not verified: a recipe written layer by layer is never built)")
+    else:
+        checked = "verified: its logits, layer by layer, equal the base's with those layers removed" + (
+            " and the maps applied" if repair else ""
+        )
+        out.print(f"checkpoint written tensor by tensor to {saved} ({checked if verify else 'not verified'})")
 
 
 def _print_perplexities(step: Optional[dict[str, Any]]) -> None:

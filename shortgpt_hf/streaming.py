@@ -48,7 +48,7 @@ from .config import ShortGPTConfig
 from .errors import ShortGPTError
 from .evaluation import HEADLINE, PerplexitySettings, negative_log_likelihood, perplexity_batches
 from .families import native_class
-from .layers import find_decoder_layers
+from .layers import find_decoder_layers, probe_ids
 from .loading import load_tokenizer
 from .recovery import RECOVERY_METHODS
 from .recovery.linear import (
@@ -70,6 +70,7 @@ from .recovery.linear import (
 )
 from .scoring import HIDDEN_STATE_METRICS, LayerScores, layer_term
 from .sources import Source, resolve
+from .verification import logits_close, parity_tolerance
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -574,6 +575,58 @@ def _perplexity(
     return math.exp(nll / count)
 
 
+def _with_maps(maps: Sequence[LinearMap], fold: Any, first_kept: int) -> Visit:
+    """A visitor that applies linear repair maps to the walk as hooks: each map on the output
+    of its kept layer's fold target, an embeddings map on the first kept layer's input. The
+    folded weights compute the same, up to rounding (what verification compares against)."""
+
+    def times(t: torch.Tensor, value: Any) -> Any:
+        first = value[0] if isinstance(value, tuple) else value
+        t = t.to(first.device, first.dtype)
+        first = first * t if t.dim() == 1 else first @ t
+        return (first, *value[1:]) if isinstance(value, tuple) else first
+
+    @contextmanager
+    def visit(i: int, layer: nn.Module) -> Iterator[OnBatch]:
+        handles = []
+        for m in maps:
+            if m.map is None:
+                continue
+            if m.after is None and i == first_kept:
+                handles.append(
+                    layer.register_forward_pre_hook(lambda mod, args, t=m.map: (times(t, args[0]), *args[1:]))
+                )
+            elif m.after == i:
+                target = layer.get_submodule(fold.output)
+                handles.append(target.register_forward_hook(lambda mod, args, out, t=m.map: times(t, out)))
+        try:
+            yield lambda b, x, y, mask: None
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    return visit
+
+
+def _walked_logits(
+    source: Source,
+    ids: torch.Tensor,
+    checkpoint: Checkpoint | None = None,
+    skip: Collection[int] = (),
+    maps: Sequence[LinearMap] = (),
+) -> torch.Tensor:
+    """The logits of ``ids`` (one batch, no padding), one layer at a time on the CPU: the
+    checkpoint as it is, or with layers ``skip`` removed and ``maps`` applied."""
+    batch = [(ids, torch.ones_like(ids))]
+    walk = _LayerWalk(
+        source, checkpoint or Checkpoint.open(source), batch, None, torch.device("cpu"), torch.device("cpu")
+    )
+    kept = [i for i in range(len(walk.layers)) if i not in set(skip)]
+    visit = _with_maps(maps, fold_rule(walk.model), kept[0]) if maps else _looking_on
+    walk.run(len(walk.layers) - 1, visit, "verifying layer by layer", False, skip=skip)
+    return next(walk.logits(batch)).float()
+
+
 @dataclass
 class LinearRepair:
     """Linear repair maps fitted layer by layer (`fit_linear_sequentially`), for `materialize`
@@ -789,6 +842,7 @@ def materialize(
     repair: LinearRepair | None = None,
     eval_data: CalibrationData = None,
     eval_settings: PerplexitySettings = HEADLINE,
+    verify: bool = False,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     progress: bool = True,
@@ -803,7 +857,11 @@ def materialize(
     tensors it touches. With a ``repair`` and ``eval_data``, the held-out perplexity of
     plain removal and of the repaired checkpoint (measured layer by layer, in its
     temporary folder before it is moved into place) go into the repair's record, as
-    ``prune(..., recovery="linear")`` records them. Atomic like every other write."""
+    ``prune(..., recovery="linear")`` records them. With ``verify``, the written
+    checkpoint's logits, computed layer by layer in its temporary folder, must equal
+    the base's with the layers skipped (and any maps applied to the outputs they
+    fold into) before the folder is moved into place; this reads the base and the
+    result once more each. Atomic like every other write."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     from .atomic import atomic_folder, check_destination
@@ -850,6 +908,12 @@ def materialize(
     except ValueError as e:
         raise ShortGPTError(f"max shard size {max_shard_size!r} is not a size like 5GB or 500MB ({e})") from None
     folded = _fold_repair(model, checkpoint, maps, names) if maps else {}
+    if verify:
+        ids = probe_ids(model)
+        current = set(range(len(found.layers))) - set(removed)  # a map whose layer a later prune removed went too
+        expected = _walked_logits(
+            base, ids, checkpoint, removed, [m for m in maps if m.after is None or m.after in current]
+        )
     measured = repair is not None and eval_data is not None
     if measured:
         settings = dict(seq_len=eval_settings.seq_len, stride=eval_settings.stride, max_tokens=eval_settings.max_tokens)
@@ -885,6 +949,11 @@ def materialize(
             load_tokenizer(source).save_pretrained(tmp)
         except ShortGPTError:
             pass  # a base saved without a tokenizer gives a checkpoint without one, as save_pruned does
+        if verify and not logits_close(_walked_logits(resolve(tmp), ids), expected, parity_tolerance(model)):
+            raise ShortGPTError(
+                "verification failed: the materialized checkpoint's logits differ from the base's with those layers "
+                "removed; nothing was written"
+            )
         if measured:
             after = perplexity_sequentially(tmp, eval_data, progress=progress, **ppl)
             record = model.config.shortgpt
