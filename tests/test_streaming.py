@@ -165,14 +165,14 @@ def test_linear_repair_layer_by_layer_writes_what_in_memory_repair_writes(family
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_materialize_verifies_layer_by_layer_and_a_wrong_checkpoint_is_not_written(family, tmp_path, monkeypatch):
-    import shortgpt_hf.streaming
+    import shortgpt_hf.streaming.writing
 
     folder = sharded(tmp_path, family)
     removed = [0, 2, 3]
     repair = fit_linear_sequentially(folder, removed, REPAIR_TOKENS, seq_len=24, batch_size=4, progress=False)
     for name, fix in (("plain", None), ("repaired", repair)):
         materialize(folder, tmp_path / name, removed_layers=removed, repair=fix, verify=True, progress=False)
-    monkeypatch.setattr(shortgpt_hf.streaming, "_fold_repair", lambda *args: {})  # the maps are lost on the way
+    monkeypatch.setattr(shortgpt_hf.streaming.writing, "_fold_repair", lambda *args: {})  # the maps are lost on the way
     with pytest.raises(ShortGPTError, match="verification failed: the materialized checkpoint's logits differ"):
         materialize(folder, tmp_path / "wrong", removed_layers=removed, repair=repair, verify=True, progress=False)
     assert not (tmp_path / "wrong").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
