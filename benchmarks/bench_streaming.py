@@ -11,7 +11,8 @@ child process (`harness.run_child`), so that its peak RSS is its own:
   loaded with ``device_map="auto"`` and a small ``max_memory``, so accelerate
   offloads most layers to disk and reads each back for every batch;
 - **materialize**: writing the checkpoint with 6 of the 24 layers removed,
-  tensor by tensor;
+  tensor by tensor (without the verification walks, which read the base and
+  the result once more each);
 - **repair**: `fit_linear_sequentially` for the same 6 layers (one gap), at
   16 batches (4,096 tokens: a 2048 x 2048 map needs at least 2,048), saved
   as a recipe with its map;
@@ -120,7 +121,7 @@ def child(kind: str, folder: str, batches: int) -> None:
             out = Path(tempfile.mkdtemp(prefix="materialized-")) / "out"
             repaired = kind == "materialize-repaired"
             source, layers = (recipe_of(folder), None) if repaired else (folder, REMOVED)
-            materialize(source, out, removed_layers=layers, max_shard_size="500MB", progress=False)
+            materialize(source, out, removed_layers=layers, max_shard_size="500MB", verify=False, progress=False)
             scores = []
             shutil.rmtree(out.parent, ignore_errors=True)
     report(

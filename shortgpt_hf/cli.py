@@ -311,14 +311,23 @@ def materialize(
     ] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest shard to write, as transformers reads it.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Check, layer by layer, that the written checkpoint's logits equal the base's with the layers "
+            "skipped (reads each once more)."
+        ),
+    ] = True,
 ) -> None:
     """Write a pruned checkpoint tensor by tensor from the base's safetensors shards, never holding the model:
     the same files save_pruned writes, for models larger than memory."""
     from .streaming import materialize as write
 
     chosen = _parse_layers(layers) if layers is not None else None
-    saved = write(model, out_dir, removed_layers=chosen, max_shard_size=max_shard_size, overwrite=overwrite)
-    out.print(f"checkpoint written tensor by tensor to {saved}")
+    saved = write(
+        model, out_dir, removed_layers=chosen, max_shard_size=max_shard_size, verify=verify, overwrite=overwrite
+    )
+    out.print(f"checkpoint written tensor by tensor to {saved}" + (" (verified layer by layer)" if verify else ""))
 
 
 LOADS = ("auto", "full", "layer-by-layer")

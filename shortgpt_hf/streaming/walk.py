@@ -73,8 +73,8 @@ Visit = Callable[[int, nn.Module], AbstractContextManager[OnBatch]]
 
 
 class _LayerWalk:
-    """A dense model's decoder layers run one at a time over the calibration windows, each
-    read from the checkpoint just before and freed just after.
+    """A model's decoder layers run one at a time over a list of batches, each read
+    from the checkpoint just before and freed just after.
 
     On creation only the tensors of the decoder outside its layers are read (the
     embeddings), the model's own forward records what every layer receives, and
@@ -187,7 +187,7 @@ class _Replay(nn.Module):
         return self.current["hidden"]
 
 
-def dense_source(name_or_path: str | Path, what: str) -> Source:
+def _dense_source(name_or_path: str | Path, what: str) -> Source:
     source = resolve(name_or_path)
     if source.kind != "model" or source.pruned:
         raise ShortGPTError(f"{what} reads a dense model's checkpoint; {source.describe()} is not one")
@@ -239,7 +239,7 @@ def score_layers_sequentially(
         raise ShortGPTError(
             f"sequential scoring computes the hidden-state metrics ({', '.join(HIDDEN_STATE_METRICS)}); got {metric!r}"
         )
-    source = dense_source(name_or_path, "sequential scoring")
+    source = _dense_source(name_or_path, "sequential scoring")
     device, parked = _devices(device, activations_device)
     checkpoint = _checkpoint or Checkpoint.open(source)
     windows, pad_id = _windows(source, calibration, tokenizer, seq_len, max_tokens)
@@ -389,7 +389,7 @@ def fit_linear_sequentially(
     ``d x d`` system are held at a time. Options as for `score_layers_sequentially`
     and ``prune``'s linear recovery (``ridge``; ``max_tokens=None``: all of the
     calibration)."""
-    source = dense_source(name_or_path, "sequential linear repair")
+    source = _dense_source(name_or_path, "sequential linear repair")
     removed = sorted(set(removed_layers))
     skeleton = meta_skeleton(source)  # everything that can be refused is refused before a tensor is read
     RECOVERY_METHODS["linear"].check(skeleton, ridge=ridge)

@@ -137,7 +137,7 @@ def materialize(
     repair: LinearRepair | None = None,
     eval_data: CalibrationData = None,
     eval_settings: PerplexitySettings = HEADLINE,
-    verify: bool = False,
+    verify: bool = True,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     progress: bool = True,
