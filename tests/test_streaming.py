@@ -348,3 +348,30 @@ def test_a_bad_shard_size_is_one_line(tmp_path, capsys, monkeypatch):
     assert code == 2
     assert_one_line_error(err, "max shard size '5 bananas' is not a size like 5GB or 500MB")
     assert not (tmp_path / "out").exists()
+
+
+def test_real_smollm2_layer_by_layer_prune_with_repair_is_the_in_memory_one(
+    smollm2_path, tmp_path, capsys, monkeypatch
+):
+    """The real SmolLM2-135M at 25% with the linear repair, once in memory and once layer by
+    layer: the same layers, the same tensors to float32 rounding, and the same held-out
+    perplexities before and after; the repair takes perplexity under 0.75x plain removal's."""
+    common = ("--ratio", "0.25", "--recovery", "linear", "--recovery-tokens", "4096", "--max-tokens", "4096")
+    runs = {}
+    for load in ("full", "layer-by-layer"):
+        out = tmp_path / load
+        code, stdout, err = run_cli(capsys, monkeypatch, "prune", smollm2_path, *common, "--load", load, "--out", out)
+        assert code in (0, None), err
+        assert "verified" in stdout and "not verified" not in stdout
+        runs[load] = (config_record(out), tensors(out))
+    (memory, memory_tensors), (streamed, streamed_tensors) = runs["full"], runs["layer-by-layer"]
+    assert streamed["removed_layers"] == memory["removed_layers"] and len(memory["removed_layers"]) == 8
+    assert max(abs(a - b) for a, b in zip(streamed["layer_scores"], memory["layer_scores"], strict=True)) < 1e-5
+    assert streamed_tensors.keys() == memory_tensors.keys()
+    for key, tensor in memory_tensors.items():
+        torch.testing.assert_close(streamed_tensors[key], tensor, rtol=1e-4, atol=1e-6, msg=key)
+    [before_memory], [before_streamed] = memory["recovery"], streamed["recovery"]
+    for field in ("perplexity_before", "perplexity_after"):
+        assert before_streamed[field] == pytest.approx(before_memory[field], rel=1e-4), field
+    assert before_streamed["perplexity_settings"] == before_memory["perplexity_settings"]
+    assert before_memory["perplexity_after"] < 0.75 * before_memory["perplexity_before"]
