@@ -284,6 +284,20 @@ def test_auto_path_follows_the_size_against_free_memory(tmp_path, capsys, monkey
     code, stdout, err = run_cli(capsys, monkeypatch, "prune", folder, "--layers", "1", "--out", tmp_path / "b")
     assert code in (0, None), err
     assert "path: in memory" in stdout and "verified" in stdout
+    code, _, err = run_cli(
+        capsys,
+        monkeypatch,
+        "prune",
+        folder,
+        "--load",
+        "layer-by-layer",
+        "--device-map",
+        "auto",
+        "--out",
+        tmp_path / "c",
+    )
+    assert code == 2 and not (tmp_path / "c").exists()
+    assert_one_line_error(err, "--load layer-by-layer places one layer at a time itself; give no --device-map")
 
 
 def test_unreadable_checkpoints_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
