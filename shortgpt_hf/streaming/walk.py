@@ -295,54 +295,27 @@ def perplexity_sequentially(
     source = resolve(name_or_path)
     if source.kind != "model":
         raise ShortGPTError(f"perplexity layer by layer reads a model's checkpoint; {source.describe()} is not one")
-    return perplexity_of(
+    if tokenizer is None and not is_tokenized(texts):
+        tokenizer = load_tokenizer(source)
+    batches = perplexity_batches(tokenizer, texts, seq_len, stride, max_tokens, batch_size)
+    walked = walked_logits(
         source,
-        texts,
+        [(ids, mask) for ids, mask, _ in batches],
+        checkpoint=_checkpoint,
         skip=skip,
-        tokenizer=tokenizer,
-        seq_len=seq_len,
-        stride=stride,
-        max_tokens=max_tokens,
-        batch_size=batch_size,
         dtype=dtype,
         device=device,
         activations_device=activations_device,
         progress=progress,
-        checkpoint=_checkpoint,
     )
+    return perplexity_of(walked, batches)
 
 
-def perplexity_of(
-    source: Source,
-    texts: CalibrationData,
-    *,
-    skip: Sequence[int] = (),
-    tokenizer: Any = None,
-    seq_len: int = HEADLINE.seq_len,
-    stride: int | None = HEADLINE.stride,
-    max_tokens: int | None = HEADLINE.max_tokens,
-    batch_size: int = 8,
-    dtype: torch.dtype | str | None = None,
-    device: str | torch.device | None = None,
-    activations_device: str | torch.device | None = None,
-    progress: bool = True,
-    checkpoint: Checkpoint | None = None,
-) -> float:
-    """`perplexity_sequentially` of a resolved source."""
-    device, parked = _devices(device, activations_device)
-    checkpoint = checkpoint or Checkpoint.open(source)
-    if tokenizer is None and not is_tokenized(texts):
-        tokenizer = load_tokenizer(source)
-    batches = perplexity_batches(tokenizer, texts, seq_len, stride, max_tokens, batch_size)
-    inputs = [(ids, mask) for ids, mask, _ in batches]
-    walk = _LayerWalk(source, checkpoint, inputs, dtype, device, parked)
-    n = len(walk.layers)
-    if not set(skip) <= set(range(n)) or len(set(skip)) >= n:
-        raise ShortGPTError(f"skip must name some but not all of the {n} layers of {walk.where}, got {list(skip)}")
-    walk.run(n - 1, _looking_on, "perplexity layer by layer", progress, skip=skip)
+def perplexity_of(logits: Iterable[torch.Tensor], batches: Sequence[tuple[torch.Tensor, ...]]) -> float:
+    """The perplexity of `perplexity_batches`' ``(ids, mask, labels)`` batches, from their logits in order."""
     nll, count = 0.0, 0
-    for logits, (_, _, labels) in zip(walk.logits(inputs), batches, strict=True):
-        batch_nll, batch_count = negative_log_likelihood(logits, labels)
+    for batch_logits, (_, _, labels) in zip(logits, batches, strict=True):
+        batch_nll, batch_count = negative_log_likelihood(batch_logits, labels)
         nll, count = nll + batch_nll, count + batch_count
     return math.exp(nll / count)
 
@@ -484,18 +457,25 @@ def _with_maps(maps: Sequence[LinearMap], fold: Any, first_kept: int) -> Visit:
 
 def walked_logits(
     source: Source,
-    ids: torch.Tensor,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
     checkpoint: Checkpoint | None = None,
     skip: Collection[int] = (),
     maps: Sequence[LinearMap] = (),
-) -> torch.Tensor:
-    """The logits of ``ids`` (one batch, no padding), one layer at a time on the CPU: the
-    checkpoint as it is, or with layers ``skip`` removed and ``maps`` applied."""
-    batch = [(ids, torch.ones_like(ids))]
-    walk = _LayerWalk(
-        source, checkpoint or Checkpoint.open(source), batch, None, torch.device("cpu"), torch.device("cpu")
-    )
-    kept = [i for i in range(len(walk.layers)) if i not in set(skip)]
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    activations_device: str | torch.device | None = None,
+    progress: bool = True,
+) -> Iterator[torch.Tensor]:
+    """The logits of each ``(input_ids, attention_mask)`` batch, from one walk over the layers:
+    the checkpoint as it is, or with layers ``skip`` removed and ``maps`` applied as hooks
+    (which compute what the folded weights compute, up to rounding)."""
+    device, parked = _devices(device, activations_device)
+    walk = _LayerWalk(source, checkpoint or Checkpoint.open(source), batches, dtype, device, parked)
+    n = len(walk.layers)
+    if not set(skip) <= set(range(n)) or len(set(skip)) >= n:
+        raise ShortGPTError(f"skip must name some but not all of the {n} layers of {walk.where}, got {list(skip)}")
+    kept = [i for i in range(n) if i not in set(skip)]
     visit = _with_maps(maps, fold_rule(walk.model), kept[0]) if maps else _looking_on
-    walk.run(len(walk.layers) - 1, visit, "verifying layer by layer", False, skip=skip)
-    return next(walk.logits(batch)).float()
+    walk.run(n - 1, visit, "layer by layer to the logits", progress, skip=skip)
+    return walk.logits(batches)

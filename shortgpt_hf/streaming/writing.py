@@ -22,7 +22,7 @@ from ..atomic import atomic_folder, check_destination
 from ..calibration import CalibrationData
 from ..config import ShortGPTConfig
 from ..errors import ShortGPTError
-from ..evaluation import HEADLINE, PerplexitySettings
+from ..evaluation import HEADLINE, PerplexitySettings, perplexity_batches
 from ..layers import find_decoder_layers, probe_ids
 from ..loading import load_tokenizer
 from ..modeling import read_recipe, recipe_base
@@ -49,7 +49,7 @@ from .checkpoint import (
     prune_skeleton,
     record_conversions,
 )
-from .walk import LinearRepair, perplexity_of, perplexity_sequentially, walked_logits
+from .walk import LinearRepair, perplexity_of, walked_logits
 
 
 def safetensors_header(layout: dict[str, torch.Tensor]) -> bytes:
@@ -200,17 +200,26 @@ def materialize(
     except ValueError as e:
         raise ShortGPTError(f"max shard size {max_shard_size!r} is not a size like 5GB or 500MB ({e})") from None
     folded = _fold_repair(model, checkpoint, maps, names) if maps else {}
+    # Verification and the repair's perplexity walk the base now (with the layers skipped) and the
+    # written checkpoint later, in its temporary folder: one walk for both there.
+    ids = probe_ids(model)
+    probe = [(ids, torch.ones_like(ids))] if verify else []
     if verify:
-        ids = probe_ids(model)
         current = set(range(len(found.layers))) - set(removed)  # a map whose layer a later prune removed went too
-        expected = walked_logits(
-            base, ids, checkpoint, removed, [m for m in maps if m.after is None or m.after in current]
-        )
+        kept_maps = [m for m in maps if m.after is None or m.after in current]
+        walked = walked_logits(base, probe, checkpoint=checkpoint, skip=removed, maps=kept_maps, progress=False)
+        expected = next(walked)
     measured = repair is not None and eval_data is not None
+    how = eval_settings
+    held_out = (  # perplexity_batches' (ids, mask, labels)
+        perplexity_batches(load_tokenizer(base), eval_data, how.seq_len, how.stride, how.max_tokens, 8)
+        if measured
+        else []
+    )
+    held_inputs = [(batch_ids, mask) for batch_ids, mask, _ in held_out]
     if measured:
-        settings = dict(seq_len=eval_settings.seq_len, stride=eval_settings.stride, max_tokens=eval_settings.max_tokens)
-        ppl = dict(settings, tokenizer=load_tokenizer(base))
-        before = perplexity_of(base, eval_data, skip=removed, progress=progress, checkpoint=checkpoint, **ppl)
+        walked = walked_logits(base, held_inputs, checkpoint=checkpoint, skip=removed, progress=progress)
+        before = perplexity_of(walked, held_out)
     with atomic_folder(out_dir, overwrite) as tmp:
         bar = tqdm(total=len(names), unit="tensor", desc="materializing", disable=not progress)
         for filename, keys in split.filename_to_tensors.items():
@@ -241,13 +250,14 @@ def materialize(
             load_tokenizer(source).save_pretrained(tmp)
         except ShortGPTError:
             pass  # a base saved without a tokenizer gives a checkpoint without one, as save_pruned does
-        if verify and not logits_close(walked_logits(resolve(tmp), ids), expected, parity_tolerance(model)):
+        written = walked_logits(resolve(tmp), probe + held_inputs, progress=progress) if probe + held_inputs else None
+        if verify and not logits_close(next(written), expected, parity_tolerance(model)):
             raise ShortGPTError(
                 "verification failed: the materialized checkpoint's logits differ from the base's with those layers "
                 "removed; nothing was written"
             )
         if measured:
-            after = perplexity_sequentially(tmp, eval_data, progress=progress, **ppl)
+            after = perplexity_of(written, held_out)
             record = model.config.shortgpt
             entry = record["recovery"][-1] | dict(
                 perplexity_before=round(before, 4),
