@@ -325,6 +325,13 @@ def test_unreadable_checkpoints_are_refused_in_one_line(tmp_path, capsys, monkey
     assert_one_line_error(err, "holds only pickle weights (.bin/.pt); shortgpt_hf reads safetensors only")
     assert not (tmp_path / "out").exists()
 
+    tiny_model("llava").save_pretrained(tmp_path / "llava")  # stored as language_model.model.layers...
+    code, _, err = run_cli(
+        capsys, monkeypatch, "materialize", tmp_path / "llava", "--layers", "1", "--out", tmp_path / "out"
+    )
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert_one_line_error(err, "stores its decoder layers under other names than model.language_model.layers.N.")
+
 
 def test_an_interrupted_materialize_leaves_nothing(tmp_path, monkeypatch):
     """Ctrl-C in the middle of the third shard: shards are already on disk, none survives."""

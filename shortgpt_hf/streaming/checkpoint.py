@@ -253,6 +253,11 @@ def layer_keys(checkpoint: Checkpoint, prefix: str, num_layers: int, where: str)
         if match is not None and int(match.group(1)) < num_layers:
             by_layer[int(match.group(1))].append(key)
     empty = [i for i, keys in enumerate(by_layer) if not keys]
+    if len(empty) == num_layers:
+        raise ShortGPTError(
+            f"the checkpoint of {where} stores its decoder layers under other names than {prefix}N. (as "
+            "vision-language checkpoints do): working layer by layer needs the two to match; load it in memory"
+        )
     if empty:
         raise ShortGPTError(
             f"the checkpoint of {where} has no tensors under {prefix}{empty[0]}.: it does not match its config"
