@@ -24,9 +24,12 @@ if TYPE_CHECKING:
 
 
 def check_destination(out_dir: str | Path, overwrite: bool) -> Path:
-    """Refuse a non-empty destination unless ``overwrite``, and one we may not
-    write, before any work is done (a real write test: permission bits do not
-    tell a read-only file system, or root, apart)."""
+    """Refuse a non-empty destination unless ``overwrite``, and one we could not
+    put the result in, before any work is done. Both are real tests, not
+    permission bits, which do not tell a read-only file system, an immutable
+    folder or a mount point apart when we are root: a probe folder is created
+    beside the destination, and an existing destination is renamed and renamed
+    back, as the final rename will need to move it."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ShortGPTError(f"{out} exists and is not a folder")
@@ -38,9 +41,20 @@ def check_destination(out_dir: str | Path, overwrite: bool) -> Path:
     parent = next(p for p in out.absolute().parents if p.exists())
     try:
         tempfile.TemporaryDirectory(prefix=".shortgpt-probe-", dir=parent).cleanup()
+        if out.is_dir():
+            _rename_and_back(out)
     except OSError as e:
         raise ShortGPTError(f"cannot write {out}: {fault(e)}") from None
     return out
+
+
+def _rename_and_back(folder: Path) -> None:
+    probe = folder.with_name(f".{folder.name}.probe-{os.getpid()}")
+    try:
+        os.rename(folder, probe)
+    finally:  # also on Ctrl-C just after the first rename
+        if probe.exists():
+            os.rename(probe, folder)
 
 
 @contextlib.contextmanager
@@ -56,10 +70,7 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the output's permissions
         yield tmp
         if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
+            _replace_folder(tmp, out)
         else:
             os.replace(tmp, out)
     except Exception as e:
@@ -70,6 +81,24 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_folder(new: Path, out: Path) -> None:
+    """Put ``new`` in place of the folder ``out``: the old one is moved into a
+    hidden trash folder first (a folder cannot be replaced in one rename), and
+    moved back if the new one cannot take its place. The trash folder is removed
+    whatever happens, so a failed replace leaves the destination as it was and
+    nothing else behind."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    try:
+        os.replace(out, trash / out.name)
+        try:
+            os.replace(new, out)
+        except BaseException:
+            os.replace(trash / out.name, out)
+            raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def write_file(path: str | Path, data: str | bytes) -> Path:

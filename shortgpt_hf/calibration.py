@@ -15,7 +15,7 @@ from typing import Any, Union
 
 import torch
 
-from .errors import ShortGPTError
+from .errors import ShortGPTError, fault
 from .texts import DEFAULT_CALIBRATION_DESCRIPTION, calibration_texts
 
 CalibrationData = Union[None, str, os.PathLike, Sequence[str], torch.Tensor, Sequence[torch.Tensor], dict, Any]
@@ -54,16 +54,7 @@ def _texts_and_description(
     if calibration is None:
         return calibration_texts(), None, DEFAULT_CALIBRATION_DESCRIPTION
     if isinstance(calibration, (str, os.PathLike)):
-        path = Path(calibration)
-        if not path.is_file():
-            raise ShortGPTError(f"calibration file not found: {path}")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:  # a binary file would be scored as replacement characters
-            raise ShortGPTError(
-                f"{path} is not UTF-8 text (byte {e.start} cannot be decoded): give a plain text file"
-            ) from None
-        return [text], None, f"file:{path.name}"
+        return [read_text_file(calibration)], None, f"file:{Path(calibration).name}"
     if isinstance(calibration, torch.Tensor):
         rows = calibration if calibration.dim() == 2 else calibration.unsqueeze(0)
         return None, [r for r in rows], f"tokens:{tuple(rows.shape)}"
@@ -88,6 +79,26 @@ def _texts_and_description(
         f"unsupported calibration type {type(calibration).__name__}: give a text file path, a list of "
         "strings, a datasets.Dataset, or token tensors"
     )
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """A calibration or training text file, refused in one line (naming it) when it
+    is missing, not UTF-8 (a binary file would be read as replacement characters)
+    or holds no text. Cheap enough to call before a model is loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShortGPTError(f"calibration file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ShortGPTError(
+            f"{path} is not UTF-8 text (byte {e.start} cannot be decoded): give a plain text file"
+        ) from None
+    except OSError as e:
+        raise ShortGPTError(f"cannot read {path}: {fault(e)}") from None
+    if not text.strip():
+        raise ShortGPTError(f"{path} is empty: give a file with text in it")
+    return text
 
 
 def is_tokenized(calibration: CalibrationData) -> bool:

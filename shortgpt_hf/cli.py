@@ -1,14 +1,21 @@
 """The ``shortgpt`` command line: score layers, prune and save.
 
-User mistakes, faults of the machine or the network, and Ctrl-C all end in one
-``shortgpt: error:`` line on stderr with exit status 2 (see `main`); no output
-folder is created before all checks pass, and none is left half-written.
+User mistakes (a mistyped option included), faults of the machine or the
+network, and Ctrl-C all end in one ``shortgpt: error:`` line on stderr with
+exit status 2 (see `main`); no output folder is created before all checks
+pass, and none is left half-written.
+
+What a command prints is written as it is (`say`), never re-wrapped to the
+terminal's width, so ``shortgpt generate > out.txt`` keeps the generated text
+and paths whole; help is plain click help, wrapped at word boundaries.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,22 +23,45 @@ from typing import Annotated, Any, Optional
 
 import typer
 import typer.core
-from rich.console import Console
 
 from .ablation import PAPER_METRICS, RECOVERIES
 from .builtin import DEFAULT_MODEL
+from .calibration import read_text_file
 from .errors import ShortGPTError, fault
 from .evaluation import HEADLINE
 from .scoring import METRICS, REPAIR_METRICS
-from .tables import ablation_tables, eval_table, score_table
+from .tables import ablation_tables, eval_table, score_table, show
+
+# The click that typer uses (typer vendors its own copy since 0.2x): its usage errors are ours to word.
+_click = importlib.import_module(typer.BadParameter.__module__)
 
 app = typer.Typer(
     help="ShortGPT layer pruning for Hugging Face causal LMs.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
-out = Console()
+
+
+def say(text: str) -> None:
+    """Print one line of output exactly as given (no wrapping, markup or tab expansion)."""
+    print(text, flush=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        say(f"shortgpt_hf {importlib.metadata.version('shortgpt_hf')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """ShortGPT layer pruning for Hugging Face causal LMs."""
 
 
 def command(**options: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -85,6 +115,20 @@ def _load(model: str, dtype: str, device_map: Optional[str], adapters: bool = Fa
     from .loading import load_model
 
     return load_model(model, adapters=adapters, revision=revision, **_from_pretrained_kwargs(dtype, device_map))
+
+
+def _check_removal(model: str, chosen: Optional[list[int]], n_layers: Optional[int], ratio: Optional[float]) -> None:
+    """Refuse an impossible removal (none or all layers, an index out of range) from
+    the model's config, before its weights are loaded."""
+    from .loading import num_layers_of
+    from .selection import check_layers, removal_count
+    from .sources import resolve
+
+    count = num_layers_of(resolve(model))
+    if count is not None and chosen is not None:
+        check_layers(count, chosen)
+    elif count is not None:
+        removal_count(count, n_layers, ratio)
 
 
 def _parse_layers(text: str) -> list[int]:
@@ -146,6 +190,8 @@ def score(
     """Score every decoder layer (Block Influence by default) and mark the lowest."""
     from .config import ShortGPTConfig
 
+    if calibration is not None:
+        read_text_file(calibration)
     m, tok = _load(model, dtype, device_map)
     greedy = (
         lowest if metric in REPAIR_METRICS and 0 < lowest else None
@@ -153,13 +199,13 @@ def score(
     result = _score(m, tok, metric, calibration, seq_len, max_tokens, batch_size, block_size, max_layers=greedy)
     marked = set(result.lowest(lowest if block_size == 1 else block_size)) if 0 < lowest < result.num_layers else set()
     record = ShortGPTConfig.from_model(m)
-    out.print(score_table(result, marked, record.kept_layers if record else None))
+    show(score_table(result, marked, record.kept_layers if record else None))
     if json_out:
         result.to_json(json_out)
-        out.print(f"scores written to {json_out}")
+        say(f"scores written to {json_out}")
     if plot:
         result.plot(plot, highlight=len(marked) if block_size == 1 else 0)
-        out.print(f"chart written to {plot}")
+        say(f"chart written to {plot}")
 
 
 @command()
@@ -244,10 +290,11 @@ def prune(
             f"--recovery must be none or one of {', '.join(_training_free_methods())}, got {recovery!r} "
             "(LoRA healing: shortgpt heal)"
         )
-    if calibration is not None and not calibration.is_file():
-        raise ShortGPTError(f"calibration file not found: {calibration}")
+    if calibration is not None:
+        read_text_file(calibration)
     target = out_dir or Path(f"{Path(model.rstrip('/')).name}-shortgpt")
     check_destination(target, overwrite)
+    _check_removal(model, chosen, n_layers, ratio)
     if _layer_by_layer(model, load, dtype, device_map):
         walk = dict(seq_len=seq_len, batch_size=batch_size, dtype=None if dtype == "auto" else dtype)
         scoring = dict(walk, metric=metric, max_tokens=max_tokens)
@@ -288,16 +335,14 @@ def prune(
         saved = save_pruned(m, target, tok, overwrite=overwrite, verify=verify)
     record = m.config.shortgpt
     after = count_parameters(m)
-    out.print(
-        f"removed layers (original indices): {record['removed_layers']}" + (f" by {scores.metric}" if scores else "")
-    )
-    out.print(f"layers: {num_before} -> {record['original_num_hidden_layers'] - len(record['removed_layers'])}")
+    say(f"removed layers (original indices): {record['removed_layers']}" + (f" by {scores.metric}" if scores else ""))
+    say(f"layers: {num_before} -> {record['original_num_hidden_layers'] - len(record['removed_layers'])}")
     for step in (record.get("recovery") or [])[-1:] if recovery != "none" else []:
-        out.print(f"{recovery} repair on {step['tokens']:,} tokens: {_gaps(step)}")
+        say(f"{recovery} repair on {step['tokens']:,} tokens: {_gaps(step)}")
         _print_perplexities(step)
-    out.print(f"parameters: {before:,} -> {after:,} ({100 * (1 - after / before):.1f}% fewer)")
+    say(f"parameters: {before:,} -> {after:,} ({100 * (1 - after / before):.1f}% fewer)")
     kind = "recipe" if recipe else "checkpoint"
-    out.print(f"{kind} saved to {saved}" + (" (verified: cache parity and reload logits)" if verify else ""))
+    say(f"{kind} saved to {saved}" + (" (verified: cache parity and reload logits)" if verify else ""))
 
 
 @command()
@@ -327,7 +372,7 @@ def materialize(
     saved = write(
         model, out_dir, removed_layers=chosen, max_shard_size=max_shard_size, verify=verify, overwrite=overwrite
     )
-    out.print(f"checkpoint written tensor by tensor to {saved}" + (" (verified layer by layer)" if verify else ""))
+    say(f"checkpoint written tensor by tensor to {saved}" + (" (verified layer by layer)" if verify else ""))
 
 
 LOADS = ("auto", "full", "layer-by-layer")
@@ -355,7 +400,7 @@ def _layer_by_layer(model: str, load: str, dtype: str, device_map: Optional[str]
     size *= 2 if dtype == "float32" and _stored_in_half(source) else 1
     streaming = load == "layer-by-layer" or size > STREAMING_SHARE * free
     reason = "as asked" if load == "layer-by-layer" else f"{_size(size)} of weights, {_size(free)} free on {device}"
-    out.print(f"path: {'layer by layer, from the safetensors shards' if streaming else 'in memory'} ({reason})")
+    say(f"path: {'layer by layer, from the safetensors shards' if streaming else 'in memory'} ({reason})")
     return streaming
 
 
@@ -433,19 +478,19 @@ def _prune_layer_by_layer(
             verify=verify,
             overwrite=overwrite,
         )
-    out.print(f"removed layers (original indices): {sorted(chosen)}" + (f" by {scores.metric}" if scores else ""))
+    say(f"removed layers (original indices): {sorted(chosen)}" + (f" by {scores.metric}" if scores else ""))
     if repair is not None:
-        out.print(f"linear repair on {repair.entry['tokens']:,} tokens: {_gaps(repair.entry)}")
+        say(f"linear repair on {repair.entry['tokens']:,} tokens: {_gaps(repair.entry)}")
         _print_perplexities(
             None if recipe else json.loads((saved / "config.json").read_text())["shortgpt"]["recovery"][-1]
         )
     if recipe:
-        out.print(f"recipe saved to {saved} (not verified: a recipe written layer by layer is never built)")
+        say(f"recipe saved to {saved} (not verified: a recipe written layer by layer is never built)")
     else:
         checked = "verified: its logits, layer by layer, equal the base's with those layers removed" + (
             " and the maps applied" if repair else ""
         )
-        out.print(f"checkpoint written tensor by tensor to {saved} ({checked if verify else 'not verified'})")
+        say(f"checkpoint written tensor by tensor to {saved} ({checked if verify else 'not verified'})")
 
 
 def _print_perplexities(step: Optional[dict[str, Any]]) -> None:
@@ -453,13 +498,13 @@ def _print_perplexities(step: Optional[dict[str, Any]]) -> None:
     from .texts import HELDOUT_PLAYS
 
     if step is None:
-        out.print("held-out perplexity not measured: a recipe written layer by layer is never built (shortgpt eval it)")
+        say("held-out perplexity not measured: a recipe written layer by layer is never built (shortgpt eval it)")
         return
-    out.print(
+    say(
         f"held-out perplexity {step['perplexity_before']:.2f} (plain removal) -> "
         f"{step['perplexity_after']:.2f} (repaired)"
     )
-    out.print(f"  measured on {step['perplexity_settings']} of the held-out play {HELDOUT_PLAYS[0]}")
+    say(f"  measured on {step['perplexity_settings']} of the held-out play {HELDOUT_PLAYS[0]}")
 
 
 def _gaps(step: dict[str, Any]) -> str:
@@ -482,19 +527,15 @@ def load(
 
     m = PrunedForCausalLM.from_pretrained(model, **_from_pretrained_kwargs(dtype, device_map))
     record = ShortGPTConfig.from_model(m)
-    out.print(
-        f"{type(m).__name__}: {record.num_hidden_layers} of {record.original_num_hidden_layers} layers ({record.mode})"
-    )
-    out.print(
+    say(f"{type(m).__name__}: {record.num_hidden_layers} of {record.original_num_hidden_layers} layers ({record.mode})")
+    say(
         f"removed layers (original indices): {record.removed_layers}"
         + (f" by {record.metric}" if record.metric else "")
     )
-    out.print(
-        f"base: {record.base_model_name_or_path}" + (f" @ {record.base_revision}" if record.base_revision else "")
-    )
-    out.print(f"parameters: {count_parameters(m):,} ({m.dtype})")
+    say(f"base: {record.base_model_name_or_path}" + (f" @ {record.base_revision}" if record.base_revision else ""))
+    say(f"parameters: {count_parameters(m):,} ({m.dtype})")
     if getattr(m, "hf_device_map", None):
-        out.print(
+        say(
             "placement: "
             + ", ".join(f"{n} modules on {d}" for d, n in Counter(map(str, m.hf_device_map.values())).items())
         )
@@ -533,7 +574,7 @@ def generate(
         chosen = _score(m, tok, "bi", None, 256, 8192, 8).lowest(count)
     if chosen is not None:
         enable_prefill_skip(m, chosen, boundary=boundary)
-        out.print(f"skipping layers {chosen} during prefill" + (" (last prompt token dense)" if boundary else ""))
+        say(f"skipping layers {chosen} during prefill" + (" (last prompt token dense)" if boundary else ""))
 
     class FirstToken(BaseStreamer):
         """Timestamps the first generated token (generate's first put() is the prompt)."""
@@ -561,12 +602,8 @@ def generate(
     )
     total = time.perf_counter() - start
     new = ids.shape[1] - inputs.input_ids.shape[1]
-    out.print(
-        prompt + tok.decode(ids[0, inputs.input_ids.shape[1] :], skip_special_tokens=True),
-        markup=False,
-        highlight=False,
-    )
-    out.print(
+    say(prompt + tok.decode(ids[0, inputs.input_ids.shape[1] :], skip_special_tokens=True))
+    say(
         f"time to first token: {timer.first - start:.3f}s; {new} tokens in {total:.2f}s "
         f"({inputs.input_ids.shape[1]}-token prompt)"
     )
@@ -650,10 +687,10 @@ def eval_(
             m, tok = _load(name, dtype, device_map, adapters=True)
             reports.append(evaluate(m, tok, name=name, **options))
             del m
-        out.print(eval_table(reports))
+        show(eval_table(reports))
         if json_out:
             write_file(json_out, json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
-            out.print(f"results written to {json_out}")
+            say(f"results written to {json_out}")
         return
     model = models[0]
     m, tok = _load(model, dtype, device_map, adapters=True)
@@ -665,10 +702,10 @@ def eval_(
         del m
         base, base_tok = _load(record.base_model_name_or_path, dtype, device_map, revision=record.base_revision)
         report.baseline = evaluate(base, base_tok, name=record.base_model_name_or_path, **options)
-    out.print(eval_table([report]))
+    show(eval_table([report]))
     if json_out:
         report.to_json(json_out)
-        out.print(f"results written to {json_out}")
+        say(f"results written to {json_out}")
 
 
 @command()
@@ -720,8 +757,8 @@ def ablate(
         recoveries=_split(recoveries),
     )
     check_request(**request)
-    if calibration is not None and not calibration.is_file():
-        raise ShortGPTError(f"calibration file not found: {calibration}")
+    if calibration is not None:
+        read_text_file(calibration)
     target = out_dir or Path(f"{Path(model.rstrip('/')).name}-ablation")
     check_destination(target, overwrite)
     m, tok = _load(model, dtype, device_map)
@@ -741,8 +778,8 @@ def ablate(
         result.to_json(tmp / "ablation.json")
         plots = result.plot(tmp)
     for table in ablation_tables(result):
-        out.print(table)
-    out.print(f"ablation.json and {len(plots)} plots written to {target}")
+        show(table)
+    say(f"ablation.json and {len(plots)} plots written to {target}")
 
 
 @command()
@@ -760,7 +797,9 @@ def push(
     eval_json: Annotated[
         Optional[Path],
         typer.Option(
-            "--eval", help="Results JSON from shortgpt eval (--with-base for a side-by-side table) for the card."
+            "--eval",
+            help="Results JSON from shortgpt eval for the card: of this model with --with-base, or of several models "
+            "(this one and its dense base give the side-by-side table).",
         ),
     ] = None,
 ) -> None:
@@ -768,7 +807,7 @@ def push(
     from .evaluation import EvalReport
     from .push import push_to_hub
 
-    rows = EvalReport.from_json(eval_json).card_rows() if eval_json else None
+    rows = EvalReport.from_json(eval_json, model=folder).card_rows() if eval_json else None
     url = push_to_hub(
         folder,
         repo_id,
@@ -778,7 +817,7 @@ def push(
         commit_message=message,
         eval_results=rows,
     )
-    out.print(f"pushed {folder} to {repo_id}: {url}")
+    say(f"pushed {folder} to {repo_id}: {url}")
 
 
 @command()
@@ -814,6 +853,8 @@ def heal(
     from .sources import resolve
     from .texts import HELDOUT_PLAYS, heldout_texts
 
+    if data is not None:
+        read_text_file(data)
     check_destination(out_dir, overwrite)
     m, tok = _load(pruned, "auto", None)
     if ShortGPTConfig.from_model(m) is None:
@@ -841,40 +882,56 @@ def heal(
     saved = save_healed(healed, out_dir, tok, merge=merge, overwrite=overwrite)
     record = healed.get_base_model().config.shortgpt["recovery"][-1]
     trained = f"{steps} step{'s' if steps != 1 else ''} ({record['tokens']:,} tokens)"
-    out.print(
-        f"held-out perplexity {record['perplexity_before']:.2f} -> {record['perplexity_after']:.2f} after {trained}"
-    )
-    out.print(f"  measured on {record['perplexity_settings']} of the held-out play {HELDOUT_PLAYS[0]}")
-    out.print(f"{'merged checkpoint' if merge else 'adapter'} saved to {saved}")
+    say(f"held-out perplexity {record['perplexity_before']:.2f} -> {record['perplexity_after']:.2f} after {trained}")
+    say(f"  measured on {record['perplexity_settings']} of the held-out play {HELDOUT_PLAYS[0]}")
+    say(f"{'merged checkpoint' if merge else 'adapter'} saved to {saved}")
 
 
 def main() -> None:
     """Run the CLI: a mistake, a fault of the machine or the network, or Ctrl-C ends
     in one ``shortgpt: error:`` line and exit status 2. Every write is atomic
     (`shortgpt_hf.atomic`), so nothing half-written is left behind either way."""
+    # From here on Ctrl-C is a KeyboardInterrupt again (the console script exits at
+    # once while it imports), so that a write under way can remove what it began.
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         command = typer.main.get_command(app)
         _plain_placeholders(command)
-        command()
+        code = command.main(prog_name="shortgpt", standalone_mode=False)
     except ShortGPTError as e:
         _fail(str(e))
-    except KeyboardInterrupt:  # before a command started (while importing, say)
-        _fail("interrupted")
+    except (KeyboardInterrupt, typer.Abort):  # typer turns Ctrl-C while parsing into Abort
+        _fail("interrupted; nothing was written")
+    except _click.UsageError as e:
+        if isinstance(e, getattr(_click, "NoArgsIsHelpError", ())):
+            e.show()  # plain `shortgpt`: the help, as a usage error
+            sys.exit(2)
+        where = e.ctx.command_path if e.ctx else "shortgpt"
+        _fail(f"{' '.join(e.format_message().split()).rstrip('.')}; see {where} --help")
+    except _click.ClickException as e:
+        _fail(" ".join(e.format_message().split()))
     except Exception as e:
         reason = fault(e)
         if reason is None:
             raise  # a bug in shortgpt_hf: keep its traceback
         _fail(reason)
+    if code == 130:  # typer's exit status for a Ctrl-C it caught itself
+        _fail("interrupted; nothing was written")
+    if code:
+        sys.exit(code)
 
 
 def _plain_placeholders(group: typer.core.TyperGroup) -> None:
-    """Help in the usual Unix style (``--out DIR``, ``--steps N``, flags bare)
-    instead of typer's ``<path>``, ``<int>`` and ``<bool>`` tags."""
+    """Help in the usual Unix style (``--out DIR``, ``--steps N``, flags bare,
+    ``[MODEL]`` or ``MODEL`` on the usage line) instead of typer's ``<path>``,
+    ``<int>`` and ``<bool>`` tags and its ``{MODEL}`` for a required argument."""
     for command in group.commands.values():
         for param in command.params:
             kind = param.type_descriptor
             if isinstance(param, typer.core.TyperArgument):
                 param.metavar = param.name.upper()
+                param.get_usage_pieces = lambda ctx, arg=param: [_usage_name(arg)]
                 placeholder = None
             elif getattr(param, "is_flag", False):
                 placeholder = None
@@ -885,6 +942,11 @@ def _plain_placeholders(group: typer.core.TyperGroup) -> None:
             param.display_type_rich = lambda ctx, text=placeholder: text
     for command in [group, *group.commands.values()]:  # click adds --help itself, when help is asked for
         command.get_help_option = lambda ctx, original=command.get_help_option: _bare(original(ctx))
+
+
+def _usage_name(argument: typer.core.TyperArgument) -> str:
+    name = argument.metavar if argument.required else f"[{argument.metavar}]"
+    return name + ("..." if argument.nargs != 1 else "")
 
 
 def _bare(option: typer.core.TyperOption | None) -> typer.core.TyperOption | None:

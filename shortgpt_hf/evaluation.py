@@ -222,13 +222,23 @@ class EvalReport(JsonRecord):
         return cls(data["model"], [EvalResult(**r) for r in data["results"]], cls.from_dict(base) if base else None)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> EvalReport:
+    def from_json(cls, path: str | Path, model: str | None = None) -> EvalReport:
+        """A report that `to_json` or ``shortgpt eval --json`` wrote.
+
+        ``shortgpt eval A B --json`` writes a list, one report per model; then
+        ``model`` (a name or folder, as given to any command) picks the report of
+        the model that names the same thing, and the list's one dense model, if
+        it holds exactly one other, becomes its baseline: what a card's
+        dense-versus-pruned table needs."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            data = json.loads(Path(path).read_text())
+            if not isinstance(data, list):
+                return cls.from_dict(data)
+            reports = [cls.from_dict(d) for d in data]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ShortGPTError(
-                f"{path} is not an evaluation report written by shortgpt eval ({type(e).__name__}: {e})"
-            ) from None
+            reason = getattr(e, "strerror", None) or "not a report of shortgpt eval"
+            raise ShortGPTError(f"{path} is not an evaluation report written by shortgpt eval ({reason})") from None
+        return _pick_report(reports, model, path)
 
     def card_rows(self) -> list[dict[str, Any]]:
         """The ``eval_results`` of `model_card` / `push_to_hub`: this report as
@@ -243,6 +253,33 @@ class EvalReport(JsonRecord):
                     pass
             rows.append(row)
         return rows
+
+
+def _pick_report(reports: list[EvalReport], model: str | None, path: str | Path) -> EvalReport:
+    """The report of ``model`` among several (see `EvalReport.from_json`)."""
+    from .sources import recorded_name, resolve
+
+    if len(reports) == 1:
+        return reports[0]
+    names = ", ".join(r.model for r in reports)
+    if model is None:
+        raise ShortGPTError(f"{path} holds reports of several models ({names}); name the one to use")
+    same = [r for r in reports if recorded_name(r.model)[0] == recorded_name(model)[0]]
+    if len(same) != 1:
+        raise ShortGPTError(
+            f"{path} holds reports of {names}; {'none' if not same else 'more than one'} of them is {model}"
+        )
+    report = same[0]
+    if report.baseline is None:
+        dense = []
+        for other in reports:
+            try:
+                if other is not report and not resolve(other.model).pruned:
+                    dense.append(other)
+            except ShortGPTError:  # a model that no longer resolves cannot be told dense
+                pass
+        report.baseline = dense[0] if len(dense) == 1 else None
+    return report
 
 
 def check_tasks(tasks: Sequence[str]) -> None:
@@ -320,6 +357,11 @@ def evaluate(
     from .loading import tokenizer_for
 
     check_tasks(tasks)
+    manager = None
+    if lm_eval_tasks:  # a missing lm-eval, folder or task is refused before minutes of other measures
+        from .lm_eval_bridge import task_manager
+
+        manager = task_manager(lm_eval_tasks, lm_eval_include)
     tokenizer = tokenizer or tokenizer_for(model)
     options = dict(
         seq_len=seq_len,
@@ -343,7 +385,7 @@ def evaluate(
                 model,
                 tokenizer,
                 lm_eval_tasks,
-                include_path=lm_eval_include,
+                manager=manager,
                 limit=lm_eval_limit,
                 batch_size=batch_size,
             )

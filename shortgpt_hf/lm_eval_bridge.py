@@ -23,21 +23,11 @@ from .evaluation import EvalResult
 from .layers import input_device
 
 
-def run_lm_eval(
-    model: nn.Module,
-    tokenizer: Any,
-    tasks: Sequence[str],
-    *,
-    include_path: str | Path | None = None,
-    limit: int | None = None,
-    num_fewshot: int | None = None,
-    batch_size: int = 8,
-) -> list[EvalResult]:
-    """One `EvalResult` per task and metric the harness reports (stderr rows dropped)."""
+def task_manager(tasks: Sequence[str], include_path: str | Path | None = None) -> Any:
+    """lm-eval's TaskManager, once it is known that lm-eval is installed, the include
+    folder exists and every task is known: cheap next to an evaluation, so callers
+    check this before they spend minutes on other measures."""
     try:
-        import lm_eval
-        import lm_eval.evaluator
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise ShortGPTError("lm-eval tasks need lm-evaluation-harness: pip install 'shortgpt_hf[eval]'") from None
@@ -50,6 +40,25 @@ def run_lm_eval(
             f"lm-eval knows no task {', '.join(map(repr, unknown))}"
             + ("" if include_path else " (local task YAMLs go in include_path)")
         )
+    return manager
+
+
+def run_lm_eval(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    *,
+    manager: Any,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+) -> list[EvalResult]:
+    """One `EvalResult` per task and metric the harness reports (stderr rows dropped);
+    ``manager`` is `task_manager`'s for these tasks."""
+    import lm_eval
+    import lm_eval.evaluator
+    from lm_eval.models.huggingface import HFLM
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     # lm-eval records `git describe` of the current directory, which says nothing about an in-memory

@@ -64,6 +64,18 @@ def text_config_of(source: Source) -> Any:
         raise ShortGPTError(f"cannot load {source.name!r}: {first_line(e)}") from None
 
 
+def num_layers_of(source: Source) -> int | None:
+    """How many decoder layers a model or a recipe has now, from its configs alone,
+    so that an impossible removal is refused before any weights are read; None
+    where that takes more than a config (a recipe in prefill-skip mode, an adapter)."""
+    if source.kind == "recipe":
+        from .modeling import read_recipe
+
+        record = read_recipe(source)
+        return record.num_hidden_layers if record.mode == "remove" else None
+    return text_config_of(source).num_hidden_layers if source.kind == "model" else None
+
+
 def base_of(source: Source) -> Source | None:
     """The model a recipe rebuilds from, or an adapter is trained on; None for a model."""
     if source.kind == "recipe":

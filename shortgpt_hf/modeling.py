@@ -3,7 +3,7 @@
 (a) a native pruned checkpoint (``config.json`` carries ``shortgpt``): loaded as is;
 (b) a recipe (``shortgpt_config.json`` naming a base model and revision), like a
     PEFT adapter: the base is loaded with only the kept layers, and the
-    linear repair maps in ``shortgpt_maps.safetensors``, if any, are folded back in;
+    linear repair maps in ``shortgpt/linear_maps.safetensors``, if any, are folded back in;
 (c) a base model plus ``removed_layers=[...]``.
 
 Loading only the kept layers: a throwaway subclass of the native
@@ -31,7 +31,7 @@ from .families import describe_config, family_of, native_class
 from .layers import find_decoder_layers
 from .loading import load_native, mark_loaded, text_config_of
 from .pruning import count_parameters
-from .recovery.linear import MAPS_FILE, attach_maps, fold_maps, load_maps, map_keys, maps_from_record
+from .recovery.linear import attach_maps, fold_maps, load_maps, map_keys, maps_from_record
 from .sources import HUB_KWARGS, Source, resolve
 from .surgery import check_config, remove_layers
 from .verification import explained
@@ -190,7 +190,7 @@ def load_pruned(
         record = read_recipe(source)
         if mode is not None:
             record = ShortGPTConfig.from_dict({**record.to_dict(), "mode": mode})
-        maps = load_maps(source.file(MAPS_FILE), record, repr(source.name)) if record.mode == "remove" else None
+        maps = load_maps(source, record) if record.mode == "remove" else None
         hub = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
         model = _load_from_base(recipe_base(record, **hub), record, maps, **kwargs)
         return mark_loaded(model, source)
@@ -205,9 +205,8 @@ def load_pruned(
         raise ShortGPTError(
             f"{source.describe()} was saved in {record.mode!r} mode; it cannot be loaded in {mode!r} mode"
         )
-    maps_file = source.file(MAPS_FILE) if map_keys(record) else None
-    if maps_file is not None:  # already folded in; kept so that a recipe can be written from this model
-        attach_maps(model, load_maps(maps_file, record, repr(source.name)))
+    if map_keys(record):  # already folded in; kept so that a recipe can be written from this model
+        attach_maps(model, load_maps(source, record))
     return apply_prefill_skip(model, record) if record.mode == "prefill_skip" else model
 
 
@@ -234,9 +233,8 @@ def skeleton(source: Source) -> nn.Module:
             with explained(model, "removing the recipe's layers on the meta device"):
                 remove_layers(model, record.removed_layers)
         model.config.shortgpt = record.to_dict()
-    maps_file = source.file(MAPS_FILE) if record is not None and map_keys(record) else None
-    if maps_file is not None:
-        attach_maps(model, load_maps(maps_file, record, repr(source.name)))
+    if record is not None and map_keys(record):
+        attach_maps(model, load_maps(source, record))
     return mark_loaded(model, source)
 
 

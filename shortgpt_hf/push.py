@@ -37,7 +37,7 @@ def _check_target(repo_id: str, token: str | None) -> str:
         raise ShortGPTError(f"repo id {repo_id!r} needs a namespace: 'user-or-org/name'")
     token = token or get_token()
     if not token:
-        raise ShortGPTError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (or pass token=)")
+        raise ShortGPTError("no Hugging Face token: run `hf auth login` or set HF_TOKEN")
     return token
 
 

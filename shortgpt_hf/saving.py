@@ -70,7 +70,7 @@ def save_recipe(
     maps: dict[str, Any] | None = None,
 ) -> Path:
     """Write the recipe form: ``shortgpt_config.json`` naming the base model and its
-    pinned revision (plus the tokenizer files, and ``shortgpt_maps.safetensors``
+    pinned revision (plus the tokenizer files, and ``shortgpt/linear_maps.safetensors``
     when the model was repaired with linear maps), a few KB or MB whatever the
     model size, and a small ``config.json`` that marks the folder as a recipe.
     `PrunedForCausalLM.from_pretrained` rebuilds the pruned model from it, and so,

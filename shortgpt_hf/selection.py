@@ -61,12 +61,7 @@ def select_layers(
     if len(given) != 1:
         raise ShortGPTError(f"give exactly one of layers, n_layers or ratio (got {', '.join(given) or 'none'})")
     if layers is not None:
-        chosen = [_index(i) for i in layers]
-        if len(set(chosen)) != len(chosen):
-            raise ShortGPTError(f"duplicate layer indices in {chosen}")
-        bad = [i for i in chosen if not 0 <= i < num_layers]
-        if bad:
-            raise ShortGPTError(f"layer indices {bad} are out of range 0..{num_layers - 1}")
+        chosen = check_layers(num_layers, layers)
     else:
         count = removal_count(num_layers, n_layers, ratio)
         if scores is None:
@@ -76,8 +71,20 @@ def select_layers(
                 f"scores cover {scores.num_layers} layers but the model has {num_layers}; re-score the model"
             )
         chosen = scores.lowest(count)
+    return sorted(chosen)
+
+
+def check_layers(num_layers: int, layers: Sequence[int]) -> list[int]:
+    """Explicit layer indices, refused when they are not integers, repeat, fall
+    outside the model, or name none or all of its layers (cheap: check before loading)."""
+    chosen = [_index(i) for i in layers]
+    if len(set(chosen)) != len(chosen):
+        raise ShortGPTError(f"duplicate layer indices in {chosen}")
+    bad = [i for i in chosen if not 0 <= i < num_layers]
+    if bad:
+        raise ShortGPTError(f"layer indices {bad} are out of range 0..{num_layers - 1}")
     if not chosen:
         raise ShortGPTError("no layers to remove")
     if len(chosen) >= num_layers:
         raise ShortGPTError(f"cannot remove all {num_layers} layers")
-    return sorted(chosen)
+    return chosen

@@ -85,7 +85,7 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None, **hub_kwa
         return Path(hf_hub_download(repo_id, filename, revision=revision, **kwargs))
     except GatedRepoError:  # a subclass of RepositoryNotFoundError, but the repo is there
         raise ShortGPTError(
-            f"{repo_id!r} is gated: accept its conditions on the Hub, then log in (`hf auth login`) or pass token="
+            f"{repo_id!r} is gated: accept its conditions on the Hub, then log in (`hf auth login`) or set HF_TOKEN"
         ) from None
     except (
         EntryNotFoundError,

@@ -1,5 +1,10 @@
 """The tables the command line prints, laid out to fit an 80-column terminal.
 
+`show` prints a table's title and caption as plain lines, around the table:
+rich would wrap them to the table's own width, which squeezes a long title
+into a narrow column and breaks a caption mid-word, also in a file that
+stdout is redirected to.
+
 rich shrinks a table that is too wide by wrapping or cutting its cells, which
 turns numbers into ``1.4…``. So the tables keep their columns few and short:
 model names are shortened to their last path part (the caption has them in
@@ -10,11 +15,13 @@ is harmless.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich import box
+from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -27,6 +34,17 @@ WIDTH = 80
 
 def _table(title: str, caption: str | None = None) -> Table:
     return Table(title=title, caption=caption, box=box.SIMPLE_HEAD, caption_justify="left", title_justify="left")
+
+
+def show(table: Table) -> None:
+    """Print a table to stdout: its title, the grid in rich's layout, then its caption."""
+    grid = copy.copy(table)
+    grid.title = grid.caption = None
+    if table.title:
+        print(table.title, flush=True)
+    Console(highlight=False).print(grid)
+    if table.caption:
+        print(table.caption, flush=True)
 
 
 def short_name(name: str, limit: int = 18) -> str:
@@ -122,8 +140,6 @@ def _eval_grid(rows: Sequence[EvalResult], columns: Sequence[EvalReport], limit:
 
 
 def _fits(table: Table) -> bool:
-    from rich.console import Console
-
     console = Console(width=10 * WIDTH)
     return console.measure(table).maximum <= WIDTH
 

@@ -129,3 +129,15 @@ def tensor_reads(monkeypatch):
 
 def removed_keys(keys, removed):
     return sorted(k for k in keys if any(k.startswith(f"model.layers.{i}.") for i in removed))
+
+
+def stray_weight_files(folder: Path) -> list[str]:
+    """Top-level ``*.safetensors`` files that are not the checkpoint's weights
+    (``model.safetensors``, or the shards its index names): engines such as vLLM
+    load every such file as weights and refuse tensors the model does not have."""
+    import json
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    weights = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    return sorted(f.name for f in folder.glob("*.safetensors") if f.name not in weights)

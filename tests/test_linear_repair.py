@@ -255,10 +255,10 @@ def test_repair_aware_selection_is_greedy_on_the_fitted_error():
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2_moe"])
 def test_a_recipe_carries_its_maps_and_never_reads_removed_layers(family, tmp_path, tensor_reads):
-    from conftest import removed_keys
+    from conftest import removed_keys, stray_weight_files
 
     from shortgpt_hf import PrunedForCausalLM, save_recipe
-    from shortgpt_hf.recovery.linear import MAPS_FILE
+    from shortgpt_hf.recovery.linear import LEGACY_MAPS_FILE, MAPS_FILE
 
     tiny_model(family).save_pretrained(tmp_path / "base")
     model = tiny_auto(tiny_config(family)).from_pretrained(tmp_path / "base", attn_implementation="eager").eval()
@@ -271,9 +271,10 @@ def test_a_recipe_carries_its_maps_and_never_reads_removed_layers(family, tmp_pa
     torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
     assert ShortGPTConfig.from_model(loaded).recovery == ShortGPTConfig.from_model(model).recovery
 
-    # A native checkpoint keeps the maps beside it (plain transformers ignores the file), so a recipe can still be
-    # written from a reload.
+    # A native checkpoint keeps the maps in a subfolder, out of the weights' namespace (vLLM loads every top-level
+    # *.safetensors as weights), so a recipe can still be written from a reload.
     save_pruned(loaded, tmp_path / "native")
+    assert (tmp_path / "native" / MAPS_FILE).is_file() and stray_weight_files(tmp_path / "native") == []
     again = PrunedForCausalLM.from_pretrained(tmp_path / "native", attn_implementation="eager")
     save_recipe(again, tmp_path / "recipe2")
     torch.testing.assert_close(
@@ -283,7 +284,11 @@ def test_a_recipe_carries_its_maps_and_never_reads_removed_layers(family, tmp_pa
         rtol=0,
     )
 
-    (tmp_path / "recipe" / MAPS_FILE).unlink()
+    # A recipe written before the maps moved keeps them at the top of the folder, and still loads.
+    (tmp_path / "recipe" / MAPS_FILE).rename(tmp_path / "recipe" / LEGACY_MAPS_FILE)
+    legacy = PrunedForCausalLM.from_pretrained(tmp_path / "recipe", attn_implementation="eager")
+    torch.testing.assert_close(logits(legacy), logits(model), atol=0, rtol=0)
+    (tmp_path / "recipe" / LEGACY_MAPS_FILE).unlink()
     with pytest.raises(ShortGPTError, match=f"records a linear repair but has no {MAPS_FILE}"):
         PrunedForCausalLM.from_pretrained(tmp_path / "recipe")
     plain = tiny_auto(tiny_config(family)).from_pretrained(tmp_path / "native").eval()

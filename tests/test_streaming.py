@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, stray_weight_files
 from safetensors import safe_open
 from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
@@ -215,6 +215,8 @@ def test_a_repaired_recipe_materializes_and_the_cli_repairs_layer_by_layer(tmp_p
     assert f"held-out perplexity {step['perplexity_before']:.2f} (plain removal) -> " in said
     assert step["perplexity_settings"] == "first 4,096 tokens, disjoint 24-token windows"
     repaired = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    for written in ("a", "in-memory", "from-recipe"):
+        assert stray_weight_files(tmp_path / written) == [], f"{written}: a file vLLM would load as weights"
     assert step["perplexity_after"] == pytest.approx(
         perplexity(repaired, tiny_tokenizer(), heldout_texts()[:1], seq_len=24, progress=False), abs=1e-3
     ), "the recorded perplexity is the written checkpoint's"
@@ -225,7 +227,7 @@ def test_a_repaired_recipe_materializes_and_the_cli_repairs_layer_by_layer(tmp_p
     assert "held-out perplexity not measured: a recipe written layer by layer is never built" in " ".join(
         stdout.split()
     )
-    assert (tmp_path / "r" / "shortgpt_maps.safetensors").is_file()
+    assert (tmp_path / "r" / "shortgpt" / "linear_maps.safetensors").is_file()
     native = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
     rebuilt = PrunedForCausalLM.from_pretrained(tmp_path / "r")
     assert torch.equal(rebuilt(input_ids=IDS).logits, native(input_ids=IDS).logits)

@@ -29,8 +29,8 @@ the output head.
 Maps are fitted on the unpruned model, so `prune` runs this method
 (``prune(..., recovery="linear")``) while the layers still exist. The fitted
 maps stay with the model (`linear_maps`) so that a recipe can carry them
-(``shortgpt_maps.safetensors``) and re-fold them when a loader builds the
-model from only the kept layers of its base.
+(`MAPS_FILE`) and re-fold them when a loader builds the model from only the
+kept layers of its base.
 
 The same statistics score candidate removals: `repair_aware_order` picks
 layers greedily by the error left after each gap's best map. For a model
@@ -46,7 +46,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -59,9 +59,15 @@ from ..families import Fold, describe, family_of, is_vision_language
 from ..layers import eval_mode, find_decoder_layers, input_device, text_config
 from .base import RecoveryMethod, register
 
+if TYPE_CHECKING:
+    from ..sources import Source
+
 logger = logging.getLogger("shortgpt_hf")
 
-MAPS_FILE = "shortgpt_maps.safetensors"
+# In a subfolder, out of the weights' namespace: engines such as vLLM load every *.safetensors file at the top
+# of a checkpoint folder as weights, and would refuse tensors that are not the model's.
+MAPS_FILE = "shortgpt/linear_maps.safetensors"
+LEGACY_MAPS_FILE = "shortgpt_maps.safetensors"  # where folders written before kept them; still read
 _MAPS_ATTR = "_shortgpt_linear_maps"
 _PASS_MEMORY = 2 * 2**30  # float64 bytes of normal equations gathered in one calibration pass
 
@@ -362,8 +368,8 @@ def linear_maps(model: nn.Module) -> dict[str, torch.Tensor]:
     """The maps folded into this model, by the key its ``config.shortgpt`` record names them under.
 
     A native checkpoint does not need them (its weights already carry them)
-    but keeps them in ``shortgpt_maps.safetensors`` beside its config, so a
-    recipe can still be written from it; a recipe needs them to refold."""
+    but keeps them in `MAPS_FILE`, so a recipe can still be written from it;
+    a recipe needs them to refold."""
     return dict(getattr(model, _MAPS_ATTR, {}))
 
 
@@ -383,7 +389,7 @@ def map_keys(record: ShortGPTConfig) -> list[str]:
 
 
 def save_maps(maps: dict[str, torch.Tensor], record: ShortGPTConfig, folder: Path) -> None:
-    """Write the maps ``record`` names to ``folder/shortgpt_maps.safetensors`` (nothing when it names none)."""
+    """Write the maps ``record`` names to ``folder/MAPS_FILE`` (nothing when it names none)."""
     from safetensors.torch import save_file
 
     keys = map_keys(record)
@@ -395,17 +401,19 @@ def save_maps(maps: dict[str, torch.Tensor], record: ShortGPTConfig, folder: Pat
             f"this model's record names linear repair maps {missing} that are not in memory: save the recipe from the "
             "model that was repaired, or from one loaded with PrunedForCausalLM from a folder that has them"
         )
+    (folder / MAPS_FILE).parent.mkdir(exist_ok=True)
     save_file({k: maps[k].contiguous() for k in keys}, str(folder / MAPS_FILE), metadata={"format": "pt"})
 
 
-def load_maps(file: Path | None, record: ShortGPTConfig, where: str) -> dict[str, torch.Tensor]:
-    """The maps a record names, from its ``shortgpt_maps.safetensors`` (which must exist when it names any)."""
+def load_maps(source: Source, record: ShortGPTConfig) -> dict[str, torch.Tensor]:
+    """The maps a record names, from the folder or repo's `MAPS_FILE` (which must exist when it names any)."""
     from safetensors.torch import load_file
 
     if not map_keys(record):
         return {}
-    if file is None or not Path(file).is_file():
-        raise ShortGPTError(f"{where} records a linear repair but has no {MAPS_FILE} with its maps")
+    file = source.file(MAPS_FILE) or source.file(LEGACY_MAPS_FILE)
+    if file is None:
+        raise ShortGPTError(f"{source.describe()} records a linear repair but has no {MAPS_FILE} with its maps")
     return load_file(str(file))
 
 
@@ -420,7 +428,7 @@ def maps_from_record(record: ShortGPTConfig, tensors: dict[str, torch.Tensor]) -
             if key is None:
                 continue
             if key not in tensors:
-                raise ShortGPTError(f"the recipe's linear repair names map {key!r}, which its {MAPS_FILE} lacks")
+                raise ShortGPTError(f"the recipe's linear repair names map {key!r}, which its maps file lacks")
             t = tensors[key]
             maps.append(
                 LinearMap(

@@ -325,7 +325,7 @@ class LinearRepair:
     """Linear repair maps fitted layer by layer (`fit_linear_sequentially`), for `materialize`
     to fold into the tensors they touch, or for a recipe to carry: ``entry`` is what the
     pruned model's ``config.shortgpt["recovery"]`` records, ``tensors`` the maps under the
-    keys it names (``shortgpt_maps.safetensors``)."""
+    keys it names (``shortgpt/linear_maps.safetensors``)."""
 
     removed_layers: list[int]
     maps: list[LinearMap]

@@ -27,7 +27,6 @@ from ..layers import find_decoder_layers, probe_ids
 from ..loading import load_tokenizer
 from ..modeling import read_recipe, recipe_base
 from ..recovery.linear import (
-    MAPS_FILE,
     LinearMap,
     fold_maps,
     fold_rule,
@@ -169,7 +168,7 @@ def materialize(
         if record.mode != "remove":
             raise ShortGPTError(f"{source.describe()} skips layers in prefill only; there is nothing to materialize")
         base, removed = recipe_base(record), list(record.removed_layers)
-        map_tensors = load_maps(source.file(MAPS_FILE), record, source.describe())
+        map_tensors = load_maps(source, record)
         maps = maps_from_record(record, map_tensors)
     elif source.kind == "model" and not source.pruned:
         if not removed_layers:
