@@ -201,3 +201,33 @@ def test_a_failed_measurement_gives_the_model_back_in_training_mode():
         with pytest.raises(RuntimeError, match="broken layer"):
             measure()
         assert model.training and all(m.training for m in model.modules())
+
+
+@pytest.fixture
+def immutable(tmp_path):
+    """An existing, empty destination folder that cannot be renamed or replaced (``chattr +i``;
+    permission bits do not stop root)."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("immutable folders cannot be made here (chattr needs root and ext4-like file systems)")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_a_destination_that_cannot_be_replaced_is_refused_first_and_leaves_nothing(
+    dense_dir, immutable, tmp_path, capsys, monkeypatch
+):
+    import shortgpt_hf.atomic
+    from shortgpt_hf.atomic import atomic_folder
+
+    code, _, err = run_cli(capsys, monkeypatch, "prune", dense_dir, "--layers", "1", "--out", immutable)
+    assert code == 2
+    assert_one_line_error(err, f"cannot write {immutable}: operation not permitted")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    # A folder that becomes impossible to replace only after that check: the write fails with nothing left behind.
+    monkeypatch.setattr(shortgpt_hf.atomic, "check_destination", lambda out_dir, overwrite: Path(out_dir))
+    with pytest.raises(ShortGPTError, match="operation not permitted.*; nothing was written"):
+        with atomic_folder(immutable, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any(immutable.iterdir())
