@@ -956,6 +956,10 @@ def _bare(option: typer.core.TyperOption | None) -> typer.core.TyperOption | Non
 
 
 def _fail(message: str) -> None:
+    from tqdm import tqdm
+
+    if getattr(tqdm, "_instances", None):  # a progress bar cut off mid-line: the error starts a line of its own
+        sys.stderr.write("\n")
     print(f"shortgpt: error: {message}", file=sys.stderr)
     sys.exit(2)
 
