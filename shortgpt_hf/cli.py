@@ -225,7 +225,11 @@ def prune(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
     recipe: Annotated[
-        bool, typer.Option(help="Write a recipe (base id + removed layers, a few KB) instead of a full checkpoint.")
+        bool,
+        typer.Option(
+            help="Write a recipe instead of a full checkpoint: the base's id and the removed layers (a few KB of "
+            "JSON), plus the tokenizer files and any repair maps."
+        ),
     ] = False,
     metric: Annotated[str, typer.Option(help=f"One of: {', '.join(METRICS)}.")] = "bi",
     calibration: Annotated[
