@@ -570,8 +570,8 @@ def generate(
 
     if prefill_skip is not None and layers is not None:
         raise ShortGPTError("give only one of --prefill-skip and --layers")
-    m, tok = _load(model, dtype, device_map)
     chosen = _parse_layers(layers) if layers is not None else None
+    m, tok = _load(model, dtype, device_map)
     if prefill_skip is not None:
         check_prefill_skip(m)  # before minutes of scoring
         count = removal_count(len(find_decoder_layers(m).layers), n_layers=prefill_skip)
@@ -859,6 +859,9 @@ def heal(
 
     if data is not None:
         read_text_file(data)
+    chosen = layers if layers in ("all", "adjacent") else _parse_layers(layers)
+    if teacher:
+        resolve(teacher)  # a teacher that is not there is refused before the student is loaded
     check_destination(out_dir, overwrite)
     m, tok = _load(pruned, "auto", None)
     if ShortGPTConfig.from_model(m) is None:
@@ -867,7 +870,6 @@ def heal(
             "then heal what it writes"
         )
     dense = _load(teacher, "auto", None)[0] if teacher else None
-    chosen = layers if layers in ("all", "adjacent") else _parse_layers(layers)
     healed = heal_model(
         m,
         data,
