@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +24,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+# The fast tier runs tiny models, whose ops are far too small to gain from intra-op threads; on
+# a busy machine torch's thread pool makes every one of them wait for a descheduled thread (a
+# tiny forward measured 15-30x slower with 2 threads than with 1 on 2 busy cores; the fast tier
+# took 12 minutes instead of 1.3). Slow tests, on real models, keep torch's default. Set before
+# any fixture of the test is built, so that module fixtures follow the tier of the first test
+# that needs them.
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    torch.set_num_threads(DEFAULT_THREADS if item.get_closest_marker("slow") else 1)
+
+
 @pytest.fixture(autouse=True)
-def _real_models_only_in_slow_tests(request, monkeypatch):
+def _fast_tests_stay_fast(request, monkeypatch):
     """Keep the fast tier (``pytest -m "not slow"``) fast for good: a test that is not
-    marked slow fails at once if it asks for a built-in real model."""
+    marked slow fails at once if it asks for a built-in real model or starts a Python process."""
     if request.node.get_closest_marker("slow"):
         return
     import shortgpt_hf.builtin
@@ -37,6 +52,26 @@ def _real_models_only_in_slow_tests(request, monkeypatch):
 
     monkeypatch.setattr(shortgpt_hf.builtin, "builtin_path", refuse)
     monkeypatch.setattr(shortgpt_hf.sources, "builtin_path", refuse)
+
+    class NoPythonProcesses(subprocess.Popen):
+        def __init__(self, args, *rest, **kwargs):
+            if starts_python(args):
+                raise AssertionError(
+                    f"{request.node.nodeid} starts a Python process (a fresh interpreter, the console script, "
+                    "accelerate launch: seconds each, imports included): mark it @pytest.mark.slow"
+                )
+            super().__init__(args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", NoPythonProcesses)
+
+
+def starts_python(args) -> bool:
+    """Whether a command runs Python: an interpreter, or a console script of this environment
+    (shortgpt, accelerate, torchrun); small system tools (chattr) are not refused."""
+    program = os.fsdecode(args if isinstance(args, (str, bytes, os.PathLike)) else args[0]).split()[0]
+    found, scripts = Path(shutil.which(program) or program), Path(sys.executable).parent
+    in_scripts = os.sep not in program and (scripts / program).is_file()  # even when PATH lacks the folder
+    return found.name.startswith("python") or found.parent == scripts or in_scripts
 
 
 def run_python(code: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

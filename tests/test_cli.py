@@ -123,6 +123,7 @@ def test_existing_output_needs_overwrite(tiny_dirs, tmp_path, capsys, monkeypatc
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders must not be left behind"
 
 
+@pytest.mark.slow  # the installed console script, in its own process
 def test_console_script_prints_no_traceback(tmp_path):
     result = subprocess.run(
         ["shortgpt", "prune", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], capture_output=True, text=True

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import removed_keys, run_python
 from safetensors.torch import load_file
@@ -57,7 +58,12 @@ def test_automodel_and_pipeline_load_a_recipe(tmp_path, tensor_reads):
     expected = ours.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert list(generated) == expected[0].tolist() and len(generated) == ids.shape[1] + 6
 
-    # In a fresh process, with nothing of ours imported but the package itself.
+
+@pytest.mark.slow  # a fresh interpreter
+def test_automodel_loads_a_recipe_in_a_fresh_process(tmp_path):
+    """In a fresh process, with nothing of ours imported but the package itself."""
+    recipe = recipe_with_base(tmp_path)
+    ours = PrunedForCausalLM.from_pretrained(recipe, device_map="cpu", dtype=torch.float32, attn_implementation="eager")
     code = f"""
 import torch, shortgpt_hf
 from transformers import AutoModelForCausalLM
@@ -98,6 +104,7 @@ def reload_adapter(adapter: Path, cwd: Path | None = None) -> tuple[int, list[fl
     return int(layers), eval(logits)
 
 
+@pytest.mark.slow  # reloads the adapter in a fresh interpreter
 def test_peft_save_pretrained_after_save_pruned(tmp_path):
     """prune in memory -> save_pruned -> heal -> PEFT's own save_pretrained -> AutoPeftModelForCausalLM."""
     model = tiny_model("llama")
@@ -114,6 +121,7 @@ def test_peft_save_pretrained_after_save_pruned(tmp_path):
     assert torch.allclose(torch.tensor(logits), healed(input_ids=IDS).logits.flatten()[:30], atol=1e-5)
 
 
+@pytest.mark.slow  # reloads the adapter in a fresh interpreter
 def test_adapter_on_a_recipe_reloads_onto_the_recipe(tmp_path):
     recipe = recipe_with_base(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(recipe, attn_implementation="eager")
@@ -131,6 +139,7 @@ def test_adapter_on_a_recipe_reloads_onto_the_recipe(tmp_path):
     assert torch.allclose(torch.tensor(logits), healed(input_ids=IDS).logits.flatten()[:30], atol=1e-5)
 
 
+@pytest.mark.slow  # the CLI, then a fresh interpreter elsewhere
 def test_cli_heal_of_a_relative_path_reloads_from_anywhere(tmp_path):
     """`shortgpt heal smollm2-pruned --out adapter`, as the README writes it: the adapter
     stores an absolute path, so it reloads from another working directory."""

@@ -4,9 +4,10 @@ For each tiny random model we remove layers (the first, a middle and the last
 unless the family's layout needs another choice) and check three things:
 (a) an uncached forward, padded or not, equals the unpruned model with those
 layers made identity; (b) cached greedy generation equals uncached
-generation; (c) a saved checkpoint reloads in a fresh process that never
-imports shortgpt_hf, through the Auto class its config maps to, with
-identical logits. Refused configurations must fail before the model changes.
+generation; (c) a saved checkpoint reloads through the Auto class its config
+maps to, with identical logits, here and (slow tier) in a fresh process that
+never imports shortgpt_hf. Refused configurations must fail before the model
+changes.
 """
 
 import json
@@ -19,7 +20,8 @@ import torch
 from conftest import run_python
 from safetensors.torch import load_file, save_file
 from tiny_models import FAMILIES as TINY
-from tiny_models import MODEL_TYPES, NUM_LAYERS, REMOVE, removal, tiny_config, tiny_model
+from tiny_models import MODEL_TYPES, NUM_LAYERS, REMOVE, removal, tiny_auto, tiny_config, tiny_model
+from transformers import AutoConfig
 
 import shortgpt_hf.surgery
 from shortgpt_hf import (
@@ -98,12 +100,31 @@ def test_no_per_layer_config_is_left_stale(pruned_models, family):
 
 @pytest.fixture(scope="module")
 def saved_families(pruned_models, tmp_path_factory):
-    """Save every pruned family, then reload ALL of them in one fresh process."""
+    """Every pruned family saved, beside its logits before saving."""
     root = tmp_path_factory.mktemp("families")
     expected = {}
     for family, case in pruned_models.items():
         case["model"].save_pretrained(root / family)
         expected[family] = case["model"](input_ids=IDS, use_cache=False).logits
+    return root, expected
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_saved_checkpoint_reloads_through_its_auto_class(saved_families, family):
+    root, expected = saved_families
+    config = AutoConfig.from_pretrained(root / family)
+    model = tiny_auto(config).from_pretrained(root / family, dtype=torch.float32, attn_implementation="eager").eval()
+    torch.testing.assert_close(model(input_ids=IDS, use_cache=False).logits, expected[family], atol=1e-5, rtol=1e-5)
+    config = json.loads((root / family / "config.json").read_text())
+    record = ShortGPTConfig.from_dict(config["shortgpt"])
+    assert record.removed_layers == removal(family) and record.original_num_hidden_layers == NUM_LAYERS
+    assert "trust_remote_code" not in json.dumps(config) and "auto_map" not in config
+
+
+@pytest.fixture(scope="module")
+def reloaded_in_a_fresh_process(saved_families):
+    """ALL the saved families reloaded in one fresh process that never imports shortgpt_hf."""
+    root, _ = saved_families
     save_file({"ids": IDS}, root / "ids.safetensors")
     code = """
 import json, sys, torch
@@ -122,17 +143,14 @@ save_file(out, root / "reloaded.safetensors")
 """
     result = run_python(code, str(root), json.dumps(list(TINY)))
     assert result.returncode == 0, result.stderr[-3000:]
-    return root, expected, load_file(root / "reloaded.safetensors")
+    return load_file(root / "reloaded.safetensors")
 
 
+@pytest.mark.slow  # a fresh interpreter
 @pytest.mark.parametrize("family", list(TINY))
-def test_saved_checkpoint_reloads_natively(saved_families, family):
-    root, expected, reloaded = saved_families
-    torch.testing.assert_close(reloaded[family], expected[family], atol=1e-5, rtol=1e-5)
-    config = json.loads((root / family / "config.json").read_text())
-    record = ShortGPTConfig.from_dict(config["shortgpt"])
-    assert record.removed_layers == removal(family) and record.original_num_hidden_layers == NUM_LAYERS
-    assert "trust_remote_code" not in json.dumps(config) and "auto_map" not in config
+def test_saved_checkpoint_reloads_natively(saved_families, reloaded_in_a_fresh_process, family):
+    _, expected = saved_families
+    torch.testing.assert_close(reloaded_in_a_fresh_process[family], expected[family], atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,7 @@ def unwritable(tmp_path) -> Path:
         pytest.skip("no read-only location to write to as root")
 
 
+@pytest.mark.slow  # the CLI in its own process
 def test_hub_unreachable_is_one_line_at_once(pruned_dir, tmp_path):
     env = dict(
         HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}",
@@ -86,6 +87,7 @@ def test_hub_unreachable_is_one_line_at_once(pruned_dir, tmp_path):
     assert nothing_left(tmp_path, "out")
 
 
+@pytest.mark.slow  # the CLI in its own process
 def test_offline_mode_is_one_line(pruned_dir, tmp_path):
     env = dict(HF_HUB_OFFLINE="1", HF_TOKEN="hf_x", HF_HOME=str(tmp_path / "home"))
     result = cli("push", pruned_dir, "me/pruned", **env)

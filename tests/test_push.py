@@ -110,6 +110,7 @@ def hub(tmp_path):
         yield server
 
 
+@pytest.mark.slow  # the client in its own process, for HF_ENDPOINT to be read at import
 def test_push_and_load_back_over_http(hub, tmp_path):
     tests_dir = os.path.dirname(__file__)
     result = subprocess.run(
@@ -166,7 +167,7 @@ def test_push_and_load_back_over_http(hub, tmp_path):
     assert "model.safetensors" not in copy
 
 
-def test_bad_input_and_server_failure(hub, tmp_path, monkeypatch):
+def test_bad_input_is_refused(tmp_path, monkeypatch):
     model = tiny_model("llama")
     prune(model, layers=[1])
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -179,6 +180,11 @@ def test_bad_input_and_server_failure(hub, tmp_path, monkeypatch):
     with pytest.raises(ShortGPTError, match="not been pruned"):
         push_to_hub(tiny_model("llama"), "tester/x", token=TOKEN)
 
+
+@pytest.mark.slow  # the CLI in its own process, for HF_ENDPOINT to be read at import
+def test_server_failure_and_bad_eval_report(hub, tmp_path):
+    model = tiny_model("llama")
+    prune(model, layers=[1])
     model.save_pretrained(tmp_path / "pruned")
     hub.fail_commits, hub.fail_status = 1, 507  # 507: not retried by upload_folder (5xx like 500 are, up to 5 times)
     cli = [sys.executable, "-m", "shortgpt_hf.cli", "push", str(tmp_path / "pruned"), "tester/broken"]

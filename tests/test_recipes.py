@@ -238,6 +238,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter, for HF_HUB_CACHE and HF_HUB_OFFLINE to be read at import
 def test_hub_ids_resolve_through_the_cache_offline(tmp_path):
     """Base and recipe named by Hub id, served from a huggingface_hub cache the test
     fills (refs/main -> snapshots/<commit>), with HF_HUB_OFFLINE=1."""

@@ -85,6 +85,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter, for HF_HUB_CACHE and HF_HUB_OFFLINE to be read at import
 def test_hub_ids_from_the_cache_offline(tmp_path):
     hub = tmp_path / "hub"
     model = tiny_model("llama")
@@ -114,6 +115,7 @@ def test_hub_ids_from_the_cache_offline(tmp_path):
     assert result.returncode != 0 and "HF_HUB_OFFLINE is set" in result.stderr
 
 
+@pytest.mark.slow  # the CLI in its own process, for HF_ENDPOINT to be read at import
 def test_an_unreachable_hub_fails_fast_in_one_line(tmp_path):
     """A name that is neither built in nor a folder, with the Hub down (a closed local
     port): one line, exit 2, well before huggingface_hub's ~25 s of retries."""

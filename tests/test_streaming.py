@@ -40,8 +40,9 @@ def sharded(tmp_path: Path, family: str) -> Path:
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor the folder holds: the weights, and the repair maps in ``shortgpt/``."""
     found = {}
-    for file in folder.glob("*.safetensors"):
+    for file in folder.rglob("*.safetensors"):
         with safe_open(file, "pt") as f:
             found |= {k: f.get_tensor(k) for k in f.keys()}
     return found
