@@ -69,6 +69,7 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the output's permissions
         yield tmp
+        _usual_permissions(tmp)
         if out.exists():
             _replace_folder(tmp, out)
         else:
@@ -81,6 +82,15 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _usual_permissions(folder: Path) -> None:
+    """Give what was written the permissions a plain write would (0644 and 0755 under
+    the common umask): safetensors writes its files 0600, which would hide a
+    checkpoint from the other users of a shared cache or a server's account."""
+    mask = _umask()
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _replace_folder(new: Path, out: Path) -> None:

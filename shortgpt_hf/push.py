@@ -8,6 +8,7 @@ never left with a model and no card, or a card and no model.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +20,8 @@ from .card import CHART, merge_into_existing, model_card, scores_chart, split_ad
 from .config import ShortGPTConfig
 from .errors import ShortGPTError, fault, first_line
 from .sources import hub_file, hub_reachable, offline_reason, resolve
+
+logger = logging.getLogger("shortgpt_hf")
 
 KINDS = ("full", "recipe")
 
@@ -105,6 +108,13 @@ def push_to_hub(
                 pass
     else:
         model = model_or_dir
+        if tokenizer is None:  # the one saved where the model was loaded from, so the repo is usable as pushed
+            from .loading import tokenizer_for
+
+            try:
+                tokenizer = tokenizer_for(split_adapter(model)[0])
+            except ShortGPTError:
+                logger.warning("no tokenizer given and none saved with the model: the repo is pushed without one")
         _check_reachable(repo_id)
     record = ShortGPTConfig.from_model(split_adapter(model)[0])
 

@@ -233,3 +233,17 @@ def test_a_destination_that_cannot_be_replaced_is_refused_first_and_leaves_nothi
         with atomic_folder(immutable, overwrite=True) as tmp:
             (tmp / "config.json").write_text("{}")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any(immutable.iterdir())
+
+
+def test_written_files_are_readable_by_others_as_usual(tmp_path):
+    """safetensors writes 0600; a checkpoint in a shared cache or served by another account must be readable."""
+    model = tiny_model("llama")
+    prune(model, layers=[1])
+    old = os.umask(0o022)
+    try:
+        save_pruned(model, tmp_path / "out", tiny_tokenizer(), verify=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
