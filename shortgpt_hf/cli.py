@@ -849,7 +849,11 @@ def heal(
     merge: Annotated[bool, typer.Option(help="Merge the adapter and save a native checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
 ) -> None:
-    """LoRA-heal a pruned model (PEFT + accelerate; runs under `accelerate launch` too)."""
+    """LoRA-heal a pruned model (PEFT + accelerate; runs under `accelerate launch` too).
+
+    Cost, for SmolLM2-135M on 2 idle CPU cores: about 3 s a step (5 s with
+    --teacher) and a 3.6 GiB peak (4.4 GiB with a teacher); 50 steps take about
+    3 minutes (4.5 with a teacher), several times longer on shared cores."""
     from .atomic import check_destination
     from .config import ShortGPTConfig
     from .recovery import heal as heal_model

@@ -86,12 +86,81 @@ def _check_method(method: str, model: nn.Module) -> None:
             )
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over real tokens of KL(teacher || student), scaled by T^2 as usual."""
-    t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    s = F.log_softmax(student.float() / temperature, dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1)
-    return (kl * mask).sum() / mask.sum() * temperature**2
+LOSS_CHUNK_ELEMENTS = 2**23  # logits per chunk of the loss: 32 MiB for each float32 temporary
+
+
+def healing_loss(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    kd_weight: float = 0.5,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """The training loss: next-token cross-entropy averaged over the real tokens, or with
+    ``teacher_logits`` ``(1 - kd_weight) * CE + kd_weight * KL``, KL(teacher || student)
+    at ``temperature`` averaged over the real tokens and scaled by T^2 as usual.
+
+    Computed ``chunk_tokens`` tokens at a time (default: `LOSS_CHUNK_ELEMENTS` logits),
+    gradient included (`_ChunkedLoss`): the float32 log-probabilities of both models
+    (each batch x seq x vocab floats, 192 MiB for SmolLM2 at the CLI's 4 x 256 tokens)
+    then exist one chunk at a time, not several of them whole until the backward
+    pass, and neither model's logits outlive the forward pass. The value and the
+    gradient are the unchunked ones up to float rounding.
+    """
+    # Position i predicts token i + 1: the last position and padding predict nothing.
+    targets = F.pad(ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100), (0, 1), value=-100)
+    chunk = chunk_tokens or max(1, LOSS_CHUNK_ELEMENTS // logits.shape[-1])
+    weight = kd_weight if teacher_logits is not None else 0.0
+    return _ChunkedLoss.apply(logits, targets, mask.float(), teacher_logits, weight, temperature, chunk)
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """`healing_loss` with its gradient computed in the forward pass, chunk by chunk, from
+    the closed forms (softmax minus one-hot for the cross-entropy; the student's minus the
+    teacher's tempered probabilities, over T, for the KL): autograd would keep every chunk's
+    intermediates until the backward pass, and recomputing them there (checkpointing) would
+    cost a second pass over the vocabulary. Only the gradient, one logits-sized tensor, is
+    kept; neither model's logits are."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        weights: torch.Tensor,
+        teacher: torch.Tensor | None,
+        kd_weight: float,
+        temperature: float,
+        chunk: int,
+    ) -> torch.Tensor:
+        grad = torch.empty_like(logits)
+        logits, teacher = logits.flatten(0, 1), None if teacher is None else teacher.flatten(0, 1)
+        targets, weights, flat_grad = targets.flatten(), weights.flatten(), grad.flatten(0, 1)
+        ce_scale = (1 - kd_weight) / (targets != -100).sum()
+        kd_scale = kd_weight * temperature**2 / weights.sum()
+        loss = torch.zeros((), device=logits.device)
+        for start in range(0, len(logits), chunk):
+            rows = slice(start, start + chunk)
+            z, real, w = logits[rows].float(), (targets[rows] != -100).unsqueeze(-1), weights[rows].unsqueeze(-1)
+            y = targets[rows].clamp(min=0).unsqueeze(-1)
+            log_p = z.log_softmax(-1)
+            loss -= ce_scale * (log_p.gather(-1, y) * real).sum()
+            g = log_p.exp_().scatter_add_(-1, y, -real.float()).mul_(ce_scale * real)
+            if teacher is not None:
+                log_q = (z / temperature).log_softmax(-1)
+                log_t = (teacher[rows].float() / temperature).log_softmax(-1)
+                loss += kd_scale * (F.kl_div(log_q, log_t, log_target=True, reduction="none") * w).sum()
+                g += log_q.exp_().sub_(log_t.exp_()).mul_(w * kd_scale / temperature)
+            flat_grad[rows] = g
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output, *[None] * 6)
 
 
 @register
@@ -192,9 +261,23 @@ class LoraRecovery(RecoveryMethod):
         peft_model, optimizer, loader = accelerator.prepare(
             peft_model, optimizer, loader
         )  # each process gets its own share
+        distilling = teacher is not None and kd_weight > 0
         if teacher is not None:
             teacher.eval()
             teacher_device = input_device(teacher)
+
+        def batch_loss(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            """The loss of one batch. A function of its own so that both models' logits are freed
+            when it returns (the loss keeps only their gradient): alive in the backward pass, with the
+            student's activations, or into the next step, they would add two batch x seq x vocab tensors."""
+            logits = peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            teacher_logits = None
+            if distilling:
+                with torch.inference_mode():
+                    teacher_logits = teacher(
+                        input_ids=ids.to(teacher_device), attention_mask=mask.to(teacher_device), use_cache=False
+                    ).logits.to(logits.device)
+            return healing_loss(logits, ids, mask, teacher_logits, kd_weight, temperature)
 
         def cycled() -> Any:
             while True:
@@ -212,21 +295,7 @@ class LoraRecovery(RecoveryMethod):
             for _ in range(gradient_accumulation_steps):
                 ids, mask = next(batches)
                 with accelerator.accumulate(peft_model):
-                    logits = peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-                    loss = F.cross_entropy(
-                        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
-                    )
-                    if teacher is not None and kd_weight > 0:
-                        with torch.no_grad():
-                            teacher_logits = teacher(
-                                input_ids=ids.to(teacher_device),
-                                attention_mask=mask.to(teacher_device),
-                                use_cache=False,
-                            ).logits.to(logits.device)
-                        loss = (1 - kd_weight) * loss + kd_weight * distill_loss(
-                            logits, teacher_logits, mask.float(), temperature
-                        )
+                    loss = batch_loss(ids, mask)
                     accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad()
