@@ -176,3 +176,14 @@ def stray_weight_files(folder: Path) -> list[str]:
     index = folder / "model.safetensors.index.json"
     weights = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
     return sorted(f.name for f in folder.glob("*.safetensors") if f.name not in weights)
+
+
+@pytest.fixture(scope="session")
+def dense_dir(tmp_path_factory) -> Path:
+    """A tiny dense Llama saved with its tokenizer, for commands that take a folder (read-only)."""
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("dense") / "dense"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

@@ -23,14 +23,6 @@ def pruned_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def dense_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("faults") / "dense"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def closed_port() -> int:
     """A local port nothing listens on: connecting to it is refused at once."""
     with socket.socket() as s:
