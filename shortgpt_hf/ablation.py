@@ -25,18 +25,31 @@ from .config import ShortGPTConfig
 from .errors import ShortGPTError
 from .evaluation import DEFAULT_TASKS, EvalReport, EvalResult, check_tasks, evaluate
 from .layers import find_decoder_layers
-from .loading import tokenizer_for
 from .pruning import prune, restored_after
+from .reading import tokenizer_for
 from .records import JsonRecord
-from .recovery import heal
-from .scoring import HIDDEN_STATE_METRICS, METRICS, ORDER_METRICS, REPAIR_METRICS, LayerScores, score_layers
+from .recovery import recover
+from .recovery.base import takes_option
+from .registry import METRICS, RECOVERY_METHODS
+from .scoring import LayerScores, score_layers
 from .selection import removal_count
-
-PAPER_METRICS = HIDDEN_STATE_METRICS + ORDER_METRICS  # what the ablation runs unless told otherwise
 
 SCHEMA_VERSION = 1
 SCHEDULES = ("one-shot", "iterative")
-RECOVERIES = ("none", "linear", "lora", "linear+lora")  # recovery steps after removal, "+" runs them in order
+
+
+def default_metrics() -> list[str]:
+    """What the ablation runs unless told otherwise: every registered metric but the greedy
+    searches (one calibration pass per layer chosen; ask for them by name)."""
+    return [name for name, metric in METRICS.items() if not metric.greedy]
+
+
+def recovery_choices() -> list[str]:
+    """The ways an ablation can recover each removal: none, every registered method, and a
+    training-free method followed by each training one ("linear+lora"); from the registry."""
+    fitted = [name for name, m in RECOVERY_METHODS.items() if m.needs_removed_layers]
+    trained = [name for name, m in RECOVERY_METHODS.items() if not m.needs_removed_layers]
+    return ["none", *RECOVERY_METHODS, *(f"{a}+{b}" for a in fitted for b in trained)]
 
 
 @dataclass
@@ -143,11 +156,10 @@ def check_request(
     recoveries: Sequence[str] = ("none",),
 ) -> None:
     """Refuse a bad ablation request before the model is loaded or scored."""
-    bad_recovery = [r for r in recoveries if r not in RECOVERIES]
+    choices = recovery_choices()
+    bad_recovery = [r for r in recoveries if r not in choices]
     if bad_recovery or not recoveries:
-        raise ShortGPTError(
-            f"recoveries must be among {', '.join(RECOVERIES)}, got {', '.join(bad_recovery) or 'none'}"
-        )
+        raise ShortGPTError(f"recoveries must be among {', '.join(choices)}, got {', '.join(bad_recovery) or 'none'}")
     if not ratios:
         raise ShortGPTError("give at least one ratio")
     outside = [r for r in ratios if not 0 < r < 1]
@@ -171,7 +183,7 @@ def ablate(
     tokenizer: Any = None,
     *,
     ratios: Sequence[float] = (0.1, 0.2, 0.3),
-    metrics: Sequence[str] = PAPER_METRICS,
+    metrics: Sequence[str] | None = None,
     schedules: Sequence[str] = ("one-shot",),
     tasks: Sequence[str] = DEFAULT_TASKS,
     calibration: CalibrationData = None,
@@ -192,13 +204,16 @@ def ablate(
     ``max_tokens``, ``mc_limit``...) to `evaluate`. The model is unchanged afterwards.
 
     ``recoveries`` evaluates each one-shot removal again after each way of
-    recovering from it (`RECOVERIES`): ``linear`` is fitted on ``calibration``
-    as part of the removal; ``lora`` trains adapters on it with `heal`.
+    recovering from it (`recovery_choices`): a training-free method (``linear``)
+    is fitted on ``calibration`` as part of the removal; a training one
+    (``lora``) runs on the pruned model with `recover`; ``a+b`` runs both in order.
+    ``metrics`` defaults to `default_metrics`.
     ``recovery_options`` maps a method name to its options (e.g.
     ``{"lora": {"steps": 100}, "linear": {"ridge": 1e-3}}``). The
     ``linear_residual`` metric (not run unless asked: it is a greedy search)
     is the selection made for linear repair.
     """
+    metrics = default_metrics() if metrics is None else list(metrics)
     check_request(ratios, metrics, schedules, tasks, recoveries)
     num_layers = len(find_decoder_layers(model).layers)
     if ShortGPTConfig.from_model(model) is not None:
@@ -213,7 +228,7 @@ def ablate(
         return evaluate(m, tokenizer, tasks, progress=False, **eval_kwargs).results
 
     def score(m: nn.Module, metric: str) -> LayerScores:
-        steps = max(counts.values()) if metric in REPAIR_METRICS else None
+        steps = max(counts.values()) if METRICS[metric].greedy else None
         return score_layers(
             m,
             calibration,
@@ -229,28 +244,32 @@ def ablate(
 
     def recovered(n: int, scores: LayerScores, recovery: str) -> list[EvalResult]:
         """Evaluate one removal after one way of recovering from it (the caller restores the model)."""
-        steps = recovery.split("+")
+        steps = [] if recovery == "none" else recovery.split("+")
+        fitted = steps[0] if steps and RECOVERY_METHODS[steps[0]].needs_removed_layers else None
         kwargs = (
             dict(
-                recovery="linear",
+                recovery=fitted,
                 recovery_data=calibration,
                 tokenizer=tokenizer,
-                recovery_options={"progress": False, **options.get("linear", {})},
+                recovery_options={**_quiet(fitted), **options.get(fitted, {})},
             )
-            if "linear" in steps
+            if fitted
             else {}
         )
         prune(model, n_layers=n, scores=scores, **kwargs)
-        if "lora" not in steps:
+        trained = steps[1:] if fitted else steps
+        if not trained:
             return run_eval(model)
-        trainable = {
-            p: p.requires_grad for p in model.parameters()
-        }  # PEFT freezes the base; the ablation gives it back as it was
+        trainable = {p: p.requires_grad for p in model.parameters()}  # PEFT freezes the base; given back as it was
         try:
+            result = model
             with warnings.catch_warnings():  # the adapter is evaluated and dropped, never saved
                 warnings.filterwarnings("ignore", message="this pruned model is not saved")
-                healed = heal(model, calibration, tokenizer=tokenizer, **{"progress": False, **options.get("lora", {})})
-            return run_eval(healed)
+                for name in trained:
+                    result = recover(
+                        result, name, calibration, tokenizer=tokenizer, **_quiet(name), **options.get(name, {})
+                    )
+            return run_eval(result)
         finally:
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
@@ -259,7 +278,11 @@ def ablate(
     calib = next((s.calibration_summary() for s in one_shot.values() if s.num_tokens), {})
     result = Ablation(label, num_layers, run_eval(model), {m: s.scores for m, s in one_shot.items()}, calib)
     plan = [("one-shot", m) for m in metrics if "one-shot" in schedules]
-    plan += [("iterative", m) for m in metrics if "iterative" in schedules and m in HIDDEN_STATE_METRICS]
+    plan += [  # re-scoring changes only what reads the model (not the order baselines)
+        ("iterative", m)
+        for m in metrics
+        if "iterative" in schedules and METRICS[m].reads_text and not METRICS[m].greedy
+    ]
     one_shot_runs = len(recoveries) if "one-shot" in schedules else 0
     bar = tqdm(
         total=sum(one_shot_runs if s == "one-shot" else 1 for s, _ in plan) * len(counts),
@@ -286,6 +309,11 @@ def ablate(
                     bar.update()
     bar.close()
     return result
+
+
+def _quiet(method: str) -> dict[str, Any]:
+    """``progress=False`` for a method that shows progress (the ablation has its own bar)."""
+    return {"progress": False} if takes_option(method, "progress") else {}
 
 
 def _removed(model: nn.Module) -> list[int]:

@@ -14,7 +14,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .errors import ShortGPTError
 
@@ -119,13 +118,3 @@ def builtin_path(name: str) -> Path:
             if not (target / "config.json").is_file():
                 _convert(BUILTINS[name], target)
     return target
-
-
-def load_builtin(name: str = DEFAULT_MODEL, **from_pretrained_kwargs: Any) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for a built-in real model; kwargs go to ``from_pretrained``
-    (``dtype``, ``device_map``...)."""
-    from .loading import load_model
-
-    if name not in BUILTINS:
-        raise ShortGPTError(f"unknown built-in model {name!r}; choose from {', '.join(BUILTINS)}")
-    return load_model(name, **from_pretrained_kwargs)

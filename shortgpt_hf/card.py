@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from .builtin import BUILTINS
-from .config import ShortGPTConfig
+from .config import ShortGPTConfig, hub_tags
 from .errors import ShortGPTError
 from .families import auto_class, is_vision_language
-from .pruning import count_parameters, hub_tags
+from .layers import count_parameters
 from .scoring import bar_chart
 from .sources import hub_file, hub_id_of
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -24,12 +25,12 @@ from typing import Annotated, Any, Optional
 import typer
 import typer.core
 
-from .ablation import PAPER_METRICS, RECOVERIES
+from .ablation import default_metrics, recovery_choices
 from .builtin import DEFAULT_MODEL
 from .calibration import read_text_file
-from .errors import ShortGPTError, fault
+from .errors import InvalidRequest, ShortGPTError, fault
 from .evaluation import HEADLINE
-from .scoring import METRICS, REPAIR_METRICS
+from .registry import METRICS, RECOVERY_METHODS
 from .tables import ablation_tables, eval_table, score_table, show
 
 # The click that typer uses (typer vendors its own copy since 0.2x): its usage errors are ours to word.
@@ -117,20 +118,6 @@ def _load(model: str, dtype: str, device_map: Optional[str], adapters: bool = Fa
     return load_model(model, adapters=adapters, revision=revision, **_from_pretrained_kwargs(dtype, device_map))
 
 
-def _check_removal(model: str, chosen: Optional[list[int]], n_layers: Optional[int], ratio: Optional[float]) -> None:
-    """Refuse an impossible removal (none or all layers, an index out of range) from
-    the model's config, before its weights are loaded."""
-    from .loading import num_layers_of
-    from .selection import check_layers, removal_count
-    from .sources import resolve
-
-    count = num_layers_of(resolve(model))
-    if count is not None and chosen is not None:
-        check_layers(count, chosen)
-    elif count is not None:
-        removal_count(count, n_layers, ratio)
-
-
 def _parse_layers(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -165,8 +152,6 @@ def _score(
 
 
 def _training_free_methods() -> list[str]:
-    from .recovery import RECOVERY_METHODS
-
     return [name for name, method in RECOVERY_METHODS.items() if method.needs_removed_layers]
 
 
@@ -193,9 +178,7 @@ def score(
     if calibration is not None:
         read_text_file(calibration)
     m, tok = _load(model, dtype, device_map)
-    greedy = (
-        lowest if metric in REPAIR_METRICS and 0 < lowest else None
-    )  # a greedy choice goes as far as it is asked to
+    greedy = lowest if metric in METRICS and METRICS[metric].greedy and 0 < lowest else None  # as far as asked
     result = _score(m, tok, metric, calibration, seq_len, max_tokens, batch_size, block_size, max_layers=greedy)
     marked = set(result.lowest(lowest if block_size == 1 else block_size)) if 0 < lowest < result.num_layers else set()
     record = ShortGPTConfig.from_model(m)
@@ -274,79 +257,69 @@ def prune(
     device_map: DeviceMapOption = None,
 ) -> None:
     """Score (if needed), remove layers (and repair them with --recovery linear), and save a native checkpoint."""
-    from .atomic import check_destination
-    from .layers import find_decoder_layers
-    from .pruning import count_parameters
-    from .pruning import prune as prune_model
-    from .saving import save_pruned, save_recipe
-    from .selection import removal_count
-    from .texts import heldout_texts
+    from .config import ShortGPTConfig
+    from .pipeline import LAYER_BY_LAYER, prune_to_folder
 
     if n_layers is not None and ratio is not None:
-        raise ShortGPTError("give only one of --n-layers and --ratio")
+        raise InvalidRequest("give only one of --n-layers and --ratio")
     if layers is not None and (n_layers is not None or ratio is not None):
-        raise ShortGPTError("--layers cannot be combined with --n-layers or --ratio")
-    chosen = _parse_layers(layers) if layers is not None else None
-    if chosen is None and n_layers is None and ratio is None:
-        ratio = 0.25
+        raise InvalidRequest("--layers cannot be combined with --n-layers or --ratio")
+    if load not in LOADS:
+        raise InvalidRequest(f"--load must be one of {', '.join(LOADS)}, got {load!r}")
+    if load == "layer-by-layer" and device_map:
+        raise InvalidRequest("--load layer-by-layer places one layer at a time itself; give no --device-map")
     if recovery != "none" and recovery not in _training_free_methods():
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"--recovery must be none or one of {', '.join(_training_free_methods())}, got {recovery!r} "
             "(LoRA healing: shortgpt heal)"
         )
-    if calibration is not None:
-        read_text_file(calibration)
-    target = out_dir or Path(f"{Path(model.rstrip('/')).name}-shortgpt")
-    check_destination(target, overwrite)
-    _check_removal(model, chosen, n_layers, ratio)
-    if _layer_by_layer(model, load, dtype, device_map):
-        walk = dict(seq_len=seq_len, batch_size=batch_size, dtype=None if dtype == "auto" else dtype)
-        scoring = dict(walk, metric=metric, max_tokens=max_tokens)
-        repair = dict(walk, ridge=ridge, max_tokens=recovery_tokens) if recovery != "none" else None
-        _prune_layer_by_layer(
-            model, target, chosen, n_layers, ratio, calibration, scoring, repair, recipe, overwrite, verify
-        )
-        return
-
-    m, tok = _load(model, dtype, device_map)
-    before = count_parameters(m)
-    num_before = len(find_decoder_layers(m).layers)
-    count = (
-        removal_count(num_before, n_layers, ratio) if chosen is None else len(chosen)
-    )  # refuse "none" or "all" before scoring
-    repair = {}
-    if recovery != "none":
-        options = dict(
-            ridge=ridge,
-            seq_len=seq_len,
-            max_tokens=recovery_tokens,
-            batch_size=batch_size,
-            eval_data=heldout_texts()[:1],
-        )
-        repair = dict(recovery=recovery, recovery_data=calibration, tokenizer=tok, recovery_options=options)
-        from .recovery import RECOVERY_METHODS
-
-        RECOVERY_METHODS[recovery].check(m, ridge=ridge)  # an unsupported family fails before minutes of scoring
-    scores = (
-        None
-        if chosen is not None
-        else _score(m, tok, metric, calibration, seq_len, max_tokens, batch_size, max_layers=count)
+    config = ShortGPTConfig(
+        layers=_parse_layers(layers) if layers is not None else None,
+        n_layers=n_layers,
+        ratio=ratio,
+        metric=metric,
+        calibration=calibration,
+        calibration_tokens=max_tokens,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        recovery=None if recovery == "none" else [{"method": recovery, "ridge": ridge}],
+        recovery_tokens=recovery_tokens,
+        verify=verify,
     )
-    prune_model(m, chosen, n_layers=n_layers, ratio=ratio, scores=scores, verify=verify, **repair)
-    if recipe:
-        saved = save_recipe(m, target, tok, overwrite=overwrite, verify=verify)
-    else:
-        saved = save_pruned(m, target, tok, overwrite=overwrite, verify=verify)
-    record = m.config.shortgpt
-    after = count_parameters(m)
-    say(f"removed layers (original indices): {record['removed_layers']}" + (f" by {scores.metric}" if scores else ""))
-    say(f"layers: {num_before} -> {record['original_num_hidden_layers'] - len(record['removed_layers'])}")
-    for step in (record.get("recovery") or [])[-1:] if recovery != "none" else []:
-        say(f"{recovery} repair on {step['tokens']:,} tokens: {_gaps(step)}")
+    result = prune_to_folder(
+        model,
+        config,
+        out_dir or Path(f"{Path(model.rstrip('/')).name}-shortgpt"),
+        recipe=recipe,
+        overwrite=overwrite,
+        layer_by_layer=LOADS[load],
+        **_from_pretrained_kwargs(dtype, device_map),
+    )
+    record = result.config
+    say(
+        f"removed layers (original indices): {record.removed_layers}"
+        + (f" by {record.metric}" if result.scores else "")
+    )
+    say(f"layers: {result.num_layers_before} -> {record.num_hidden_layers}")
+    for step in result.recovery:
+        say(f"{step['method']} repair on {step['tokens']:,} tokens: {_gaps(step)}")
         _print_perplexities(step)
+    before, after = result.parameters_before, result.parameters_after
     say(f"parameters: {before:,} -> {after:,} ({100 * (1 - after / before):.1f}% fewer)")
-    kind = "recipe" if recipe else "checkpoint"
-    say(f"{kind} saved to {saved}" + (" (verified: cache parity and reload logits)" if verify else ""))
+    if result.kind == "recipe":
+        built = " (verified: cache parity and reload logits)" if result.verified else ""
+        never = " (not verified: a recipe written layer by layer is never built)"
+        say(f"recipe saved to {result.folder}" + (never if result.path == LAYER_BY_LAYER else built))
+    elif result.path == LAYER_BY_LAYER:
+        checked = "verified: its logits, layer by layer, equal the base's with those layers removed" + (
+            " and the maps applied" if result.recovery else ""
+        )
+        say(
+            f"checkpoint written tensor by tensor to {result.folder} ({checked if result.verified else 'not verified'})"
+        )
+    else:
+        checked = " (verified: cache parity and reload logits)" if result.verified else ""
+        say(f"checkpoint saved to {result.folder}{checked}")
 
 
 @command()
@@ -379,129 +352,14 @@ def materialize(
     say(f"checkpoint written tensor by tensor to {saved}" + (" (verified layer by layer)" if verify else ""))
 
 
-LOADS = ("auto", "full", "layer-by-layer")
-STREAMING_SHARE = 0.7  # of the free memory: above it, auto goes layer by layer (activations and copies need the rest)
+LOADS = {"auto": None, "full": False, "layer-by-layer": True}  # --load: layer_by_layer of the pipeline
 
 
-def _layer_by_layer(model: str, load: str, dtype: str, device_map: Optional[str]) -> bool:
-    """Which path a prune takes, said out loud: a model that does not fit goes layer by layer."""
-    from .sources import resolve
-    from .streaming import available_memory, checkpoint_bytes
-
-    if load not in LOADS:
-        raise ShortGPTError(f"--load must be one of {', '.join(LOADS)}, got {load!r}")
-    if load == "full":
-        return False
-    source = resolve(model)
-    if load == "auto" and (source.kind != "model" or source.pruned or device_map):
-        return False
-    if source.kind != "model" or source.pruned:
-        raise ShortGPTError(f"--load layer-by-layer prunes a dense model; {source.describe()} is not one")
-    if device_map:
-        raise ShortGPTError("--load layer-by-layer places one layer at a time itself; give no --device-map")
-    device = "cuda" if _torch_cuda() else "cpu"
-    size, free = checkpoint_bytes(source), available_memory(device)
-    size *= 2 if dtype == "float32" and _stored_in_half(source) else 1
-    streaming = load == "layer-by-layer" or size > STREAMING_SHARE * free
-    reason = "as asked" if load == "layer-by-layer" else f"{_size(size)} of weights, {_size(free)} free on {device}"
-    say(f"path: {'layer by layer, from the safetensors shards' if streaming else 'in memory'} ({reason})")
-    return streaming
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n / 1024:.0f} KiB"
-
-
-def _torch_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _stored_in_half(source) -> bool:
-    from .loading import text_config_of
-
-    return str(getattr(text_config_of(source), "dtype", "")).endswith(("bfloat16", "float16"))
-
-
-def _prune_layer_by_layer(
-    model: str,
-    target: Path,
-    chosen: Optional[list[int]],
-    n_layers: Optional[int],
-    ratio: Optional[float],
-    calibration: Optional[Path],
-    scoring: dict[str, Any],
-    repair_options: Optional[dict[str, Any]],
-    recipe: bool,
-    overwrite: bool,
-    verify: bool,
-) -> None:
-    """`prune` for a model that is never whole in memory: sequential scores, a linear
-    repair fitted in a second walk up to the deepest gap (when asked), then a recipe,
-    or a checkpoint materialized from the base's shards (and verified, layer by layer)."""
-    from .evaluation import PerplexitySettings
-    from .loading import text_config_of
-    from .recovery import RECOVERY_METHODS
-    from .saving import save_recipe
-    from .selection import removal_count
-    from .sources import resolve
-    from .streaming import (
-        fit_linear_sequentially,
-        materialize,
-        meta_skeleton,
-        pruned_record,
-        score_layers_sequentially,
-    )
-    from .texts import heldout_texts
-
-    if repair_options:  # an unsupported family or a bad ridge fails before the scoring walk, not after it
-        RECOVERY_METHODS["linear"].check(meta_skeleton(resolve(model)), ridge=repair_options["ridge"])
-    scores = None
-    if chosen is None:
-        count = removal_count(text_config_of(resolve(model)).num_hidden_layers, n_layers, ratio)
-        scores = score_layers_sequentially(model, calibration, **scoring)
-        chosen = scores.lowest(count)
-    repair = fit_linear_sequentially(model, chosen, calibration, **repair_options) if repair_options else None
-    if recipe:
-        record = pruned_record(model, chosen, scores, repair)
-        saved = save_recipe(record, target, overwrite=overwrite, maps=repair.tensors if repair else None)
-    else:
-        settings = PerplexitySettings(scoring["seq_len"], None, HEADLINE.max_tokens)
-        saved = materialize(
-            model,
-            target,
-            removed_layers=chosen,
-            scores=scores,
-            repair=repair,
-            eval_data=heldout_texts()[:1] if repair else None,
-            eval_settings=settings,
-            verify=verify,
-            overwrite=overwrite,
-        )
-    say(f"removed layers (original indices): {sorted(chosen)}" + (f" by {scores.metric}" if scores else ""))
-    if repair is not None:
-        say(f"linear repair on {repair.entry['tokens']:,} tokens: {_gaps(repair.entry)}")
-        _print_perplexities(
-            None if recipe else json.loads((saved / "config.json").read_text())["shortgpt"]["recovery"][-1]
-        )
-    if recipe:
-        say(f"recipe saved to {saved} (not verified: a recipe written layer by layer is never built)")
-    else:
-        checked = "verified: its logits, layer by layer, equal the base's with those layers removed" + (
-            " and the maps applied" if repair else ""
-        )
-        say(f"checkpoint written tensor by tensor to {saved} ({checked if verify else 'not verified'})")
-
-
-def _print_perplexities(step: Optional[dict[str, Any]]) -> None:
+def _print_perplexities(step: dict[str, Any]) -> None:
     """A repair's held-out perplexity before and after, as its record holds them."""
     from .texts import HELDOUT_PLAYS
 
-    if step is None:
+    if "perplexity_after" not in step:
         say("held-out perplexity not measured: a recipe written layer by layer is never built (shortgpt eval it)")
         return
     say(
@@ -717,10 +575,11 @@ def ablate(
     model: ModelArg = DEFAULT_MODEL,
     ratios: Annotated[str, typer.Option(help="Comma-separated fractions of layers to remove.")] = "0.1,0.2,0.3",
     metrics: Annotated[str, typer.Option(help=f"Comma-separated, from: {', '.join(METRICS)}.")] = ",".join(
-        PAPER_METRICS
+        default_metrics()
     ),
     recoveries: Annotated[
-        str, typer.Option(help=f"Comma-separated ways to recover each removal, from: {', '.join(RECOVERIES)}.")
+        str,
+        typer.Option(help=f"Comma-separated ways to recover each removal, from: {', '.join(recovery_choices())}."),
     ] = "none",
     lora_steps: Annotated[int, typer.Option(help="LoRA healing steps for the lora recoveries.")] = 50,
     iterative: Annotated[
@@ -905,6 +764,7 @@ def main() -> None:
     # once while it imports), so that a write under way can remove what it began.
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    _show_library_messages()
     try:
         command = typer.main.get_command(app)
         _plain_placeholders(command)
@@ -930,6 +790,24 @@ def main() -> None:
         _fail("interrupted; nothing was written")
     if code:
         sys.exit(code)
+
+
+class _Said(logging.Handler):
+    """The library's messages as the CLI's own: what it reports (the path a prune takes, and
+    why) as a line of output, what it warns about on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            print(record.getMessage(), file=sys.stderr, flush=True)
+        else:
+            say(record.getMessage())
+
+
+def _show_library_messages() -> None:
+    logger = logging.getLogger("shortgpt_hf")
+    if not any(isinstance(h, _Said) for h in logger.handlers):
+        logger.addHandler(_Said(logging.INFO))
+    logger.setLevel(logging.INFO)
 
 
 def _plain_placeholders(group: typer.core.TyperGroup) -> None:

@@ -1,6 +1,12 @@
-"""The one exception type that means "the user asked for something impossible",
+"""The exceptions that mean "this cannot be done, and here is why in one line",
 and the one place that turns faults of the world outside (a full disk, a
-folder we may not write, a Hub that does not answer) into one line as well."""
+folder we may not write, a Hub that does not answer) into one line as well.
+
+`ShortGPTError` is the base class: the CLI prints any of them as one line.
+A caller that must react differently catches a subclass: a request that makes
+no sense (`InvalidRequest`), a model we cannot prune (`UnsupportedModel`), a
+result that failed its own check (`VerificationFailed`), or a model, file or
+Hub that is not there (`SourceUnavailable`)."""
 
 from __future__ import annotations
 
@@ -14,6 +20,23 @@ class ShortGPTError(ValueError):
     without a traceback; anything else that escapes is a bug in shortgpt_hf and
     keeps its traceback.
     """
+
+
+class InvalidRequest(ShortGPTError):
+    """The request itself is wrong, whatever the model: a ratio outside (0, 1), an
+    unknown metric, a layer index out of range, options that exclude each other."""
+
+
+class UnsupportedModel(ShortGPTError):
+    """The request is fine but this model's family, configuration or placement cannot take it."""
+
+
+class VerificationFailed(ShortGPTError):
+    """A pruned or repaired model failed a check against its definition; it was not kept."""
+
+
+class SourceUnavailable(ShortGPTError):
+    """A model, recipe, adapter, tokenizer or file is not where it was looked for (disk or Hub)."""
 
 
 def first_line(e: BaseException) -> str:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationData, token_streams
 from .errors import ShortGPTError
 from .layers import eval_mode, input_device
-from .records import JsonRecord
+from .records import EvalResult, JsonRecord
 
 DEFAULT_TASKS = ("ppl", "mc")
 HELDOUT_DATASET = "shakespeare-heldout"
@@ -188,21 +188,6 @@ def _log_likelihood(
 
 
 @dataclass
-class EvalResult:
-    """One measured number. ``higher_is_better`` lets comparisons and plots read
-    perplexity and accuracy alike; ``chance`` is the random-guess level."""
-
-    task: str
-    dataset: str
-    metric: str
-    value: float
-    higher_is_better: bool
-    num_samples: int | None = None
-    chance: float | None = None
-    settings: str | None = None  # how it was measured, when that changes the number (perplexity windows)
-
-
-@dataclass
 class EvalReport(JsonRecord):
     """A model's results, and optionally its dense baseline's (for side-by-side tables and the card)."""
 
@@ -354,7 +339,7 @@ def evaluate(
     a folder of your own task YAMLs). Works on in-memory pruned models, loaded
     recipes and accelerate-dispatched models alike.
     """
-    from .loading import tokenizer_for
+    from .reading import tokenizer_for
 
     check_tasks(tasks)
     manager = None

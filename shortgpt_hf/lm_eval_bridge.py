@@ -19,8 +19,8 @@ from unittest import mock
 from torch import nn
 
 from .errors import ShortGPTError
-from .evaluation import EvalResult
 from .layers import input_device
+from .records import EvalResult
 
 
 def task_manager(tasks: Sequence[str], include_path: str | Path | None = None) -> Any:

@@ -30,11 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ShortGPTConfig
+from .config import ShortGPTConfig, tag_pruned
 from .errors import ShortGPTError
 from .families import FAMILIES, describe, is_vision_language
-from .layers import find_decoder_layers, text_config
-from .pruning import count_parameters, tag_pruned
+from .layers import count_parameters, find_decoder_layers, text_config
 from .sources import recorded_name
 
 # The families whose skipped-layer K/V writing is known and tested (their ``prefill_kv`` entry).

@@ -1,51 +1,40 @@
-"""`prune`: the one call that removes layers, records why, and proves the result.
+"""`prune`: the one call that carries out a removal on a model in memory, records why, and proves the result.
 
-It ties together the three concerns that live in their own modules:
+It takes a request (`ShortGPTConfig`, or the same as keywords), scores the
+model itself when the request asks for a count or a ratio and no scores are
+given, and ties together the concerns that live in their own modules:
 `selection` (which layers), `surgery` (removing them correctly for the
-family) and `verification` (checking the result against the definition of a
-correct removal). Whatever goes wrong, on any path, the user's model is put
-back exactly as it was.
+family), `recovery` (repairing the removal) and `verification` (checking the
+result against the definition of a correct removal). Whatever goes wrong, on
+any path, the user's model is put back exactly as it was.
+
+A model larger than memory takes the same request through `pipeline`, which
+runs the same metrics and repairs layer by layer.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-from .config import ShortGPTConfig
-from .errors import ShortGPTError
-from .layers import find_decoder_layers, layers_as_identity, probe_ids, text_config
+from .calibration import CalibrationData
+from .config import ShortGPTConfig, tag_pruned
+from .errors import InvalidRequest
+from .evaluation import HEADLINE
+from .layers import count_parameters, find_decoder_layers, layers_as_identity, probe_ids, text_config
+from .prefill_skip import enable_prefill_skip
+from .recovery.base import RecoveryStep, plan, recovered_base, run, takes_option
+from .registry import METRICS
+from .scoring import LayerScores, score_layers
 from .selection import select_layers
 from .sources import recorded_name
 from .surgery import check_supported, remove_layers, restore, snapshot
+from .texts import heldout_texts
 from .verification import explained, uncached_logits, verify_pruned
-
-if TYPE_CHECKING:
-    from .calibration import CalibrationData
-    from .scoring import LayerScores
-
-
-def hub_tags(record: ShortGPTConfig) -> list[str]:
-    """The Hub tags of a pruned model: on its card, and on anything transformers' own ``push_to_hub`` uploads."""
-    return ["shortgpt", "layer-pruning", "pruned"] + (["prefill-skip"] if record.mode == "prefill_skip" else [])
-
-
-def tag_pruned(model: nn.Module) -> None:
-    """Tag a pruned model through transformers' ``add_model_tags``, so its own
-    ``push_to_hub`` / ``save_pretrained(push_to_hub=True)`` tag the repo too."""
-    record = ShortGPTConfig.from_model(model)
-    if record is None or not hasattr(model, "add_model_tags"):
-        return
-    model.model_tags = list(model.model_tags or [])  # a fresh list: a snapshot taken before may share the old one
-    model.add_model_tags(hub_tags(record))
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def _record(model: nn.Module, current: list[int], scores: LayerScores | None) -> ShortGPTConfig:
@@ -66,13 +55,7 @@ def _record(model: nn.Module, current: list[int], scores: LayerScores | None) ->
         original_num_parameters=previous.original_num_parameters if previous else count_parameters(model),
     )
     if scores is not None:
-        per_original: list[float | None] = [None] * original_n
-        for current_index, value in enumerate(scores.scores):
-            per_original[originals[current_index]] = value
-        record.metric = scores.metric
-        record.layer_scores = per_original
-        record.block_size = scores.block_size
-        record.calibration = scores.calibration_summary()
+        _add_scores(record, scores, originals)
     elif previous is not None:
         record.metric, record.layer_scores = previous.metric, previous.layer_scores
         record.block_size, record.calibration = previous.block_size, previous.calibration
@@ -81,60 +64,160 @@ def _record(model: nn.Module, current: list[int], scores: LayerScores | None) ->
     return record
 
 
+# recovery_options keys that say how a step is prepared and measured, not how the method runs
+_PLAN_OPTIONS = ("seq_len", "max_tokens", "eval_data", "eval_tokens")
+
+
 def prune(
     model: nn.Module,
-    layers: Sequence[int] | None = None,
+    config: ShortGPTConfig | Sequence[int] | None = None,
     *,
+    layers: Sequence[int] | None = None,
     n_layers: int | None = None,
     ratio: float | None = None,
     scores: LayerScores | None = None,
-    verify: bool = False,
+    verify: bool | None = None,
     recovery: str | None = None,
     recovery_data: CalibrationData = None,
     tokenizer: Any = None,
     recovery_options: dict[str, Any] | None = None,
+    calibration_data: CalibrationData = None,
+    progress: bool = True,
 ) -> nn.Module:
     """Remove decoder layers in place and record them in ``model.config.shortgpt``.
 
-    Ask with exactly one of: ``layers`` (current indices), ``n_layers`` or
-    ``ratio`` (both choose the lowest-scoring layers of ``scores``). The record
-    keeps ORIGINAL indices, so pruning twice composes. With ``verify=True`` the
-    result is checked against the unpruned model with those layers skipped, and
-    for cached-vs-uncached parity. On any failure (a refused configuration, a
-    failed check, an unexpected exception, even Ctrl-C) the model is restored.
-    Errors arrive as one `ShortGPTError` line naming the family and the step
-    that failed; Ctrl-C stays a ``KeyboardInterrupt``.
+    Ask with a request, ``prune(model, ShortGPTConfig(ratio=0.25, recovery="linear"))``,
+    or the same as keywords: ``layers`` (current indices; also the second
+    positional argument), ``n_layers`` or ``ratio``. A count or a ratio takes the
+    lowest-scoring layers of ``scores``, or, when none are given, of the request's
+    metric (``"bi"`` for keywords), which `prune` computes itself on
+    ``calibration_data`` (default: the request's calibration file, else the
+    packaged text). The record keeps ORIGINAL indices, so pruning twice composes.
 
-    ``recovery`` names a recovery method to run as part of the removal
-    (``"linear"``: training-free maps fitted on the layers before they go, see
-    `shortgpt_hf.recovery.linear`; ``"lora"`` returns a PEFT model), on
-    ``recovery_data`` (default: the packaged calibration plays) with
-    ``recovery_options`` (the method's options, plus ``seq_len``, ``eval_data``
-    and ``eval_tokens`` as for `recover`). It is checked before anything is
-    touched and undone with the removal if anything fails.
+    With ``verify`` (a request's default; ``False`` for keywords) the result is
+    checked against the unpruned model with those layers skipped, and for
+    cached-vs-uncached parity. ``recovery`` runs recovery steps as part of the
+    removal (``"linear"``: training-free maps fitted on the layers before they
+    go; ``"lora"`` returns a PEFT model) on ``recovery_data`` (default: the
+    calibration data); with keywords, ``recovery_options`` holds the method's
+    options plus ``seq_len``, ``max_tokens``, ``eval_data`` and ``eval_tokens``
+    as for `recover`. On any failure (a refused configuration, a failed check,
+    an unexpected exception, even Ctrl-C) the model is restored. Errors are one
+    line (`ShortGPTError` subclasses); Ctrl-C stays a ``KeyboardInterrupt``.
     """
-    from .recovery.base import plan, recovered_base, run
+    options = dict(recovery_options or {})
+    progress = options.pop("progress", progress)  # how to run, not what to do: never part of the request
+    if isinstance(config, ShortGPTConfig):
+        if any(v is not None for v in (layers, n_layers, ratio, verify, recovery)) or options:
+            raise InvalidRequest("give the request either as a ShortGPTConfig or as keywords, not both")
+        request, eval_data, eval_tokens = config, heldout_texts()[:1] if config.measure else None, HEADLINE.max_tokens
+    else:
+        if config is not None:
+            if layers is not None:
+                raise InvalidRequest("give the layers once (positionally or as layers=)")
+            layers = config
+        given = [v for v in (layers, n_layers, ratio) if v is not None]
+        if len(given) != 1:
+            raise InvalidRequest("give exactly one of layers, n_layers or ratio (or a ShortGPTConfig)")
+        plan_options = {k: options.pop(k) for k in _PLAN_OPTIONS if k in options}
+        eval_data, eval_tokens = plan_options.get("eval_data"), plan_options.get("eval_tokens", HEADLINE.max_tokens)
+        request = ShortGPTConfig(
+            layers=None if layers is None else list(layers),
+            n_layers=n_layers,
+            ratio=ratio,
+            metric=None if layers is not None else (scores.metric if scores is not None else "bi"),
+            verify=bool(verify),
+            recovery=None if recovery is None else [{"method": recovery, **options}],
+            seq_len=plan_options.get("seq_len", 256),
+            recovery_tokens=plan_options.get("max_tokens"),
+            measure=eval_data is not None,
+        )
+    return carry_out(
+        model,
+        request,
+        scores=scores,
+        tokenizer=tokenizer,
+        calibration_data=calibration_data,
+        recovery_data=recovery_data,
+        eval_data=eval_data,
+        eval_tokens=eval_tokens,
+        progress=progress,
+    ).model
 
+
+@dataclass
+class Carried:
+    """What `carry_out` did: the model (a PEFT model when a training step ran) and the scores it chose by."""
+
+    model: nn.Module
+    scores: LayerScores | None
+    removed: list[int]  # current indices of the model it was given
+
+
+def carry_out(
+    model: nn.Module,
+    request: ShortGPTConfig,
+    *,
+    scores: LayerScores | None = None,
+    tokenizer: Any = None,
+    calibration_data: CalibrationData = None,
+    recovery_data: CalibrationData = None,
+    eval_data: CalibrationData = None,
+    eval_tokens: int | None = HEADLINE.max_tokens,
+    progress: bool = True,
+) -> Carried:
+    """Carry out ``request`` on ``model`` in memory: check everything that can be checked, then score
+    (unless ``scores`` are given or the layers are named), remove, verify and recover. `prune` and the
+    in-memory path of `pipeline` both end here."""
+    if not request.is_request:
+        raise InvalidRequest("this ShortGPTConfig is a record (removed_layers is set); give a request")
     found = find_decoder_layers(model)
-    chosen = select_layers(len(found.layers), layers, n_layers, ratio, scores)
+    n = len(found.layers)
+    count = request.removal_count(n)
     previous = ShortGPTConfig.from_model(model)
     if previous is not None and previous.mode == "prefill_skip":
-        raise ShortGPTError(
+        raise InvalidRequest(
             "this model skips layers during prefill; call disable_prefill_skip(model) before pruning it"
         )
+    calibration = calibration_data if calibration_data is not None else request.calibration
+    data = recovery_data if recovery_data is not None else calibration
+    check_supported(model)
+    steps = [
+        _plan(model, step, data, tokenizer, request, eval_data, eval_tokens, progress)
+        for step in (request.recovery or [])
+    ]
+    if scores is None and request.layers is None:
+        metric = METRICS[request.metric]
+        scores = score_layers(
+            model,
+            calibration,
+            request.metric,
+            tokenizer=tokenizer,
+            seq_len=request.seq_len,
+            batch_size=request.batch_size,
+            max_tokens=request.calibration_tokens,
+            block_size=request.block_size,
+            seed=request.seed,
+            max_layers=count if metric.greedy else None,
+            progress=progress,
+        )
+    chosen = select_layers(n, request.layers, None if request.layers else count, None, scores)
+    if request.mode == "prefill_skip":
+        enable_prefill_skip(model, chosen, boundary=True)
+        record = _add_scores(ShortGPTConfig.from_model(model), scores, list(range(n)))
+        record.request = request.request_dict()
+        model.config.shortgpt = record.to_dict()
+        return Carried(model, scores, chosen)
     check_supported(model, chosen)
-    step = (
-        plan(model, recovery, recovery_data, tokenizer=tokenizer, **(recovery_options or {}))
-        if recovery is not None
-        else None
-    )
     record = _record(model, chosen, scores)
+    record.request = request.request_dict()
     snap = snapshot(model)
     was_training = model.training
     try:
-        fitted = step.fit(model, chosen) if step is not None else None
+        first = steps[0] if steps and steps[0].method.needs_removed_layers else None
+        fitted = first.fit(model, chosen) if first is not None else None
         reference = None
-        if verify:
+        if request.verify:
             model.eval()
             with (
                 explained(model, "computing the reference (removed layers as identity)"),
@@ -144,14 +227,16 @@ def prune(
         with explained(model, "removing layers"):
             remove_layers(model, chosen)
         model.config.shortgpt = record.to_dict()
-        if verify:
+        if request.verify:
             with explained(model, "verification"):
                 verify_pruned(model, reference)
         result = model
-        if step is not None:
-            result = run(model, step, fitted)
-            if verify:
-                with explained(model, f"verification after {recovery} recovery"):
+        for i, step in enumerate(steps):
+            if i > 0 or first is None:  # a step planned on the dense model is planned again on the pruned one
+                step = _plan(result, request.recovery[i], data, tokenizer, request, eval_data, eval_tokens, progress)
+            result = run(result, step, fitted if step is first else None)
+            if request.verify:
+                with explained(model, f"verification after {step.method.name} recovery"):
                     verify_pruned(recovered_base(result))
     except BaseException:
         restore(model, snap)
@@ -159,7 +244,44 @@ def prune(
     finally:
         model.train(was_training)
     tag_pruned(model)
-    return result
+    return Carried(result, scores, chosen)
+
+
+def _plan(
+    model: nn.Module,
+    step: dict[str, Any],
+    data: CalibrationData,
+    tokenizer: Any,
+    request: ShortGPTConfig,
+    eval_data: CalibrationData,
+    eval_tokens: int | None,
+    progress: bool,
+) -> RecoveryStep:
+    options = {k: v for k, v in step.items() if k != "method"}
+    return plan(
+        model,
+        step["method"],
+        data,
+        tokenizer=tokenizer,
+        seq_len=request.seq_len,
+        max_tokens=request.recovery_tokens,
+        eval_data=eval_data,
+        eval_tokens=eval_tokens,
+        **{"progress": progress, **options} if takes_option(step["method"], "progress") else options,
+    )
+
+
+def _add_scores(record: ShortGPTConfig, scores: LayerScores | None, originals: list[int]) -> ShortGPTConfig:
+    """``record`` with the scores it chose by, each under the ORIGINAL index of the layer it scored."""
+    if scores is not None:
+        per_original: list[float | None] = [None] * record.original_num_hidden_layers
+        for current_index, value in enumerate(scores.scores):
+            per_original[originals[current_index]] = value
+        record.metric = scores.metric
+        record.layer_scores = per_original
+        record.block_size = scores.block_size
+        record.calibration = scores.calibration_summary()
+    return record
 
 
 @contextlib.contextmanager

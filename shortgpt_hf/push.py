@@ -86,8 +86,8 @@ def push_to_hub(
         raise ShortGPTError("this model has not been pruned: nothing to push as a ShortGPT model")
     source = None
     if isinstance(model_or_dir, (str, Path)):
-        from .loading import load_tokenizer
-        from .modeling import load_pruned, skeleton
+        from .loading import load_pruned, skeleton
+        from .reading import load_tokenizer
 
         source = resolve(model_or_dir)
         if source.kind == "adapter" or not (source.kind == "recipe" or source.pruned):
@@ -109,7 +109,7 @@ def push_to_hub(
     else:
         model = model_or_dir
         if tokenizer is None:  # the one saved where the model was loaded from, so the repo is usable as pushed
-            from .loading import tokenizer_for
+            from .reading import tokenizer_for
 
             try:
                 tokenizer = tokenizer_for(split_adapter(model)[0])

@@ -4,7 +4,7 @@ evaluation reports and ablations are dataclasses written the same way."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,3 +23,18 @@ class JsonRecord:
 
             write_file(path, text)
         return text
+
+
+@dataclass
+class EvalResult:
+    """One measured number. ``higher_is_better`` lets comparisons and plots read
+    perplexity and accuracy alike; ``chance`` is the random-guess level."""
+
+    task: str
+    dataset: str
+    metric: str
+    value: float
+    higher_is_better: bool
+    num_samples: int | None = None
+    chance: float | None = None
+    settings: str | None = None  # how it was measured, when that changes the number (perplexity windows)

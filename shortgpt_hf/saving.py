@@ -9,11 +9,13 @@ from torch import nn
 
 from .atomic import atomic_folder
 from .config import RecipeConfig, ShortGPTConfig
-from .errors import ShortGPTError
+from .errors import ShortGPTError, VerificationFailed
 from .families import auto_class
 from .layers import probe_ids, text_config
-from .loading import load_tokenizer, text_config_of
+from .loading import load_pruned
+from .reading import load_tokenizer, text_config_of
 from .recovery.linear import linear_maps, save_maps
+from .sources import resolve
 from .verification import explained, logits_close, parity_tolerance, uncached_logits, verify_reload
 
 
@@ -78,18 +80,16 @@ def save_recipe(
     ``verify`` (a model given) it does so before the folder is moved into place
     and must reproduce the model's logits. A record given without a model
     passes the linear repair maps it names as ``maps`` (key -> tensor)."""
-    from .modeling import PrunedForCausalLM
-
     is_model = not isinstance(model_or_config, ShortGPTConfig)
     with atomic_folder(out_dir, overwrite) as tmp:
         write_recipe(model_or_config, tmp, tokenizer, maps)
         if verify and is_model:
             ids = probe_ids(model_or_config)
             with explained(model_or_config, "rebuilding the model from the recipe"):
-                rebuilt = uncached_logits(PrunedForCausalLM.from_pretrained(tmp, dtype=model_or_config.dtype), ids)
+                rebuilt = uncached_logits(load_pruned(resolve(tmp), dtype=model_or_config.dtype), ids)
                 expected = uncached_logits(model_or_config, ids)
             if not logits_close(rebuilt, expected, parity_tolerance(model_or_config)):
-                raise ShortGPTError("verification failed: the recipe rebuilds a model with different logits")
+                raise VerificationFailed("verification failed: the recipe rebuilds a model with different logits")
     return point_at(model_or_config, out_dir) if is_model else Path(out_dir).resolve()
 
 
@@ -132,8 +132,6 @@ def write_recipe(
 
 def _base(record: ShortGPTConfig) -> Any:
     """The recipe's base, when it can be found (a recipe may be written for a base that is elsewhere)."""
-    from .sources import resolve
-
     return _or_none(lambda: resolve(record.base_model_name_or_path))
 
 

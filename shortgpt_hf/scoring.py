@@ -1,11 +1,9 @@
-"""Per-layer importance scores: Block Influence and the paper's baselines.
+"""Per-layer importance scores (`LayerScores`), computed by any registered metric on either driver.
 
-A low score means "this layer barely changes the residual stream, remove it
-first". Hidden-state metrics are measured with hooks on the decoder layers:
-each layer's raw input and raw output (never the final-normed hidden state the
-reference code compares the last layer with), row-wise cosine in fp32,
-padding masked out, and only one running sum per layer kept, so memory does
-not grow with the number of layers or tokens and no logits are computed.
+`score_layers` scores a model in memory; ``streaming.score_layers_sequentially``
+one that need not fit, layer by layer from its shards. Both end in `score_with`,
+so every metric (see `metrics`) gives the same scores, and picks the same
+layers, whichever way the model is run.
 """
 
 from __future__ import annotations
@@ -16,21 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .calibration import CalibrationData, TokenWindows, is_tokenized, prepare_calibration
-from .errors import ShortGPTError
-from .layers import eval_mode, find_decoder_layers, input_device
-from .loading import tokenizer_for
+from .drivers import Driver, InMemoryDriver
+from .errors import InvalidRequest, ShortGPTError
+from .metrics import Metric
+from .reading import tokenizer_for
 from .records import JsonRecord
-
-HIDDEN_STATE_METRICS = ("bi", "angular", "relative_magnitude")
-ORDER_METRICS = ("sequential", "reverse", "random")
-REPAIR_METRICS = ("linear_residual",)  # a greedy choice of a whole removal, made for linear repair
-METRICS = HIDDEN_STATE_METRICS + ORDER_METRICS + REPAIR_METRICS
+from .registry import METRICS
 
 
 @dataclass
@@ -112,75 +104,48 @@ def bar_chart(
     return save_figure(fig, path)
 
 
-def _order_scores(metric: str, num_layers: int, seed: int) -> list[float]:
-    if metric == "sequential":  # remove from the first layer onwards
-        return [float(i) for i in range(num_layers)]
-    if metric == "reverse":  # remove from the last layer backwards
-        return [float(num_layers - 1 - i) for i in range(num_layers)]
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(num_layers, generator=gen, dtype=torch.float64).tolist()
+def check_metric(name: str, block_size: int = 1) -> Metric:
+    """The registered metric ``name``, refused in one line when it is unknown or cannot rank blocks."""
+    metric = METRICS.get_or_refuse(name)
+    if block_size != 1 and not metric.blocks:
+        blocky = [m for m, entry in METRICS.items() if entry.blocks]
+        raise InvalidRequest(f"block_size > 1 is defined for the {', '.join(blocky)} metric only (Gromov et al.)")
+    return metric
 
 
-def layer_term(metric: str, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The sum over real tokens (``mask``) of one hidden-state metric between a
-    layer's input ``x`` and output ``y``, in float64: what every scorer adds up."""
-    # Compute on every row and zero the padding afterwards: cheaper than copying out
-    # the real rows, and torch.where keeps a NaN in a pad row out of the sum.
-    x = x.reshape(-1, x.shape[-1]).float()
-    y = y.reshape(-1, y.shape[-1]).float()
-    if metric == "relative_magnitude":  # ||f(x)|| / ||x + f(x)||, f(x) = y - x
-        term = (y - x).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)
-    else:
-        cos = F.cosine_similarity(x, y, dim=-1)
-        term = 1 - cos if metric == "bi" else torch.arccos(cos.clamp(-1, 1)) / math.pi
-    return torch.where(mask, term, 0).sum(dtype=torch.float64)
+def score_with(
+    driver: Driver,
+    metric: str = "bi",
+    *,
+    block_size: int = 1,
+    seed: int = 0,
+    max_layers: int | None = None,
+    seq_len: int | None = None,
+    progress: bool = True,
+) -> LayerScores:
+    """Score the driver's model with ``metric``: the one path both drivers share.
+
+    A greedy metric (``linear_residual``) chooses ``max_layers`` layers (default:
+    half of them), one calibration pass per layer chosen."""
+    chosen = check_metric(metric, block_size)
+    n = driver.num_layers
+    if not 1 <= block_size < n:
+        raise InvalidRequest(f"block_size must be between 1 and {n - 1}, got {block_size}")
+    steps = n // 2 if max_layers is None else max_layers
+    if chosen.greedy and not 1 <= steps < n:
+        raise InvalidRequest(f"max_layers must be between 1 and {n - 1}, got {steps}")
+    result = chosen.score(driver, block_size=block_size, seed=seed, max_layers=steps, progress=progress)
+    if any(math.isnan(s) for s in result.scores):
+        raise ShortGPTError(f"{metric} scores are NaN: the activations overflowed in this dtype (try float32)")
+    if not chosen.reads_text:
+        calibration = f"none (seed {seed})" if metric == "random" else None
+        return LayerScores(metric, result.scores, n, calibration=calibration)
+    windows = driver.windows
+    return LayerScores(
+        metric, result.scores, n, windows.num_tokens, windows.description, seq_len, block_size, result.order
+    )
 
 
-class _Accumulator:
-    """Hooks that add one metric term per (masked) token to a per-block running sum."""
-
-    def __init__(self, metric: str, layers: nn.ModuleList, block_size: int):
-        self.metric = metric
-        self.block_size = block_size
-        self.num_blocks = len(layers) - block_size + 1
-        self.sums: list[torch.Tensor | None] = [None] * self.num_blocks
-        self.inputs: dict[int, torch.Tensor] = {}
-        self.masks: dict[torch.device, torch.Tensor] = {}  # this batch's token mask, per layer device
-        self.handles = []
-        for i, layer in enumerate(layers):
-            if i < self.num_blocks:
-                self.handles.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-            if i >= block_size - 1:
-                self.handles.append(layer.register_forward_hook(self._post(i - block_size + 1), with_kwargs=True))
-
-    def _pre(self, start: int):
-        def hook(module, args, kwargs):
-            self.inputs[start] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
-
-    def _post(self, start: int):
-        def hook(module, args, kwargs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            self._add(start, self.inputs.pop(start), out)
-
-        return hook
-
-    def set_mask(self, mask: torch.Tensor) -> None:
-        self.masks = {mask.device: mask.reshape(-1).bool()}
-
-    def _add(self, start: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        if y.device not in self.masks:
-            self.masks[y.device] = next(iter(self.masks.values())).to(y.device)
-        total = layer_term(self.metric, x, y, self.masks[y.device])
-        self.sums[start] = total if self.sums[start] is None else self.sums[start] + total
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-@torch.no_grad()
 def score_layers(
     model: nn.Module,
     calibration: CalibrationData = None,
@@ -196,58 +161,37 @@ def score_layers(
     max_layers: int | None = None,
     progress: bool = True,
 ) -> LayerScores:
-    """Score every current decoder layer; low = least influential.
+    """Score every current decoder layer of a model in memory; low = least influential.
 
-    ``calibration`` may be None (packaged Shakespeare), a text file path, a list
-    of strings, a ``datasets.Dataset`` (``text_column``), or token tensors. It
-    is cut into windows of ``seq_len`` tokens and truncated to ``max_tokens``.
+    ``calibration`` may be None (the packaged calibration text), a text file path,
+    a list of strings, a ``datasets.Dataset`` (``text_column``), or token tensors.
+    It is cut into windows of ``seq_len`` tokens and truncated to ``max_tokens``.
     Works on models dispatched with an accelerate ``device_map``: each layer's
-    sum stays on that layer's device.
-
-    ``linear_residual`` chooses for linear repair (`prune(..., recovery="linear")`):
-    greedily, the layer whose removal leaves the least error after each gap's
-    best least-squares map, one calibration pass per layer chosen, up to
-    ``max_layers`` (default: half the layers).
+    sum stays on that layer's device. ``metric`` is any registered metric
+    (`METRICS`); ``max_layers`` is how far a greedy one goes.
     """
-    if metric not in METRICS:
-        raise ShortGPTError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    layers = find_decoder_layers(model).layers
-    num_layers = len(layers)
-    if block_size != 1 and metric != "angular":
-        raise ShortGPTError("block_size > 1 is defined for the angular metric only (Gromov et al.)")
-    if not 1 <= block_size < num_layers:
-        raise ShortGPTError(f"block_size must be between 1 and {num_layers - 1}, got {block_size}")
-    if metric in ORDER_METRICS:
-        return LayerScores(
-            metric,
-            _order_scores(metric, num_layers, seed),
-            num_layers,
-            calibration=f"none (seed {seed})" if metric == "random" else None,
-        )
+    check_metric(metric, block_size)
+    driver = in_memory_driver(model, calibration, tokenizer, seq_len, max_tokens, batch_size, text_column)
+    return score_with(
+        driver, metric, block_size=block_size, seed=seed, max_layers=max_layers, seq_len=seq_len, progress=progress
+    )
 
-    if tokenizer is None and not is_tokenized(calibration):
-        tokenizer = tokenizer_for(model)
-    windows: TokenWindows = prepare_calibration(calibration, tokenizer, seq_len, max_tokens, text_column)
-    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    if metric in REPAIR_METRICS:
-        from .recovery.linear import repair_aware_order
 
-        steps = num_layers // 2 if max_layers is None else max_layers
-        if not 1 <= steps < num_layers:
-            raise ShortGPTError(f"max_layers must be between 1 and {num_layers - 1}, got {steps}")
-        order, added = repair_aware_order(model, windows, pad_id, steps, batch_size=batch_size, progress=progress)
-        return LayerScores(metric, added, num_layers, windows.num_tokens, windows.description, seq_len, order=order)
-    device = input_device(model)
-    acc = _Accumulator(metric, layers, block_size)
-    with eval_mode(model):
-        try:
-            bar = tqdm(total=windows.num_tokens, unit="tok", desc=f"scoring ({metric})", disable=not progress)
-            for ids, mask in windows.batches(batch_size, pad_id):
-                acc.set_mask(mask)
-                model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                bar.update(int(mask.sum()))
-            bar.close()
-        finally:
-            acc.remove()
-    scores = [float(s.item()) / windows.num_tokens for s in acc.sums]
-    return LayerScores(metric, scores, num_layers, windows.num_tokens, windows.description, seq_len, block_size)
+def in_memory_driver(
+    model: nn.Module,
+    calibration: CalibrationData,
+    tokenizer: Any,
+    seq_len: int,
+    max_tokens: int | None,
+    batch_size: int = 8,
+    text_column: str = "text",
+) -> InMemoryDriver:
+    """An `InMemoryDriver` over ``calibration``, tokenized (with the model's own tokenizer when none is
+    given) only when a pass first needs it."""
+
+    def prepare() -> tuple[TokenWindows, int]:
+        tok = tokenizer_for(model) if tokenizer is None and not is_tokenized(calibration) else tokenizer
+        windows = prepare_calibration(calibration, tok, seq_len, max_tokens, text_column)
+        return windows, getattr(tok, "pad_token_id", None) or 0
+
+    return InMemoryDriver(model, prepare, batch_size)

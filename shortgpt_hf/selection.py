@@ -10,12 +10,17 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from decimal import ROUND_FLOOR, Decimal
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from .errors import ShortGPTError
+from .errors import InvalidRequest
 
-if TYPE_CHECKING:
-    from .scoring import LayerScores
+
+class Ranking(Protocol):
+    """What choosing by score needs of `LayerScores`: how many layers it ranks, and its lowest n."""
+
+    num_layers: int
+
+    def lowest(self, n: int) -> list[int]: ...
 
 
 def removal_count(num_layers: int, n_layers: int | None = None, ratio: float | None = None) -> int:
@@ -28,12 +33,12 @@ def removal_count(num_layers: int, n_layers: int | None = None, ratio: float | N
     decimal the user wrote instead."""
     if ratio is not None:
         if not 0 < ratio < 1:
-            raise ShortGPTError(f"ratio must be between 0 and 1, got {ratio}")
+            raise InvalidRequest(f"ratio must be between 0 and 1, got {ratio}")
         n_layers = int((Decimal(repr(float(ratio))) * num_layers + Decimal("0.5")).to_integral_value(ROUND_FLOOR))
         if n_layers == 0:
-            raise ShortGPTError(f"ratio {ratio} removes zero of {num_layers} layers")
+            raise InvalidRequest(f"ratio {ratio} removes zero of {num_layers} layers")
     if not 0 < n_layers < num_layers:
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"the number of layers to remove must be between 1 and {num_layers - 1} (of {num_layers}), got {n_layers}"
         )
     return n_layers
@@ -46,7 +51,7 @@ def _index(value: object) -> int:
             raise TypeError
         return operator.index(value)
     except TypeError:
-        raise ShortGPTError(f"layer indices must be integers, got {value!r}") from None
+        raise InvalidRequest(f"layer indices must be integers, got {value!r}") from None
 
 
 def select_layers(
@@ -54,20 +59,20 @@ def select_layers(
     layers: Sequence[int] | None = None,
     n_layers: int | None = None,
     ratio: float | None = None,
-    scores: LayerScores | None = None,
+    scores: Ranking | None = None,
 ) -> list[int]:
     """Turn one of the three ways of asking into a sorted list of CURRENT layer indices."""
     given = [k for k, v in (("layers", layers), ("n_layers", n_layers), ("ratio", ratio)) if v is not None]
     if len(given) != 1:
-        raise ShortGPTError(f"give exactly one of layers, n_layers or ratio (got {', '.join(given) or 'none'})")
+        raise InvalidRequest(f"give exactly one of layers, n_layers or ratio (got {', '.join(given) or 'none'})")
     if layers is not None:
         chosen = check_layers(num_layers, layers)
     else:
         count = removal_count(num_layers, n_layers, ratio)
         if scores is None:
-            raise ShortGPTError("n_layers and ratio need scores (from score_layers) to choose layers")
+            raise InvalidRequest("n_layers and ratio need scores (from score_layers) to choose layers")
         if scores.num_layers != num_layers:
-            raise ShortGPTError(
+            raise InvalidRequest(
                 f"scores cover {scores.num_layers} layers but the model has {num_layers}; re-score the model"
             )
         chosen = scores.lowest(count)
@@ -79,12 +84,12 @@ def check_layers(num_layers: int, layers: Sequence[int]) -> list[int]:
     outside the model, or name none or all of its layers (cheap: check before loading)."""
     chosen = [_index(i) for i in layers]
     if len(set(chosen)) != len(chosen):
-        raise ShortGPTError(f"duplicate layer indices in {chosen}")
+        raise InvalidRequest(f"duplicate layer indices in {chosen}")
     bad = [i for i in chosen if not 0 <= i < num_layers]
     if bad:
-        raise ShortGPTError(f"layer indices {bad} are out of range 0..{num_layers - 1}")
+        raise InvalidRequest(f"layer indices {bad} are out of range 0..{num_layers - 1}")
     if not chosen:
-        raise ShortGPTError("no layers to remove")
+        raise InvalidRequest("no layers to remove")
     if len(chosen) >= num_layers:
-        raise ShortGPTError(f"cannot remove all {num_layers} layers")
+        raise InvalidRequest(f"cannot remove all {num_layers} layers")
     return chosen

@@ -129,11 +129,12 @@ def test_a_new_recovery_method_is_one_registered_class(saved_pruned, monkeypatch
     """The seam: a method only implements apply(); evaluation and the record come from recover()."""
     from shortgpt_hf.recovery import RECOVERY_METHODS, RecoveryMethod, recover, register
 
-    monkeypatch.setattr("shortgpt_hf.recovery.base.RECOVERY_METHODS", dict(RECOVERY_METHODS))
+    monkeypatch.setattr(RECOVERY_METHODS, "_entries", dict(RECOVERY_METHODS))  # the test's method goes with it
 
     @register
     class ScaleHead(RecoveryMethod):
         name = "scale-head"
+        summary = "multiplies the output head by a factor"
 
         def apply(self, model, windows, tokenizer, factor=2.0):
             with torch.no_grad():

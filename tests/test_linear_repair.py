@@ -11,12 +11,12 @@ from tiny_models import FAMILIES, tiny_auto, tiny_config, tiny_model
 from transformers import LlamaForCausalLM
 
 from shortgpt_hf import ShortGPTConfig, ShortGPTError, enable_prefill_skip, prune, recover, save_pruned, score_layers
-from shortgpt_hf.calibration import prepare_calibration
 from shortgpt_hf.families import family_of
 from shortgpt_hf.layers import find_decoder_layers, layers_as_identity
 from shortgpt_hf.pruning import restored_after
 from shortgpt_hf.recovery import linear_maps
 from shortgpt_hf.recovery.linear import LinearRecovery, fold_rule, maps_from_record, repair_aware_order
+from shortgpt_hf.scoring import in_memory_driver
 
 TOKENS = torch.randint(
     3, 128, (16, 24), generator=torch.Generator().manual_seed(5)
@@ -235,14 +235,13 @@ def test_pruning_a_repaired_model_again_keeps_its_history():
 
 
 def fitted_cost(model, layers):
-    windows = prepare_calibration(TOKENS, None, 256)
-    return sum(m.residual for m in LinearRecovery().fit(model, sorted(layers), windows, None, progress=False))
+    repair = LinearRecovery().fit(in_memory_driver(model, TOKENS, None, 256, None), sorted(layers), progress=False)
+    return sum(m.residual for m in repair.maps)
 
 
 def test_repair_aware_selection_is_greedy_on_the_fitted_error():
     model = tiny_model("llama")
-    windows = prepare_calibration(TOKENS, None, 256)
-    order, added = repair_aware_order(model, windows, 0, 3, progress=False)
+    order, added = repair_aware_order(in_memory_driver(model, TOKENS, None, 256, None), 3, progress=False)
     for k in (1, 2, 3):  # the running cost is exactly the error left by the maps fitted for that removal
         assert sum(added[i] for i in order[:k]) == pytest.approx(fitted_cost(model, order[:k]), rel=1e-6)
     second = {j: fitted_cost(model, [order[0], j]) for j in range(6) if j != order[0]}

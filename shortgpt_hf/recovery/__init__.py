@@ -15,8 +15,9 @@ with no other change.
 import importlib
 import pkgutil
 
-from .base import RECOVERY_METHODS, RecoveryMethod, recover, register
-from .linear import LinearRecovery, linear_maps
+from ..registry import RECOVERY_METHODS
+from .base import RecoveryMethod, recover, register
+from .linear import LinearRecovery, LinearRepair, linear_maps
 from .lora import LoraRecovery, adjacent_layers, heal, pruned_reference, save_healed
 
 for _module in pkgutil.iter_modules(__path__):
@@ -25,6 +26,7 @@ for _module in pkgutil.iter_modules(__path__):
 __all__ = [
     "RECOVERY_METHODS",
     "LinearRecovery",
+    "LinearRepair",
     "LoraRecovery",
     "RecoveryMethod",
     "adjacent_layers",

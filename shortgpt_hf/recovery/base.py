@@ -25,21 +25,26 @@ from torch import nn
 
 from ..calibration import CalibrationData, TokenWindows, is_tokenized, prepare_calibration
 from ..config import ShortGPTConfig
-from ..errors import ShortGPTError
-from ..evaluation import HEADLINE
-from ..loading import tokenizer_for
+from ..drivers import Driver, InMemoryDriver
+from ..errors import InvalidRequest
+from ..evaluation import HEADLINE, PerplexitySettings, perplexity
+from ..reading import tokenizer_for
+from ..registry import RECOVERY_METHODS
 
 
 class RecoveryMethod(ABC):
-    """One way of recovering a pruned model. Subclasses set ``name`` and implement `check` and `apply`.
+    """One way of recovering a pruned model. Subclasses set ``name`` and ``summary`` and
+    implement `apply` (and `check`, to refuse early).
 
-    A method that learns from the layers being removed (``needs_removed_layers``)
-    also implements `fit`: `prune` calls it on the model while those layers
-    still exist, and passes what it returns to `apply` as ``fitted``, so no copy
-    of the unpruned model is ever needed.
+    A training-free method learns from the layers being removed
+    (``needs_removed_layers``) and also implements `fit`, through a `Driver`:
+    `prune` calls it while those layers still exist in memory, and the layer walk
+    calls it on a model that never is, with the same numbers. What it returns
+    goes to `apply` as ``fitted`` (in memory) or to ``streaming.materialize``.
     """
 
     name: ClassVar[str]
+    summary: ClassVar[str]
     needs_removed_layers: ClassVar[bool] = False
 
     def check(self, model: nn.Module, **options: Any) -> None:
@@ -49,8 +54,9 @@ class RecoveryMethod(ABC):
         """
         return None
 
-    def fit(self, model: nn.Module, removing: list[int], windows: TokenWindows, tokenizer: Any, **options: Any) -> Any:
-        """Measure, on the model before ``removing`` (current indices) are removed, what `apply` needs."""
+    def fit(self, driver: Driver, removing: list[int], **options: Any) -> Any:
+        """Measure, through ``driver`` on the model before ``removing`` (current indices) are removed,
+        what `apply` needs."""
         raise NotImplementedError(f"recovery method {self.name!r} does not fit on removed layers")
 
     @abstractmethod
@@ -60,13 +66,17 @@ class RecoveryMethod(ABC):
         """Recover ``model`` from calibration ``windows``; return the recovered model and what to record."""
 
 
-RECOVERY_METHODS: dict[str, RecoveryMethod] = {}
-
-
 def register(cls: type[RecoveryMethod]) -> type[RecoveryMethod]:
-    """Class decorator: make a method available to `recover` (and the CLI) under ``cls.name``."""
-    RECOVERY_METHODS[cls.name] = cls()
+    """Class decorator: make a method available to `recover`, `prune`, the ablation and the CLI
+    under ``cls.name`` (a name already taken is refused)."""
+    RECOVERY_METHODS.add(cls.name, cls())
     return cls
+
+
+def takes_option(method: str, option: str) -> bool:
+    """Whether registered method ``method`` accepts ``option`` (``progress``, say), so a caller
+    can pass a common option only to the methods that have it."""
+    return option in inspect.signature(RECOVERY_METHODS.get_or_refuse(method).apply).parameters
 
 
 def recovered_base(model: nn.Module) -> nn.Module:
@@ -95,7 +105,9 @@ class RecoveryStep:
         """What `run` needs from layers about to be removed (None for methods that need none)."""
         if not self.method.needs_removed_layers:
             return None
-        return self.method.fit(model, removing, self.windows, self.tokenizer, **self.options)
+        pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
+        driver = InMemoryDriver(model, lambda: (self.windows, pad_id), self.options.get("batch_size", 8))
+        return self.method.fit(driver, removing, **self.options)
 
 
 def plan(
@@ -112,13 +124,11 @@ def plan(
 ) -> RecoveryStep:
     """Check ``method`` and its ``options`` against ``model`` and prepare the calibration windows
     (all of ``data``, or its first ``max_tokens`` tokens)."""
-    if method not in RECOVERY_METHODS:
-        raise ShortGPTError(f"unknown recovery method {method!r}; choose from {', '.join(RECOVERY_METHODS)}")
-    chosen = RECOVERY_METHODS[method]
+    chosen = RECOVERY_METHODS.get_or_refuse(method)
     try:  # a misspelt option fails here, in one line, not after minutes of evaluation
         inspect.signature(chosen.apply).bind_partial(model, None, None, **options)
     except TypeError as e:
-        raise ShortGPTError(f"recovery method {method!r}: {e}") from None
+        raise InvalidRequest(f"recovery method {method!r}: {e}") from None
     chosen.check(model, **options)
     if tokenizer is None and not (is_tokenized(data) and (eval_data is None or is_tokenized(eval_data))):
         tokenizer = tokenizer_for(model)
@@ -128,8 +138,6 @@ def plan(
 
 def run(model: nn.Module, step: RecoveryStep, fitted: Any = None) -> nn.Module:
     """Apply a planned step to a pruned model, measure it if asked, and append it to ``config.shortgpt["recovery"]``."""
-    from ..evaluation import PerplexitySettings, perplexity
-
     settings = PerplexitySettings(step.seq_len, None, step.eval_tokens)
     ppl = dict(seq_len=settings.seq_len, max_tokens=settings.max_tokens, progress=step.options.get("progress", True))
     before = perplexity(model, step.tokenizer, step.eval_data, **ppl) if step.eval_data is not None else None
@@ -171,9 +179,9 @@ def recover(
     """
     record = ShortGPTConfig.from_model(recovered_base(model))
     if record is None or record.mode != "remove":
-        raise ShortGPTError("recovery needs a model with layers removed (prune it first)")
+        raise InvalidRequest("recovery needs a model with layers removed (prune it first)")
     if method in RECOVERY_METHODS and RECOVERY_METHODS[method].needs_removed_layers:
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"recovery method {method!r} is fitted on the layers being removed, which this model no longer has: "
             f"prune with prune(model, ..., recovery={method!r}) (CLI: shortgpt prune --recovery {method})"
         )

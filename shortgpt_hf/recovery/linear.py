@@ -32,12 +32,13 @@ maps stay with the model (`linear_maps`) so that a recipe can carry them
 (`MAPS_FILE`) and re-fold them when a loader builds the model from only the
 kept layers of its base.
 
-The same statistics score candidate removals: `repair_aware_order` picks
-layers greedily by the error left after each gap's best map. For a model
-larger than memory, ``streaming.fit_linear_sequentially`` gathers the same
-equations one layer at a time, with the same `NormalEquations`, `fitted_map`
-and `recovery_entry`, and ``streaming.materialize`` folds the maps with the
-same `fold_maps`.
+The equations are gathered through the `drivers` protocol, so the same code
+fits a model in memory (hooks) and one larger than memory (the layer walk,
+``streaming.fit_linear_sequentially``), with the same numbers; what it fits
+is a `LinearRepair`, which ``streaming.materialize`` folds into the few
+tensors it changes with the same `fold_maps`. The same statistics score
+candidate removals: the ``linear_residual`` metric (`repair_aware_order`)
+picks layers greedily by the error left after each gap's best map.
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ from tqdm.auto import tqdm
 
 from ..calibration import TokenWindows
 from ..config import ShortGPTConfig
-from ..errors import ShortGPTError
+from ..drivers import Driver, LayerObserver
+from ..errors import InvalidRequest, ShortGPTError
 from ..families import Fold, describe, family_of, is_vision_language
-from ..layers import eval_mode, find_decoder_layers, input_device, text_config
+from ..layers import find_decoder_layers, text_config
+from ..metrics import Metric, Scored, register_metric
 from .base import RecoveryMethod, register
 
 if TYPE_CHECKING:
@@ -188,91 +191,59 @@ def check_finite(t: torch.Tensor, where: str) -> torch.Tensor:
     return t
 
 
-class _Done(Exception):
-    """Raised by a hook once a calibration pass has everything it needs from a batch."""
-
-
 def token_rows(hidden: Any, mask: torch.Tensor) -> torch.Tensor:
     """A layer's (or submodule's) output as one row per real token: padding dropped, batch flattened."""
     hidden = hidden[0] if isinstance(hidden, tuple) else hidden
     return hidden.reshape(-1, hidden.shape[-1])[mask.to(hidden.device)]
 
 
-@torch.no_grad()
-def collect(
-    model: nn.Module, gaps: list[Gap], windows: TokenWindows, pad_id: int, *, batch_size: int = 8, progress: bool = True
-) -> dict[Gap, NormalEquations]:
-    """One calibration pass that gathers the normal equations of every gap in ``gaps``.
+class _GapEquations(LayerObserver):
+    """The normal equations of each gap in ``gaps``, gathered in one pass of either driver.
 
-    Hooks read, per batch: each kept layer ``p``'s update ``M`` (its fold
-    output) and output ``Y``, and each gap's last output ``L``; ``B = L - Y + M``.
+    Per batch: each kept layer ``p``'s update ``M`` (its fold output) and output
+    ``Y`` wait until the gap's last output ``L`` arrives; then ``B = L - Y + M``.
     Padding is dropped. NaN or Inf in any of them stops the pass with a
-    one-line error, before anything is changed.
+    one-line error, before anything is changed. Several gaps may start at the
+    same kept layer (candidate removals of `repair_aware_order`): its rows wait
+    for the deepest of them.
     """
-    fold = fold_rule(model)
-    found = find_decoder_layers(model)
-    describe_model = describe(model)
-    seen: dict[int, dict[str, torch.Tensor]] = {}
-    state: dict[str, torch.Tensor] = {}
-    equations = {gap: NormalEquations(fold.diagonal and gap.before >= 0) for gap in gaps}
-    handles = []
 
-    def finite(t: torch.Tensor, what: str) -> torch.Tensor:
-        return check_finite(t, f"{describe_model} ({what})")
+    def __init__(self, gaps: list[Gap], fold: Fold, where: str, parked: torch.device | None):
+        self.where, self.parked = where, parked
+        self.through = max(g.last for g in gaps)
+        self.taps = {g.before: fold.output for g in gaps if g.before >= 0}
+        self.ending = {last: [g for g in gaps if g.last == last] for last in {g.last for g in gaps}}
+        self.deepest = {p: max(g.last for g in gaps if g.before == p) for p in {g.before for g in gaps}}
+        self.open: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (batch, p) -> (M, Y) rows
+        self.equations = {gap: NormalEquations(fold.diagonal and gap.before >= 0) for gap in gaps}
 
-    def keep(p: int, key: str):
-        def hook(module, args, kwargs, output=None):
-            value = (args[0] if args else kwargs["hidden_states"]) if output is None else output
-            seen.setdefault(p, {})[key] = finite(token_rows(value, state["mask"]), f"layer {p} {key}")
+    def _rows(self, t: Any, mask: torch.Tensor, what: str) -> torch.Tensor:
+        rows = check_finite(token_rows(t, mask), f"{self.where} ({what})")
+        return rows if self.parked is None else rows.to(self.parked)
 
-        return hook
-
-    for p in sorted({g.before for g in gaps}):
-        if p < 0:  # the embeddings' output is layer 0's input: M = Y, so B = L
-            handles.append(found.layers[0].register_forward_pre_hook(keep(p, "y"), with_kwargs=True))
-        else:
-            handles.append(
-                found.layers[p].get_submodule(fold.output).register_forward_hook(keep(p, "m"), with_kwargs=True)
+    def observe(self, layer: int, batch: int, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, tap: Any) -> None:
+        if layer == 0 and -1 in self.deepest:  # the embeddings' output is layer 0's input: M = Y, so B = L
+            embedded = self._rows(x, mask, "the embeddings")
+            self.open[batch, -1] = (embedded, embedded)
+        if layer in self.taps:
+            self.open[batch, layer] = (
+                self._rows(tap, mask, f"layer {layer} {self.taps[layer]}"),
+                self._rows(y, mask, f"layer {layer} output"),
             )
-            handles.append(found.layers[p].register_forward_hook(keep(p, "y"), with_kwargs=True))
+        for gap in self.ending.get(layer, []):
+            target = check_finite(token_rows(y, mask), f"{self.where} (layer {layer} output)")
+            m, y_before = (t.to(target.device) for t in self.open[batch, gap.before])
+            self.equations[gap].add(m, target - y_before + m, target)
+            if self.deepest[gap.before] == layer:
+                del self.open[batch, gap.before]
 
-    def gap_end(ends: list[Gap]):
-        def hook(module, args, kwargs, output):
-            target = finite(token_rows(output, state["mask"]), f"layer {ends[0].last} output")
-            for gap in ends:
-                rows = seen[gap.before]
-                y = rows["y"].to(target.device)
-                m = rows.get("m", rows["y"]).to(target.device)
-                equations[gap].add(m, target - y + m, target)
 
-        return hook
-
-    for last in sorted({g.last for g in gaps}):
-        handles.append(
-            found.layers[last].register_forward_hook(gap_end([g for g in gaps if g.last == last]), with_kwargs=True)
-        )
-
-    def stop(module, args, kwargs, output):  # nothing after the deepest gap is needed: skip the rest of the model
-        raise _Done
-
-    handles.append(found.layers[max(g.last for g in gaps)].register_forward_hook(stop, with_kwargs=True))
-    device = input_device(model)
-    with eval_mode(model):
-        try:
-            bar = tqdm(total=windows.num_tokens, unit="tok", desc="linear repair: activations", disable=not progress)
-            for ids, mask in windows.batches(batch_size, pad_id):
-                state["mask"] = mask.reshape(-1).bool()
-                seen.clear()
-                try:
-                    model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                except _Done:
-                    pass
-                bar.update(int(mask.sum()))
-            bar.close()
-        finally:
-            for h in handles:
-                h.remove()
-    return equations
+def gather(driver: Driver, gaps: list[Gap], progress: bool = True) -> dict[Gap, NormalEquations]:
+    """One calibration pass of ``driver`` that gathers the normal equations of every gap in ``gaps``."""
+    fold = fold_rule(driver.model)
+    observer = _GapEquations(gaps, fold, describe(driver.model), driver.parked)
+    driver.run(observer, f"linear repair: activations ({driver.how})", progress)
+    return observer.equations
 
 
 @dataclass
@@ -378,14 +349,8 @@ def attach_maps(model: nn.Module, maps: dict[str, torch.Tensor]) -> None:
 
 
 def map_keys(record: ShortGPTConfig) -> list[str]:
-    """The keys of the stored maps a record's linear steps name (empty when it has none)."""
-    return [
-        gap["key"]
-        for step in record.recovery or []
-        if step.get("method") == "linear"
-        for gap in step.get("gaps", [])
-        if gap.get("key")
-    ]
+    """The keys of the stored maps a record's training-free steps name (empty when it has none)."""
+    return [gap["key"] for step in record.recovery or [] for gap in step.get("gaps", []) if gap.get("key")]
 
 
 def save_maps(maps: dict[str, torch.Tensor], record: ShortGPTConfig, folder: Path) -> None:
@@ -418,11 +383,9 @@ def load_maps(source: Source, record: ShortGPTConfig) -> dict[str, torch.Tensor]
 
 
 def maps_from_record(record: ShortGPTConfig, tensors: dict[str, torch.Tensor]) -> list[LinearMap]:
-    """The maps a record's linear steps name, in order, rebuilt from stored tensors (for a loader)."""
+    """The maps a record's training-free steps name, in order, rebuilt from stored tensors (for a loader)."""
     maps = []
     for step in record.recovery or []:
-        if step.get("method") != "linear":
-            continue
         for gap in step.get("gaps", []):
             key = gap.get("key")
             if key is None:
@@ -491,21 +454,44 @@ def recovery_entry(
     return details, tensors
 
 
-def _fit(
-    model: nn.Module,
-    removing: list[int],
-    windows: TokenWindows,
-    pad_id: int,
-    ridge: float,
-    batch_size: int,
-    progress: bool,
-) -> list[LinearMap]:
-    record = ShortGPTConfig.from_model(model)
-    original = record.kept_layers if record is not None else list(range(len(find_decoder_layers(model).layers)))
+@dataclass
+class LinearRepair:
+    """What a training-free method fitted for one removal: a map per gap (ORIGINAL indices),
+    ready to fold into a model in memory, into the few tensors a checkpoint written
+    tensor by tensor changes (``streaming.materialize``), or to travel in a recipe."""
+
+    method: str
+    removed_layers: list[int]
+    maps: list[LinearMap]
+    ridge: float
+    tokens: int
+    data: str
+
+    def record(self, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """What ``config.shortgpt["recovery"][step]`` records, and the maps under the keys it names."""
+        details, tensors = recovery_entry(self.maps, step, self.ridge, self.tokens)
+        return {"method": self.method, **details, "data": self.data}, tensors
+
+    @property
+    def entry(self) -> dict[str, Any]:
+        """The record of the first recovery step of a dense model (what layer-by-layer pruning writes)."""
+        return self.record(0)[0]
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.record(0)[1]
+
+
+def fit_gaps(method: str, driver: Driver, removing: list[int], ridge: float, progress: bool) -> LinearRepair:
+    """Fit a least-squares map for each gap of removing ``removing`` (current indices) from the driver's model."""
+    record = ShortGPTConfig.from_model(driver.model)
+    original = record.kept_layers if record is not None else list(range(driver.num_layers))
     gaps = gaps_of(removing)
-    skipped = unrepairable(model, gaps, original)
-    equations = collect(model, gaps, windows, pad_id, batch_size=batch_size, progress=progress)
-    return [fitted_map(gap, equations[gap], original, ridge, gap in skipped) for gap in gaps]
+    skipped = unrepairable(driver.model, gaps, original)
+    equations = gather(driver, gaps, progress)
+    maps = [fitted_map(gap, equations[gap], original, ridge, gap in skipped) for gap in gaps]
+    windows = driver.windows
+    return LinearRepair(method, [original[i] for i in removing], maps, ridge, windows.num_tokens, windows.description)
 
 
 @register
@@ -513,32 +499,24 @@ class LinearRecovery(RecoveryMethod):
     """A least-squares linear map per removed gap, folded into native weights; no training."""
 
     name = "linear"
+    summary = "a least-squares map per removed gap, folded into the kept weights; no training"
     needs_removed_layers = True
 
     def check(self, model: nn.Module, *, ridge: float = 0.0, batch_size: int = 8, progress: bool = True) -> None:
         fold_rule(model)
         if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
-            raise ShortGPTError(f"ridge must be a non-negative number, got {ridge!r}")
+            raise InvalidRequest(f"ridge must be a non-negative number, got {ridge!r}")
         record = ShortGPTConfig.from_model(model)
         if record is not None and record.mode == "prefill_skip":
-            raise ShortGPTError(
+            raise InvalidRequest(
                 "this model skips layers during prefill; "
                 "call disable_prefill_skip(model) before pruning and repairing it"
             )
 
     def fit(
-        self,
-        model: nn.Module,
-        removing: list[int],
-        windows: TokenWindows,
-        tokenizer: Any,
-        *,
-        ridge: float = 0.0,
-        batch_size: int = 8,
-        progress: bool = True,
-    ) -> list[LinearMap]:
-        pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-        return _fit(model, removing, windows, pad_id, float(ridge), batch_size, progress)
+        self, driver: Driver, removing: list[int], *, ridge: float = 0.0, batch_size: int = 8, progress: bool = True
+    ) -> LinearRepair:
+        return fit_gaps(self.name, driver, removing, float(ridge), progress)
 
     def apply(
         self,
@@ -546,29 +524,22 @@ class LinearRecovery(RecoveryMethod):
         windows: TokenWindows,
         tokenizer: Any,
         *,
-        fitted: list[LinearMap] | None = None,
+        fitted: LinearRepair | None = None,
         ridge: float = 0.0,
         batch_size: int = 8,
         progress: bool = True,
     ) -> tuple[nn.Module, dict[str, Any]]:
         if fitted is None:
-            raise ShortGPTError("linear repair needs maps fitted before removal: use prune(..., recovery='linear')")
-        fold_maps(model, fitted)
+            raise InvalidRequest("linear repair needs maps fitted before removal: use prune(..., recovery='linear')")
+        fold_maps(model, fitted.maps)
         step = len((model.config.shortgpt or {}).get("recovery") or [])
-        details, tensors = recovery_entry(fitted, step, ridge, windows.num_tokens)
+        entry, tensors = fitted.record(step)
         attach_maps(model, tensors)
-        return model, details
+        return model, {k: v for k, v in entry.items() if k not in ("method", "data")}
 
 
 def repair_aware_order(
-    model: nn.Module,
-    windows: TokenWindows,
-    pad_id: int,
-    steps: int,
-    *,
-    ridge: float = 0.0,
-    batch_size: int = 8,
-    progress: bool = True,
+    driver: Driver, steps: int, *, ridge: float = 0.0, progress: bool = True
 ) -> tuple[list[int], list[float]]:
     """Choose ``steps`` layers greedily by the error that remains after linear repair.
 
@@ -583,8 +554,9 @@ def repair_aware_order(
     Returns the layers in the order chosen and, per layer, the cost it added
     when chosen (or, for a layer never chosen, would have added next).
     """
+    model = driver.model
     fold = fold_rule(model)
-    n = len(find_decoder_layers(model).layers)
+    n = driver.num_layers
     embeddings_ok = embeddings_foldable(model)
     d = text_config(model).hidden_size
     per_pass = max(1, _PASS_MEMORY // (1 if fold.diagonal else 16 * d * d))
@@ -593,7 +565,7 @@ def repair_aware_order(
     def measure(gaps: list[Gap]) -> None:
         for start in range(0, len(gaps), per_pass):
             chunk = gaps[start : start + per_pass]
-            for gap, eq in collect(model, chunk, windows, pad_id, batch_size=batch_size, progress=progress).items():
+            for gap, eq in gather(driver, chunk, progress).items():
                 repairable = gap.before >= 0 or embeddings_ok
                 cost[gap] = (
                     eq.residual(eq.solve(ridge, f"the gap at layers {gap.first}..{gap.last}"))
@@ -623,3 +595,17 @@ def repair_aware_order(
         removed.add(best)
         order.append(best)
     return order, added
+
+
+@register_metric
+class LinearResidual(Metric):
+    """The selection made for linear repair: greedily, the layer whose removal leaves the
+    least error after each gap's best least-squares map (`repair_aware_order`)."""
+
+    name = "linear_residual"
+    summary = "greedy: the layers whose removal leaves the least error after linear repair (one pass per layer)"
+    greedy = True
+
+    def score(self, driver: Driver, *, block_size: int, seed: int, max_layers: int, progress: bool) -> Scored:
+        order, added = repair_aware_order(driver, max_layers, progress=progress)
+        return Scored(added, order)

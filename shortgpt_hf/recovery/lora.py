@@ -27,12 +27,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import CalibrationData, TokenWindows
+from ..compat import quiet_peft
 from ..config import ShortGPTConfig
 from ..errors import ShortGPTError
 from ..evaluation import HEADLINE
 from ..families import describe, is_vision_language
 from ..layers import find_decoder_layers, input_device
-from ..loading import quiet_peft
+from ..reading import read_recipe
+from ..sources import resolve
 from .base import RecoveryMethod, recover, register
 
 METHODS = ("lora", "qlora")
@@ -49,9 +51,6 @@ def pruned_reference(model: nn.Module) -> str | None:
     rebuilds it (what an adapter must name as its base), or None if it exists
     only in memory. The saved record must be this model's, up to recovery steps
     added since (an adapter trained now is one)."""
-    from ..modeling import read_recipe
-    from ..sources import resolve
-
     current = ShortGPTConfig.from_model(model)
     if current is None or not model.name_or_path:
         return None
@@ -168,6 +167,7 @@ class LoraRecovery(RecoveryMethod):
     """LoRA (or QLoRA) adapters trained with PEFT in a plain accelerate loop; see `heal`."""
 
     name = "lora"
+    summary = "LoRA adapters trained with PEFT (optionally distilled from the dense model); returns a PEFT model"
 
     def check(
         self,

@@ -7,19 +7,26 @@ the tensors it needs with ``safe_open``. Memory is about one layer plus the
 calibration activations (tokens x hidden), whatever the model's size.
 
 - `checkpoint`: reading the shards safely, and the skeleton they fill;
-- `walk`: the layer walk behind `score_layers_sequentially`,
-  `fit_linear_sequentially` and `perplexity_sequentially`, which give the
-  numbers of their in-memory counterparts;
+- `walk`: the layer walk, and `LayerByLayerDriver`, which feeds it to the
+  same metrics and repairs that run in memory (`score_layers_sequentially`,
+  `fit_linear_sequentially`); `perplexity_sequentially`;
 - `writing`: `materialize`, which writes what `save_pruned` would, tensor by
   tensor, and can verify it layer by layer before it is moved into place.
 """
 
+from ..recovery.linear import LinearRepair
 from .checkpoint import Checkpoint, available_memory, checkpoint_bytes, meta_skeleton
-from .walk import LinearRepair, fit_linear_sequentially, perplexity_sequentially, score_layers_sequentially
+from .walk import (
+    LayerByLayerDriver,
+    fit_linear_sequentially,
+    perplexity_sequentially,
+    score_layers_sequentially,
+)
 from .writing import materialize, pruned_record
 
 __all__ = [
     "Checkpoint",
+    "LayerByLayerDriver",
     "LinearRepair",
     "available_memory",
     "checkpoint_bytes",

@@ -175,11 +175,18 @@ def meta_skeleton(source: Source, dtype: torch.dtype | str | None = None) -> nn.
 
 
 def prune_skeleton(
-    model: nn.Module, removed: Sequence[int], scores: LayerScores | None, recipe: Any = None, repair: Any = None
+    model: nn.Module,
+    removed: Sequence[int],
+    scores: LayerScores | None,
+    recipe: Any = None,
+    repair: Any = None,
+    request: dict[str, Any] | None = None,
 ) -> None:
     """`prune` on the meta device: the same refusals, config fix and record as in memory
-    (plus a recipe's own record, or a repair fitted layer by layer)."""
+    (plus a recipe's own record, or a repair fitted layer by layer, and the request carried out)."""
     prune(model, list(removed), scores=scores, verify=False)
+    if request is not None:
+        model.config.shortgpt = {**model.config.shortgpt, "request": request}
     if recipe is not None:  # a recipe's own record (metric, scores, calibration) is what its checkpoint carries
         own = {k: v for k, v in recipe.to_dict().items() if v is not None}
         model.config.shortgpt = {**model.config.shortgpt, **own}

@@ -4,10 +4,10 @@ The model's own forward first runs every window with each decoder layer
 replaced by a stand-in that records what the model hands it (the hidden
 state, the attention mask for that layer's type, the rotary embeddings);
 then each layer is read, run on what it was handed, and freed, its outputs
-becoming the next layer's inputs. Three uses share it: `score_layers_sequentially`
-(the same per-token terms as `score_layers`), `fit_linear_sequentially` (the
-same normal equations as ``prune(..., recovery="linear")``) and
-`perplexity_sequentially` (which ends with the model's own head).
+becoming the next layer's inputs. `LayerByLayerDriver` feeds the walk to the
+`drivers` protocol, so every metric (`score_layers_sequentially`) and every
+training-free repair (`fit_linear_sequentially`) runs the same code as in
+memory; `perplexity_sequentially` ends the walk with the model's own head.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +23,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import CalibrationData, TokenWindows, is_tokenized, prepare_calibration
-from ..errors import ShortGPTError
+from ..drivers import Driver, LayerObserver
+from ..errors import InvalidRequest, ShortGPTError
 from ..evaluation import HEADLINE, negative_log_likelihood, perplexity_batches
 from ..layers import find_decoder_layers
-from ..loading import load_tokenizer
-from ..recovery import RECOVERY_METHODS
-from ..recovery.linear import (
-    LinearMap,
-    NormalEquations,
-    check_finite,
-    fitted_map,
-    fold_rule,
-    gaps_of,
-    recovery_entry,
-    token_rows,
-    unrepairable,
-)
-from ..scoring import HIDDEN_STATE_METRICS, LayerScores, layer_term
+from ..reading import load_tokenizer
+from ..recovery.linear import LinearMap, LinearRepair, fold_rule
+from ..registry import RECOVERY_METHODS
+from ..scoring import LayerScores, check_metric, score_with
 from ..sources import Source, resolve
-from .checkpoint import Checkpoint, layer_keys, load_tensors, meta_skeleton, prune_skeleton
+from ..surgery import check_supported
+from .checkpoint import Checkpoint, layer_keys, load_tensors, meta_skeleton
 
 
 class _Recorder(nn.Module):
@@ -78,9 +69,10 @@ class _LayerWalk:
 
     On creation only the tensors of the decoder outside its layers are read (the
     embeddings), the model's own forward records what every layer receives, and
-    they are freed again. `run` then walks the layers once: each one's outputs
-    become the next one's inputs, and a visitor sees every (input, output) pair.
-    `logits` finishes with the model's own head.
+    they are freed again. `run` then walks the layers: each one's outputs become
+    the next one's inputs, and a visitor sees every (input, output) pair. A walk
+    can run again from the recorded inputs (a greedy metric makes one pass per
+    layer it chooses). `logits` finishes with the model's own head.
     """
 
     def __init__(
@@ -108,6 +100,7 @@ class _LayerWalk:
         store: dict[int, tuple[tuple, dict]] = {}
         setattr(found.decoder, found.attr, nn.ModuleList(_Recorder(i, i == n - 1, store) for i in range(n)))
         self.batches: list[tuple[torch.Tensor, torch.Tensor, list[tuple[tuple, dict]]]] = []
+        self.walked: list[torch.Tensor] = []  # each batch's hidden state after the last `run`
         try:  # per batch: token mask, hidden state, and each layer's other arguments
             for ids, mask in batches:
                 store.clear()
@@ -124,10 +117,12 @@ class _LayerWalk:
                 set_module_tensor_to_device(found.decoder, name, "meta")
 
     def run(self, through: int, visit: Visit, desc: str, progress: bool, skip: Collection[int] = ()) -> None:
-        """Layers ``0..through``, once; ``visit(i, layer)`` is entered around layer ``i``'s batches.
-        Layers in ``skip`` are neither read nor run: the model with them removed, each kept
-        layer still given the mask of its own type (sliding or full), as pruning keeps it."""
+        """Layers ``0..through``, from the recorded inputs; ``visit(i, layer)`` is entered around
+        layer ``i``'s batches. Layers in ``skip`` are neither read nor run: the model with them
+        removed, each kept layer still given the mask of its own type (sliding or full), as
+        pruning keeps it."""
         ran = [i for i in range(through + 1) if i not in set(skip)]
+        hidden = [h for _, h, _ in self.batches]
         bar = tqdm(total=len(ran), unit="layer", desc=desc, disable=not progress)
         for i in ran:
             layer = self.layers[i]
@@ -136,16 +131,17 @@ class _LayerWalk:
             if unloaded:
                 raise ShortGPTError(f"layer {i} of {self.where} has no tensor for {unloaded[0]} in its checkpoint")
             with visit(i, layer) as on_batch:
-                for b, (mask, hidden, per_layer) in enumerate(self.batches):
+                for b, (mask, _, per_layer) in enumerate(self.batches):
                     args, kwargs = per_layer[i]
-                    x = hidden.to(self.device)
+                    x = hidden[b].to(self.device)
                     out = layer(x, *args, **kwargs)
                     y = out[0] if isinstance(out, tuple) else out
                     on_batch(b, x, y, mask)
-                    self.batches[b] = (mask, y.to(self.parked), per_layer)
+                    hidden[b] = y.to(self.parked)
             layer.to_empty(device="meta")  # frees the layer; its parameters stay meta
             bar.update()
         bar.close()
+        self.walked = hidden
 
     def logits(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[torch.Tensor]:
         """Each batch's logits, after a `run` through every layer: the model's own forward
@@ -160,7 +156,7 @@ class _LayerWalk:
         n = len(self.layers)
         setattr(found.decoder, found.attr, nn.ModuleList(_Replay(current) if i == n - 1 else _Pass() for i in range(n)))
         try:
-            for (ids, mask), (_, hidden, _) in zip(batches, self.batches, strict=True):
+            for (ids, mask), hidden in zip(batches, self.walked, strict=True):
                 current["hidden"] = hidden.to(self.device)
                 yield self.model(
                     input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
@@ -187,20 +183,96 @@ class _Replay(nn.Module):
         return self.current["hidden"]
 
 
+class LayerByLayerDriver(Driver):
+    """The `drivers` protocol fed by the layer walk: a dense checkpoint's layers read from its
+    shards and run one at a time over all the calibration batches, for models larger than
+    memory. The walk's inputs are recorded once, on the first pass; every pass after that
+    (a greedy metric makes one per layer it chooses) starts again from them."""
+
+    how = "layer by layer"
+
+    def __init__(
+        self,
+        source: Source,
+        prepare: Callable[[], tuple[TokenWindows, int]],
+        *,
+        batch_size: int = 8,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        activations_device: str | torch.device | None = None,
+        checkpoint: Checkpoint | None = None,
+    ):
+        super().__init__(meta_skeleton(source), prepare)
+        self.source, self.batch_size, self.dtype = source, batch_size, dtype
+        self.run_on, self.parked = _devices(device, activations_device)
+        self._checkpoint = checkpoint
+        self._walk: _LayerWalk | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.run_on
+
+    def run(self, observer: LayerObserver, desc: str, progress: bool = True) -> None:
+        if self._walk is None:
+            checkpoint = self._checkpoint or Checkpoint.open(self.source)
+            batches = self.windows.batches(self.batch_size, self.pad_id)
+            self._walk = _LayerWalk(self.source, checkpoint, batches, self.dtype, self.run_on, self.parked)
+
+        @contextmanager
+        def visit(i: int, layer: nn.Module) -> Iterator[OnBatch]:
+            tapped: dict[str, Any] = {}
+            handle = None
+            if i in observer.taps:
+                handle = layer.get_submodule(observer.taps[i]).register_forward_hook(
+                    lambda module, args, output: tapped.update(out=output)
+                )
+            try:
+                yield lambda b, x, y, mask: observer.observe(i, b, x, y, mask, tapped.pop("out", None))
+            finally:
+                if handle is not None:
+                    handle.remove()
+
+        self._walk.run(observer.through, visit, desc, progress)
+
+
+def dense_driver(
+    name_or_path: str | Path,
+    calibration: CalibrationData,
+    *,
+    tokenizer: Any = None,
+    seq_len: int = 256,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    activations_device: str | torch.device | None = None,
+    checkpoint: Checkpoint | None = None,
+    what: str = "the layer walk",
+) -> LayerByLayerDriver:
+    """A `LayerByLayerDriver` over a dense checkpoint and ``calibration``, tokenized (with the
+    checkpoint's own tokenizer when none is given) only when a pass first needs it."""
+    source = _dense_source(name_or_path, what)
+
+    def prepare() -> tuple[TokenWindows, int]:
+        tok = load_tokenizer(source) if tokenizer is None and not is_tokenized(calibration) else tokenizer
+        return prepare_calibration(calibration, tok, seq_len, max_tokens), getattr(tok, "pad_token_id", None) or 0
+
+    return LayerByLayerDriver(
+        source,
+        prepare,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        activations_device=activations_device,
+        checkpoint=checkpoint,
+    )
+
+
 def _dense_source(name_or_path: str | Path, what: str) -> Source:
     source = resolve(name_or_path)
     if source.kind != "model" or source.pruned:
         raise ShortGPTError(f"{what} reads a dense model's checkpoint; {source.describe()} is not one")
     return source
-
-
-def _windows(
-    source: Source, calibration: CalibrationData, tokenizer: Any, seq_len: int, max_tokens: int | None
-) -> tuple[TokenWindows, int]:
-    if tokenizer is None and not is_tokenized(calibration):
-        tokenizer = load_tokenizer(source)
-    windows = prepare_calibration(calibration, tokenizer, seq_len, max_tokens)
-    return windows, getattr(tokenizer, "pad_token_id", None) or 0
 
 
 def _devices(
@@ -220,6 +292,9 @@ def score_layers_sequentially(
     seq_len: int = 256,
     batch_size: int = 8,
     max_tokens: int | None = 8192,
+    block_size: int = 1,
+    seed: int = 0,
+    max_layers: int | None = None,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     activations_device: str | torch.device | None = None,
@@ -227,38 +302,31 @@ def score_layers_sequentially(
     _checkpoint: Checkpoint | None = None,
 ) -> LayerScores:
     """`score_layers` for a model that need not fit in memory: one decoder layer
-    at a time, read from its safetensors shards, with the same scores.
+    at a time, read from its safetensors shards, with the same scores for every
+    metric (the same `score_with` runs on both).
 
     ``device``: where each layer runs (default: CUDA when available, else CPU).
     ``activations_device``: where the calibration hidden states wait between
     layers (default: ``device``; give ``"cpu"`` when tokens x hidden do not
     fit beside a layer on the GPU). Peak memory is about one layer plus the
-    activations. Hidden-state metrics only (``bi``, ``angular``,
-    ``relative_magnitude``), one layer per block."""
-    if metric not in HIDDEN_STATE_METRICS:
-        raise ShortGPTError(
-            f"sequential scoring computes the hidden-state metrics ({', '.join(HIDDEN_STATE_METRICS)}); got {metric!r}"
-        )
-    source = _dense_source(name_or_path, "sequential scoring")
-    device, parked = _devices(device, activations_device)
-    checkpoint = _checkpoint or Checkpoint.open(source)
-    windows, pad_id = _windows(source, calibration, tokenizer, seq_len, max_tokens)
-    walk = _LayerWalk(source, checkpoint, windows.batches(batch_size, pad_id), dtype, device, parked)
-    n = len(walk.layers)
-    sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(n)]
-
-    @contextmanager
-    def visit(i: int, layer: nn.Module) -> Iterator[OnBatch]:
-        def add(b: int, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> None:
-            sums[i] += layer_term(metric, x, y, mask)
-
-        yield add
-
-    walk.run(n - 1, visit, f"scoring ({metric}) layer by layer", progress)
-    scores = [float(s.item()) / windows.num_tokens for s in sums]
-    if any(math.isnan(s) for s in scores):
-        raise ShortGPTError("sequential scoring produced NaN scores: the activations overflowed in this dtype")
-    return LayerScores(metric, scores, n, windows.num_tokens, windows.description, seq_len)
+    activations (times ``block_size`` for blocks)."""
+    check_metric(metric, block_size)
+    driver = dense_driver(
+        name_or_path,
+        calibration,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        activations_device=activations_device,
+        checkpoint=_checkpoint,
+        what="sequential scoring",
+    )
+    return score_with(
+        driver, metric, block_size=block_size, seed=seed, max_layers=max_layers, seq_len=seq_len, progress=progress
+    )
 
 
 @contextmanager
@@ -320,25 +388,13 @@ def perplexity_of(logits: Iterable[torch.Tensor], batches: Sequence[tuple[torch.
     return math.exp(nll / count)
 
 
-@dataclass
-class LinearRepair:
-    """Linear repair maps fitted layer by layer (`fit_linear_sequentially`), for `materialize`
-    to fold into the tensors they touch, or for a recipe to carry: ``entry`` is what the
-    pruned model's ``config.shortgpt["recovery"]`` records, ``tensors`` the maps under the
-    keys it names (``shortgpt/linear_maps.safetensors``)."""
-
-    removed_layers: list[int]
-    maps: list[LinearMap]
-    entry: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
-
-
 @torch.no_grad()
 def fit_linear_sequentially(
     name_or_path: str | Path,
     removed_layers: Sequence[int],
     calibration: CalibrationData = None,
     *,
+    method: str = "linear",
     ridge: float = 0.0,
     tokenizer: Any = None,
     seq_len: int = 256,
@@ -350,76 +406,46 @@ def fit_linear_sequentially(
     progress: bool = True,
     _checkpoint: Checkpoint | None = None,
 ) -> LinearRepair:
-    """The linear repair of removing ``removed_layers`` from a dense model that need not fit
-    in memory: the maps ``prune(..., recovery="linear")`` fits, from one walk over the
-    layers up to the deepest gap, one layer in memory at a time.
+    """The training-free repair ``method`` of removing ``removed_layers`` from a dense model
+    that need not fit in memory: the maps ``prune(..., recovery=method)`` fits, from one walk
+    over the layers up to the deepest gap, one layer in memory at a time.
 
     A gap needs activations at its two ends only: what the kept layer before it
     adds (``M``) and outputs (``Y``), and what its last layer outputs (``L``).
     ``M`` and ``Y`` wait (tokens x hidden each, on ``activations_device``) until
-    the walk reaches the gap's end, where its normal equations are complete and
-    solved. Gaps never overlap, so at most one gap's activations and one
-    ``d x d`` system are held at a time. Options as for `score_layers_sequentially`
-    and ``prune``'s linear recovery (``ridge``; ``max_tokens=None``: all of the
-    calibration)."""
-    source = _dense_source(name_or_path, "sequential linear repair")
+    the walk reaches the gap's end. Options as for `score_layers_sequentially`
+    and the method (``ridge``; ``max_tokens=None``: all of the calibration)."""
+    driver = dense_driver(
+        name_or_path,
+        calibration,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        activations_device=activations_device,
+        checkpoint=_checkpoint,
+        what=f"sequential {method} repair",
+    )
+    return fit_removal(driver, method, removed_layers, {"ridge": ridge}, progress)
+
+
+def fit_removal(
+    driver: Driver, method: str, removed_layers: Sequence[int], options: dict[str, Any], progress: bool = True
+) -> LinearRepair:
+    """Fit the training-free recovery ``method`` for removing ``removed_layers`` from a dense checkpoint
+    walked layer by layer; everything that can be refused is refused before a tensor is read."""
+    chosen = RECOVERY_METHODS.get_or_refuse(method)
+    if not chosen.needs_removed_layers:
+        raise InvalidRequest(
+            f"recovery method {method!r} trains the pruned model, which layer by layer never holds in memory: "
+            "prune first, then run it on the pruned checkpoint"
+        )
     removed = sorted(set(removed_layers))
-    skeleton = meta_skeleton(source)  # everything that can be refused is refused before a tensor is read
-    RECOVERY_METHODS["linear"].check(skeleton, ridge=ridge)
-    fold = fold_rule(skeleton)
-    original = list(range(len(find_decoder_layers(skeleton).layers)))
-    gaps = gaps_of(removed)
-    skipped = unrepairable(skeleton, gaps, original)
-    prune_skeleton(skeleton, removed, None)
-    device, parked = _devices(device, activations_device)
-    checkpoint = _checkpoint or Checkpoint.open(source)
-    windows, pad_id = _windows(source, calibration, tokenizer, seq_len, max_tokens)
-    walk = _LayerWalk(source, checkpoint, windows.batches(batch_size, pad_id), dtype, device, parked)
-    starting = {gap.before: gap for gap in gaps}
-    ending = {gap.last: gap for gap in gaps}
-    open_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per batch: M and Y rows at the open gap's start
-    equations: dict[int, NormalEquations] = {}
-    fitted = []
-
-    def rows(t: Any, mask: torch.Tensor, what: str) -> torch.Tensor:
-        return check_finite(token_rows(t, mask), f"{walk.where} ({what})")
-
-    @contextmanager
-    def visit(i: int, layer: nn.Module) -> Iterator[OnBatch]:
-        update: dict[str, Any] = {}
-        handle = None
-        if i in starting:
-            equations[i] = NormalEquations(fold.diagonal)
-            handle = layer.get_submodule(fold.output).register_forward_hook(
-                lambda module, args, output: update.update(m=output)
-            )
-        elif i == 0 and -1 in starting:  # the embeddings' output is layer 0's input: M = Y
-            equations[-1] = NormalEquations(False)
-
-        def on_batch(b: int, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> None:
-            if i == 0 and -1 in starting:
-                embedded = rows(x, mask, "the embeddings").to(parked)
-                open_rows[b] = (embedded, embedded)
-            if i in starting:
-                m = rows(update.pop("m"), mask, f"layer {i} {fold.output}")
-                open_rows[b] = (m.to(parked), rows(y, mask, f"layer {i} output").to(parked))
-            if i in ending:
-                m, y_before = (t.to(device) for t in open_rows.pop(b))
-                target = rows(y, mask, f"layer {i} output")
-                equations[ending[i].before].add(m, target - y_before + m, target)
-
-        try:
-            yield on_batch
-        finally:
-            if handle is not None:
-                handle.remove()
-        if i in ending:
-            gap = ending[i]
-            fitted.append(fitted_map(gap, equations.pop(gap.before), original, ridge, gap in skipped))
-
-    walk.run(removed[-1], visit, "linear repair layer by layer", progress)
-    details, tensors = recovery_entry(fitted, 0, ridge, windows.num_tokens)
-    return LinearRepair(removed, fitted, {"method": "linear", **details, "data": windows.description}, tensors)
+    chosen.check(driver.model, **options)
+    check_supported(driver.model, removed)
+    return chosen.fit(driver, removed, progress=progress, **options)
 
 
 def _with_maps(maps: Sequence[LinearMap], fold: Any, first_kept: int) -> Visit:

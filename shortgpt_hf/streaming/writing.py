@@ -24,10 +24,10 @@ from ..config import ShortGPTConfig
 from ..errors import ShortGPTError
 from ..evaluation import HEADLINE, PerplexitySettings, perplexity_batches
 from ..layers import find_decoder_layers, probe_ids
-from ..loading import load_tokenizer
-from ..modeling import read_recipe, recipe_base
+from ..reading import load_tokenizer, read_recipe, recipe_base
 from ..recovery.linear import (
     LinearMap,
+    LinearRepair,
     fold_maps,
     fold_rule,
     fold_targets,
@@ -48,7 +48,7 @@ from .checkpoint import (
     prune_skeleton,
     record_conversions,
 )
-from .walk import LinearRepair, perplexity_of, walked_logits
+from .walk import perplexity_of, walked_logits
 
 
 def safetensors_header(layout: dict[str, torch.Tensor]) -> bytes:
@@ -73,12 +73,13 @@ def pruned_record(
     removed_layers: Sequence[int],
     scores: LayerScores | None = None,
     repair: LinearRepair | None = None,
+    request: dict[str, Any] | None = None,
 ) -> ShortGPTConfig:
     """The `ShortGPTConfig` that removing ``removed_layers`` from a dense model records
     (for `save_recipe`, with ``maps=repair.tensors`` when repaired), worked out on the
     meta device: no tensor is read."""
     model = meta_skeleton(resolve(name_or_path))
-    prune_skeleton(model, removed_layers, scores, repair=repair)
+    prune_skeleton(model, removed_layers, scores, repair=repair, request=request)
     return ShortGPTConfig.from_model(model)
 
 
@@ -134,6 +135,7 @@ def materialize(
     removed_layers: Sequence[int] | None = None,
     scores: LayerScores | None = None,
     repair: LinearRepair | None = None,
+    request: dict[str, Any] | None = None,
     eval_data: CalibrationData = None,
     eval_settings: PerplexitySettings = HEADLINE,
     verify: bool = True,
@@ -148,7 +150,8 @@ def materialize(
     tensor, without ever building it. ``scores`` (from `score_layers_sequentially`)
     are recorded in ``config.shortgpt`` as `prune` records them; a ``repair`` (from
     `fit_linear_sequentially`), or the maps a recipe carries, is folded into the few
-    tensors it touches. With a ``repair`` and ``eval_data``, the held-out perplexity of
+    tensors it touches; ``request`` (a `ShortGPTConfig` request's fields) is recorded as
+    the request the checkpoint carries out. With a ``repair`` and ``eval_data``, the held-out perplexity of
     plain removal and of the repaired checkpoint (measured layer by layer, in its
     temporary folder before it is moved into place) go into the repair's record, as
     ``prune(..., recovery="linear")`` records them. With ``verify``, the written
@@ -184,7 +187,7 @@ def materialize(
     prefix = f"{found.path}."
     by_layer = layer_keys(checkpoint, prefix, len(found.layers), base.describe())
     kept = [i for i in range(len(found.layers)) if i not in set(removed)]
-    prune_skeleton(model, removed, scores, record, repair)
+    prune_skeleton(model, removed, scores, record, repair, request)
     # The kept tensors as the checkpoint stores them (save_pretrained writes that same form back),
     # the layer index in their names renumbered; removed layers' tensors are never opened.
     in_layers = {key for keys in by_layer for key in keys}
