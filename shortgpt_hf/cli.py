@@ -76,7 +76,7 @@ def command(**options: Any) -> Callable[[Callable[..., None]], Callable[..., Non
             try:
                 function(*args, **kwargs)
             except KeyboardInterrupt:
-                raise ShortGPTError("interrupted; no output was left half-written") from None
+                raise InvalidRequest("interrupted; no output was left half-written") from None
 
         return app.command(**options)(run)
 
@@ -105,7 +105,7 @@ def _from_pretrained_kwargs(dtype: str, device_map: Optional[str]) -> dict:
     import torch
 
     if dtype not in DTYPES:
-        raise ShortGPTError(f"--dtype must be one of {', '.join(DTYPES)}")
+        raise InvalidRequest(f"--dtype must be one of {', '.join(DTYPES)}")
     kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     if device_map:
         kwargs["device_map"] = device_map
@@ -122,7 +122,7 @@ def _parse_layers(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ShortGPTError(f"--layers must be comma-separated integers, got {text!r}") from None
+        raise InvalidRequest(f"--layers must be comma-separated integers, got {text!r}") from None
 
 
 def _score(
@@ -427,7 +427,7 @@ def generate(
     from .selection import removal_count
 
     if prefill_skip is not None and layers is not None:
-        raise ShortGPTError("give only one of --prefill-skip and --layers")
+        raise InvalidRequest("give only one of --prefill-skip and --layers")
     chosen = _parse_layers(layers) if layers is not None else None
     m, tok = _load(model, dtype, device_map)
     if prefill_skip is not None:
@@ -524,12 +524,12 @@ def eval_(
 
     models = models or [DEFAULT_MODEL]
     if lm_eval_include is not None and not lm_eval_include.is_dir():
-        raise ShortGPTError(f"--lm-eval-include is not a folder: {lm_eval_include}")
+        raise InvalidRequest(f"--lm-eval-include is not a folder: {lm_eval_include}")
     check_tasks(_split(tasks))
     if not _split(tasks) and not _split(lm_eval_tasks):
-        raise ShortGPTError("nothing to evaluate: give --tasks and/or --lm-eval-tasks")
+        raise InvalidRequest("nothing to evaluate: give --tasks and/or --lm-eval-tasks")
     if with_base and len(models) > 1:
-        raise ShortGPTError(
+        raise InvalidRequest(
             "--with-base compares one model with its base; to compare several, list the base among them"
         )
     options = dict(
@@ -558,7 +558,7 @@ def eval_(
     m, tok = _load(model, dtype, device_map, adapters=True)
     record = ShortGPTConfig.from_model(m)
     if with_base and record is None:
-        raise ShortGPTError(f"--with-base needs a pruned model; {model!r} is not one")
+        raise InvalidRequest(f"--with-base needs a pruned model; {model!r} is not one")
     report = evaluate(m, tok, name=model, **options)
     if with_base:
         del m
@@ -611,7 +611,7 @@ def ablate(
     try:
         fractions = [float(r) for r in _split(ratios)]
     except ValueError:
-        raise ShortGPTError(f"--ratios must be comma-separated numbers, got {ratios!r}") from None
+        raise InvalidRequest(f"--ratios must be comma-separated numbers, got {ratios!r}") from None
     request = dict(
         ratios=fractions,
         metrics=_split(metrics),
@@ -728,7 +728,7 @@ def heal(
     check_destination(out_dir, overwrite)
     m, tok = _load(pruned, "auto", None)
     if ShortGPTConfig.from_model(m) is None:
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"{resolve(pruned).describe()} has no layers removed: prune it first (shortgpt prune {pruned}), "
             "then heal what it writes"
         )

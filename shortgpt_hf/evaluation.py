@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import CalibrationData, token_streams
-from .errors import ShortGPTError
+from .errors import InvalidRequest, ShortGPTError, SourceUnavailable
 from .layers import eval_mode, input_device
 from .records import EvalResult, JsonRecord
 
@@ -120,12 +120,12 @@ def perplexity_batches(
     from .texts import heldout_texts
 
     if seq_len < 2:
-        raise ShortGPTError(f"the window length (seq_len / --seq-len) must be at least 2 tokens, got {seq_len}")
+        raise InvalidRequest(f"the window length (seq_len / --seq-len) must be at least 2 tokens, got {seq_len}")
     streams, _, bos = token_streams(heldout_texts() if texts is None else texts, tokenizer)
     body = seq_len - (bos is not None)
     stride = body if stride is None else stride
     if not 1 <= stride <= body:
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"the window stride (stride / --stride) must be between 1 and {body} "
             f"(the window length{' less one for BOS' if bos is not None else ''}), got {stride}"
         )
@@ -138,7 +138,7 @@ def perplexity_batches(
         streams = kept
     windows = [w for s in streams for w in _windows(s, seq_len, stride, bos)]
     if sum(int(t.sum()) for _, t in windows) == 0:
-        raise ShortGPTError("no tokens to evaluate perplexity on")
+        raise InvalidRequest("no tokens to evaluate perplexity on")
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     batches = []
     for start in range(0, len(windows), batch_size):
@@ -222,7 +222,7 @@ class EvalReport(JsonRecord):
             reports = [cls.from_dict(d) for d in data]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             reason = getattr(e, "strerror", None) or "not a report of shortgpt eval"
-            raise ShortGPTError(f"{path} is not an evaluation report written by shortgpt eval ({reason})") from None
+            raise InvalidRequest(f"{path} is not an evaluation report written by shortgpt eval ({reason})") from None
         return _pick_report(reports, model, path)
 
     def card_rows(self) -> list[dict[str, Any]]:
@@ -248,10 +248,10 @@ def _pick_report(reports: list[EvalReport], model: str | None, path: str | Path)
         return reports[0]
     names = ", ".join(r.model for r in reports)
     if model is None:
-        raise ShortGPTError(f"{path} holds reports of several models ({names}); name the one to use")
+        raise InvalidRequest(f"{path} holds reports of several models ({names}); name the one to use")
     same = [r for r in reports if recorded_name(r.model)[0] == recorded_name(model)[0]]
     if len(same) != 1:
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"{path} holds reports of {names}; {'none' if not same else 'more than one'} of them is {model}"
         )
     report = same[0]
@@ -275,12 +275,12 @@ def check_tasks(tasks: Sequence[str]) -> None:
         kind, _, arg = spec.partition(":")
         if kind == "ppl":
             if arg and not Path(arg).is_file():
-                raise ShortGPTError(f"perplexity text file not found: {arg}")
+                raise SourceUnavailable(f"perplexity text file not found: {arg}")
         elif kind == "mc":
             for name in arg.split("+") if arg else []:
                 load_task(name)
         else:
-            raise ShortGPTError(
+            raise InvalidRequest(
                 f"unknown task {spec!r}: use ppl, ppl:FILE, mc, mc:NAME[+NAME] or mc:FILE.json "
                 "(lm-eval tasks go in lm_eval_tasks)"
             )

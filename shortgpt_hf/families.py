@@ -27,7 +27,8 @@ from typing import Any
 
 from torch import nn
 
-from .errors import ShortGPTError
+from .errors import UnsupportedModel
+from .registry import Registry
 
 logger = logging.getLogger("shortgpt_hf")
 
@@ -81,7 +82,7 @@ class Periodic:
                 if [j % period == offset for j in range(n)] == wanted:
                     return {self.period: period, self.offset: offset}
         positions = [j for j, member in enumerate(wanted) if member]
-        raise ShortGPTError(
+        raise UnsupportedModel(
             f"{name}: after this removal the {self.kind} layers would sit at new positions {positions}, "
             f"which {self.period}/{self.offset} (layer i is {self.kind} iff i % period == offset) cannot describe; "
             "choose layers that keep the pattern periodic"
@@ -99,7 +100,7 @@ class Refusal:
     def check(self, cfg: Any, name: str) -> None:
         value = getattr(cfg, self.field, None)
         if value is not None and self.applies(value):
-            raise ShortGPTError(f"{name} has {self.field}={value!r}: {self.reason}")
+            raise UnsupportedModel(f"{name} has {self.field}={value!r}: {self.reason}")
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ class Family:
         kinds = list(getattr(cfg, key))
         if not any(kinds[i] in values for i in kept):
             positions = [i for i, kind in enumerate(kinds) if kind in values]
-            raise ShortGPTError(
+            raise UnsupportedModel(
                 f"{name}: this removal keeps none of its attention layers {positions} ({key}), and transformers "
                 "cannot decode a hybrid model with only recurrent layers; keep at least one"
             )
@@ -247,19 +248,27 @@ _QWEN_MOE = Periodic(
     requires=lambda cfg: (getattr(cfg, "num_experts", 0) or 0) > 0,
 )
 
-FAMILIES: dict[str, Family] = {
-    "llama": Family("Llama", prefill_kv="k_proj/v_proj", fold=_DOWN_PROJ),
-    "mistral": Family("Mistral", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj", fold=_DOWN_PROJ),
-    "qwen2": Family(
+FAMILIES: Registry[Family] = Registry("model family")  # by the text config's model_type
+FAMILIES.add("llama", Family("Llama", prefill_kv="k_proj/v_proj", fold=_DOWN_PROJ))
+FAMILIES.add("mistral", Family("Mistral", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj", fold=_DOWN_PROJ))
+FAMILIES.add(
+    "qwen2",
+    Family(
         "Qwen2", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), prefill_kv="k_proj/v_proj", fold=_DOWN_PROJ
     ),
-    "qwen3": Family(
+)
+FAMILIES.add(
+    "qwen3",
+    Family(
         "Qwen3", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), prefill_kv="k_proj/v_proj", fold=_DOWN_PROJ
     ),
-    "gemma2": Family("Gemma2", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj", fold=_GEMMA_NORM),
-    "gemma3_text": Family("Gemma3", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj", fold=_GEMMA_NORM),
-    "phi3": Family("Phi3", per_layer=_LAYER_TYPES, prefill_kv="qkv_proj", fold=_DOWN_PROJ),
-    "gpt2": Family(
+)
+FAMILIES.add("gemma2", Family("Gemma2", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj", fold=_GEMMA_NORM))
+FAMILIES.add("gemma3_text", Family("Gemma3", per_layer=_LAYER_TYPES, prefill_kv="k_proj/v_proj", fold=_GEMMA_NORM))
+FAMILIES.add("phi3", Family("Phi3", per_layer=_LAYER_TYPES, prefill_kv="qkv_proj", fold=_DOWN_PROJ))
+FAMILIES.add(
+    "gpt2",
+    Family(
         "GPT-2",
         layers="h",
         refusals=(
@@ -269,37 +278,48 @@ FAMILIES: dict[str, Family] = {
             ),
         ),
     ),
-    "gpt_neox": Family("GPT-NeoX"),
-    "opt": Family("OPT"),
-    "falcon": Family("Falcon", layers="h"),
-    "mixtral": Family("Mixtral", per_layer=_LAYER_TYPES, fold=_DOWN_PROJ),
-    "qwen2_moe": Family(
+)
+FAMILIES.add("gpt_neox", Family("GPT-NeoX"))
+FAMILIES.add("opt", Family("OPT"))
+FAMILIES.add("falcon", Family("Falcon", layers="h"))
+FAMILIES.add("mixtral", Family("Mixtral", per_layer=_LAYER_TYPES, fold=_DOWN_PROJ))
+FAMILIES.add(
+    "qwen2_moe",
+    Family(
         "Qwen2-MoE", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), periodic=(_QWEN_MOE,), fold=_DOWN_PROJ
     ),
-    "qwen3_moe": Family(
+)
+FAMILIES.add(
+    "qwen3_moe",
+    Family(
         "Qwen3-MoE", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), periodic=(_QWEN_MOE,), fold=_DOWN_PROJ
     ),
-    "gpt_oss": Family("GPT-OSS", per_layer=_LAYER_TYPES),
-    "cohere": Family("Cohere"),
-    "cohere2": Family("Cohere2", per_layer=_LAYER_TYPES),
-    "olmo": Family("OLMo"),
-    "olmo2": Family("OLMo2"),
-    "olmo3": Family("OLMo3", per_layer=_LAYER_TYPES),
-    "granite": Family("Granite"),
-    "granitemoe": Family("GraniteMoE"),
-    "stablelm": Family("StableLM"),
-    "starcoder2": Family("Starcoder2"),
-    "phi": Family("Phi"),
-    "gptj": Family("GPT-J", layers="h"),
-    "bloom": Family("BLOOM", layers="h"),
-    "codegen": Family("CodeGen", layers="h"),
-    "gpt_bigcode": Family("GPTBigCode", layers="h"),
-    "glm4": Family("GLM-4"),
-    "ministral": Family("Ministral", per_layer=_LAYER_TYPES, fold=_DOWN_PROJ),
-    "exaone4": Family("EXAONE 4", per_layer=_LAYER_TYPES),
-    "smollm3": Family("SmolLM3", per_layer=("layer_types", "no_rope_layers"), fold=_DOWN_PROJ),
-    "llama4_text": Family("Llama 4", per_layer=("layer_types", "no_rope_layers"), layer_indices=("moe_layers",)),
-    "deepseek_v2": Family(
+)
+FAMILIES.add("gpt_oss", Family("GPT-OSS", per_layer=_LAYER_TYPES))
+FAMILIES.add("cohere", Family("Cohere"))
+FAMILIES.add("cohere2", Family("Cohere2", per_layer=_LAYER_TYPES))
+FAMILIES.add("olmo", Family("OLMo"))
+FAMILIES.add("olmo2", Family("OLMo2"))
+FAMILIES.add("olmo3", Family("OLMo3", per_layer=_LAYER_TYPES))
+FAMILIES.add("granite", Family("Granite"))
+FAMILIES.add("granitemoe", Family("GraniteMoE"))
+FAMILIES.add("stablelm", Family("StableLM"))
+FAMILIES.add("starcoder2", Family("Starcoder2"))
+FAMILIES.add("phi", Family("Phi"))
+FAMILIES.add("gptj", Family("GPT-J", layers="h"))
+FAMILIES.add("bloom", Family("BLOOM", layers="h"))
+FAMILIES.add("codegen", Family("CodeGen", layers="h"))
+FAMILIES.add("gpt_bigcode", Family("GPTBigCode", layers="h"))
+FAMILIES.add("glm4", Family("GLM-4"))
+FAMILIES.add("ministral", Family("Ministral", per_layer=_LAYER_TYPES, fold=_DOWN_PROJ))
+FAMILIES.add("exaone4", Family("EXAONE 4", per_layer=_LAYER_TYPES))
+FAMILIES.add("smollm3", Family("SmolLM3", per_layer=("layer_types", "no_rope_layers"), fold=_DOWN_PROJ))
+FAMILIES.add(
+    "llama4_text", Family("Llama 4", per_layer=("layer_types", "no_rope_layers"), layer_indices=("moe_layers",))
+)
+FAMILIES.add(
+    "deepseek_v2",
+    Family(
         "DeepSeek-V2",
         thresholds=("first_k_dense_replace",),
         refusals=(
@@ -310,24 +330,31 @@ FAMILIES: dict[str, Family] = {
             ),
         ),
     ),
-    # Multi-token-prediction layers are keyed after the last layer; a pruned model has nothing there.
-    "deepseek_v3": Family("DeepSeek-V3", thresholds=("first_k_dense_replace",), reset={"num_nextn_predict_layers": 0}),
-    "qwen3_next": Family(
-        "Qwen3-Next", per_layer=_LAYER_TYPES, periodic=(_QWEN_MOE,), attention_layers=_ATTENTION_TYPES
-    ),
-    "qwen2_vl_text": Family(
-        "Qwen2-VL text decoder", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), fold=_DOWN_PROJ
-    ),
-    "qwen2_5_vl_text": Family(
-        "Qwen2.5-VL text decoder", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), fold=_DOWN_PROJ
-    ),
-    "mamba": Family("Mamba"),
-    "falcon_h1": Family("Falcon-H1", partial_load=False),  # its weight init reads every layer's mamba mixer
-    "lfm2": Family(
-        "LFM2", per_layer=_LAYER_TYPES, layer_indices=("full_attn_idxs",), attention_layers=_ATTENTION_TYPES
-    ),
-    "granitemoehybrid": Family("GraniteMoE-Hybrid", per_layer=_LAYER_TYPES, attention_layers=_ATTENTION_TYPES),
-    "jamba": Family(
+)
+# Multi-token-prediction layers are keyed after the last layer; a pruned model has nothing there.
+FAMILIES.add(
+    "deepseek_v3", Family("DeepSeek-V3", thresholds=("first_k_dense_replace",), reset={"num_nextn_predict_layers": 0})
+)
+FAMILIES.add(
+    "qwen3_next", Family("Qwen3-Next", per_layer=_LAYER_TYPES, periodic=(_QWEN_MOE,), attention_layers=_ATTENTION_TYPES)
+)
+FAMILIES.add(
+    "qwen2_vl_text",
+    Family("Qwen2-VL text decoder", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), fold=_DOWN_PROJ),
+)
+FAMILIES.add(
+    "qwen2_5_vl_text",
+    Family("Qwen2.5-VL text decoder", per_layer=_LAYER_TYPES, thresholds=("max_window_layers",), fold=_DOWN_PROJ),
+)
+FAMILIES.add("mamba", Family("Mamba"))
+FAMILIES.add("falcon_h1", Family("Falcon-H1", partial_load=False))  # its weight init reads every layer's mamba mixer
+FAMILIES.add(
+    "lfm2", Family("LFM2", per_layer=_LAYER_TYPES, layer_indices=("full_attn_idxs",), attention_layers=_ATTENTION_TYPES)
+)
+FAMILIES.add("granitemoehybrid", Family("GraniteMoE-Hybrid", per_layer=_LAYER_TYPES, attention_layers=_ATTENTION_TYPES))
+FAMILIES.add(
+    "jamba",
+    Family(
         "Jamba",
         periodic=(
             Periodic("attention", "attn_layer_period", "attn_layer_offset"),
@@ -340,7 +367,10 @@ FAMILIES: dict[str, Family] = {
         ),
         attention_layers=_ATTENTION_BLOCKS,
     ),
-    "bamba": Family(
+)
+FAMILIES.add(
+    "bamba",
+    Family(
         "Bamba",
         layer_indices=("attn_layer_indices",),
         attention_layers=_ATTENTION_TYPES,
@@ -348,7 +378,10 @@ FAMILIES: dict[str, Family] = {
         # magnitude 0.5) in an unpruned tiny model; the check would otherwise fail on transformers, not on us.
         decode_tolerance=5e-3,
     ),
-    "zamba2": Family(
+)
+FAMILIES.add(
+    "zamba2",
+    Family(
         "Zamba2",
         per_layer=("layers_block_type",),
         layer_indices=("hybrid_layer_ids",),
@@ -356,7 +389,10 @@ FAMILIES: dict[str, Family] = {
         rebuild=_rebuild_zamba2,
         partial_load=False,  # its shared blocks are stored once, under the first hybrid layer that uses them
     ),
-    "gemma3n_text": Family(
+)
+FAMILIES.add(
+    "gemma3n_text",
+    Family(
         "Gemma3n",
         refusals=(
             Refusal(
@@ -364,7 +400,7 @@ FAMILIES: dict[str, Family] = {
             ),
         ),
     ),
-}
+)
 
 # Vision-language models whose text decoder we prune (outer ``model_type``: name).
 # The decoder itself is looked up in FAMILIES by its own ``model_type``.
@@ -465,7 +501,9 @@ def auto_class(config: Any) -> type:
     for auto in order:
         if type(config) in auto._model_mapping:
             return auto
-    raise ShortGPTError(f"{config.model_type} is neither a causal LM nor an image-text-to-text model in transformers")
+    raise UnsupportedModel(
+        f"{config.model_type} is neither a causal LM nor an image-text-to-text model in transformers"
+    )
 
 
 def native_class(config: Any) -> type:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import ShortGPTError
+from .errors import UnsupportedModel
 from .families import FAMILIES
 
 
@@ -43,14 +43,14 @@ def find_decoder_layers(model: nn.Module) -> DecoderLayers:
     """Locate the text decoder's layer list, or explain in one line why there is none."""
     config = getattr(model, "config", None)
     if config is None:
-        raise ShortGPTError(f"{type(model).__name__} is not a transformers model (no .config)")
+        raise UnsupportedModel(f"{type(model).__name__} is not a transformers model (no .config)")
     if getattr(config, "is_encoder_decoder", False):
-        raise ShortGPTError(
+        raise UnsupportedModel(
             f"{type(model).__name__} is an encoder-decoder model; only decoder-only causal LMs are supported"
         )
     cfg = text_config(model)
     if not getattr(model, "can_generate", lambda: False)() or not hasattr(model, "get_decoder"):
-        raise ShortGPTError(
+        raise UnsupportedModel(
             f"{type(model).__name__} has no decoder layer list that shortgpt_hf recognises "
             "(expected a causal LM such as LlamaForCausalLM, or a vision-language model)"
         )
@@ -76,7 +76,7 @@ def find_decoder_layers(model: nn.Module) -> DecoderLayers:
             continue
         if isinstance(layers, nn.ModuleList) and len(layers) == cfg.num_hidden_layers:
             return DecoderLayers(path=path, layers=layers, decoder=owner)
-    raise ShortGPTError(
+    raise UnsupportedModel(
         f"{type(model).__name__} has no decoder layer list that shortgpt_hf recognises "
         f"(looked for {cfg.num_hidden_layers} layers in its text decoder, {type(decoder).__name__})"
     )

@@ -18,7 +18,7 @@ from unittest import mock
 
 from torch import nn
 
-from .errors import ShortGPTError
+from .errors import InvalidRequest
 from .layers import input_device
 from .records import EvalResult
 
@@ -30,13 +30,13 @@ def task_manager(tasks: Sequence[str], include_path: str | Path | None = None) -
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise ShortGPTError("lm-eval tasks need lm-evaluation-harness: pip install 'shortgpt_hf[eval]'") from None
+        raise InvalidRequest("lm-eval tasks need lm-evaluation-harness: pip install 'shortgpt_hf[eval]'") from None
     if include_path is not None and not Path(include_path).is_dir():
-        raise ShortGPTError(f"lm-eval include path is not a folder: {include_path}")
+        raise InvalidRequest(f"lm-eval include path is not a folder: {include_path}")
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"lm-eval knows no task {', '.join(map(repr, unknown))}"
             + ("" if include_path else " (local task YAMLs go in include_path)")
         )
@@ -77,7 +77,7 @@ def run_lm_eval(
             )
     except (OSError, ConnectionError, ValueError) as e:  # the datasets/Hub errors of a task whose data is unreachable
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"lm-eval could not run {', '.join(tasks)}: {first} (is the task's data local? "
             "offline, use a task YAML in include_path or a populated datasets cache)"
         ) from None

@@ -24,7 +24,7 @@ from torch import nn
 from .builtin import BUILTINS, DEFAULT_MODEL
 from .compat import quiet_peft
 from .config import ShortGPTConfig, tag_pruned
-from .errors import ShortGPTError, first_line
+from .errors import InvalidRequest, SourceUnavailable, UnsupportedModel, first_line
 from .families import auto_class, describe_config, family_of, native_class
 from .layers import count_parameters, find_decoder_layers
 from .prefill_skip import enable_prefill_skip
@@ -65,9 +65,9 @@ def load_native(source: Source, **from_pretrained_kwargs: Any) -> nn.Module:
         )
         model = auto.from_pretrained(source.location, **kwargs)
     except OSError as e:
-        raise ShortGPTError(f"cannot load {source.name!r}: {first_line(e)}") from None
+        raise SourceUnavailable(f"cannot load {source.name!r}: {first_line(e)}") from None
     except ValueError as e:  # e.g. a config with no causal-LM class (BERT, T5 encoders)
-        raise ShortGPTError(f"{source.name!r} is not a supported causal LM: {first_line(e)}") from None
+        raise UnsupportedModel(f"{source.name!r} is not a supported causal LM: {first_line(e)}") from None
     return mark_loaded(model, source)
 
 
@@ -84,7 +84,7 @@ def load_model(
     source = resolve(name_or_path, from_pretrained_kwargs.pop("revision", None), **hub)
     if source.kind == "adapter":
         if not adapters:
-            raise ShortGPTError(
+            raise InvalidRequest(
                 f"{source.describe()} is a PEFT adapter, not a model: give the pruned model it was trained on, "
                 "or merge it first (shortgpt heal --merge / save_healed(..., merge=True))"
             )
@@ -113,7 +113,7 @@ def load_builtin(name: str = DEFAULT_MODEL, **from_pretrained_kwargs: Any) -> tu
     """``(model, tokenizer)`` for a built-in real model; kwargs go to ``from_pretrained``
     (``dtype``, ``device_map``...)."""
     if name not in BUILTINS:
-        raise ShortGPTError(f"unknown built-in model {name!r}; choose from {', '.join(BUILTINS)}")
+        raise InvalidRequest(f"unknown built-in model {name!r}; choose from {', '.join(BUILTINS)}")
     return load_model(name, **from_pretrained_kwargs)
 
 
@@ -147,11 +147,11 @@ def _without_layers(native: type, removed: Sequence[int]) -> type:
 def _check_base(record: ShortGPTConfig, config: Any, where: str) -> None:
     text = config.get_text_config(decoder=True)
     if getattr(config, "shortgpt", None) is not None:
-        raise ShortGPTError(f"base {where} is itself a pruned model; a recipe applies to an unpruned base")
+        raise InvalidRequest(f"base {where} is itself a pruned model; a recipe applies to an unpruned base")
     if record.model_type is not None and text.model_type != record.model_type:
-        raise ShortGPTError(f"the recipe is for a {record.model_type} model but base {where} is {text.model_type}")
+        raise InvalidRequest(f"the recipe is for a {record.model_type} model but base {where} is {text.model_type}")
     if text.num_hidden_layers != record.original_num_hidden_layers:
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"the recipe expects {record.original_num_hidden_layers} layers "
             f"but base {where} has {text.num_hidden_layers}"
         )
@@ -176,7 +176,7 @@ def load_from_base(
             base.location, return_unused_kwargs=True, **hub, **model_kwargs
         )
     except OSError as e:
-        raise ShortGPTError(f"cannot read the base model's config at {base.name!r}: {first_line(e)}") from None
+        raise SourceUnavailable(f"cannot read the base model's config at {base.name!r}: {first_line(e)}") from None
     kwargs = hub | model_kwargs | both
     _check_base(record, config, repr(record.base_model_name_or_path))
     native = native_class(config)
@@ -215,7 +215,7 @@ def load_pruned(
     """The model `PrunedForCausalLM.from_pretrained` documents, from a resolved source."""
     if removed_layers is not None:
         if source.kind != "model" or source.pruned:
-            raise ShortGPTError(f"removed_layers=[...] prunes a dense base on load; {source.describe()} is not one")
+            raise InvalidRequest(f"removed_layers=[...] prunes a dense base on load; {source.describe()} is not one")
         text = text_config_of(source)
         record = ShortGPTConfig(
             removed_layers=list(removed_layers),
@@ -227,7 +227,7 @@ def load_pruned(
         )
         return mark_loaded(load_from_base(source, record, **kwargs), source)
     if source.kind == "adapter":
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"{source.describe()} is a PEFT adapter: load it with peft's AutoPeftModelForCausalLM.from_pretrained"
         )
     if source.kind == "recipe":
@@ -241,12 +241,12 @@ def load_pruned(
     model = load_native(source, **kwargs)
     record = ShortGPTConfig.from_model(model)
     if record is None:
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"{source.describe()} has no layers removed: prune it first (shortgpt prune), "
             "or name the layers to remove on load (removed_layers=[...])"
         )
     if mode is not None and mode != record.mode:
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"{source.describe()} was saved in {record.mode!r} mode; it cannot be loaded in {mode!r} mode"
         )
     if map_keys(record):  # already folded in; kept so that a recipe can be written from this model

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ShortGPTError
+from .errors import InvalidRequest, SourceUnavailable
 from .layers import eval_mode, input_device
 
 # Where SmolLM2-135M is clearly above chance zero-shot (measured on the dense model; re-checked in tests).
@@ -67,10 +67,10 @@ class MultipleChoiceTask:
         question, only scored as answers."""
         examples = [e for e in data.get("examples", []) if e.get("target_scores")]
         if not examples:
-            raise ShortGPTError(f"task {name!r} has no multiple-choice examples (no target_scores)")
+            raise InvalidRequest(f"task {name!r} has no multiple-choice examples (no target_scores)")
         if limit is not None:
             if limit < 1:
-                raise ShortGPTError(f"limit must be at least 1, got {limit}")
+                raise InvalidRequest(f"limit must be at least 1, got {limit}")
             order = np.random.RandomState(BIGBENCH_SEED).permutation(len(examples))[:limit]
             examples = [examples[i] for i in sorted(order)]
         input_prefix = data.get("example_input_prefix", "\nQ: ")
@@ -100,15 +100,15 @@ def load_task(spec: str, limit: int | None = None, list_choices: bool = False) -
     path = Path(spec)
     if path.suffix == ".json" or os.sep in spec:
         if not path.is_file():
-            raise ShortGPTError(f"multiple-choice task file not found: {path}")
+            raise SourceUnavailable(f"multiple-choice task file not found: {path}")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ShortGPTError(f"{path} is not valid JSON: {e}") from None
+            raise InvalidRequest(f"{path} is not valid JSON: {e}") from None
         name = data.get("name") or path.parent.name
         return MultipleChoiceTask.from_bigbench(data, name, path.name, limit, list_choices)
     if spec not in PACKAGED_TASKS:
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"unknown multiple-choice task {spec!r}; packaged: {', '.join(PACKAGED_TASKS)} "
             "(or a path to a BIG-bench task.json)"
         )

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .config import ShortGPTConfig, tag_pruned
-from .errors import ShortGPTError
+from .errors import InvalidRequest, UnsupportedModel
 from .families import FAMILIES, describe, is_vision_language
 from .layers import count_parameters, find_decoder_layers, text_config
 from .sources import recorded_name
@@ -158,10 +158,12 @@ def check_prefill_skip(model: nn.Module) -> None:
     if is_vision_language(model.config):
         # The boundary step re-runs the last prompt token alone, which would
         # separate image tokens from their pixels.
-        raise ShortGPTError(f"prefill skipping supports text-only models; {describe(model)} is a vision-language model")
+        raise UnsupportedModel(
+            f"prefill skipping supports text-only models; {describe(model)} is a vision-language model"
+        )
     if cfg.model_type not in SUPPORTED_FAMILIES:
         names = ", ".join(FAMILIES[k].name for k in SUPPORTED_FAMILIES)
-        raise ShortGPTError(f"prefill skipping supports {names}; {describe(model)} is not supported")
+        raise UnsupportedModel(f"prefill skipping supports {names}; {describe(model)} is not supported")
 
 
 def enable_prefill_skip(model: nn.Module, layers: Sequence[int], boundary: bool = True) -> nn.Module:
@@ -174,17 +176,17 @@ def enable_prefill_skip(model: nn.Module, layers: Sequence[int], boundary: bool 
     cfg = text_config(model)
     previous = ShortGPTConfig.from_model(model)
     if previous is not None and previous.mode == "remove":
-        raise ShortGPTError("prefill skipping needs a model with all its layers; this one has layers removed")
+        raise InvalidRequest("prefill skipping needs a model with all its layers; this one has layers removed")
     disable_prefill_skip(model)
     found = find_decoder_layers(model)
     requested = [int(i) for i in layers]
     chosen = sorted(set(requested))
     if len(chosen) != len(requested) or any(not 0 <= i < len(found.layers) for i in chosen):
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"prefill-skip layers must be distinct indices in 0..{len(found.layers) - 1}, got {requested}"
         )
     if len(chosen) >= len(found.layers):
-        raise ShortGPTError("cannot skip every layer")
+        raise InvalidRequest("cannot skip every layer")
     for i in chosen:
         _patch(found.layers[i], _skipping_layer_forward)
     if boundary:

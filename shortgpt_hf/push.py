@@ -18,7 +18,7 @@ from torch import nn
 
 from .card import CHART, merge_into_existing, model_card, scores_chart, split_adapter
 from .config import ShortGPTConfig
-from .errors import ShortGPTError, fault, first_line
+from .errors import InvalidRequest, ShortGPTError, SourceUnavailable, fault, first_line
 from .sources import hub_file, hub_reachable, offline_reason, resolve
 
 logger = logging.getLogger("shortgpt_hf")
@@ -35,19 +35,19 @@ def _check_target(repo_id: str, token: str | None) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ShortGPTError(f"invalid repo id {repo_id!r}: {str(e).splitlines()[0]}") from None
+        raise InvalidRequest(f"invalid repo id {repo_id!r}: {str(e).splitlines()[0]}") from None
     if "/" not in repo_id:
-        raise ShortGPTError(f"repo id {repo_id!r} needs a namespace: 'user-or-org/name'")
+        raise InvalidRequest(f"repo id {repo_id!r} needs a namespace: 'user-or-org/name'")
     token = token or get_token()
     if not token:
-        raise ShortGPTError("no Hugging Face token: run `hf auth login` or set HF_TOKEN")
+        raise InvalidRequest("no Hugging Face token: run `hf auth login` or set HF_TOKEN")
     return token
 
 
 def _check_reachable(repo_id: str) -> None:
     """Before any work, and instead of half a minute of retries."""
     if not hub_reachable():
-        raise ShortGPTError(f"cannot push to {repo_id}: {offline_reason()}")
+        raise SourceUnavailable(f"cannot push to {repo_id}: {offline_reason()}")
 
 
 def _existing_card(repo_id: str, revision: str | None, token: str) -> str | None:
@@ -80,10 +80,10 @@ def push_to_hub(
     from .saving import write_checkpoint, write_recipe
 
     if kind not in KINDS:
-        raise ShortGPTError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise InvalidRequest(f"kind must be one of {KINDS}, got {kind!r}")
     token = _check_target(repo_id, token)
     if not isinstance(model_or_dir, (str, Path)) and ShortGPTConfig.from_model(split_adapter(model_or_dir)[0]) is None:
-        raise ShortGPTError("this model has not been pruned: nothing to push as a ShortGPT model")
+        raise InvalidRequest("this model has not been pruned: nothing to push as a ShortGPT model")
     source = None
     if isinstance(model_or_dir, (str, Path)):
         from .loading import load_pruned, skeleton
@@ -91,7 +91,7 @@ def push_to_hub(
 
         source = resolve(model_or_dir)
         if source.kind == "adapter" or not (source.kind == "recipe" or source.pruned):
-            raise ShortGPTError(
+            raise InvalidRequest(
                 f"{source.describe()} is not a pruned model: prune it first (shortgpt prune), "
                 "then push the folder it writes"
             )
@@ -148,9 +148,9 @@ def push_to_hub(
                 create_pr=create_pr,
             )
         except HfHubHTTPError as e:
-            raise ShortGPTError(f"upload to {repo_id} failed: {first_line(e)}") from None
+            raise InvalidRequest(f"upload to {repo_id} failed: {first_line(e)}") from None
         except Exception as e:  # the connection dropped mid-upload, or the Hub went offline
             if fault(e) is None:
                 raise
-            raise ShortGPTError(f"upload to {repo_id} failed: {fault(e)}; nothing was committed") from None
+            raise InvalidRequest(f"upload to {repo_id} failed: {fault(e)}; nothing was committed") from None
     return info.pr_url if create_pr and info.pr_url else info.commit_url

@@ -14,7 +14,7 @@ import warnings
 from typing import Any
 
 from .config import ShortGPTConfig
-from .errors import ShortGPTError, first_line
+from .errors import InvalidRequest, ShortGPTError, SourceUnavailable, first_line
 from .sources import ADAPTER_CONFIG, CONFIG_NAME, Source, resolve
 
 
@@ -25,7 +25,7 @@ def text_config_of(source: Source) -> Any:
     try:
         return AutoConfig.from_pretrained(source.location, **source.hub_kwargs()).get_text_config(decoder=True)
     except OSError as e:
-        raise ShortGPTError(f"cannot load {source.name!r}: {first_line(e)}") from None
+        raise SourceUnavailable(f"cannot load {source.name!r}: {first_line(e)}") from None
 
 
 def num_layers_of(source: Source) -> int | None:
@@ -55,7 +55,7 @@ def load_tokenizer(source: Source) -> Any:
             return AutoTokenizer.from_pretrained(candidate.location, **candidate.hub_kwargs())
         except (OSError, ValueError, TypeError):
             candidate = base_of(candidate)
-    raise ShortGPTError(
+    raise SourceUnavailable(
         f"no tokenizer found for {source.name!r}"
         + ("" if source.kind == "model" else " nor its base")
         + ": save the tokenizer beside the model, or give one (tokenizer=...)"
@@ -71,7 +71,7 @@ def recipe_base(record: ShortGPTConfig, **hub_kwargs: Any) -> Source:
     """The recipe's base, at its pinned revision (or, with a warning, the current one when the pinned one is gone)."""
     name = record.base_model_name_or_path
     if not name:
-        raise ShortGPTError("the recipe names no base model (base_model_name_or_path is empty)")
+        raise SourceUnavailable("the recipe names no base model (base_model_name_or_path is empty)")
     pinned = record.base_revision
     try:
         try:
@@ -86,9 +86,9 @@ def recipe_base(record: ShortGPTConfig, **hub_kwargs: Any) -> Source:
                 stacklevel=2,
             )
     except ShortGPTError as e:
-        raise ShortGPTError(f"the recipe's base model is unavailable: {e}") from None
+        raise SourceUnavailable(f"the recipe's base model is unavailable: {e}") from None
     if base.kind != "model":
-        raise ShortGPTError(f"the recipe's base is {base.describe()}; a recipe applies to a dense model")
+        raise InvalidRequest(f"the recipe's base is {base.describe()}; a recipe applies to a dense model")
     return base
 
 
@@ -96,7 +96,7 @@ def adapter_base(source: Source) -> Source:
     """The model a PEFT adapter names as its base."""
     base_name = json.loads(source.read_text(ADAPTER_CONFIG)).get("base_model_name_or_path")
     if not base_name:
-        raise ShortGPTError(f"{source.describe()} names no base model (base_model_name_or_path is empty)")
+        raise SourceUnavailable(f"{source.describe()} names no base model (base_model_name_or_path is empty)")
     return resolve(base_name)
 
 
@@ -105,7 +105,7 @@ def tokenizer_for(model: Any) -> Any:
     try:
         source = resolve(model.name_or_path)
     except ShortGPTError as e:
-        raise ShortGPTError(
+        raise SourceUnavailable(
             f"no tokenizer given and none found at {model.name_or_path!r}: give one (tokenizer=...)"
         ) from e
     return load_tokenizer(source)

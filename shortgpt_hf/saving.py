@@ -9,7 +9,7 @@ from torch import nn
 
 from .atomic import atomic_folder
 from .config import RecipeConfig, ShortGPTConfig
-from .errors import ShortGPTError, VerificationFailed
+from .errors import InvalidRequest, ShortGPTError, VerificationFailed
 from .families import auto_class
 from .layers import probe_ids, text_config
 from .loading import load_pruned
@@ -100,13 +100,13 @@ def write_recipe(
     is_model = not isinstance(model_or_config, ShortGPTConfig)
     record = ShortGPTConfig.from_model(model_or_config) if is_model else model_or_config
     if record is None:
-        raise ShortGPTError("this model has not been pruned: nothing to write as a recipe")
+        raise InvalidRequest("this model has not been pruned: nothing to write as a recipe")
     if not record.base_model_name_or_path:
-        raise ShortGPTError("cannot write a recipe: the base model is unknown (base_model_name_or_path is empty)")
+        raise InvalidRequest("cannot write a recipe: the base model is unknown (base_model_name_or_path is empty)")
     trained = [step.get("method") for step in record.recovery or [] if step.get("method") != "linear"]
     if trained:
         # A recipe rebuilds weights from the base (plus linear maps); trained weights would silently be lost.
-        raise ShortGPTError(
+        raise InvalidRequest(
             f"this model was recovered with {', '.join(trained)}, which a recipe cannot rebuild from its base: "
             "save it as a full checkpoint (save_pruned), or save the adapter (save_healed)"
         )

@@ -48,14 +48,14 @@ class LayerScores(JsonRecord):
         """The ``n`` layers to remove first: lowest scores, ties broken by index (or a greedy metric's first ``n``)."""
         if self.order is not None:
             if n > len(self.order):
-                raise ShortGPTError(
+                raise InvalidRequest(
                     f"these {self.metric} scores chose only {len(self.order)} layers; "
                     f"re-score asking for {n} or more (max_layers / --lowest)"
                 )
             return sorted(self.order[:n])
         if self.block_size > 1:
             if n != self.block_size:
-                raise ShortGPTError(
+                raise InvalidRequest(
                     f"these {self.metric} scores rank blocks of {self.block_size} layers; "
                     f"remove exactly {self.block_size}"
                 )

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .builtin import BUILTINS, builtin_path
-from .errors import ShortGPTError, first_line
+from .errors import InvalidRequest, ShortGPTError, SourceUnavailable, first_line
 
 CONFIG_NAME = "shortgpt_config.json"
 # The model_type of the small config.json that marks a recipe for transformers' AutoConfig (see auto.py).
@@ -84,7 +84,7 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None, **hub_kwa
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, **kwargs))
     except GatedRepoError:  # a subclass of RepositoryNotFoundError, but the repo is there
-        raise ShortGPTError(
+        raise SourceUnavailable(
             f"{repo_id!r} is gated: accept its conditions on the Hub, then log in (`hf auth login`) or set HF_TOKEN"
         ) from None
     except (
@@ -96,7 +96,7 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None, **hub_kwa
     ):
         return None
     except HfHubHTTPError as e:
-        raise ShortGPTError(f"the Hub failed to serve {repo_id}/{filename}: {first_line(e)}") from None
+        raise SourceUnavailable(f"the Hub failed to serve {repo_id}/{filename}: {first_line(e)}") from None
 
 
 def looks_like_path(name: str) -> bool:
@@ -156,7 +156,7 @@ class Source:
         """One file's text; a file that cannot be had (deleted, or refused by the Hub) is a one-line error."""
         path = self.file(filename)
         if path is None:
-            raise ShortGPTError(f"{self.describe()} has no readable {filename}")
+            raise SourceUnavailable(f"{self.describe()} has no readable {filename}")
         return path.read_text()
 
     def describe(self) -> str:
@@ -179,7 +179,7 @@ def _classify_folder(name: str, folder: Path) -> Source:
     if (folder / CONFIG_NAME).is_file() and (data is None or data.get("model_type") == RECIPE_MODEL_TYPE):
         return Source(name, "local", "recipe", folder=folder)
     if data is None:
-        raise ShortGPTError(
+        raise SourceUnavailable(
             f"{folder} is a folder, but not a model, recipe or PEFT adapter "
             f"(no config.json, {CONFIG_NAME} or {ADAPTER_CONFIG})"
         )
@@ -198,16 +198,16 @@ def _classify_repo(name: str, revision: str | None, hub_kwargs: dict[str, Any]) 
             return Source(name, "hub", kind, revision=found.parent.name, hub=hub_kwargs)
     where = "on the Hub" if hub_reachable() else f"in the local Hugging Face cache ({offline_reason()})"
     at = f" at revision {revision}" if revision else ""
-    raise ShortGPTError(f"{name!r} is not a local folder, and no model, recipe or adapter{at} was found {where}")
+    raise SourceUnavailable(f"{name!r} is not a local folder, and no model, recipe or adapter{at} was found {where}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShortGPTError(f"{path} is not a readable JSON file: {e}") from None
+        raise SourceUnavailable(f"{path} is not a readable JSON file: {e}") from None
     if not isinstance(data, dict):
-        raise ShortGPTError(f"{path} does not hold a JSON object")
+        raise SourceUnavailable(f"{path} does not hold a JSON object")
     return data
 
 
@@ -215,18 +215,18 @@ def resolve(name: str | Path, revision: str | None = None, **hub_kwargs: Any) ->
     """What ``name`` refers to (see the module docstring for the order of the rules)."""
     text = str(name)
     if not text:
-        raise ShortGPTError("no model name given")
+        raise InvalidRequest("no model name given")
     if text in BUILTINS:
         return Source(text, "builtin", "model")
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ShortGPTError(f"{path} is a file; a model, recipe or adapter is a folder")
+            raise SourceUnavailable(f"{path} is a file; a model, recipe or adapter is a folder")
         return _classify_folder(text, path.resolve())
     if looks_like_path(text):
-        raise ShortGPTError(f"no such folder: {text}")
+        raise SourceUnavailable(f"no such folder: {text}")
     if not _valid_repo_id(text):
-        raise ShortGPTError(
+        raise SourceUnavailable(
             f"{text!r} is neither a local folder, a built-in model ({', '.join(BUILTINS)}) nor a valid Hub id"
         )
     return _classify_repo(text, revision, {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS and v is not None})

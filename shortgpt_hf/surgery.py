@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import ShortGPTError
+from .errors import UnsupportedModel
 from .families import Family, describe, describe_config, family_of
 from .layers import DecoderLayers, find_decoder_layers, text_config
 
@@ -31,7 +31,7 @@ def check_supported(model: nn.Module, indices: Sequence[int] = ()) -> None:
     family = family_of(text_config(model))
     if family.rebuild is not None and getattr(model, "hf_device_map", None):
         # The rebuilt modules would carry none of accelerate's placement hooks.
-        raise ShortGPTError(
+        raise UnsupportedModel(
             f"{describe(model)} rebuilds modules when layers are removed, which shortgpt_hf cannot do on a model "
             "dispatched with device_map; load it on one device to prune it"
         )

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ShortGPTError, fault, first_line
+from .errors import ShortGPTError, UnsupportedModel, VerificationFailed, fault, first_line
 from .families import auto_class, describe, family_of
 from .layers import input_device, probe_ids, text_config
 
@@ -61,7 +61,7 @@ def explained(subject: nn.Module | str, what: str) -> Iterator[None]:
         if fault(e) is not None:  # a full disk or a lost connection is not the family's fault: the caller words it
             raise
         name = subject if isinstance(subject, str) else describe(subject)
-        raise ShortGPTError(f"{name}: {what} failed ({type(e).__name__}: {first_line(e)})") from e
+        raise UnsupportedModel(f"{name}: {what} failed ({type(e).__name__}: {first_line(e)})") from e
 
 
 def verify_structure(model: nn.Module) -> None:
@@ -72,7 +72,7 @@ def verify_structure(model: nn.Module) -> None:
     actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if expected != actual:
         differ = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
-        raise ShortGPTError(
+        raise VerificationFailed(
             f"verification failed: the pruned {describe(model)}'s config describes different layers than it has "
             f"({len(differ)} tensors differ, e.g. {differ[0]}); a reload would change the model"
         )
@@ -93,7 +93,7 @@ def verify_pruned(model: nn.Module, reference: torch.Tensor | None = None) -> No
     with explained(model, "the uncached forward after pruning"):
         full = uncached_logits(model, ids)
     if reference is not None and not logits_close(full, reference, tol):
-        raise ShortGPTError(
+        raise VerificationFailed(
             f"verification failed: the pruned {describe(model)} does not match the original with those layers skipped"
         )
     split = ids.shape[1] // 2
@@ -107,7 +107,7 @@ def verify_pruned(model: nn.Module, reference: torch.Tensor | None = None) -> No
     cached = torch.stack([s.float().cpu() for s in steps], dim=1)
     decode_tol = max(tol, family_of(text_config(model)).decode_tolerance or 0.0)
     if not logits_close(cached, full[:, split - 1 : -1], decode_tol):
-        raise ShortGPTError(
+        raise VerificationFailed(
             f"verification failed: cached decoding differs from an uncached forward after pruning {describe(model)}; "
             "this model family needs support in shortgpt_hf"
         )
@@ -122,6 +122,6 @@ def verify_reload(model: nn.Module, folder: str | Path) -> None:
         reloaded = auto_class(model.config).from_pretrained(folder, dtype=model.dtype)
         actual = uncached_logits(reloaded, ids)
     if not logits_close(actual, expected, parity_tolerance(model)):
-        raise ShortGPTError(
+        raise VerificationFailed(
             f"verification failed: the saved {describe(model)} checkpoint reloads with different logits"
         )

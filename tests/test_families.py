@@ -404,7 +404,7 @@ def test_unknown_family_falls_back_with_a_warning(monkeypatch, caplog, tmp_path,
     """Without its entry, a family is pruned by the rules the table knows by field name (sliced
     layer_types; Qwen-MoE's sparse step, known from Qwen3-MoE), with a warning, and still reloads exactly."""
     model_type = text_model_type(family)
-    monkeypatch.delitem(FAMILIES, model_type)
+    monkeypatch.setattr(FAMILIES, "_entries", {k: v for k, v in FAMILIES.items() if k != model_type})
     monkeypatch.setattr("shortgpt_hf.families._warned", set())
     model = tiny_model(family)
     with layers_as_identity(model, removal(family)):
@@ -422,7 +422,7 @@ def test_unknown_family_falls_back_with_a_warning(monkeypatch, caplog, tmp_path,
 def test_stale_construction_time_config_is_caught(monkeypatch, family, entry):
     """Without its layout rules, a family that picks layer kinds at construction (dense or MoE, attention
     or Mamba) may still run in memory, but its config would rebuild other layers: verification says so."""
-    monkeypatch.setitem(FAMILIES, text_model_type(family), entry)
+    monkeypatch.setattr(FAMILIES, "_entries", {**FAMILIES, text_model_type(family): entry})
     model = tiny_model(family)
     with pytest.raises(ShortGPTError, match="config describes different layers than it has"):
         prune(model, layers=removal(family), verify=True)

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from ..calibration import TokenWindows
 from ..config import ShortGPTConfig
 from ..drivers import Driver, LayerObserver
-from ..errors import InvalidRequest, ShortGPTError
+from ..errors import InvalidRequest, ShortGPTError, SourceUnavailable, UnsupportedModel
 from ..families import Fold, describe, family_of, is_vision_language
 from ..layers import find_decoder_layers, text_config
 from ..metrics import Metric, Scored, register_metric
@@ -103,7 +103,7 @@ def fold_rule(model: nn.Module) -> Fold:
     """The family's `Fold`, or a one-line refusal naming the family."""
     fold = family_of(text_config(model)).fold
     if fold is None:
-        raise ShortGPTError(
+        raise UnsupportedModel(
             f"linear repair does not know where to fold a map in {describe(model)}: it is supported for families "
             "whose MLP output is added straight to the residual stream (Llama, Mistral, Qwen, Phi-3, MoE) and Gemma 2/3"
         )
@@ -284,7 +284,7 @@ def fold_targets(model: nn.Module, layer_index: int, fold: Fold) -> list[tuple[n
         ):
             targets.append((module, fold.weights))  # stacked experts, [experts, out, in]
     if not targets:
-        raise ShortGPTError(
+        raise UnsupportedModel(
             f"{describe(model)}: found no {fold.weights!r} under layer {layer_index}'s {fold.output} to fold a map into"
         )
     return targets
@@ -324,7 +324,7 @@ def fold_maps(model: nn.Module, maps: list[LinearMap]) -> None:
         for module, name in fold_targets(model, index, fold if index >= 0 else Fold(diagonal=linear_map.diagonal)):
             param = module._parameters[name]
             if param.device.type == "meta" or not param.dtype.is_floating_point or param.dtype.itemsize < 2:
-                raise ShortGPTError(
+                raise UnsupportedModel(
                     f"cannot fold a map into {describe(model)}'s {type(module).__name__}.{name}: "
                     "it is offloaded or quantized"
                 )
@@ -378,7 +378,7 @@ def load_maps(source: Source, record: ShortGPTConfig) -> dict[str, torch.Tensor]
         return {}
     file = source.file(MAPS_FILE) or source.file(LEGACY_MAPS_FILE)
     if file is None:
-        raise ShortGPTError(f"{source.describe()} records a linear repair but has no {MAPS_FILE} with its maps")
+        raise SourceUnavailable(f"{source.describe()} records a linear repair but has no {MAPS_FILE} with its maps")
     return load_file(str(file))
 
 
@@ -391,7 +391,7 @@ def maps_from_record(record: ShortGPTConfig, tensors: dict[str, torch.Tensor]) -
             if key is None:
                 continue
             if key not in tensors:
-                raise ShortGPTError(f"the recipe's linear repair names map {key!r}, which its maps file lacks")
+                raise SourceUnavailable(f"the recipe's linear repair names map {key!r}, which its maps file lacks")
             t = tensors[key]
             maps.append(
                 LinearMap(

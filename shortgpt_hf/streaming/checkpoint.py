@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ShortGPTError
+from ..errors import InvalidRequest, SourceUnavailable
 from ..families import native_class
 from ..pruning import prune
 from ..scoring import LayerScores
@@ -72,10 +72,10 @@ class Checkpoint:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError) as e:
-                raise ShortGPTError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
+                raise SourceUnavailable(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
             missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
             if missing:
-                raise ShortGPTError(f"{folder} is missing shard {missing[0]} that its {INDEX} names")
+                raise SourceUnavailable(f"{folder} is missing shard {missing[0]} that its {INDEX} names")
             checkpoint = cls(folder, dict(weight_map))
             checkpoint._check_index()
             return checkpoint
@@ -85,11 +85,11 @@ class Checkpoint:
             with safe_open(folder / SINGLE, "pt") as f:
                 return cls(folder, {key: SINGLE for key in f.keys()})
         if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
-            raise ShortGPTError(
+            raise SourceUnavailable(
                 f"{folder} holds only pickle weights (.bin/.pt); shortgpt_hf reads safetensors only: "
                 "convert them first (load the model and save_pretrained it)"
             )
-        raise ShortGPTError(f"{folder} has no safetensors weights ({SINGLE} or {INDEX})")
+        raise SourceUnavailable(f"{folder} has no safetensors weights ({SINGLE} or {INDEX})")
 
     def _check_index(self) -> None:
         from safetensors import safe_open
@@ -99,7 +99,7 @@ class Checkpoint:
                 present = set(f.keys())
             named = {k for k, v in self.files.items() if v == shard}
             if named - present:
-                raise ShortGPTError(
+                raise SourceUnavailable(
                     f"{INDEX} in {self.folder} does not match its files: {shard} lacks {sorted(named - present)[0]}"
                 )
 
@@ -122,7 +122,7 @@ class Checkpoint:
         by_file: dict[str, list[str]] = {}
         for key in keys:
             if key not in self.files:
-                raise ShortGPTError(f"the checkpoint in {self.folder} has no tensor {key}")
+                raise SourceUnavailable(f"the checkpoint in {self.folder} has no tensor {key}")
             by_file.setdefault(self.files[key], []).append(key)
         for shard, names in by_file.items():
             with safe_open(self.folder / shard, "pt") as f:
@@ -192,7 +192,7 @@ def prune_skeleton(
         model.config.shortgpt = {**model.config.shortgpt, **own}
     if repair is not None:
         if sorted(repair.removed_layers) != sorted(removed):
-            raise ShortGPTError(
+            raise InvalidRequest(
                 f"the linear repair was fitted for removing layers {repair.removed_layers}, not {sorted(removed)}"
             )
         record = model.config.shortgpt
@@ -261,12 +261,12 @@ def layer_keys(checkpoint: Checkpoint, prefix: str, num_layers: int, where: str)
             by_layer[int(match.group(1))].append(key)
     empty = [i for i, keys in enumerate(by_layer) if not keys]
     if len(empty) == num_layers:
-        raise ShortGPTError(
+        raise SourceUnavailable(
             f"the checkpoint of {where} stores its decoder layers under other names than {prefix}N. (as "
             "vision-language checkpoints do): working layer by layer needs the two to match; load it in memory"
         )
     if empty:
-        raise ShortGPTError(
+        raise SourceUnavailable(
             f"the checkpoint of {where} has no tensors under {prefix}{empty[0]}.: it does not match its config"
         )
     return by_layer

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import CalibrationData, TokenWindows, is_tokenized, prepare_calibration
 from ..drivers import Driver, LayerObserver
-from ..errors import InvalidRequest, ShortGPTError
+from ..errors import InvalidRequest, SourceUnavailable
 from ..evaluation import HEADLINE, negative_log_likelihood, perplexity_batches
 from ..layers import find_decoder_layers
 from ..reading import load_tokenizer
@@ -129,7 +129,7 @@ class _LayerWalk:
             load_tensors(self.model, self.checkpoint, self.by_layer[i], self.device)
             unloaded = [name for name, p in layer.named_parameters() if p.is_meta]
             if unloaded:
-                raise ShortGPTError(f"layer {i} of {self.where} has no tensor for {unloaded[0]} in its checkpoint")
+                raise SourceUnavailable(f"layer {i} of {self.where} has no tensor for {unloaded[0]} in its checkpoint")
             with visit(i, layer) as on_batch:
                 for b, (mask, _, per_layer) in enumerate(self.batches):
                     args, kwargs = per_layer[i]
@@ -271,7 +271,7 @@ def dense_driver(
 def _dense_source(name_or_path: str | Path, what: str) -> Source:
     source = resolve(name_or_path)
     if source.kind != "model" or source.pruned:
-        raise ShortGPTError(f"{what} reads a dense model's checkpoint; {source.describe()} is not one")
+        raise InvalidRequest(f"{what} reads a dense model's checkpoint; {source.describe()} is not one")
     return source
 
 
@@ -362,7 +362,7 @@ def perplexity_sequentially(
     `perplexity` and `score_layers_sequentially`."""
     source = resolve(name_or_path)
     if source.kind != "model":
-        raise ShortGPTError(f"perplexity layer by layer reads a model's checkpoint; {source.describe()} is not one")
+        raise InvalidRequest(f"perplexity layer by layer reads a model's checkpoint; {source.describe()} is not one")
     if tokenizer is None and not is_tokenized(texts):
         tokenizer = load_tokenizer(source)
     batches = perplexity_batches(tokenizer, texts, seq_len, stride, max_tokens, batch_size)
@@ -500,7 +500,7 @@ def walked_logits(
     walk = _LayerWalk(source, checkpoint or Checkpoint.open(source), batches, dtype, device, parked)
     n = len(walk.layers)
     if not set(skip) <= set(range(n)) or len(set(skip)) >= n:
-        raise ShortGPTError(f"skip must name some but not all of the {n} layers of {walk.where}, got {list(skip)}")
+        raise InvalidRequest(f"skip must name some but not all of the {n} layers of {walk.where}, got {list(skip)}")
     kept = [i for i in range(n) if i not in set(skip)]
     visit = _with_maps(maps, fold_rule(walk.model), kept[0]) if maps else _looking_on
     walk.run(n - 1, visit, "layer by layer to the logits", progress, skip=skip)

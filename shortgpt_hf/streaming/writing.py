@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_folder, check_destination
 from ..calibration import CalibrationData
 from ..config import ShortGPTConfig
-from ..errors import ShortGPTError
+from ..errors import InvalidRequest, ShortGPTError, UnsupportedModel, VerificationFailed
 from ..evaluation import HEADLINE, PerplexitySettings, perplexity_batches
 from ..layers import find_decoder_layers, probe_ids
 from ..reading import load_tokenizer, read_recipe, recipe_base
@@ -109,7 +109,7 @@ def _fold_repair(
         out = revert_weight_conversion(model, params)
         strange = [key for key in out if key not in names]
         if strange:
-            raise ShortGPTError(
+            raise UnsupportedModel(
                 f"the repaired tensor {strange[0]} has no counterpart among the checkpoint's tensors: "
                 "this checkpoint stores its weights under other names; load the model in memory to repair it"
             )
@@ -166,20 +166,20 @@ def materialize(
     record = None
     if source.kind == "recipe":
         if removed_layers is not None or repair is not None:
-            raise ShortGPTError(f"{source.describe()} names its removed layers and repair itself; give neither")
+            raise InvalidRequest(f"{source.describe()} names its removed layers and repair itself; give neither")
         record = read_recipe(source)
         if record.mode != "remove":
-            raise ShortGPTError(f"{source.describe()} skips layers in prefill only; there is nothing to materialize")
+            raise InvalidRequest(f"{source.describe()} skips layers in prefill only; there is nothing to materialize")
         base, removed = recipe_base(record), list(record.removed_layers)
         map_tensors = load_maps(source, record)
         maps = maps_from_record(record, map_tensors)
     elif source.kind == "model" and not source.pruned:
         if not removed_layers:
-            raise ShortGPTError(f"{source.describe()} is dense: name the layers to remove (removed_layers / --layers)")
+            raise InvalidRequest(f"{source.describe()} is dense: name the layers to remove (removed_layers / --layers)")
         base, removed = source, list(removed_layers)
         maps, map_tensors = (repair.maps, repair.tensors) if repair is not None else ([], {})
     else:
-        raise ShortGPTError(f"materialize reads a recipe or a dense model; {source.describe()} is neither")
+        raise InvalidRequest(f"materialize reads a recipe or a dense model; {source.describe()} is neither")
     checkpoint = _checkpoint or Checkpoint.open(base)
     model = meta_skeleton(base)
     record_conversions(model, checkpoint)
@@ -200,7 +200,7 @@ def materialize(
             {new: tensors[old] for new, old in names.items()}, max_shard_size=max_shard_size
         )
     except ValueError as e:
-        raise ShortGPTError(f"max shard size {max_shard_size!r} is not a size like 5GB or 500MB ({e})") from None
+        raise InvalidRequest(f"max shard size {max_shard_size!r} is not a size like 5GB or 500MB ({e})") from None
     folded = _fold_repair(model, checkpoint, maps, names) if maps else {}
     # Verification and the repair's perplexity walk the base now (with the layers skipped) and the
     # written checkpoint later, in its temporary folder: one walk for both there.
@@ -254,7 +254,7 @@ def materialize(
             pass  # a base saved without a tokenizer gives a checkpoint without one, as save_pruned does
         written = walked_logits(resolve(tmp), probe + held_inputs, progress=progress) if probe + held_inputs else None
         if verify and not logits_close(next(written), expected, parity_tolerance(model)):
-            raise ShortGPTError(
+            raise VerificationFailed(
                 "verification failed: the materialized checkpoint's logits differ from the base's with those layers "
                 "removed; nothing was written"
             )
