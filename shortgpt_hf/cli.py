@@ -282,7 +282,7 @@ def prune(
         calibration_tokens=max_tokens,
         seq_len=seq_len,
         batch_size=batch_size,
-        recovery=None if recovery == "none" else [{"method": recovery, "ridge": ridge}],
+        recovery=None if recovery == "none" else [{"method": recovery, **({"ridge": ridge} if ridge else {})}],
         recovery_tokens=recovery_tokens,
         verify=verify,
     )

@@ -19,7 +19,10 @@ import ast
 import re
 import sys
 import textwrap
+from itertools import pairwise
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parent.parent
 PACKAGE = ROOT / "shortgpt_hf"
@@ -106,7 +109,8 @@ def import_graph() -> Graph:
                     else:
                         unresolved.append(f"{name}:{node.lineno} {'.'.join(target)}")
             elif imports_its_package(node):
-                edges |= {module_name(p) for p in path.parent.glob("*.py")} - {name}
+                beside = [*path.parent.glob("*.py"), *path.parent.glob("*/__init__.py")]
+                edges |= {module_name(p) for p in beside} - {name}
         graph[name] = edges
     assert not unresolved, f"imports of package modules that do not exist: {unresolved}"
     return graph
@@ -199,7 +203,7 @@ def test_find_cycle_names_a_cycle():
     cycle = find_cycle(graph)
     assert cycle is not None and cycle[0] == cycle[-1]
     assert set(cycle) == {"a", "b", "c"}
-    assert all(b in graph[a] for a, b in zip(cycle, cycle[1:])), "the path must follow the graph's edges"
+    assert all(b in graph[a] for a, b in pairwise(cycle)), "the path must follow the graph's edges"
     assert describe(cycle) == "a -> b -> c -> a"
 
 
@@ -217,7 +221,7 @@ def test_find_cycle_accepts_a_graph_without_one():
 
 def test_imports_are_read_in_every_form(tmp_path, monkeypatch):
     package = tmp_path / "shortgpt_hf"
-    (package / "sub").mkdir(parents=True)
+    (package / "sub" / "deeper").mkdir(parents=True)
     files = {
         "__init__.py": "from . import a, sub\nfrom .sub import b\n",
         "a.py": (
@@ -228,6 +232,7 @@ def test_imports_are_read_in_every_form(tmp_path, monkeypatch):
         "c.py": "import os\nfrom shortgpt_hf import a\n",
         "sub/__init__.py": "import pkgutil\nfrom ..a import f\nfor m in pkgutil.iter_modules(__path__):\n    pass\n",
         "sub/b.py": "from .. import c\n",
+        "sub/deeper/__init__.py": "",
     }
     for name, text in files.items():
         (package / name).write_text(text)
@@ -236,10 +241,21 @@ def test_imports_are_read_in_every_form(tmp_path, monkeypatch):
         "__init__": {"a", "sub.__init__", "sub.b"},
         "a": {"c", "sub.b", "sub.__init__"},
         "c": {"a"},
-        "sub.__init__": {"a", "sub.b"},
+        "sub.__init__": {"a", "sub.b", "sub.deeper.__init__"},
         "sub.b": {"c"},
+        "sub.deeper.__init__": set(),
     }
     assert describe(find_cycle(import_graph())) == "a -> c -> a"
+
+
+def test_an_import_of_a_missing_module_is_reported(tmp_path, monkeypatch):
+    package = tmp_path / "shortgpt_hf"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("def f():\n    from .gone import thing\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
+    with pytest.raises(AssertionError, match="a:2 gone"):
+        import_graph()
 
 
 # -- the package and its doc ---------------------------------------------------------------------------------

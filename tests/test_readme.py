@@ -80,10 +80,14 @@ def test_readme_python_snippets_run_as_written(tmp_path):
     assert sorted(printed) == list(range(1, len(BLOCKS) + 1)), result.stdout[-3000:]
     assert all(printed.values()), f"a README block printed nothing: {printed}"
 
-    # 1: scores, the 8 lowest-BI layers, held-out perplexity 150.5; a checkpoint and a recipe
-    lowest, scores = printed[1][0].split("] [")
+    # 1: the front door prunes the same 8 lowest-BI layers on load and saves them with save_pretrained;
+    # step by step: scores, held-out perplexity 150.5; a checkpoint and a recipe
+    assert ast.literal_eval(printed[1][0]) == BI_LAYERS
+    front = json.loads((work / "smollm2-front-door" / "config.json").read_text())
+    assert front["shortgpt"]["removed_layers"] == BI_LAYERS and front["shortgpt"]["request"]["ratio"] == 0.25
+    lowest, scores = printed[1][1].split("] [")
     assert ast.literal_eval(lowest + "]") == BI_LAYERS and len(ast.literal_eval("[" + scores)) == 30
-    plain = float(printed[1][1])
+    plain = float(printed[1][2])
     assert plain == pytest.approx(150.5, abs=0.1)
     config = json.loads((work / "smollm2-pruned" / "config.json").read_text())
     assert config["shortgpt"]["removed_layers"] == BI_LAYERS and config["num_hidden_layers"] == 22

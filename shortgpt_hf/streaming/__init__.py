@@ -18,6 +18,7 @@ from ..recovery.linear import LinearRepair
 from .checkpoint import Checkpoint, available_memory, checkpoint_bytes, meta_skeleton
 from .walk import (
     LayerByLayerDriver,
+    dense_driver,
     fit_linear_sequentially,
     perplexity_sequentially,
     score_layers_sequentially,
@@ -30,6 +31,7 @@ __all__ = [
     "LinearRepair",
     "available_memory",
     "checkpoint_bytes",
+    "dense_driver",
     "fit_linear_sequentially",
     "materialize",
     "meta_skeleton",

@@ -1,0 +1,248 @@
+"""The registries' contract: every registered metric and recovery method runs through
+`prune`, `recover`, the ablation, the CLI's choices and both drivers (in memory and
+layer by layer) with the same results, so one new registered class is tested
+everywhere by these parametrizations; and the front door,
+``PrunedForCausalLM.from_pretrained(..., shortgpt_config=...)``, builds what
+``shortgpt prune`` writes, on either path."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+from tiny_models import tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from shortgpt_hf import (
+    METRICS,
+    RECOVERY_METHODS,
+    InvalidRequest,
+    PrunedForCausalLM,
+    ShortGPTConfig,
+    ShortGPTError,
+    ablate,
+    prune,
+    prune_to_folder,
+    recover,
+    score_layers,
+    score_layers_sequentially,
+)
+from shortgpt_hf.ablation import default_metrics, recovery_choices
+from shortgpt_hf.families import FAMILIES, Family
+from shortgpt_hf.metrics import BlockInfluence
+from shortgpt_hf.recovery.linear import LinearRecovery
+from shortgpt_hf.scoring import in_memory_driver
+from shortgpt_hf.streaming import dense_driver, fit_linear_sequentially
+
+NUM_LAYERS = 6
+TOKENS = torch.randint(3, 128, (12, 32), generator=torch.Generator().manual_seed(3))  # 384 tokens, hidden 32
+IDS = torch.arange(3, 15).reshape(2, 6)
+WORDS = " ".join(f"t{3 + (7 * i) % 120}" for i in range(600))  # text the tiny tokenizer cuts into 600 tokens
+FITTED = [name for name, method in RECOVERY_METHODS.items() if method.needs_removed_layers]
+TRAINED = [name for name, method in RECOVERY_METHODS.items() if not method.needs_removed_layers]
+COMMANDS = ("score", "prune", "ablate")
+QUICK = {"lora": {"steps": 2, "batch_size": 2}}  # options that keep a training method to a second
+
+
+def checkpoint(tmp_path: Path, family: str = "llama") -> Path:
+    folder = tmp_path / f"{family}-dense"
+    tiny_model(family).save_pretrained(folder, max_shard_size="20KB")
+    tiny_tokenizer().save_pretrained(folder)
+    (tmp_path / "calibration.txt").write_text(WORDS)
+    return folder
+
+
+def greedy_steps(metric: str) -> int | None:
+    return 2 if METRICS[metric].greedy else None
+
+
+def test_registries_refuse_a_second_entry_under_a_taken_name():
+    with pytest.raises(ValueError, match="a metric named 'bi' is already registered"):
+        METRICS.add("bi", BlockInfluence())
+    with pytest.raises(ValueError, match="a recovery method named 'linear' is already registered"):
+        RECOVERY_METHODS.add("linear", LinearRecovery())
+    with pytest.raises(ValueError, match="a model family named 'llama' is already registered"):
+        FAMILIES.add("llama", Family("Llama again"))
+    with pytest.raises(InvalidRequest, match="unknown metric 'nope'; choose from bi, angular"):
+        ShortGPTConfig(metric="nope")
+    with pytest.raises(InvalidRequest, match="unknown recovery method 'nope'; choose from linear, lora"):
+        ShortGPTConfig(recovery="nope")
+
+
+def readme_list(tag: str) -> list[str]:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(rf"<!-- {tag}:start -->\n(.*?)\n *<!-- {tag}:end -->", readme, re.S).group(1)
+    return [line.strip() for line in block.splitlines()]
+
+
+def test_choices_everywhere_come_from_the_registries(capsys, monkeypatch):
+    """The CLI's help, the ablation's defaults and choices, and the README's lists are the registries'."""
+    assert readme_list("metrics") == [f"- `{name}`: {m.summary}" for name, m in METRICS.items()]
+    assert readme_list("recovery") == [f"- `{name}`: {m.summary}" for name, m in RECOVERY_METHODS.items()]
+    helps = {command: " ".join(run_cli(capsys, monkeypatch, command, "--help")[1].split()) for command in COMMANDS}
+    assert f"One of: {', '.join(METRICS)}." in helps["score"] and f"One of: {', '.join(METRICS)}." in helps["prune"]
+    assert f"from: {', '.join(METRICS)}." in helps["ablate"]
+    assert f"from: {', '.join(recovery_choices())}." in helps["ablate"]
+    assert default_metrics() == [m for m in METRICS if not METRICS[m].greedy]
+    assert recovery_choices() == ["none", *RECOVERY_METHODS, *(f"{a}+{b}" for a in FITTED for b in TRAINED)]
+
+
+@pytest.mark.parametrize("metric", list(METRICS))
+def test_every_metric_gives_the_same_scores_on_both_drivers(metric, tmp_path):
+    folder = checkpoint(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    options = dict(seq_len=32, batch_size=4, max_layers=greedy_steps(metric), progress=False)
+    in_memory = score_layers(model, TOKENS, metric, **options)
+    walked = score_layers_sequentially(folder, TOKENS, metric, device="cpu", **options)
+    assert walked.metric == in_memory.metric == metric and walked.num_tokens == in_memory.num_tokens
+    assert walked.scores == pytest.approx(in_memory.scores, rel=1e-5, abs=1e-9)
+    assert walked.order == in_memory.order
+    assert walked.lowest(2) == in_memory.lowest(2)
+    if METRICS[metric].blocks:  # blocks of consecutive layers, on both drivers too
+        blocks = score_layers(model, TOKENS, metric, block_size=2, **options)
+        walked_blocks = score_layers_sequentially(folder, TOKENS, metric, block_size=2, device="cpu", **options)
+        assert walked_blocks.scores == pytest.approx(blocks.scores, rel=1e-5) and len(blocks.scores) == NUM_LAYERS - 1
+
+
+@pytest.mark.parametrize("metric", list(METRICS))
+def test_every_metric_prunes_through_a_request_and_the_ablation(metric):
+    model = tiny_model("llama")
+    expected = score_layers(model, TOKENS, metric, seq_len=32, max_layers=greedy_steps(metric), progress=False)
+    prune(model, ShortGPTConfig(n_layers=2, metric=metric, seq_len=32, measure=False), calibration_data=TOKENS)
+    record = ShortGPTConfig.from_model(model)
+    assert record.removed_layers == expected.lowest(2) and record.metric == metric
+    assert record.request["metric"] == metric and record.request["n_layers"] == 2
+
+    dense = tiny_model("llama")
+    result = ablate(
+        dense,
+        tiny_tokenizer(),
+        ratios=[0.34],
+        metrics=[metric],
+        tasks=["ppl"],
+        calibration=TOKENS,
+        max_tokens=256,
+        seq_len=32,
+        progress=False,
+    )
+    assert [run.removed_layers for run in result.runs] == [expected.lowest(2)]
+
+
+@pytest.mark.parametrize("method", FITTED)
+def test_every_training_free_method_fits_the_same_maps_on_both_drivers(method, tmp_path):
+    folder = checkpoint(tmp_path)
+    removed = [2, 3]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    in_memory = RECOVERY_METHODS[method].fit(in_memory_driver(model, TOKENS, None, 32, None), removed, progress=False)
+    walked = fit_linear_sequentially(folder, removed, TOKENS, method=method, seq_len=32, device="cpu", progress=False)
+    assert walked.method == in_memory.method == method and walked.entry == in_memory.entry
+    for a, b in zip(walked.maps, in_memory.maps, strict=True):
+        torch.testing.assert_close(a.map, b.map, rtol=1e-5, atol=1e-6)
+    driver = dense_driver(folder, TOKENS, seq_len=32, device="cpu")  # the same fit, through the generic entry
+    assert RECOVERY_METHODS[method].fit(driver, removed, progress=False).entry == in_memory.entry
+
+
+@pytest.mark.parametrize("method", list(RECOVERY_METHODS))
+def test_every_recovery_method_runs_through_prune_recover_and_the_ablation(method):
+    options = QUICK.get(method, {})
+    model = tiny_model("llama")
+    request = ShortGPTConfig(layers=[2, 3], recovery=[{"method": method, **options}], seq_len=32, measure=False)
+    recovered = prune(model, request, calibration_data=TOKENS)
+    steps = ShortGPTConfig.from_model(getattr(recovered, "get_base_model", lambda: recovered)()).recovery
+    assert [s["method"] for s in steps] == [method]
+    if method in TRAINED:  # a training method also runs on its own, after the removal
+        pruned = prune(tiny_model("llama"), [2, 3])
+        again = recover(pruned, method, TOKENS, seq_len=32, **options)
+        assert [s["method"] for s in ShortGPTConfig.from_model(again.get_base_model()).recovery] == [method]
+    else:  # a training-free one needs the layers it replaces: recover() after the fact says so
+        with pytest.raises(ShortGPTError, match=f"prune\\(model, ..., recovery='{method}'\\)"):
+            recover(prune(tiny_model("llama"), [2, 3]), method, TOKENS)
+    result = ablate(
+        tiny_model("llama"),
+        tiny_tokenizer(),
+        ratios=[0.34],
+        metrics=["sequential"],
+        tasks=["ppl"],
+        calibration=TOKENS,
+        recoveries=[method],
+        recovery_options={method: options},
+        max_tokens=256,
+        seq_len=32,
+        progress=False,
+    )
+    assert [run.recovery for run in result.runs] == [method]
+
+
+@pytest.mark.parametrize("method", TRAINED)
+def test_training_methods_are_refused_up_front_layer_by_layer(method, tmp_path, capsys, monkeypatch):
+    folder = checkpoint(tmp_path)
+    request = ShortGPTConfig(layers=[2], recovery=method)
+    with pytest.raises(InvalidRequest, match=f"recovery '{method}' trains the pruned model"):
+        prune_to_folder(folder, request, tmp_path / "x", layer_by_layer=True)
+    code, _, err = run_cli(capsys, monkeypatch, "prune", folder, "--recovery", method, "--out", tmp_path / "x")
+    assert code == 2 and not (tmp_path / "x").exists()
+    assert_one_line_error(err, f"--recovery must be none or one of {', '.join(FITTED)}")
+
+
+def test_a_newly_registered_metric_appears_everywhere(tmp_path, capsys, monkeypatch):
+    """The seam: one registered class is a metric of the request, both drivers, the ablation and the CLI."""
+    from shortgpt_hf.metrics import OrderMetric, register_metric
+
+    monkeypatch.setattr(METRICS, "_entries", dict(METRICS))  # the test's metric goes with it
+
+    @register_metric
+    class Middle(OrderMetric):
+        name = "middle_out"
+        summary = "remove from the middle outwards"
+
+        def order_scores(self, num_layers, seed):
+            return [abs(i - (num_layers - 1) / 2) for i in range(num_layers)]
+
+    folder = checkpoint(tmp_path)
+    assert "middle_out" in default_metrics()
+    assert score_layers_sequentially(folder, None, "middle_out", progress=False).lowest(2) == [2, 3]
+    model = PrunedForCausalLM.from_pretrained(folder, shortgpt_config=ShortGPTConfig(n_layers=2, metric="middle_out"))
+    assert model.config.shortgpt["removed_layers"] == [2, 3]
+    _, help_text, _ = run_cli(capsys, monkeypatch, "score", "--help")
+    assert "middle_out" in help_text
+
+
+@pytest.mark.parametrize("recovery", ["none", "linear"])
+@pytest.mark.parametrize("layer_by_layer", [False, True])
+def test_from_pretrained_with_a_request_builds_what_shortgpt_prune_writes(
+    recovery, layer_by_layer, tmp_path, capsys, monkeypatch
+):
+    folder = checkpoint(tmp_path)
+    calibration = tmp_path / "calibration.txt"
+    request = ShortGPTConfig(
+        ratio=0.25, calibration=str(calibration), seq_len=32, recovery=None if recovery == "none" else recovery
+    )
+    model, info = PrunedForCausalLM.from_pretrained(
+        folder, shortgpt_config=request, layer_by_layer=layer_by_layer, output_loading_info=True
+    )
+    result = info["shortgpt"]
+    assert result.path == ("layer by layer" if layer_by_layer else "in memory") and result.reason == "as asked"
+    assert type(model).__name__ == "LlamaForCausalLM" and result.model is model
+    load = "layer-by-layer" if layer_by_layer else "full"
+    args = ["--ratio", "0.25", "--calibration", calibration, "--seq-len", "32", "--recovery", recovery, "--load", load]
+    code, stdout, err = run_cli(capsys, monkeypatch, "prune", folder, *args, "--out", tmp_path / "cli")
+    assert code in (0, None), err
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "cli")
+    ours, theirs = ShortGPTConfig.from_model(model), ShortGPTConfig.from_model(written)
+    assert ours.removed_layers == theirs.removed_layers and len(ours.removed_layers) == 2  # 25% of 6, halves up
+    assert ours.request == theirs.request == request.request_dict()
+    assert [s["method"] for s in ours.recovery or []] == [s["method"] for s in theirs.recovery or []]
+    assert f"removed layers (original indices): {ours.removed_layers} by bi" in stdout
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, written(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_from_pretrained_refuses_what_it_cannot_return(tmp_path):
+    folder = checkpoint(tmp_path)
+    with pytest.raises(InvalidRequest, match="runs no training recovery \\('lora'\\)"):
+        PrunedForCausalLM.from_pretrained(folder, shortgpt_config=ShortGPTConfig(layers=[1], recovery="lora"))
+    with pytest.raises(InvalidRequest, match="not also as removed_layers"):
+        PrunedForCausalLM.from_pretrained(folder, shortgpt_config=ShortGPTConfig(layers=[1]), removed_layers=[1])
+    with pytest.raises(InvalidRequest, match="out of range 0..5"):  # before any weight is read
+        PrunedForCausalLM.from_pretrained(folder, shortgpt_config=ShortGPTConfig(layers=[9]))
