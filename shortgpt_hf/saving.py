@@ -15,6 +15,7 @@ from .layers import probe_ids, text_config
 from .loading import load_pruned
 from .reading import load_tokenizer, text_config_of
 from .recovery.linear import linear_maps, save_maps
+from .registry import RECOVERY_METHODS
 from .sources import resolve
 from .verification import explained, logits_close, parity_tolerance, uncached_logits, verify_reload
 
@@ -103,9 +104,9 @@ def write_recipe(
         raise InvalidRequest("this model has not been pruned: nothing to write as a recipe")
     if not record.base_model_name_or_path:
         raise InvalidRequest("cannot write a recipe: the base model is unknown (base_model_name_or_path is empty)")
-    trained = [step.get("method") for step in record.recovery or [] if step.get("method") != "linear"]
+    trained = [step.get("method") for step in record.recovery or [] if not _refoldable(step.get("method"))]
     if trained:
-        # A recipe rebuilds weights from the base (plus linear maps); trained weights would silently be lost.
+        # A recipe rebuilds weights from the base (plus stored maps); trained weights would silently be lost.
         raise InvalidRequest(
             f"this model was recovered with {', '.join(trained)}, which a recipe cannot rebuild from its base: "
             "save it as a full checkpoint (save_pruned), or save the adapter (save_healed)"
@@ -128,6 +129,11 @@ def write_recipe(
     save_maps(linear_maps(model_or_config) if is_model else maps or {}, record, folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def _refoldable(method: str | None) -> bool:
+    """Whether a recovery step is one a recipe rebuilds: a training-free method's maps, stored with it."""
+    return method in RECOVERY_METHODS and RECOVERY_METHODS[method].needs_removed_layers
 
 
 def _base(record: ShortGPTConfig) -> Any:

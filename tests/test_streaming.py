@@ -12,7 +12,16 @@ from safetensors import safe_open
 from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from shortgpt_hf import PrunedForCausalLM, ShortGPTError, perplexity, prune, save_pruned, save_recipe, score_layers
+from shortgpt_hf import (
+    PrunedForCausalLM,
+    ShortGPTConfig,
+    ShortGPTError,
+    perplexity,
+    prune,
+    save_pruned,
+    save_recipe,
+    score_layers,
+)
 from shortgpt_hf.sources import resolve
 from shortgpt_hf.streaming import (
     Checkpoint,
@@ -382,7 +391,8 @@ def test_real_smollm2_layer_by_layer_prune_with_repair_is_the_in_memory_one(
 ):
     """The real SmolLM2-135M at 25% with the linear repair, once in memory and once layer by
     layer: the same layers, the same tensors to float32 rounding, and the same held-out
-    perplexities before and after; the repair takes perplexity under 0.75x plain removal's."""
+    perplexities before and after; the repair takes perplexity under 0.75x plain removal's.
+    ``PrunedForCausalLM.from_pretrained`` with the same request, layer by layer, builds that model."""
     common = ("--ratio", "0.25", "--recovery", "linear", "--recovery-tokens", "4096", "--max-tokens", "4096")
     runs = {}
     for load in ("full", "layer-by-layer"):
@@ -402,3 +412,15 @@ def test_real_smollm2_layer_by_layer_prune_with_repair_is_the_in_memory_one(
         assert before_streamed[field] == pytest.approx(before_memory[field], rel=1e-4), field
     assert before_streamed["perplexity_settings"] == before_memory["perplexity_settings"]
     assert before_memory["perplexity_after"] < 0.75 * before_memory["perplexity_before"]
+
+    # The front door, layer by layer, builds the model the command wrote: same record, same logits.
+    request = ShortGPTConfig(ratio=0.25, recovery="linear", recovery_tokens=4096, calibration_tokens=4096)
+    model = PrunedForCausalLM.from_pretrained(smollm2_path, shortgpt_config=request, layer_by_layer=True)
+    record = model.config.shortgpt
+    assert record["removed_layers"] == memory["removed_layers"] and record["request"] == memory["request"]
+    for field in ("perplexity_before", "perplexity_after"):
+        assert record["recovery"][0][field] == pytest.approx(before_memory[field], rel=1e-4), field
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    ids = torch.tensor([[1, 504, 3303, 28, 1052, 30, 253, 2215, 282, 2116]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, written(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
