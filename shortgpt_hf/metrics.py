@@ -39,12 +39,14 @@ class Scored:
 
 class Metric(ABC):
     """A way of ranking layers. ``reads_text``: it needs calibration windows;
-    ``blocks``: it can rank blocks of consecutive layers; ``greedy``: it chooses a
-    whole removal step by step (``max_layers`` steps) instead of scoring each layer alone."""
+    ``seeded``: its ranking depends on the ``seed``; ``blocks``: it can rank blocks
+    of consecutive layers; ``greedy``: it chooses a whole removal step by step
+    (``max_layers`` steps) instead of scoring each layer alone."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     reads_text: ClassVar[bool] = True
+    seeded: ClassVar[bool] = False
     blocks: ClassVar[bool] = False
     greedy: ClassVar[bool] = False
 
@@ -163,6 +165,7 @@ class Reverse(OrderMetric):
 class Random(OrderMetric):
     name = "random"
     summary = "a random order, seeded (baseline)"
+    seeded = True
 
     def order_scores(self, num_layers: int, seed: int) -> list[float]:
         gen = torch.Generator().manual_seed(seed)

@@ -138,7 +138,7 @@ def score_with(
     if any(math.isnan(s) for s in result.scores):
         raise ShortGPTError(f"{metric} scores are NaN: the activations overflowed in this dtype (try float32)")
     if not chosen.reads_text:
-        calibration = f"none (seed {seed})" if metric == "random" else None
+        calibration = f"none (seed {seed})" if chosen.seeded else None
         return LayerScores(metric, result.scores, n, calibration=calibration)
     windows = driver.windows
     return LayerScores(

@@ -246,3 +246,27 @@ def test_from_pretrained_refuses_what_it_cannot_return(tmp_path):
         PrunedForCausalLM.from_pretrained(folder, shortgpt_config=ShortGPTConfig(layers=[1]), removed_layers=[1])
     with pytest.raises(InvalidRequest, match="out of range 0..5"):  # before any weight is read
         PrunedForCausalLM.from_pretrained(folder, shortgpt_config=ShortGPTConfig(layers=[9]))
+
+
+def test_errors_are_typed_so_a_caller_can_catch_one_kind(tmp_path, monkeypatch):
+    """Every failure is still a one-line ShortGPTError; its subclass says which kind it is."""
+    import shortgpt_hf.verification
+    from shortgpt_hf import SourceUnavailable, UnsupportedModel, VerificationFailed
+
+    with pytest.raises(InvalidRequest, match="ratio must be between 0 and 1"):
+        ShortGPTConfig(ratio=1.5)
+    with pytest.raises(InvalidRequest, match="give one of layers, n_layers or ratio, not layers and ratio"):
+        ShortGPTConfig(layers=[1], ratio=0.25)
+    with pytest.raises(SourceUnavailable, match="no such folder"):
+        PrunedForCausalLM.from_pretrained(str(tmp_path / "missing") + "/", shortgpt_config=ShortGPTConfig())
+    gpt2 = tiny_model("gpt2")
+    gpt2.config.scale_attn_by_inverse_layer_idx = True
+    with pytest.raises(UnsupportedModel, match="scale_attn_by_inverse_layer_idx"):
+        prune(gpt2, [1])
+    model = tiny_model("llama")
+    before = model(input_ids=IDS).logits
+    monkeypatch.setattr(shortgpt_hf.verification, "logits_close", lambda *args: False)
+    with pytest.raises(VerificationFailed, match="does not match the original with those layers skipped"):
+        prune(model, [1], verify=True)
+    torch.testing.assert_close(model(input_ids=IDS).logits, before)  # restored
+    assert all(issubclass(e, ShortGPTError) for e in (InvalidRequest, UnsupportedModel, VerificationFailed))
