@@ -143,6 +143,7 @@ def test_every_training_free_method_fits_the_same_maps_on_both_drivers(method, t
     assert RECOVERY_METHODS[method].fit(driver, removed, progress=False).entry == in_memory.entry
 
 
+@pytest.mark.filterwarnings("ignore:this pruned model is not saved")  # the adapters are evaluated, never saved
 @pytest.mark.parametrize("method", list(RECOVERY_METHODS))
 def test_every_recovery_method_runs_through_prune_recover_and_the_ablation(method):
     options = QUICK.get(method, {})

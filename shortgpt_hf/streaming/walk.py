@@ -212,6 +212,7 @@ class LayerByLayerDriver(Driver):
     def device(self) -> torch.device:
         return self.run_on
 
+    @torch.no_grad()
     def run(self, observer: LayerObserver, desc: str, progress: bool = True) -> None:
         if self._walk is None:
             checkpoint = self._checkpoint or Checkpoint.open(self.source)
