@@ -231,9 +231,7 @@ def carry_out(
             with explained(model, "verification"):
                 verify_pruned(model, reference)
         result = model
-        for i, step in enumerate(steps):
-            if i > 0 or first is None:  # a step planned on the dense model is planned again on the pruned one
-                step = _plan(result, request.recovery[i], data, tokenizer, request, eval_data, eval_tokens, progress)
+        for step in steps:  # planned, and so checked, before anything was scored or removed
             result = run(result, step, fitted if step is first else None)
             if request.verify and step.method.needs_removed_layers:  # trained adapters change the structure
                 with explained(model, f"verification after {step.method.name} recovery"):
