@@ -64,7 +64,13 @@ def load_tokenizer(source: Source) -> Any:
 
 def read_recipe(source: Source) -> ShortGPTConfig:
     """The record a recipe folder or repo holds (the source is already resolved: no second lookup)."""
-    return ShortGPTConfig.from_json_string(source.read_text(CONFIG_NAME))
+    record = ShortGPTConfig.from_json_string(source.read_text(CONFIG_NAME))
+    if record.is_request:
+        raise InvalidRequest(
+            f"{source.describe()} holds a request, not a pruned model's record: carry it out with "
+            "PrunedForCausalLM.from_pretrained(BASE, shortgpt_config=ShortGPTConfig.from_pretrained(...))"
+        )
+    return record
 
 
 def recipe_base(record: ShortGPTConfig, **hub_kwargs: Any) -> Source:

@@ -271,3 +271,24 @@ def test_errors_are_typed_so_a_caller_can_catch_one_kind(tmp_path, monkeypatch):
         prune(model, [1], verify=True)
     torch.testing.assert_close(model(input_ids=IDS).logits, before)  # restored
     assert all(issubclass(e, ShortGPTError) for e in (InvalidRequest, UnsupportedModel, VerificationFailed))
+
+
+def test_a_request_round_trips_through_json_and_a_folder(tmp_path):
+    folder = checkpoint(tmp_path)
+    recovery = [{"method": "linear", "ridge": 1e-3}]
+    request = ShortGPTConfig(
+        n_layers=2, metric="angular", block_size=2, calibration=tmp_path / "calibration.txt", recovery=recovery
+    )
+    assert request.is_request and request.recovery == recovery and request.calibration.endswith("calibration.txt")
+    assert ShortGPTConfig.from_json_string(request.to_json_string()) == request
+    request.save_pretrained(tmp_path / "request")
+    assert ShortGPTConfig.from_pretrained(tmp_path / "request") == request
+    with pytest.raises(InvalidRequest, match="holds a request, not a pruned model's record"):
+        PrunedForCausalLM.from_pretrained(tmp_path / "request")  # a request is not a recipe to load
+    folder = checkpoint(tmp_path)
+    model = PrunedForCausalLM.from_pretrained(
+        folder, shortgpt_config=ShortGPTConfig.from_pretrained(tmp_path / "request")
+    )
+    record = ShortGPTConfig.from_model(model)
+    assert not record.is_request and record.request == request.request_dict()
+    assert ShortGPTConfig(**record.request) == request  # the record says how to do it again
