@@ -162,7 +162,7 @@ class ShortGPTConfig:
         if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1):
             raise InvalidRequest(f"ratio must be between 0 and 1, got {self.ratio}")
         if self.n_layers is not None and not (isinstance(self.n_layers, int) and self.n_layers >= 1):
-            raise InvalidRequest(f"n_layers must be a positive integer, got {self.n_layers!r}")
+            raise InvalidRequest(f"n_layers, the number of layers to remove, must be at least 1, got {self.n_layers!r}")
         if self.metric is None and self.layers is None:
             self.metric = "bi"
         if self.metric is not None:

@@ -46,7 +46,10 @@ def tiny_dirs(tmp_path_factory, smollm2_path):
     [
         (["--ratio", "0.01"], "removes zero"),
         (["--n-layers", "6"], "between 1 and 5"),
-        (["--n-layers", "0"], "between 1 and 5"),
+        (
+            ["--n-layers", "0"],
+            "n_layers, the number of layers to remove, must be at least 1, got 0",
+        ),  # before the model
         (["--layers", "1,1"], "duplicate"),
         (["--layers", "-1"], "out of range"),
         (["--layers", "9"], "out of range"),
