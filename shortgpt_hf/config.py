@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import inspect
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -58,6 +59,26 @@ REQUEST_FIELDS = (
 
 # Fields a record has too, with the meaning a record gives them.
 _SHARED_FIELDS = ("metric", "block_size", "calibration", "recovery", "mode")
+
+
+# What the request itself sets for every recovery step; a step's own options cannot.
+_STEP_SETTINGS = ("data", "tokenizer", "seq_len", "max_tokens", "eval_data", "eval_tokens", "fitted")
+
+
+def _check_options(step: dict[str, Any]) -> None:
+    """Refuse an unknown method, or an option its ``apply`` does not take, in one line, when the request is built."""
+    method = RECOVERY_METHODS.get_or_refuse(step["method"])
+    options = {k: v for k, v in step.items() if k != "method"}
+    fixed = [k for k in options if k in _STEP_SETTINGS]
+    if fixed:
+        raise InvalidRequest(
+            f"recovery step option {fixed[0]!r} is set by the request for every step "
+            "(seq_len, recovery_tokens, calibration), not by one step"
+        )
+    try:
+        inspect.signature(method.apply).bind_partial(None, None, None, **options)
+    except TypeError as e:
+        raise InvalidRequest(f"recovery method {step['method']!r}: {e}") from None
 
 
 def _library_version() -> str:
@@ -197,7 +218,7 @@ class ShortGPTConfig:
             step = {"method": item} if isinstance(item, str) else dict(item)
             if not isinstance(step.get("method"), str):
                 raise InvalidRequest(f"a recovery step is a method name or a dict with a 'method', got {item!r}")
-            RECOVERY_METHODS.get_or_refuse(step["method"])
+            _check_options(step)
             steps.append(step)
         fitted = [i for i, s in enumerate(steps) if RECOVERY_METHODS[s["method"]].needs_removed_layers]
         if fitted and fitted != [0]:
@@ -210,9 +231,21 @@ class ShortGPTConfig:
         return steps
 
     def removal_count(self, num_layers: int) -> int:
-        """How many of ``num_layers`` layers this request removes (refusing none or all)."""
-        from_layers = None if self.layers is None else len(check_layers(num_layers, self.layers))
-        return from_layers or removal_count(num_layers, self.n_layers, self.ratio)
+        """How many of ``num_layers`` layers this request removes, refusing none, all, or a count
+        that blocks of ``block_size`` layers cannot give (cheap: before anything is scored)."""
+        if self.layers is not None:
+            return len(check_layers(num_layers, self.layers))
+        count = removal_count(num_layers, self.n_layers, self.ratio)
+        if self.block_size > 1 and count != self.block_size:
+            raise InvalidRequest(
+                f"scores of blocks of {self.block_size} layers remove one block, {self.block_size} layers; "
+                f"this request removes {count} of {num_layers}"
+            )
+        return count
+
+    def trained_steps(self) -> list[str]:
+        """The requested recovery methods that train the pruned model (and so return a PEFT model)."""
+        return [s["method"] for s in self.recovery or [] if not RECOVERY_METHODS[s["method"]].needs_removed_layers]
 
     def request_dict(self) -> dict[str, Any]:
         """The request fields as given (what a record keeps under ``request``)."""

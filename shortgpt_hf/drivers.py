@@ -49,6 +49,10 @@ class LayerObserver(ABC):
         ``mask`` the real tokens (one bool per row of ``x`` flattened, on ``x``'s device), and the
         output of ``taps[layer]`` when it names one."""
 
+    def finish(self, layer: int) -> None:  # noqa: B027  (optional: most observers have nothing to finish)
+        """Layer ``layer`` has seen every batch: what waited for it can be completed and freed. Layer
+        by layer this comes as soon as the walk leaves the layer; in memory, after the pass."""
+
 
 class Driver(ABC):
     """Runs calibration windows through a model's decoder layers for `LayerObserver`s.
@@ -132,8 +136,9 @@ class InMemoryDriver(Driver):
         def after(i: int):
             def hook(module, args, kwargs, output):
                 y = output[0] if isinstance(output, tuple) else output
-                x = state.pop(i)
-                observer.observe(i, state["batch"], x, y, mask_on(x.device), state.pop(("tap", i), None))
+                # The pre-hook runs before accelerate moves a layer's inputs to its device: move x there too.
+                x = state.pop(i).to(y.device)
+                observer.observe(i, state["batch"], x, y, mask_on(y.device), state.pop(("tap", i), None))
                 if i == observer.through:
                     raise _Done
 
@@ -168,3 +173,5 @@ class InMemoryDriver(Driver):
             finally:
                 for h in handles:
                     h.remove()
+        for i in range(observer.through + 1):
+            observer.finish(i)

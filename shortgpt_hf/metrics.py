@@ -69,7 +69,7 @@ class HiddenStateMetric(Metric):
         """One value per row of ``x`` and ``y`` (``[tokens, hidden]``, float32)."""
 
     def score(self, driver: Driver, *, block_size: int, seed: int, max_layers: int, progress: bool) -> Scored:
-        sums = _TermSums(self, driver.num_layers, block_size)
+        sums = _TermSums(self, driver.num_layers, block_size, driver.parked)
         driver.run(sums, f"scoring ({self.name}, {driver.how})", progress)
         return Scored([float(s.item()) / driver.windows.num_tokens for s in sums.sums])
 
@@ -85,16 +85,16 @@ class HiddenStateMetric(Metric):
 class _TermSums(LayerObserver):
     """Running sums of a hidden-state metric per block of ``block_size`` layers (per layer when 1)."""
 
-    def __init__(self, metric: HiddenStateMetric, num_layers: int, block_size: int):
-        self.metric, self.block_size = metric, block_size
+    def __init__(self, metric: HiddenStateMetric, num_layers: int, block_size: int, parked: torch.device | None):
+        self.metric, self.block_size, self.parked = metric, block_size, parked
         self.through = num_layers - 1
         self.num_blocks = num_layers - block_size + 1
         self.sums: list[Any] = [None] * self.num_blocks
         self.open: dict[tuple[int, int], torch.Tensor] = {}  # (batch, block start) -> the block's input
 
     def observe(self, layer: int, batch: int, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, tap: Any) -> None:
-        if self.block_size > 1 and layer < self.num_blocks:
-            self.open[batch, layer] = x
+        if self.block_size > 1 and layer < self.num_blocks:  # a block's input waits for its last layer
+            self.open[batch, layer] = x if self.parked is None else x.to(self.parked)
         start = layer - self.block_size + 1
         if start < 0:
             return

@@ -21,7 +21,6 @@ from .errors import InvalidRequest
 from .loading import load_pruned
 from .pipeline import prune_pretrained
 from .recovery.linear import map_keys
-from .registry import RECOVERY_METHODS
 from .sources import HUB_KWARGS, resolve
 
 # What AutoModelForCausalLM.from_pretrained adds for the class it dispatches to; the base's own load needs none of it.
@@ -91,16 +90,6 @@ class PrunedForCausalLM:
         if shortgpt_config is not None and shortgpt_config.is_request:
             if removed_layers is not None or mode is not None:
                 raise InvalidRequest("give the layers in shortgpt_config, not also as removed_layers or mode")
-            trained = [
-                s["method"]
-                for s in shortgpt_config.recovery or []
-                if not RECOVERY_METHODS[s["method"]].needs_removed_layers
-            ]
-            if trained:
-                raise InvalidRequest(
-                    f"from_pretrained returns a native model, so it runs no training recovery ({trained[0]!r}): "
-                    "heal the model it returns instead"
-                )
             result = prune_pretrained(
                 pretrained_model_name_or_path,
                 shortgpt_config,
@@ -112,6 +101,8 @@ class PrunedForCausalLM:
             model, info["shortgpt"] = result.model, result
         else:
             if shortgpt_config is not None:  # a record: the recipe it describes, applied to this base
+                if removed_layers is not None:
+                    raise InvalidRequest("give the layers once: in the shortgpt_config record or as removed_layers")
                 if map_keys(shortgpt_config):
                     raise InvalidRequest(
                         "this record's repair maps are not in it: load the recipe or checkpoint folder that has them"

@@ -33,9 +33,9 @@ from torch import nn
 from .atomic import check_destination
 from .calibration import CalibrationData, read_text_file
 from .config import ShortGPTConfig
-from .errors import InvalidRequest
+from .errors import InvalidRequest, VerificationFailed
 from .evaluation import HEADLINE, PerplexitySettings, perplexity
-from .layers import count_parameters, find_decoder_layers
+from .layers import count_parameters, find_decoder_layers, probe_ids
 from .loading import load_from_base, load_model
 from .pruning import carry_out
 from .reading import load_tokenizer, num_layers_of, text_config_of
@@ -43,21 +43,22 @@ from .registry import METRICS, RECOVERY_METHODS
 from .saving import save_pruned, save_recipe
 from .scoring import LayerScores
 from .selection import select_layers
-from .sources import Source, resolve
+from .sources import HUB_KWARGS, Source, resolve
 from .streaming import (
     LinearRepair,
     available_memory,
     checkpoint_bytes,
-    fit_linear_sequentially,
+    dense_driver,
     materialize,
     perplexity_sequentially,
     pruned_record,
     score_layers_sequentially,
 )
 from .streaming.checkpoint import meta_skeleton
+from .streaming.walk import fit_removal, walked_logits
 from .surgery import check_supported, remove_layers
 from .texts import heldout_texts
-from .verification import verify_pruned
+from .verification import logits_close, parity_tolerance, uncached_logits, verify_pruned
 
 logger = logging.getLogger("shortgpt_hf")
 
@@ -115,9 +116,19 @@ def choose_path(
     return streaming, f"{_size(size)} of weights, {_size(free)} free on {device}"
 
 
-def _announce(streaming: bool, reason: str) -> None:
+def _start(
+    name_or_path: str | Path, config: ShortGPTConfig, layer_by_layer: bool | None, kwargs: dict[str, Any]
+) -> tuple[Source, bool, str, int]:
+    """What both jobs do before any weight is read: resolve the name (with the Hub arguments among
+    ``kwargs``; ``revision`` is taken out of them), choose the path, refuse what cannot be done, and
+    say which path and why. The source, whether layer by layer, why, and the current layer count."""
+    hub = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
+    source = resolve(name_or_path, kwargs.pop("revision", None), **hub)
+    streaming, reason = choose_path(source, layer_by_layer, kwargs.get("dtype"), kwargs.get("device_map"))
+    n = check_request(source, config, streaming)
     how = f"{LAYER_BY_LAYER}, from the safetensors shards" if streaming else IN_MEMORY
     logger.info("path: %s (%s)", how, reason)
+    return source, streaming, reason, n
 
 
 def _size(n: float) -> str:
@@ -137,15 +148,14 @@ def check_request(source: Source, config: ShortGPTConfig, streaming: bool) -> in
     n = num_layers_of(source)
     if n is not None:
         config.removal_count(n)
-    if streaming:
-        trained = [s["method"] for s in config.recovery or [] if not RECOVERY_METHODS[s["method"]].needs_removed_layers]
-        if trained:
-            raise InvalidRequest(
-                f"recovery {trained[0]!r} trains the pruned model, which layer by layer never holds in memory: "
-                "prune first, then run it on the pruned checkpoint"
-            )
-        if config.mode == "prefill_skip":
-            raise InvalidRequest("prefill skipping keeps every layer in memory; it cannot go layer by layer")
+    trained = config.trained_steps()
+    if trained:
+        raise InvalidRequest(
+            f"recovery {trained[0]!r} trains the pruned model and gives a PEFT model, which this job neither "
+            "returns nor writes: prune here, then heal (or carry out the request with prune(model, config))"
+        )
+    if streaming and config.mode == "prefill_skip":
+        raise InvalidRequest("prefill skipping keeps every layer in memory; it cannot go layer by layer")
     return n or 0
 
 
@@ -166,12 +176,7 @@ def prune_pretrained(
     scored and repaired from its shards and then loaded with only its kept layers,
     the repair folded in: it is never whole in memory. Other keyword arguments
     (``dtype``, ``device_map``...) go to ``from_pretrained``."""
-    source = resolve(name_or_path, from_pretrained_kwargs.pop("revision", None))
-    streaming, reason = choose_path(
-        source, layer_by_layer, from_pretrained_kwargs.get("dtype"), from_pretrained_kwargs.get("device_map")
-    )
-    n = check_request(source, config, streaming)
-    _announce(streaming, reason)
+    source, streaming, reason, n = _start(name_or_path, config, layer_by_layer, from_pretrained_kwargs)
     if not streaming:
         model, tok = load_model(str(name_or_path), revision=source.revision, **from_pretrained_kwargs)
         return _in_memory(model, tokenizer or tok, config, calibration_data, reason, progress)
@@ -180,9 +185,9 @@ def prune_pretrained(
     record = pruned_record(source.location, removed, scores, repair, config.request_dict())
     model = load_from_base(source, record, repair.tensors if repair else None, **from_pretrained_kwargs)
     if config.verify:
-        verify_pruned(model)
+        _verify_walked(model, source, removed, repair, dtype)
     if repair is not None and config.measure:
-        _measure_walked(model, source, removed, tokenizer, config.seq_len, progress)
+        _measure_walked(model, source, removed, tokenizer, config.seq_len, dtype, progress)
     return PruneResult(
         ShortGPTConfig.from_model(model),
         LAYER_BY_LAYER,
@@ -217,17 +222,16 @@ def prune_to_folder(
     verified the same way, layer by layer. Nothing is written unless everything
     succeeds, and an existing folder is only replaced with ``overwrite``."""
     check_destination(out_dir, overwrite)
-    source = resolve(name_or_path, from_pretrained_kwargs.pop("revision", None))
-    streaming, reason = choose_path(
-        source, layer_by_layer, from_pretrained_kwargs.get("dtype"), from_pretrained_kwargs.get("device_map")
-    )
-    n = check_request(source, config, streaming)
-    _announce(streaming, reason)
+    source, streaming, reason, n = _start(name_or_path, config, layer_by_layer, from_pretrained_kwargs)
     if not streaming:
         model, tok = load_model(str(name_or_path), revision=source.revision, **from_pretrained_kwargs)
         result = _in_memory(model, tok, config, calibration_data, reason, progress)
-        save = save_recipe if recipe else save_pruned
-        result.folder = save(result.model, out_dir, tok, overwrite=overwrite, verify=config.verify)
+        if recipe:
+            result.folder = save_recipe(result.model, out_dir, tok, overwrite=overwrite, verify=config.verify)
+        else:
+            result.folder = save_pruned(
+                result.model, out_dir, tok, overwrite=overwrite, verify=config.verify, max_shard_size=max_shard_size
+            )
         result.kind, result.verified = ("recipe" if recipe else "checkpoint"), config.verify
         return result
     dtype = _walk_dtype(from_pretrained_kwargs.get("dtype"))
@@ -292,7 +296,7 @@ def _in_memory(
         reason,
         num_before,
         carried.scores,
-        verified=config.verify,
+        verified=config.verify and config.mode == "remove",  # prefill skipping changes no weights to check
         parameters_before=before,
         parameters_after=count_parameters(model),
         model=carried.model,
@@ -320,7 +324,7 @@ def _walk(
     step = (config.recovery or [None])[0]
     options = {k: v for k, v in (step or {}).items() if k != "method"}
     if step is not None:
-        RECOVERY_METHODS[step["method"]].check(skeleton, **options)
+        RECOVERY_METHODS[step["method"]].check(skeleton, **options)  # options were bound when the request was built
     check_supported(skeleton)
     calibration = calibration_data if calibration_data is not None else config.calibration
     walk = dict(tokenizer=tokenizer, seq_len=config.seq_len, batch_size=config.batch_size, dtype=dtype)
@@ -341,21 +345,31 @@ def _walk(
     check_supported(skeleton, removed)
     repair = None
     if step is not None:
-        repair = fit_linear_sequentially(
-            source.location,
-            removed,
-            calibration,
-            method=step["method"],
-            max_tokens=config.recovery_tokens,
-            progress=progress,
-            **options,
-            **walk,
-        )
+        driver = dense_driver(source.location, calibration, max_tokens=config.recovery_tokens, **walk)
+        repair = fit_removal(driver, step["method"], removed, options, progress)
     return scores, removed, repair
 
 
+def _verify_walked(
+    model: nn.Module, source: Source, removed: list[int], repair: LinearRepair | None, dtype: Any
+) -> None:
+    """A model built from its kept layers must compute what the base computes with those layers
+    skipped (and the repair's maps applied as hooks), walked layer by layer; and its cached
+    decoding must equal an uncached forward."""
+    ids = probe_ids(model)
+    batch = [(ids, torch.ones_like(ids))]
+    maps = repair.maps if repair is not None else ()
+    expected = next(walked_logits(source, batch, skip=removed, maps=maps, dtype=dtype, progress=False))
+    if not logits_close(uncached_logits(model, ids), expected, parity_tolerance(model)):
+        raise VerificationFailed(
+            "verification failed: the model built from the kept layers differs from the base with those layers "
+            "removed, walked layer by layer"
+        )
+    verify_pruned(model)
+
+
 def _measure_walked(
-    model: nn.Module, source: Source, removed: list[int], tokenizer: Any, seq_len: int, progress: bool
+    model: nn.Module, source: Source, removed: list[int], tokenizer: Any, seq_len: int, dtype: Any, progress: bool
 ) -> None:
     """Record the repair's held-out perplexity on a model built layer by layer: plain removal
     measured by the layer walk (the unrepaired model is never built), the repaired one in memory."""
@@ -363,7 +377,7 @@ def _measure_walked(
     settings = PerplexitySettings(seq_len, None, HEADLINE.max_tokens)
     held = heldout_texts()[:1]
     how = dict(seq_len=settings.seq_len, stride=settings.stride, max_tokens=settings.max_tokens, progress=progress)
-    before = perplexity_sequentially(source.location, held, skip=removed, tokenizer=tok, **how)
+    before = perplexity_sequentially(source.location, held, skip=removed, tokenizer=tok, dtype=dtype, **how)
     after = perplexity(model, tok, held, **how)
     record = model.config.shortgpt
     entry = record["recovery"][-1] | dict(

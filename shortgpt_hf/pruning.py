@@ -115,17 +115,23 @@ def prune(
         if config is not None:
             if layers is not None:
                 raise InvalidRequest("give the layers once (positionally or as layers=)")
+            if not isinstance(config, Sequence) or isinstance(config, str):
+                raise InvalidRequest(f"give a ShortGPTConfig or a list of layer indices, got {config!r}")
             layers = config
         given = [v for v in (layers, n_layers, ratio) if v is not None]
         if len(given) != 1:
             raise InvalidRequest("give exactly one of layers, n_layers or ratio (or a ShortGPTConfig)")
+        if options and recovery is None:
+            raise InvalidRequest(f"recovery_options {sorted(options)} were given without a recovery method")
+        if scores is not None and layers is None:  # the caller's scores chose: the request is those layers
+            layers = select_layers(len(find_decoder_layers(model).layers), None, n_layers, ratio, scores)
+            n_layers = ratio = None
         plan_options = {k: options.pop(k) for k in _PLAN_OPTIONS if k in options}
         eval_data, eval_tokens = plan_options.get("eval_data"), plan_options.get("eval_tokens", HEADLINE.max_tokens)
         request = ShortGPTConfig(
             layers=None if layers is None else list(layers),
             n_layers=n_layers,
             ratio=ratio,
-            metric=None if layers is not None else (scores.metric if scores is not None else "bi"),
             verify=bool(verify),
             recovery=None if recovery is None else [{"method": recovery, **options}],
             seq_len=plan_options.get("seq_len", 256),
@@ -151,7 +157,6 @@ class Carried:
 
     model: nn.Module
     scores: LayerScores | None
-    removed: list[int]  # current indices of the model it was given
 
 
 def carry_out(
@@ -207,7 +212,7 @@ def carry_out(
         record = _add_scores(ShortGPTConfig.from_model(model), scores, list(range(n)))
         record.request = request.request_dict()
         model.config.shortgpt = record.to_dict()
-        return Carried(model, scores, chosen)
+        return Carried(model, scores)
     check_supported(model, chosen)
     record = _record(model, chosen, scores)
     record.request = request.request_dict()
@@ -242,7 +247,7 @@ def carry_out(
     finally:
         model.train(was_training)
     tag_pruned(model)
-    return Carried(result, scores, chosen)
+    return Carried(result, scores)
 
 
 def _plan(

@@ -27,8 +27,10 @@ def save_pruned(
     *,
     overwrite: bool = False,
     verify: bool = True,
+    max_shard_size: int | str | None = None,
 ) -> Path:
-    """Save a native checkpoint atomically. With ``verify``, the written folder is
+    """Save a native checkpoint atomically (in shards of at most ``max_shard_size``, as
+    ``save_pretrained`` reads it; None: its default). With ``verify``, the written folder is
     reloaded with the plain transformers Auto class its config maps to
     (``AutoModelForCausalLM``, or ``AutoModelForImageTextToText`` for a
     vision-language model) and must give the same logits before it is moved
@@ -38,17 +40,19 @@ def save_pruned(
     if verify:
         auto_class(model.config)  # a model no Auto class can reload is refused before anything is written
     with atomic_folder(out_dir, overwrite) as tmp:
-        write_checkpoint(model, tmp, tokenizer)
+        write_checkpoint(model, tmp, tokenizer, max_shard_size)
         if verify:
             verify_reload(model, tmp)
     return point_at(model, out_dir)
 
 
-def write_checkpoint(model: nn.Module, folder: Path, tokenizer: Any = None) -> None:
+def write_checkpoint(
+    model: nn.Module, folder: Path, tokenizer: Any = None, max_shard_size: int | str | None = None
+) -> None:
     """The files of a native pruned checkpoint, into an existing (temporary) folder."""
     record = ShortGPTConfig.from_model(model)
     with explained(model, "saving the checkpoint"):
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
     if record is not None and linear_maps(model):  # not needed to load it; lets a recipe be written from it later

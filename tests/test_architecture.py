@@ -298,13 +298,39 @@ def test_the_import_listing_is_the_real_graph():
     assert not differences, f"{LISTING_HEADING!r} in docs/architecture.md is out of date: {differences}"
 
 
+def test_the_layers_are_the_longest_import_chains():
+    """The doc defines a module's layer as its longest chain of imports down to a leaf; the table says so."""
+    graph = import_graph()
+    if find_cycle(graph) is None:
+        assert documented_layers(DOC.read_text()) == layers_of(graph), "run: python tests/test_architecture.py --write"
+
+
+def rewrite_doc(graph: Graph) -> None:
+    """Renumber the doc's table and rewrite its import listing from the code (each row keeps its text)."""
+    layer = layers_of(graph)
+    doc = DOC.read_text()
+    rows = dict(re.findall(r"^\| `([\w.]+)` \| \d+ \| (.*) \|$", doc, re.M))
+    missing, gone = set(graph) - set(rows), set(rows) - set(graph)
+    if missing or gone:
+        raise SystemExit(f"describe the new modules in the table first; missing {sorted(missing)}, gone {sorted(gone)}")
+    table = "\n".join(f"| `{m}` | {layer[m]} | {rows[m]} |" for m in sorted(graph, key=lambda m: (layer[m], m)))
+    doc = re.sub(r"(\|---\|---\|---\|\n)(?:\| `.*\n)+", lambda found: found.group(1) + table + "\n", doc)
+    head, rest = doc.split(LISTING_HEADING, 1)
+    section, tail = rest.split("\n## ", 1)
+    intro = section.split("\n- `", 1)[0].rstrip("\n")
+    DOC.write_text(head + LISTING_HEADING + intro + "\n\n" + listing(graph, layer) + "\n\n## " + tail)
+
+
 if __name__ == "__main__":
     graph = import_graph()
     cycle = find_cycle(graph)
     if cycle:
         raise SystemExit(f"import cycle: {describe(cycle)}")
-    layer = layers_of(graph)
-    for module in sorted(graph, key=lambda m: (layer[m], m)):
-        print(f"{layer[module]:2d}  {module}")
-    print()
-    print(listing(graph, layer))
+    if "--write" in sys.argv:
+        rewrite_doc(graph)
+    else:
+        layer = layers_of(graph)
+        for module in sorted(graph, key=lambda m: (layer[m], m)):
+            print(f"{layer[module]:2d}  {module}")
+        print()
+        print(listing(graph, layer))

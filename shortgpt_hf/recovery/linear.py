@@ -45,9 +45,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
     from ..sources import Source
 
 logger = logging.getLogger("shortgpt_hf")
+T = TypeVar("T")
 
 # In a subfolder, out of the weights' namespace: engines such as vLLM load every *.safetensors file at the top
 # of a checkpoint folder as weights, and would refuse tensors that are not the model's.
@@ -205,11 +207,21 @@ class _GapEquations(LayerObserver):
     Padding is dropped. NaN or Inf in any of them stops the pass with a
     one-line error, before anything is changed. Several gaps may start at the
     same kept layer (candidate removals of `repair_aware_order`): its rows wait
-    for the deepest of them.
+    for the deepest of them. Once every batch has passed a gap's last layer,
+    ``solve`` turns its equations into what the caller keeps (a map, a cost) and
+    they are freed: layer by layer, one gap's ``d x d`` system is held at a time.
     """
 
-    def __init__(self, gaps: list[Gap], fold: Fold, where: str, parked: torch.device | None):
-        self.where, self.parked = where, parked
+    def __init__(
+        self,
+        gaps: list[Gap],
+        fold: Fold,
+        where: str,
+        parked: torch.device | None,
+        solve: Callable[[Gap, NormalEquations], Any],
+    ):
+        self.where, self.parked, self.solve = where, parked, solve
+        self.solved: dict[Gap, Any] = {}
         self.through = max(g.last for g in gaps)
         self.taps = {g.before: fold.output for g in gaps if g.before >= 0}
         self.ending = {last: [g for g in gaps if g.last == last] for last in {g.last for g in gaps}}
@@ -237,13 +249,18 @@ class _GapEquations(LayerObserver):
             if self.deepest[gap.before] == layer:
                 del self.open[batch, gap.before]
 
+    def finish(self, layer: int) -> None:
+        for gap in self.ending.get(layer, []):
+            self.solved[gap] = self.solve(gap, self.equations.pop(gap))
 
-def gather(driver: Driver, gaps: list[Gap], progress: bool = True) -> dict[Gap, NormalEquations]:
-    """One calibration pass of ``driver`` that gathers the normal equations of every gap in ``gaps``."""
-    fold = fold_rule(driver.model)
-    observer = _GapEquations(gaps, fold, describe(driver.model), driver.parked)
+
+def gather(
+    driver: Driver, gaps: list[Gap], solve: Callable[[Gap, NormalEquations], T], progress: bool = True
+) -> dict[Gap, T]:
+    """One calibration pass of ``driver`` over every gap in ``gaps``: ``solve(gap, equations)`` of each."""
+    observer = _GapEquations(gaps, fold_rule(driver.model), describe(driver.model), driver.parked, solve)
     driver.run(observer, f"linear repair: activations ({driver.how})", progress)
-    return observer.equations
+    return observer.solved
 
 
 @dataclass
@@ -488,8 +505,8 @@ def fit_gaps(method: str, driver: Driver, removing: list[int], ridge: float, pro
     original = record.kept_layers if record is not None else list(range(driver.num_layers))
     gaps = gaps_of(removing)
     skipped = unrepairable(driver.model, gaps, original)
-    equations = gather(driver, gaps, progress)
-    maps = [fitted_map(gap, equations[gap], original, ridge, gap in skipped) for gap in gaps]
+    fitted = gather(driver, gaps, lambda gap, eq: fitted_map(gap, eq, original, ridge, gap in skipped), progress)
+    maps = [fitted[gap] for gap in gaps]
     windows = driver.windows
     return LinearRepair(method, [original[i] for i in removing], maps, ridge, windows.num_tokens, windows.description)
 
@@ -562,16 +579,14 @@ def repair_aware_order(
     per_pass = max(1, _PASS_MEMORY // (1 if fold.diagonal else 16 * d * d))
     cost: dict[Gap, float] = {}
 
+    def residual(gap: Gap, eq: NormalEquations) -> float:
+        if gap.before < 0 and not embeddings_ok:
+            return eq.residual(None)
+        return eq.residual(eq.solve(ridge, f"the gap at layers {gap.first}..{gap.last}"))
+
     def measure(gaps: list[Gap]) -> None:
         for start in range(0, len(gaps), per_pass):
-            chunk = gaps[start : start + per_pass]
-            for gap, eq in gather(driver, chunk, progress).items():
-                repairable = gap.before >= 0 or embeddings_ok
-                cost[gap] = (
-                    eq.residual(eq.solve(ridge, f"the gap at layers {gap.first}..{gap.last}"))
-                    if repairable
-                    else eq.residual(None)
-                )
+            cost.update(gather(driver, gaps[start : start + per_pass], residual, progress))
 
     def gap_with(i: int, removed: set[int]) -> Gap:
         first, last = i, i

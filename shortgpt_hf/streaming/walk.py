@@ -232,6 +232,7 @@ class LayerByLayerDriver(Driver):
             finally:
                 if handle is not None:
                     handle.remove()
+            observer.finish(i)
 
         self._walk.run(observer.through, visit, desc, progress)
 
