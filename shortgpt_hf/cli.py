@@ -76,7 +76,7 @@ def command(**options: Any) -> Callable[[Callable[..., None]], Callable[..., Non
             try:
                 function(*args, **kwargs)
             except KeyboardInterrupt:
-                raise InvalidRequest("interrupted; no output was left half-written") from None
+                raise ShortGPTError("interrupted; no output was left half-written") from None
 
         return app.command(**options)(run)
 

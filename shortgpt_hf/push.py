@@ -148,9 +148,9 @@ def push_to_hub(
                 create_pr=create_pr,
             )
         except HfHubHTTPError as e:
-            raise InvalidRequest(f"upload to {repo_id} failed: {first_line(e)}") from None
+            raise SourceUnavailable(f"upload to {repo_id} failed: {first_line(e)}") from None
         except Exception as e:  # the connection dropped mid-upload, or the Hub went offline
             if fault(e) is None:
                 raise
-            raise InvalidRequest(f"upload to {repo_id} failed: {fault(e)}; nothing was committed") from None
+            raise SourceUnavailable(f"upload to {repo_id} failed: {fault(e)}; nothing was committed") from None
     return info.pr_url if create_pr and info.pr_url else info.commit_url

@@ -84,8 +84,12 @@ def test_choices_everywhere_come_from_the_registries(capsys, monkeypatch):
     assert f"One of: {', '.join(METRICS)}." in helps["score"] and f"One of: {', '.join(METRICS)}." in helps["prune"]
     assert f"from: {', '.join(METRICS)}." in helps["ablate"]
     assert f"from: {', '.join(recovery_choices())}." in helps["ablate"]
-    assert default_metrics() == [m for m in METRICS if not METRICS[m].greedy]
-    assert recovery_choices() == ["none", *RECOVERY_METHODS, *(f"{a}+{b}" for a in FITTED for b in TRAINED)]
+    # the built-ins: the paper's metrics and baselines by default, the greedy search only when asked
+    assert default_metrics()[:6] == ["bi", "angular", "relative_magnitude", "sequential", "reverse", "random"]
+    assert "linear_residual" in METRICS and "linear_residual" not in default_metrics()
+    assert {"none", "linear", "lora", "linear+lora"} <= set(
+        recovery_choices()
+    ) and "lora+linear" not in recovery_choices()
 
 
 @pytest.mark.parametrize("metric", list(METRICS))
@@ -145,7 +149,7 @@ def test_every_training_free_method_fits_the_same_maps_on_both_drivers(method, t
 
 @pytest.mark.filterwarnings("ignore:this pruned model is not saved")  # the adapters are evaluated, never saved
 @pytest.mark.parametrize("method", list(RECOVERY_METHODS))
-def test_every_recovery_method_runs_through_prune_recover_and_the_ablation(method):
+def test_every_recovery_method_runs_through_prune_recover_and_the_ablation(method, tmp_path):
     options = QUICK.get(method, {})
     model = tiny_model("llama")
     request = ShortGPTConfig(layers=[2, 3], recovery=[{"method": method, **options}], seq_len=32, measure=False)
@@ -159,20 +163,23 @@ def test_every_recovery_method_runs_through_prune_recover_and_the_ablation(metho
     else:  # a training-free one needs the layers it replaces: recover() after the fact says so
         with pytest.raises(ShortGPTError, match=f"prune\\(model, ..., recovery='{method}'\\)"):
             recover(prune(tiny_model("llama"), [2, 3]), method, TOKENS)
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(" ".join(f"t{3 + (11 * i) % 120}" for i in range(400)))
     result = ablate(
         tiny_model("llama"),
         tiny_tokenizer(),
         ratios=[0.34],
         metrics=["sequential"],
-        tasks=["ppl"],
+        tasks=[f"ppl:{held_out}"],
         calibration=TOKENS,
-        recoveries=[method],
+        recoveries=["none", method],
         recovery_options={method: options},
         max_tokens=256,
         seq_len=32,
         progress=False,
     )
-    assert [run.recovery for run in result.runs] == [method]
+    plain, recovered_run = (run.value("perplexity", "perplexity") for run in result.runs)
+    assert [run.recovery for run in result.runs] == ["none", method] and recovered_run != plain  # it changed the model
 
 
 @pytest.mark.parametrize("method", TRAINED)
@@ -270,7 +277,6 @@ def test_errors_are_typed_so_a_caller_can_catch_one_kind(tmp_path, monkeypatch):
     with pytest.raises(VerificationFailed, match="does not match the original with those layers skipped"):
         prune(model, [1], verify=True)
     torch.testing.assert_close(model(input_ids=IDS).logits, before)  # restored
-    assert all(issubclass(e, ShortGPTError) for e in (InvalidRequest, UnsupportedModel, VerificationFailed))
 
 
 def test_a_request_round_trips_through_json_and_a_folder(tmp_path):
@@ -292,3 +298,32 @@ def test_a_request_round_trips_through_json_and_a_folder(tmp_path):
     record = ShortGPTConfig.from_model(model)
     assert not record.is_request and record.request == request.request_dict()
     assert ShortGPTConfig(**record.request) == request  # the record says how to do it again
+
+
+def test_bad_requests_are_refused_before_anything_runs(tmp_path, monkeypatch):
+    """A misspelt or misplaced step option, or a count blocks cannot give, fails when the request is built or
+    before any weight is read; the keyword form refuses what it cannot use instead of dropping it."""
+    import shortgpt_hf.pipeline
+    from shortgpt_hf import LayerScores
+
+    with pytest.raises(InvalidRequest, match="recovery method 'linear': got an unexpected keyword argument 'ridg'"):
+        ShortGPTConfig(recovery=[{"method": "linear", "ridg": 1e-3}])
+    with pytest.raises(InvalidRequest, match="option 'max_tokens' is set by the request for every step"):
+        ShortGPTConfig(recovery=[{"method": "lora", "max_tokens": 100}])
+    folder = checkpoint(tmp_path)
+    monkeypatch.setattr(shortgpt_hf.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    blocks = ShortGPTConfig(n_layers=3, metric="angular", block_size=2)
+    for layer_by_layer in (False, True):
+        with pytest.raises(
+            InvalidRequest, match="blocks of 2 layers remove one block, 2 layers; this request removes 3"
+        ):
+            PrunedForCausalLM.from_pretrained(folder, shortgpt_config=blocks, layer_by_layer=layer_by_layer)
+    model = tiny_model("llama")
+    with pytest.raises(InvalidRequest, match="give a ShortGPTConfig or a list of layer indices, got 2"):
+        prune(model, 2)
+    with pytest.raises(InvalidRequest, match="recovery_options \\['ridge'\\] were given without a recovery method"):
+        prune(model, [1], recovery_options={"ridge": 1e-3})
+    mine = LayerScores("my_own_metric", [0.5, 0.1, 0.2, 0.9, 0.8, 0.7], NUM_LAYERS)  # scores need no registered metric
+    prune(model, n_layers=2, scores=mine)
+    record = ShortGPTConfig.from_model(model)
+    assert record.removed_layers == [1, 2] and record.metric == "my_own_metric" and record.request["layers"] == [1, 2]
