@@ -63,8 +63,9 @@ class PrunedForCausalLM:
         shards, after which only the kept layers are loaded, the repair folded in,
         so a model larger than memory is never whole in memory. ``layer_by_layer``
         forces the choice (None: choose; the choice and its reason are logged, and
-        with ``output_loading_info=True`` returned as ``info["shortgpt"]``, a
-        `PruneResult`). ``calibration_data`` overrides the request's calibration
+        with ``output_loading_info=True`` the call returns ``(model, info)``, where
+        ``info["shortgpt"]`` is the `PruneResult`; ``info`` is empty when nothing
+        was pruned on load). ``calibration_data`` overrides the request's calibration
         file with any data `score_layers` takes. Training recoveries (LoRA) are not
         run here: `heal` the returned model.
 
