@@ -209,7 +209,7 @@ def prune_to_folder(
     recipe: bool = False,
     overwrite: bool = False,
     layer_by_layer: bool | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str | None = None,
     calibration_data: CalibrationData = None,
     progress: bool = True,
     **from_pretrained_kwargs: Any,
@@ -220,7 +220,8 @@ def prune_to_folder(
     In memory it loads the model whole; layer by layer the checkpoint is written
     tensor by tensor from the base's shards (``streaming.materialize``) and
     verified the same way, layer by layer. Nothing is written unless everything
-    succeeds, and an existing folder is only replaced with ``overwrite``."""
+    succeeds, and an existing folder is only replaced with ``overwrite``. ``max_shard_size``
+    (as ``save_pretrained`` reads it; None: the writer's default) shards the checkpoint."""
     check_destination(out_dir, overwrite)
     source, streaming, reason, n = _start(name_or_path, config, layer_by_layer, from_pretrained_kwargs)
     if not streaming:
@@ -251,9 +252,9 @@ def prune_to_folder(
             eval_data=heldout_texts()[:1] if repair is not None and config.measure else None,
             eval_settings=PerplexitySettings(config.seq_len, None, HEADLINE.max_tokens),
             verify=config.verify,
-            max_shard_size=max_shard_size,
             overwrite=overwrite,
             progress=progress,
+            **({} if max_shard_size is None else {"max_shard_size": max_shard_size}),
         )
         record, verified = None, config.verify
     if record is None:
