@@ -498,6 +498,13 @@ def eval_(
     with_base: Annotated[
         bool, typer.Option(help="Also evaluate the pruned model's recorded base and show both.")
     ] = False,
+    reference: Annotated[
+        Optional[str],
+        typer.Option(
+            help="A dense model to measure fidelity to, on every perplexity text: KL(dense || model) per token "
+            "(mean, 99th percentile), top-1 agreement and the perplexity ratio."
+        ),
+    ] = None,
     seq_len: Annotated[int, typer.Option(help="Perplexity window in tokens.")] = HEADLINE.seq_len,
     stride: Annotated[
         Optional[int],
@@ -528,6 +535,10 @@ def eval_(
     check_tasks(_split(tasks))
     if not _split(tasks) and not _split(lm_eval_tasks):
         raise InvalidRequest("nothing to evaluate: give --tasks and/or --lm-eval-tasks")
+    if reference is not None:
+        from .sources import resolve
+
+        resolve(reference)  # a reference that is not there is refused before any model is loaded
     if with_base and len(models) > 1:
         raise InvalidRequest(
             "--with-base compares one model with its base; to compare several, list the base among them"
@@ -543,6 +554,8 @@ def eval_(
         mc_limit=limit,
         batch_size=batch_size,
     )
+    if reference is not None:
+        options["reference"] = _load(reference, dtype, device_map)[0]
     if len(models) > 1:
         reports = []
         for name in models:

@@ -7,6 +7,7 @@ the model card; ``compare`` sets a pruned model's report beside its base's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .calibration import CalibrationData, token_streams
 from .errors import InvalidRequest, ShortGPTError, SourceUnavailable
+from .fidelity import FidelityTotals
 from .layers import eval_mode, input_device
 from .records import EvalResult, JsonRecord
 
@@ -102,7 +104,7 @@ def perplexity(
     ``max_tokens`` tokens, in windows of ``seq_len`` tokens moved by ``stride``
     (default: disjoint windows, see `PerplexitySettings`; smaller: more context
     per token, at about ``seq_len / stride`` times the cost)."""
-    nll, count = _log_likelihood(model, tokenizer, texts, seq_len, stride, max_tokens, batch_size, progress)
+    nll, count, _ = _log_likelihood(model, tokenizer, texts, seq_len, stride, max_tokens, batch_size, progress)
     return math.exp(nll / count)
 
 
@@ -174,17 +176,26 @@ def _log_likelihood(
     max_tokens: int | None,
     batch_size: int,
     progress: bool,
-) -> tuple[float, int]:
-    """Summed negative log-likelihood and the number of tokens it covers."""
+    reference: nn.Module | None = None,
+) -> tuple[float, int, FidelityTotals | None]:
+    """Summed negative log-likelihood and the number of tokens it covers; with a ``reference``
+    model, also its fidelity totals on the same windows, one batch of both models' logits at a time."""
     batches = perplexity_batches(tokenizer, texts, seq_len, stride, max_tokens, batch_size)
     device = input_device(model)
     nll, count = 0.0, 0
-    with eval_mode(model):
+    totals = FidelityTotals() if reference is not None else None
+    with eval_mode(model), eval_mode(reference) if reference is not None else contextlib.nullcontext():
         for ids, mask, labels in tqdm(batches, desc="perplexity", disable=not progress):
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
             batch_nll, batch_count = negative_log_likelihood(logits, labels)
             nll, count = nll + batch_nll, count + batch_count
-    return nll, count
+            if reference is not None:
+                where = input_device(reference)
+                expected = reference(input_ids=ids.to(where), attention_mask=mask.to(where), use_cache=False).logits
+                totals.add(logits, expected, labels)
+                del expected
+            del logits
+    return nll, count, totals
 
 
 @dataclass
@@ -286,13 +297,26 @@ def check_tasks(tasks: Sequence[str]) -> None:
             )
 
 
-def _perplexity_result(model: nn.Module, tokenizer: Any, spec: str, options: dict[str, Any]) -> EvalResult:
+def _perplexity_results(
+    model: nn.Module, tokenizer: Any, spec: str, options: dict[str, Any], reference: nn.Module | None
+) -> list[EvalResult]:
+    """The perplexity of one text and, against a ``reference`` model, its fidelity figures on the same windows."""
     source = spec.partition(":")[2] or None
     keys = ("seq_len", "stride", "max_tokens", "batch_size", "progress")
-    nll, count = _log_likelihood(model, tokenizer, source, *(options[k] for k in keys))
+    nll, count, totals = _log_likelihood(model, tokenizer, source, *(options[k] for k in keys), reference=reference)
     dataset = f"file:{Path(source).name}" if source else HELDOUT_DATASET
     settings = PerplexitySettings(options["seq_len"], options["stride"], options["max_tokens"]).describe()
-    return EvalResult("perplexity", dataset, "perplexity", math.exp(nll / count), False, count, settings=settings)
+    results = [EvalResult("perplexity", dataset, "perplexity", math.exp(nll / count), False, count, settings=settings)]
+    if totals is not None:
+        figures = totals.result()
+        task = f"fidelity:{dataset}"
+        results += [
+            EvalResult(task, dataset, "kl_mean", figures.kl_mean, False, count, settings=settings),
+            EvalResult(task, dataset, "kl_p99", figures.kl_p99, False, count, settings=settings),
+            EvalResult(task, dataset, "top1_agreement", figures.top1_agreement, True, count, settings=settings),
+            EvalResult(task, dataset, "perplexity_ratio", figures.perplexity_ratio, False, count, settings=settings),
+        ]
+    return results
 
 
 def _multiple_choice_results(model: nn.Module, tokenizer: Any, spec: str, options: dict[str, Any]) -> list[EvalResult]:
@@ -325,6 +349,7 @@ def evaluate(
     batch_size: int = 8,
     progress: bool = True,
     name: str | None = None,
+    reference: nn.Module | None = None,
 ) -> EvalReport:
     """Evaluate a (pruned) model on ``tasks``:
 
@@ -334,6 +359,11 @@ def evaluate(
     - ``"mc"``: every packaged BIG-bench multiple-choice task
       (``"mc:general_knowledge+emoji_movie"`` or ``"mc:path/task.json"``),
       ``mc_limit`` questions each (seeded sample);
+
+    with a ``reference`` model (the dense base), each ``ppl`` text also gives its
+    fidelity to it (`fidelity`): KL(dense ‖ pruned) per token, mean and 99th
+    percentile, top-1 agreement and the perplexity ratio, measured on the same
+    windows with one batch of both models' logits at a time;
 
     and, with ``lm_eval_tasks``, lm-evaluation-harness tasks (``lm_eval_include``:
     a folder of your own task YAMLs). Works on in-memory pruned models, loaded
@@ -359,7 +389,7 @@ def evaluate(
     report = EvalReport(name or str(getattr(model, "name_or_path", "") or type(model).__name__))
     for spec in tasks:
         if spec.startswith("ppl"):
-            report.results.append(_perplexity_result(model, tokenizer, spec, options))
+            report.results.extend(_perplexity_results(model, tokenizer, spec, options, reference))
         else:
             report.results.extend(_multiple_choice_results(model, tokenizer, spec, options))
     if lm_eval_tasks:

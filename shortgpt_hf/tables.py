@@ -64,16 +64,29 @@ def layer_ranges(layers: Sequence[int]) -> str:
     return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
+FIDELITY_LABELS = {
+    "kl_mean": "KL mean",
+    "kl_p99": "KL p99",
+    "top1_agreement": "top-1 agreement",
+    "perplexity_ratio": "ppl / dense ppl",
+}
+
+
 def measure_name(r: EvalResult) -> str:
-    """One short label for a task and its metric: ``perplexity``, ``general_knowledge acc``."""
+    """One short label for a task and its metric: ``perplexity``, ``general_knowledge acc``,
+    ``KL mean (shakespeare-heldout)``."""
     if r.task == r.metric:
         return r.metric
+    if r.task.startswith("fidelity:"):
+        return f"{FIDELITY_LABELS.get(r.metric, r.metric)} ({r.dataset})"
     task = r.task.partition(":")[2] or r.task
     return f"{task} {r.metric}"
 
 
 def _how_measured(results: Sequence[EvalResult]) -> str:
-    notes = dict.fromkeys(f"{r.metric} on {r.dataset}: {r.settings}" for r in results if r.settings)
+    notes = dict.fromkeys(  # fidelity is measured on the perplexity's own windows
+        f"{r.metric} on {r.dataset}: {r.settings}" for r in results if r.settings and not r.task.startswith("fidelity:")
+    )
     return "; ".join(notes)
 
 

@@ -135,7 +135,7 @@ def test_a_missing_lm_eval_folder_is_refused_before_other_measures(monkeypatch, 
     def measured(*args, **kwargs):
         raise AssertionError("perplexity ran before the lm-eval folder was checked")
 
-    monkeypatch.setattr(shortgpt_hf.evaluation, "_perplexity_result", measured)
+    monkeypatch.setattr(shortgpt_hf.evaluation, "_perplexity_results", measured)
     with pytest.raises(ShortGPTError, match="lm-eval include path is not a folder"):
         evaluate(tiny_model("llama"), tiny_tokenizer(), lm_eval_tasks=["my_task"], lm_eval_include=tmp_path / "nope")
 

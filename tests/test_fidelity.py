@@ -1,0 +1,84 @@
+"""Fidelity to the dense model: KL(dense ‖ pruned) per token, its 99th percentile, top-1 agreement and
+the perplexity ratio. A model against itself is perfectly faithful; the streamed figures equal an
+independent computation from both models' full logits over the whole text, whatever the batching."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_one_line_error, run_cli
+from tiny_models import tiny_model, tiny_tokenizer
+
+from shortgpt_hf import evaluate, prune, save_pruned
+from shortgpt_hf.evaluation import perplexity_batches
+
+TEXT = " ".join(f"t{3 + (13 * i) % 120}" for i in range(700))  # about 700 tokens for the tiny tokenizer
+SETTINGS = dict(seq_len=64, stride=None, max_tokens=600)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def figures(report, dataset):
+    task = f"fidelity:{dataset}"
+    return {metric: report.get(task, metric) for metric in ("kl_mean", "kl_p99", "top1_agreement", "perplexity_ratio")}
+
+
+def test_a_model_against_itself_is_perfectly_faithful(text_file):
+    model = tiny_model("llama")
+    report = evaluate(model, tiny_tokenizer(), [f"ppl:{text_file}"], reference=model, progress=False, **SETTINGS)
+    got = figures(report, f"file:{text_file.name}")
+    assert got["kl_mean"] == pytest.approx(0, abs=1e-7) and got["kl_p99"] == pytest.approx(0, abs=1e-6)
+    assert got["top1_agreement"] == 1 and got["perplexity_ratio"] == pytest.approx(1, abs=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_streamed_figures_equal_the_whole_text_computation(text_file, batch_size):
+    dense = tiny_model("llama")
+    pruned = prune(tiny_model("llama"), [2, 3])
+    tok = tiny_tokenizer()
+    report = evaluate(
+        pruned, tok, [f"ppl:{text_file}"], reference=dense, batch_size=batch_size, progress=False, **SETTINGS
+    )
+    got = figures(report, f"file:{text_file.name}")
+
+    # Independently: every window in one batch, full logits of both models, the textbook formulas.
+    [(ids, mask, labels)] = perplexity_batches(tok, str(text_file), 64, None, 600, 10_000)
+    with torch.no_grad():
+        p_logits = pruned(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        q_logits = dense(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    scored = labels[:, 1:] != -100
+    log_p, log_q = F.log_softmax(p_logits[scored].double(), -1), F.log_softmax(q_logits[scored].double(), -1)
+    kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)  # KL(q ‖ p), q the dense model
+    targets = labels[:, 1:][scored]
+    nll_p = -log_p.gather(-1, targets[:, None]).mean()
+    nll_q = -log_q.gather(-1, targets[:, None]).mean()
+    assert got["kl_mean"] == pytest.approx(float(kl.mean()), rel=1e-4)
+    assert got["kl_p99"] == pytest.approx(float(torch.quantile(kl, 0.99)), rel=1e-4)
+    assert got["top1_agreement"] == pytest.approx(float((log_p.argmax(-1) == log_q.argmax(-1)).double().mean()))
+    assert got["perplexity_ratio"] == pytest.approx(math.exp(float(nll_p - nll_q)), rel=1e-4)
+    assert got["kl_mean"] > 1e-4 and got["top1_agreement"] < 1  # removing two layers does change the model
+    assert report.get("perplexity", "perplexity") == pytest.approx(math.exp(float(nll_p)), rel=1e-4)
+
+
+def test_eval_reference_on_the_command_line(tmp_path, text_file, capsys, monkeypatch):
+    dense = tiny_model("llama")
+    save_pruned(dense, tmp_path / "dense", tiny_tokenizer(), verify=False)
+    save_pruned(prune(tiny_model("llama"), [1]), tmp_path / "pruned", tiny_tokenizer(), verify=False)
+    json_out = tmp_path / "eval.json"
+    args = ["--tasks", f"ppl:{text_file}", "--seq-len", "64", "--max-tokens", "600", "--json", json_out]
+    code, stdout, err = run_cli(
+        capsys, monkeypatch, "eval", tmp_path / "pruned", "--reference", tmp_path / "dense", *args
+    )
+    assert code in (0, None), err
+    said = " ".join(stdout.split())
+    assert "KL mean" in said and "top-1 agreement" in said
+    assert '"kl_mean"' in json_out.read_text()
+    code, _, err = run_cli(capsys, monkeypatch, "eval", tmp_path / "pruned", "--reference", tmp_path / "nope", *args)
+    assert code == 2
+    assert_one_line_error(err, "no such folder")
