@@ -184,7 +184,11 @@ def model_card(
         calibration=record.calibration,
         eval_rows=rows,
         eval_settings=list(
-            dict.fromkeys(f"{r['metric']} on {r['dataset']}: {r['settings']}" for r in rows if r["settings"])
+            dict.fromkeys(  # fidelity is measured on the perplexity's own windows: one note says how
+                f"{r['metric']} on {r['dataset']}: {r['settings']}"
+                for r in rows
+                if r["settings"] and not r["task"].startswith("fidelity:")
+            )
         ),
         recovery=recovery,
         kind=kind,
