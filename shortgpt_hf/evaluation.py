@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import CalibrationData, token_streams
+from .domains import DOMAINS
 from .errors import InvalidRequest, ShortGPTError, SourceUnavailable
 from .fidelity import FidelityTotals
 from .layers import eval_mode, input_device
@@ -284,6 +285,8 @@ def check_tasks(tasks: Sequence[str]) -> None:
 
     for spec in tasks:
         kind, _, arg = spec.partition(":")
+        if spec == "suite":
+            continue
         if kind == "ppl":
             if arg and not Path(arg).is_file():
                 raise SourceUnavailable(f"perplexity text file not found: {arg}")
@@ -292,7 +295,7 @@ def check_tasks(tasks: Sequence[str]) -> None:
                 load_task(name)
         else:
             raise InvalidRequest(
-                f"unknown task {spec!r}: use ppl, ppl:FILE, mc, mc:NAME[+NAME] or mc:FILE.json "
+                f"unknown task {spec!r}: use ppl, ppl:FILE, suite, mc, mc:NAME[+NAME] or mc:FILE.json "
                 "(lm-eval tasks go in lm_eval_tasks)"
             )
 
@@ -300,13 +303,47 @@ def check_tasks(tasks: Sequence[str]) -> None:
 def _perplexity_results(
     model: nn.Module, tokenizer: Any, spec: str, options: dict[str, Any], reference: nn.Module | None
 ) -> list[EvalResult]:
-    """The perplexity of one text and, against a ``reference`` model, its fidelity figures on the same windows."""
+    """``ppl`` or ``ppl:FILE``: see `_text_results`."""
     source = spec.partition(":")[2] or None
-    keys = ("seq_len", "stride", "max_tokens", "batch_size", "progress")
-    nll, count, totals = _log_likelihood(model, tokenizer, source, *(options[k] for k in keys), reference=reference)
     dataset = f"file:{Path(source).name}" if source else HELDOUT_DATASET
+    return _text_results(model, tokenizer, source, dataset, options, reference)
+
+
+def _suite_results(
+    model: nn.Module, tokenizer: Any, options: dict[str, Any], reference: nn.Module | None
+) -> list[EvalResult]:
+    """Every domain of the held-out suite (`domains`) and, against a ``reference``, the mean fidelity
+    figures over all domains and over the unseen ones (the genres the packaged calibration never reads)."""
+    results = []
+    for domain in DOMAINS:
+        results += _text_results(
+            model, tokenizer, domain.read(), domain.name, options, reference, task=f"perplexity:{domain.name}"
+        )
+    if reference is None:
+        return results
+    groups = {"all": [d.name for d in DOMAINS], "unseen": [d.name for d in DOMAINS if not d.calibrated]}
+    for group, names in groups.items():
+        for metric, better in (("perplexity_ratio", False), ("kl_mean", False), ("top1_agreement", True)):
+            values = [r.value for r in results if r.metric == metric and r.dataset in names]
+            mean = sum(values) / len(values)
+            results.append(EvalResult(f"suite:{group}", "+".join(names), f"{metric}_mean", mean, better, len(values)))
+    return results
+
+
+def _text_results(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: CalibrationData,
+    dataset: str,
+    options: dict[str, Any],
+    reference: nn.Module | None,
+    task: str = "perplexity",
+) -> list[EvalResult]:
+    """The perplexity of one text and, against a ``reference`` model, its fidelity figures on the same windows."""
+    keys = ("seq_len", "stride", "max_tokens", "batch_size", "progress")
+    nll, count, totals = _log_likelihood(model, tokenizer, texts, *(options[k] for k in keys), reference=reference)
     settings = PerplexitySettings(options["seq_len"], options["stride"], options["max_tokens"]).describe()
-    results = [EvalResult("perplexity", dataset, "perplexity", math.exp(nll / count), False, count, settings=settings)]
+    results = [EvalResult(task, dataset, "perplexity", math.exp(nll / count), False, count, settings=settings)]
     if totals is not None:
         figures = totals.result()
         task = f"fidelity:{dataset}"
@@ -356,6 +393,10 @@ def evaluate(
     - ``"ppl"``: perplexity on the packaged held-out plays (``"ppl:FILE"``: a
       text file), windows of ``seq_len`` moved by ``stride``, the first
       ``max_tokens`` tokens (defaults: `HEADLINE`, the same as `perplexity`);
+    - ``"suite"``: perplexity on every genre of the held-out suite (`domains`:
+      drama, technical prose, code, legal text), each with the same windows;
+      with a ``reference``, also the means of the fidelity figures over all
+      genres and over those the packaged calibration never reads (unseen);
     - ``"mc"``: every packaged BIG-bench multiple-choice task
       (``"mc:general_knowledge+emoji_movie"`` or ``"mc:path/task.json"``),
       ``mc_limit`` questions each (seeded sample);
@@ -388,7 +429,9 @@ def evaluate(
     )
     report = EvalReport(name or str(getattr(model, "name_or_path", "") or type(model).__name__))
     for spec in tasks:
-        if spec.startswith("ppl"):
+        if spec == "suite":
+            report.results.extend(_suite_results(model, tokenizer, options, reference))
+        elif spec.startswith("ppl"):
             report.results.extend(_perplexity_results(model, tokenizer, spec, options, reference))
         else:
             report.results.extend(_multiple_choice_results(model, tokenizer, spec, options))

@@ -79,6 +79,9 @@ def measure_name(r: EvalResult) -> str:
         return r.metric
     if r.task.startswith("fidelity:"):
         return f"{FIDELITY_LABELS.get(r.metric, r.metric)} ({r.dataset})"
+    if r.task.startswith("suite:"):
+        metric = r.metric.removesuffix("_mean")
+        return f"{r.task.partition(':')[2]} mean {FIDELITY_LABELS.get(metric, metric)}"
     task = r.task.partition(":")[2] or r.task
     return f"{task} {r.metric}"
 
