@@ -555,7 +555,7 @@ def eval_(
         batch_size=batch_size,
     )
     if reference is not None:
-        options["reference"] = _load(reference, dtype, device_map)[0]
+        options["reference"] = _reference(reference, dtype, device_map)
     if len(models) > 1:
         reports = []
         for name in models:
@@ -581,6 +581,21 @@ def eval_(
     if json_out:
         report.to_json(json_out)
         say(f"results written to {json_out}")
+
+
+def _reference(name: str, dtype: str, device_map: Optional[str]) -> Any:
+    """The dense model fidelity is measured against: in memory when it fits, else walked layer by layer
+    from its shards (the same choice, said the same way, as a prune's)."""
+    from .pipeline import choose_path
+    from .sources import resolve
+    from .streaming import WalkedReference
+
+    kwargs = _from_pretrained_kwargs(dtype, device_map)
+    streaming, why = choose_path(resolve(name), None, kwargs["dtype"], device_map)
+    say(f"reference {name}: {'layer by layer, from the safetensors shards' if streaming else 'in memory'} ({why})")
+    if streaming:
+        return WalkedReference(name, dtype=None if dtype == "auto" else kwargs["dtype"])
+    return _load(name, dtype, device_map)[0]
 
 
 @command()

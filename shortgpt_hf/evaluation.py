@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationData, token_streams
 from .domains import DOMAINS
 from .errors import InvalidRequest, ShortGPTError, SourceUnavailable
-from .fidelity import FidelityTotals
+from .fidelity import FidelityTotals, ReferenceLogits
 from .layers import eval_mode, input_device
 from .records import EvalResult, JsonRecord
 
@@ -177,7 +177,7 @@ def _log_likelihood(
     max_tokens: int | None,
     batch_size: int,
     progress: bool,
-    reference: nn.Module | None = None,
+    reference: nn.Module | ReferenceLogits | None = None,
 ) -> tuple[float, int, FidelityTotals | None]:
     """Summed negative log-likelihood and the number of tokens it covers; with a ``reference``
     model, also its fidelity totals on the same windows, one batch of both models' logits at a time."""
@@ -185,14 +185,20 @@ def _log_likelihood(
     device = input_device(model)
     nll, count = 0.0, 0
     totals = FidelityTotals() if reference is not None else None
-    with eval_mode(model), eval_mode(reference) if reference is not None else contextlib.nullcontext():
+    in_memory = isinstance(reference, nn.Module)
+    walked = None if reference is None or in_memory else reference.logits([(i, m) for i, m, _ in batches])
+    with eval_mode(model), eval_mode(reference) if in_memory else contextlib.nullcontext():
         for ids, mask, labels in tqdm(batches, desc="perplexity", disable=not progress):
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
             batch_nll, batch_count = negative_log_likelihood(logits, labels)
             nll, count = nll + batch_nll, count + batch_count
-            if reference is not None:
-                where = input_device(reference)
-                expected = reference(input_ids=ids.to(where), attention_mask=mask.to(where), use_cache=False).logits
+            if totals is not None:
+                if in_memory:
+                    where = input_device(reference)
+                    inputs = dict(input_ids=ids.to(where), attention_mask=mask.to(where), use_cache=False)
+                    expected = reference(**inputs).logits
+                else:
+                    expected = next(walked)
                 totals.add(logits, expected, labels)
                 del expected
             del logits
@@ -301,7 +307,7 @@ def check_tasks(tasks: Sequence[str]) -> None:
 
 
 def _perplexity_results(
-    model: nn.Module, tokenizer: Any, spec: str, options: dict[str, Any], reference: nn.Module | None
+    model: nn.Module, tokenizer: Any, spec: str, options: dict[str, Any], reference: nn.Module | ReferenceLogits | None
 ) -> list[EvalResult]:
     """``ppl`` or ``ppl:FILE``: see `_text_results`."""
     source = spec.partition(":")[2] or None
@@ -310,7 +316,7 @@ def _perplexity_results(
 
 
 def _suite_results(
-    model: nn.Module, tokenizer: Any, options: dict[str, Any], reference: nn.Module | None
+    model: nn.Module, tokenizer: Any, options: dict[str, Any], reference: nn.Module | ReferenceLogits | None
 ) -> list[EvalResult]:
     """Every domain of the held-out suite (`domains`) and, against a ``reference``, the mean fidelity
     figures over all domains and over the unseen ones (the genres the packaged calibration never reads)."""
@@ -336,7 +342,7 @@ def _text_results(
     texts: CalibrationData,
     dataset: str,
     options: dict[str, Any],
-    reference: nn.Module | None,
+    reference: nn.Module | ReferenceLogits | None,
     task: str = "perplexity",
 ) -> list[EvalResult]:
     """The perplexity of one text and, against a ``reference`` model, its fidelity figures on the same windows."""
@@ -386,7 +392,7 @@ def evaluate(
     batch_size: int = 8,
     progress: bool = True,
     name: str | None = None,
-    reference: nn.Module | None = None,
+    reference: nn.Module | ReferenceLogits | None = None,
 ) -> EvalReport:
     """Evaluate a (pruned) model on ``tasks``:
 
@@ -404,7 +410,8 @@ def evaluate(
     with a ``reference`` model (the dense base), each ``ppl`` text also gives its
     fidelity to it (`fidelity`): KL(dense ‖ pruned) per token, mean and 99th
     percentile, top-1 agreement and the perplexity ratio, measured on the same
-    windows with one batch of both models' logits at a time;
+    windows with one batch of both models' logits at a time (a base larger than
+    memory: ``reference=streaming.WalkedReference(path)``, walked layer by layer);
 
     and, with ``lm_eval_tasks``, lm-evaluation-harness tasks (``lm_eval_include``:
     a folder of your own task YAMLs). Works on in-memory pruned models, loaded

@@ -16,10 +16,20 @@ a few sums, so the two models' logits over the whole text are never held.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+
+class ReferenceLogits(Protocol):
+    """A reference that is not a model in memory: it gives the logits of each ``(input_ids,
+    attention_mask)`` batch in turn (``streaming.WalkedReference`` walks a checkpoint larger than
+    memory layer by layer)."""
+
+    def logits(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[torch.Tensor]: ...
 
 
 @dataclass

@@ -144,3 +144,29 @@ def test_the_suite_reports_each_genre_and_the_unseen_mean():
     assert unseen == pytest.approx(sum(ratios[n] for n in ("technical", "code", "legal")) / 3)
     assert report.get("suite:all", "perplexity_ratio_mean") == pytest.approx(sum(ratios.values()) / 4)
     assert all(report.get(f"perplexity:{name}", "perplexity") > 1 for name in ratios)  # one row per genre
+
+
+def test_a_reference_larger_than_memory_is_walked_layer_by_layer(tmp_path, text_file, capsys, monkeypatch):
+    """The walked reference gives the in-memory reference's figures; the CLI walks it when it does not fit."""
+    import shortgpt_hf.pipeline
+    from shortgpt_hf.streaming import WalkedReference
+
+    dense = tiny_model("llama")
+    dense.save_pretrained(tmp_path / "dense", max_shard_size="20KB")
+    tiny_tokenizer().save_pretrained(tmp_path / "dense")
+    pruned = prune(tiny_model("llama"), [2, 3])
+    task = [f"ppl:{text_file}"]
+    in_memory = evaluate(pruned, tiny_tokenizer(), task, reference=dense, progress=False, **SETTINGS)
+    walked = WalkedReference(tmp_path / "dense", device="cpu", progress=False)
+    streamed = evaluate(pruned, tiny_tokenizer(), task, reference=walked, progress=False, **SETTINGS)
+    dataset = f"file:{text_file.name}"
+    assert figures(streamed, dataset) == pytest.approx(figures(in_memory, dataset), rel=1e-5, abs=1e-7)
+
+    save_pruned(pruned, tmp_path / "pruned", tiny_tokenizer(), verify=False)
+    monkeypatch.setattr(shortgpt_hf.pipeline, "available_memory", lambda device="cpu": 10_000)  # 10 kB free
+    args = ["--tasks", f"ppl:{text_file}", "--seq-len", "64", "--max-tokens", "600"]
+    code, stdout, err = run_cli(
+        capsys, monkeypatch, "eval", tmp_path / "pruned", "--reference", tmp_path / "dense", *args
+    )
+    assert code in (0, None), err
+    assert f"reference {tmp_path / 'dense'}: layer by layer, from the safetensors shards" in stdout

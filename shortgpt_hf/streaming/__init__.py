@@ -18,6 +18,7 @@ from ..recovery.linear import LinearRepair
 from .checkpoint import Checkpoint, available_memory, checkpoint_bytes, meta_skeleton
 from .walk import (
     LayerByLayerDriver,
+    WalkedReference,
     dense_driver,
     fit_linear_sequentially,
     perplexity_sequentially,
@@ -29,6 +30,7 @@ __all__ = [
     "Checkpoint",
     "LayerByLayerDriver",
     "LinearRepair",
+    "WalkedReference",
     "available_memory",
     "checkpoint_bytes",
     "dense_driver",

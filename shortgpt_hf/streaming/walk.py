@@ -507,3 +507,26 @@ def walked_logits(
     visit = _with_maps(maps, fold_rule(walk.model), kept[0]) if maps else _looking_on
     walk.run(n - 1, visit, "layer by layer to the logits", progress, skip=skip)
     return walk.logits(batches)
+
+
+class WalkedReference:
+    """A dense model larger than memory as the reference of ``evaluate(..., reference=...)``: its
+    logits for the evaluation batches come from one layer walk over its checkpoint, one layer in
+    memory at a time, and are handed over one batch at a time, as the model in memory computes its own."""
+
+    def __init__(
+        self,
+        name_or_path: str | Path,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        activations_device: str | torch.device | None = None,
+        progress: bool = True,
+    ):
+        self.source = resolve(name_or_path)
+        if self.source.kind != "model":
+            raise InvalidRequest(f"a walked reference reads a model's checkpoint; {self.source.describe()} is not one")
+        self.options = dict(dtype=dtype, device=device, activations_device=activations_device, progress=progress)
+
+    def logits(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[torch.Tensor]:
+        return walked_logits(self.source, batches, **self.options)
