@@ -53,6 +53,11 @@ def _texts_and_description(
 ) -> tuple[list[str] | None, list[torch.Tensor] | None, str]:
     if calibration is None:
         return calibration_texts(), None, DEFAULT_CALIBRATION_DESCRIPTION
+    if isinstance(calibration, (str, os.PathLike)) and Path(calibration).is_dir():
+        files = sorted(Path(calibration).rglob("*.txt"))
+        if not files:
+            raise SourceUnavailable(f"calibration folder {calibration} holds no .txt file")
+        return [read_text_file(f) for f in files], None, f"folder:{Path(calibration).name}"
     if isinstance(calibration, (str, os.PathLike)):
         return [read_text_file(calibration)], None, f"file:{Path(calibration).name}"
     if isinstance(calibration, torch.Tensor):
@@ -103,7 +108,7 @@ def read_text_file(path: str | os.PathLike) -> str:
 
 def is_tokenized(calibration: CalibrationData) -> bool:
     """Token tensors need no tokenizer; every other form does."""
-    if isinstance(calibration, (torch.Tensor, dict)):
+    if isinstance(calibration, torch.Tensor) or (isinstance(calibration, dict) and not is_mixture(calibration)):
         return True
     return (
         isinstance(calibration, Sequence)
@@ -139,6 +144,67 @@ def token_streams(
     return streams, description, _bos_id(tokenizer)
 
 
+def is_mixture(calibration: CalibrationData) -> bool:
+    """A weighted mixture of sources: ``{"news.txt": 1, "code/": 2}`` (files or folders of ``.txt``)."""
+    return isinstance(calibration, dict) and "input_ids" not in calibration
+
+
+def check_mixture(mixture: dict[Any, Any]) -> dict[str, float]:
+    """The mixture with its weights checked (positive numbers) and every source readable (cheap: before loading)."""
+    if not mixture:
+        raise InvalidRequest("a calibration mixture needs at least one source")
+    checked = {}
+    for source, weight in mixture.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise InvalidRequest(f"the weight of calibration source {source} must be a positive number, got {weight!r}")
+        if isinstance(source, dict) or is_mixture(source):
+            raise InvalidRequest("a calibration mixture's sources are files or folders, not mixtures")
+        if Path(source).is_dir():
+            check_sources(source)
+        else:
+            read_text_file(source)
+        checked[str(source)] = float(weight)
+    return checked
+
+
+def check_sources(calibration: str | os.PathLike | dict[Any, Any]) -> None:
+    """Refuse, before anything is loaded, calibration files or folders that cannot be read, and bad weights."""
+    if is_mixture(calibration):
+        check_mixture(calibration)
+    elif Path(calibration).is_dir():
+        if not any(Path(calibration).rglob("*.txt")):
+            raise SourceUnavailable(f"calibration folder {calibration} holds no .txt file")
+    else:
+        read_text_file(calibration)
+
+
+def _mixture_windows(
+    mixture: dict[Any, Any], tokenizer: Any, seq_len: int, max_tokens: int | None
+) -> tuple[list[torch.Tensor], str]:
+    """Each source's windows, cut so that the sources' shares of the tokens follow their weights:
+    of ``max_tokens`` when given, else of the most tokens every source can supply in proportion."""
+    weights = check_mixture(mixture)
+    parts = {source: prepare_calibration(source, tokenizer, seq_len) for source in weights}
+    total = sum(weights.values())
+    if max_tokens is None:
+        max_tokens = int(min(parts[s].num_tokens * total / w for s, w in weights.items()))
+    windows: list[torch.Tensor] = []
+    for source, weight in weights.items():
+        windows += _first_tokens(parts[source].windows, round(max_tokens * weight / total))
+    shares = "+".join(f"{parts[s].description}*{w:g}" for s, w in weights.items())
+    return windows, f"mix:{shares}"
+
+
+def _first_tokens(windows: list[torch.Tensor], max_tokens: int) -> list[torch.Tensor]:
+    kept, total = [], 0
+    for window in windows:
+        if total >= max_tokens:
+            break
+        kept.append(window[: max_tokens - total])
+        total += len(kept[-1])
+    return kept
+
+
 def prepare_calibration(
     calibration: CalibrationData,
     tokenizer: Any,
@@ -146,7 +212,13 @@ def prepare_calibration(
     max_tokens: int | None = None,
     text_column: str = "text",
 ) -> TokenWindows:
-    """Tokenize and cut calibration data into windows of at most ``seq_len`` tokens."""
+    """Tokenize and cut calibration data into windows of at most ``seq_len`` tokens.
+
+    A mixture (``{source: weight}``, sources being text files or folders of
+    ``.txt`` files) gives each source its weight's share of ``max_tokens``."""
+    if is_mixture(calibration):
+        windows, description = _mixture_windows(calibration, tokenizer, seq_len, max_tokens)
+        return _checked(TokenWindows([w for w in windows if len(w) > 0], description, seq_len), seq_len)
     if seq_len < 2:
         raise InvalidRequest(f"the window length (seq_len / --seq-len) must be at least 2 tokens, got {seq_len}")
     streams, description, bos = token_streams(calibration, tokenizer, text_column)
@@ -157,14 +229,11 @@ def prepare_calibration(
             piece = ids[start : start + step]
             windows.append(piece if bos is None else torch.cat([torch.tensor([bos]), piece]))
     if max_tokens is not None:
-        kept, total = [], 0
-        for window in windows:
-            if total >= max_tokens:
-                break
-            kept.append(window[: max_tokens - total])
-            total += len(kept[-1])
-        windows = kept
-    result = TokenWindows([w for w in windows if len(w) > 0], description, seq_len)
+        windows = _first_tokens(windows, max_tokens)
+    return _checked(TokenWindows([w for w in windows if len(w) > 0], description, seq_len), seq_len)
+
+
+def _checked(result: TokenWindows, seq_len: int) -> TokenWindows:
     if result.num_tokens == 0:
         raise InvalidRequest("calibration is empty")
     if result.num_tokens < seq_len:

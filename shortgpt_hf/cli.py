@@ -151,6 +151,22 @@ def _score(
     )
 
 
+def _calibration_sources(given: Optional[list[str]]) -> Any:
+    """``--calibration`` as a request holds it: one source as it is, several (or any weight) as a mixture."""
+    if not given:
+        return None
+    sources: dict[str, float] = {}
+    for item in given:
+        path, colon, weight = item.rpartition(":")
+        try:
+            sources[path if colon else item] = float(weight) if colon else 1.0
+        except ValueError:  # the colon belongs to the path
+            sources[item] = 1.0
+    if len(sources) == 1 and next(iter(sources.values())) == 1.0:
+        return next(iter(sources))
+    return sources
+
+
 def _training_free_methods() -> list[str]:
     return [name for name, method in RECOVERY_METHODS.items() if method.needs_removed_layers]
 
@@ -216,7 +232,12 @@ def prune(
     ] = False,
     metric: Annotated[str, typer.Option(help=f"One of: {', '.join(METRICS)}.")] = "bi",
     calibration: Annotated[
-        Optional[Path], typer.Option(help="UTF-8 text file (default: packaged Shakespeare).")
+        Optional[list[str]],
+        typer.Option(
+            help="UTF-8 text file, or folder of .txt files (default: packaged Shakespeare). Repeat it for a "
+            "mixture, each as FILE or FILE:WEIGHT (e.g. --calibration news.txt:2 --calibration code/): each source "
+            "gets its weight's share of the tokens."
+        ),
     ] = None,
     seq_len: int = 256,
     max_tokens: int = 8192,
@@ -278,7 +299,7 @@ def prune(
         n_layers=n_layers,
         ratio=ratio,
         metric=metric,
-        calibration=calibration,
+        calibration=_calibration_sources(calibration),
         calibration_tokens=max_tokens,
         seq_len=seq_len,
         batch_size=batch_size,

@@ -81,6 +81,27 @@ def _check_options(step: dict[str, Any]) -> None:
         raise InvalidRequest(f"recovery method {step['method']!r}: {e}") from None
 
 
+def _calibration_sources(calibration: Any) -> str | dict[str, float] | None:
+    """A request's calibration as JSON keeps it: a text file or folder, or a mixture ``{source: weight}``
+    (a list of sources is a mixture of equal weights)."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, (str, Path)):
+        return str(calibration)
+    if isinstance(calibration, (list, tuple)) and all(isinstance(c, (str, Path)) for c in calibration):
+        calibration = dict.fromkeys(calibration, 1.0)
+    if isinstance(calibration, dict) and all(isinstance(k, (str, Path)) for k in calibration):
+        weights = {str(k): v for k, v in calibration.items()}
+        bad = [w for w in weights.values() if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0]
+        if bad or not weights:
+            raise InvalidRequest(f"calibration weights must be positive numbers, got {calibration!r}")
+        return {k: float(v) for k, v in weights.items()}
+    raise InvalidRequest(
+        "calibration in a ShortGPTConfig is a text file or folder, or a mixture {source: weight} (it must survive "
+        "JSON); give other data (texts, a Dataset, tokens) as calibration_data="
+    )
+
+
 def _library_version() -> str:
     return importlib.metadata.version("shortgpt_hf")
 
@@ -118,7 +139,7 @@ class ShortGPTConfig:
     metric: str | None = None
     layer_scores: list[float | None] | None = None
     block_size: int = 1
-    calibration: Any = None  # request: a text file (None: packaged); record: what the scores were computed on
+    calibration: Any = None  # request: a file, folder or {source: weight} (None: packaged); record: what was read
     mode: str = "remove"
     prefill_boundary: bool | None = None
     original_num_parameters: int | None = None
@@ -192,13 +213,7 @@ class ShortGPTConfig:
                 raise InvalidRequest(f"block_size > 1 is not defined for the {self.metric} metric")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise InvalidRequest(f"block_size must be a positive integer, got {self.block_size!r}")
-        if self.calibration is not None and not isinstance(self.calibration, (str, Path)):
-            raise InvalidRequest(
-                "calibration in a ShortGPTConfig is a text file's path (it must survive JSON); "
-                "give other data (texts, a Dataset, tokens) as calibration_data="
-            )
-        if isinstance(self.calibration, Path):
-            self.calibration = str(self.calibration)
+        self.calibration = _calibration_sources(self.calibration)
         for name in ("seq_len", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InvalidRequest(f"{name} must be a positive integer, got {getattr(self, name)!r}")

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .atomic import check_destination
-from .calibration import CalibrationData, read_text_file
+from .calibration import CalibrationData, check_sources
 from .config import ShortGPTConfig
 from .errors import InvalidRequest, VerificationFailed
 from .evaluation import HEADLINE, PerplexitySettings, perplexity
@@ -144,7 +144,7 @@ def check_request(source: Source, config: ShortGPTConfig, streaming: bool) -> in
     if not config.is_request:
         raise InvalidRequest("this ShortGPTConfig is a record (removed_layers is set); give a request")
     if config.calibration is not None:
-        read_text_file(config.calibration)
+        check_sources(config.calibration)
     n = num_layers_of(source)
     if n is not None:
         config.removal_count(n)
