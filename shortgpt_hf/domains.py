@@ -27,6 +27,15 @@ from .errors import SourceUnavailable
 from .texts import heldout_texts
 
 CODE_MODULES = ("argparse.py", "textwrap.py", "difflib.py", "shlex.py")
+# Other standard-library modules, for calibrating on code without reading the suite's code.
+CALIBRATION_CODE_MODULES = (
+    "json/decoder.py",
+    "json/encoder.py",
+    "csv.py",
+    "calendar.py",
+    "configparser.py",
+    "pprint.py",
+)
 
 
 @dataclass(frozen=True)
@@ -64,3 +73,8 @@ DOMAINS = (
     ),
     Domain("legal", "legal and formal text", "Python's LICENSE.txt", lambda: [_stdlib_file("LICENSE.txt")], False),
 )
+
+
+def code_calibration_texts() -> list[str]:
+    """Source code to calibrate on: standard-library modules the suite's ``code`` domain does not read."""
+    return [_stdlib_file(m) for m in CALIBRATION_CODE_MODULES]

@@ -126,7 +126,9 @@ def test_the_suite_covers_four_genres_none_of_them_calibration_text():
 
     assert [d.name for d in DOMAINS] == ["drama", "technical", "code", "legal"]
     assert [d.name for d in DOMAINS if not d.calibrated] == ["technical", "code", "legal"]
-    calibration = "\n".join(calibration_texts())
+    from shortgpt_hf.domains import code_calibration_texts
+
+    calibration = "\n".join(calibration_texts() + code_calibration_texts())  # the plays, and code to calibrate on
     for domain in DOMAINS:
         text = "\n".join(domain.read())
         assert len(text) > 12_000, domain.name  # enough for 4,096 tokens of most tokenizers
