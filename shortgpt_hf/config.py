@@ -114,8 +114,10 @@ class ShortGPTConfig:
     ``layers`` (indices, original for a dense model), ``n_layers`` or ``ratio``
     (default: ``ratio=0.25``), chosen by the lowest scores of ``metric`` (any
     registered metric, see ``shortgpt_hf.METRICS``) on ``calibration`` (a text
-    file; None: the packaged calibration text; in Python, `prune` and
-    ``from_pretrained`` also take any data as ``calibration_data=``), cut into
+    file, a folder of ``.txt`` files, or a mixture ``{source: weight}`` in which
+    each source gets its weight's share of the tokens; None: the packaged
+    calibration text; in Python, `prune` and ``from_pretrained`` also take any
+    data as ``calibration_data=``), cut into
     ``seq_len``-token windows, ``calibration_tokens`` of them. ``recovery`` names
     the recovery steps to run, in order: a method name, or a list of names or
     ``{"method": name, **options}`` dicts (a training-free method, fitted on the
