@@ -31,6 +31,7 @@ from shortgpt_hf import (
 from shortgpt_hf.ablation import default_metrics, recovery_choices
 from shortgpt_hf.families import FAMILIES, Family
 from shortgpt_hf.metrics import BlockInfluence
+from shortgpt_hf.recovery.base import takes_option
 from shortgpt_hf.recovery.linear import LinearRecovery
 from shortgpt_hf.scoring import in_memory_driver
 from shortgpt_hf.streaming import dense_driver, fit_linear_sequentially
@@ -145,6 +146,12 @@ def test_every_training_free_method_fits_the_same_maps_on_both_drivers(method, t
         torch.testing.assert_close(a.map, b.map, rtol=1e-5, atol=1e-6)
     driver = dense_driver(folder, TOKENS, seq_len=32, device="cpu")  # the same fit, through the generic entry
     assert RECOVERY_METHODS[method].fit(driver, removed, progress=False).entry == in_memory.entry
+    if takes_option(method, "shrinkage"):  # a held-out slice is the same batches on both drivers
+        memory_driver = in_memory_driver(model, TOKENS, None, 32, None, batch_size=2)
+        auto_memory = RECOVERY_METHODS[method].fit(memory_driver, removed, shrinkage="auto", progress=False)
+        walk_driver = dense_driver(folder, TOKENS, seq_len=32, batch_size=2, device="cpu")
+        auto_walked = RECOVERY_METHODS[method].fit(walk_driver, removed, shrinkage="auto", progress=False)
+        assert auto_walked.entry == auto_memory.entry
 
 
 @pytest.mark.filterwarnings("ignore:this pruned model is not saved")  # the adapters are evaluated, never saved

@@ -442,3 +442,51 @@ def test_a_recipe_is_refused_for_trained_weights_it_could_not_rebuild(tmp_path):
     with pytest.raises(ShortGPTError, match="recovered with lora, which a recipe cannot rebuild"):
         save_recipe(model, tmp_path / "recipe")
     assert not (tmp_path / "recipe").exists()
+
+
+def test_shrinkage_pulls_the_map_toward_plain_removal():
+    """solve(shrinkage=s) is argmin ||M T - B||² + s·mean(diag MᵀM)·||T - I||²: 0 is least squares,
+    a large s is plain removal (T = I), and a diagonal map shrinks the same way."""
+    from shortgpt_hf.recovery.linear import NormalEquations
+
+    gen = torch.Generator().manual_seed(0)
+    m, b = torch.randn(200, 6, generator=gen), torch.randn(200, 6, generator=gen)
+    for diagonal in (False, True):
+        eq = NormalEquations(diagonal)
+        eq.add(m, b, b)
+        least_squares = eq.solve(0.0, "test")
+        assert torch.allclose(eq.solve(0.0, "test", 0.0), least_squares)
+        s = 0.3 * float(eq.mm.mean() if diagonal else eq.mm.diagonal().mean())
+        if diagonal:
+            expected = ((m * b).sum(0).double() + s) / ((m * m).sum(0).double() + s)
+        else:
+            mm, mb = m.T.double() @ m.double(), m.T.double() @ b.double()
+            expected = torch.linalg.solve(
+                mm + s * torch.eye(6, dtype=torch.float64), mb + s * torch.eye(6, dtype=torch.float64)
+            )
+        torch.testing.assert_close(eq.solve(0.0, "test", 0.3), expected)
+        identity = torch.ones(6, dtype=torch.float64) if diagonal else torch.eye(6, dtype=torch.float64)
+        torch.testing.assert_close(eq.solve(0.0, "test", 1e9), identity, atol=1e-6, rtol=0)
+
+
+def test_automatic_shrinkage_is_chosen_on_a_held_out_slice():
+    """shrinkage="auto" holds every fifth batch out, picks the candidate whose map (fitted on the rest)
+    leaves the least error there, records it per gap, and refits on all the calibration."""
+    from shortgpt_hf.recovery.linear import HELD_EVERY, SHRINKAGES, NormalEquations, gaps_of, gather
+
+    model = tiny_model("llama")
+    tokens = torch.randint(3, 128, (40, 32), generator=torch.Generator().manual_seed(9))
+    driver = in_memory_driver(model, tokens, None, 32, None, batch_size=4)  # 10 batches, 2 held out
+    repair = LinearRecovery().fit(driver, [2, 3], shrinkage="auto", progress=False)
+    [chosen] = repair.maps
+    assert chosen.shrinkage in SHRINKAGES
+    [eq] = gather(driver, gaps_of([2, 3]), lambda gap, eq: eq, False, HELD_EVERY).values()
+    assert eq.held is not None and eq.held.tokens == 2 * 4 * 32
+    errors = {s: eq.held.residual(eq.solve(0.0, "gap", s)) for s in SHRINKAGES}
+    assert chosen.shrinkage == min(errors, key=errors.get)
+    whole = eq.merged()
+    assert isinstance(whole, NormalEquations) and whole.tokens == 40 * 32
+    torch.testing.assert_close(chosen.map, whole.solve(0.0, "gap", chosen.shrinkage).float())
+    assert repair.entry["gaps"][0]["shrinkage"] == chosen.shrinkage
+    with pytest.raises(ShortGPTError, match="shrinkage must be a non-negative number or 'auto'"):
+        prune(tiny_model("llama"), [2], recovery="linear", recovery_data=tokens, recovery_options={"shrinkage": "x"})

@@ -135,6 +135,17 @@ class NormalEquations:
         self.bb = 0.0
         self.ll = 0.0
         self.tokens = 0
+        self.held: NormalEquations | None = None  # a held-out slice of the calibration, when one is kept
+
+    def merged(self) -> NormalEquations:
+        """These equations with their held-out slice added back: all of the calibration."""
+        if self.held is None:
+            return self
+        whole = NormalEquations(self.diagonal)
+        for part in (self, self.held):
+            whole.mm, whole.mb = whole.mm + part.mm, whole.mb + part.mb
+            whole.bb, whole.ll, whole.tokens = whole.bb + part.bb, whole.ll + part.ll, whole.tokens + part.tokens
+        return whole
 
     def add(self, m: torch.Tensor, b: torch.Tensor, target: torch.Tensor) -> None:
         m, b = m.double(), b.double()
@@ -148,27 +159,29 @@ class NormalEquations:
         self.ll += float(target.double().pow(2).sum())
         self.tokens += m.shape[0]
 
-    def solve(self, ridge: float, where: str) -> torch.Tensor:
-        """The least-squares map; ``ridge`` is relative to the mean of ``diag(MᵀM)``."""
+    def solve(self, ridge: float, where: str, shrinkage: float = 0.0) -> torch.Tensor:
+        """The least-squares map; ``ridge`` pulls it toward 0 and ``shrinkage`` toward the identity
+        (plain removal), both relative to the mean of ``diag(MᵀM)``."""
         if self.diagonal:
-            denom = self.mm + ridge * self.mm.mean()
+            scale = self.mm.mean()
+            denom = self.mm + (ridge + shrinkage) * scale
             return torch.where(
-                denom > 0, self.mb / denom.clamp_min(1e-300), torch.ones_like(denom)
+                denom > 0, (self.mb + shrinkage * scale) / denom.clamp_min(1e-300), torch.ones_like(denom)
             )  # a silent channel keeps its scale
         d = self.mm.shape[0]
-        if ridge == 0 and self.tokens < d:
+        if ridge + shrinkage == 0 and self.tokens < d:
             raise ShortGPTError(
                 f"{self.tokens} calibration tokens cannot determine a {d}x{d} map for {where}; "
                 f"give at least {d} tokens or a ridge term (ridge=1e-3)"
             )
-        a = self.mm + ridge * self.mm.diagonal().mean() * torch.eye(d, dtype=self.mm.dtype, device=self.mm.device)
-        factor, info = torch.linalg.cholesky_ex(a)
+        eye = torch.eye(d, dtype=self.mm.dtype, device=self.mm.device) * self.mm.diagonal().mean()
+        factor, info = torch.linalg.cholesky_ex(self.mm + (ridge + shrinkage) * eye)
         if int(info) != 0:
             raise ShortGPTError(
                 f"the activations feeding {where} are rank-deficient over {self.tokens} tokens; "
                 "give a ridge term (ridge=1e-3) or more varied calibration text"
             )
-        return torch.cholesky_solve(self.mb, factor)
+        return torch.cholesky_solve(self.mb + shrinkage * eye, factor)
 
     def residual(self, t: torch.Tensor | None) -> float:
         """``||M T - B||² / ||L||²``; ``t=None`` is plain removal (``T = I``)."""
@@ -219,8 +232,9 @@ class _GapEquations(LayerObserver):
         where: str,
         parked: torch.device | None,
         solve: Callable[[Gap, NormalEquations], Any],
+        held_every: int | None = None,
     ):
-        self.where, self.parked, self.solve = where, parked, solve
+        self.where, self.parked, self.solve, self.held_every = where, parked, solve, held_every
         self.solved: dict[Gap, Any] = {}
         self.through = max(g.last for g in gaps)
         self.taps = {g.before: fold.output for g in gaps if g.before >= 0}
@@ -245,7 +259,11 @@ class _GapEquations(LayerObserver):
         for gap in self.ending.get(layer, []):
             target = check_finite(token_rows(y, mask), f"{self.where} (layer {layer} output)")
             m, y_before = (t.to(target.device) for t in self.open[batch, gap.before])
-            self.equations[gap].add(m, target - y_before + m, target)
+            equations = self.equations[gap]
+            if self.held_every and batch % self.held_every == self.held_every - 1:  # the held-out slice
+                equations.held = equations.held or NormalEquations(equations.diagonal)
+                equations = equations.held
+            equations.add(m, target - y_before + m, target)
             if self.deepest[gap.before] == layer:
                 del self.open[batch, gap.before]
 
@@ -255,10 +273,16 @@ class _GapEquations(LayerObserver):
 
 
 def gather(
-    driver: Driver, gaps: list[Gap], solve: Callable[[Gap, NormalEquations], T], progress: bool = True
+    driver: Driver,
+    gaps: list[Gap],
+    solve: Callable[[Gap, NormalEquations], T],
+    progress: bool = True,
+    held_every: int | None = None,
 ) -> dict[Gap, T]:
-    """One calibration pass of ``driver`` over every gap in ``gaps``: ``solve(gap, equations)`` of each."""
-    observer = _GapEquations(gaps, fold_rule(driver.model), describe(driver.model), driver.parked, solve)
+    """One calibration pass of ``driver`` over every gap in ``gaps``: ``solve(gap, equations)`` of each.
+    With ``held_every`` k, every k-th batch goes to the equations' held-out slice instead."""
+    where = describe(driver.model)
+    observer = _GapEquations(gaps, fold_rule(driver.model), where, driver.parked, solve, held_every)
     driver.run(observer, f"linear repair: activations ({driver.how})", progress)
     return observer.solved
 
@@ -273,6 +297,7 @@ class LinearMap:
     diagonal: bool
     residual_plain: float
     residual: float
+    shrinkage: float = 0.0  # how far the map was pulled toward plain removal (the identity)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -281,6 +306,7 @@ class LinearMap:
             "map": None if self.map is None else ("diagonal" if self.diagonal else "full"),
             "relative_error_plain": round(self.residual_plain, 6),
             "relative_error_repaired": round(self.residual, 6),
+            "shrinkage": self.shrinkage,
         }
 
 
@@ -418,6 +444,7 @@ def maps_from_record(record: ShortGPTConfig, tensors: dict[str, torch.Tensor]) -
                     t.dim() == 1,
                     gap["relative_error_plain"],
                     gap["relative_error_repaired"],
+                    gap.get("shrinkage", 0.0),
                 )
             )
     return maps
@@ -437,15 +464,37 @@ def unrepairable(model: nn.Module, gaps: list[Gap], original: list[int]) -> list
     return skipped
 
 
-def fitted_map(gap: Gap, eq: NormalEquations, original: list[int], ridge: float, skip: bool = False) -> LinearMap:
-    """The gap's map solved from its normal equations, under ORIGINAL layer indices (``skip``: left unrepaired)."""
+SHRINKAGES = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # what shrinkage="auto" chooses from
+HELD_EVERY = 5  # shrinkage="auto" holds every fifth calibration batch out to choose on
+
+
+def fitted_map(
+    gap: Gap,
+    eq: NormalEquations,
+    original: list[int],
+    ridge: float,
+    skip: bool = False,
+    shrinkage: float | str = 0.0,
+) -> LinearMap:
+    """The gap's map solved from its normal equations, under ORIGINAL layer indices (``skip``: left unrepaired).
+
+    ``shrinkage="auto"`` picks, from `SHRINKAGES`, the one whose map, fitted without the held-out
+    slice, leaves the least error on it; the map is then solved again on all of the calibration."""
     removed = [original[i] for i in range(gap.first, gap.last + 1)]
     after = None if gap.before < 0 else original[gap.before]
+    where = f"the gap at layers {removed}"
+    if shrinkage == "auto":
+        held = eq.held
+        if held is None:  # too few batches to hold any out: no evidence for shrinking
+            shrinkage = 0.0
+        else:
+            shrinkage = min(SHRINKAGES, key=lambda s: held.residual(eq.solve(ridge, where, s)))
+    eq = eq.merged()
     plain = eq.residual(None)
     if skip:
         return LinearMap(removed, after, None, eq.diagonal, plain, plain)
-    t = eq.solve(ridge, f"the gap at layers {removed}").float()
-    return LinearMap(removed, after, t, eq.diagonal, plain, eq.residual(t.double()))
+    t = eq.solve(ridge, where, shrinkage).float()
+    return LinearMap(removed, after, t, eq.diagonal, plain, eq.residual(t.double()), float(shrinkage))
 
 
 def recovery_entry(
@@ -499,13 +548,20 @@ class LinearRepair:
         return self.record(0)[1]
 
 
-def fit_gaps(method: str, driver: Driver, removing: list[int], ridge: float, progress: bool) -> LinearRepair:
+def fit_gaps(
+    method: str, driver: Driver, removing: list[int], ridge: float, progress: bool, shrinkage: float | str = 0.0
+) -> LinearRepair:
     """Fit a least-squares map for each gap of removing ``removing`` (current indices) from the driver's model."""
     record = ShortGPTConfig.from_model(driver.model)
     original = record.kept_layers if record is not None else list(range(driver.num_layers))
     gaps = gaps_of(removing)
     skipped = unrepairable(driver.model, gaps, original)
-    fitted = gather(driver, gaps, lambda gap, eq: fitted_map(gap, eq, original, ridge, gap in skipped), progress)
+    held_every = HELD_EVERY if shrinkage == "auto" else None
+
+    def solve(gap: Gap, eq: NormalEquations) -> LinearMap:
+        return fitted_map(gap, eq, original, ridge, gap in skipped, shrinkage)
+
+    fitted = gather(driver, gaps, solve, progress, held_every)
     maps = [fitted[gap] for gap in gaps]
     windows = driver.windows
     return LinearRepair(method, [original[i] for i in removing], maps, ridge, windows.num_tokens, windows.description)
@@ -519,10 +575,22 @@ class LinearRecovery(RecoveryMethod):
     summary = "a least-squares map per removed gap, folded into the kept weights; no training"
     needs_removed_layers = True
 
-    def check(self, model: nn.Module, *, ridge: float = 0.0, batch_size: int = 8, progress: bool = True) -> None:
+    def check(
+        self,
+        model: nn.Module,
+        *,
+        ridge: float = 0.0,
+        shrinkage: float | str = 0.0,
+        batch_size: int = 8,
+        progress: bool = True,
+    ) -> None:
         fold_rule(model)
         if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
             raise InvalidRequest(f"ridge must be a non-negative number, got {ridge!r}")
+        if shrinkage != "auto" and not (
+            isinstance(shrinkage, (int, float)) and math.isfinite(shrinkage) and shrinkage >= 0
+        ):
+            raise InvalidRequest(f"shrinkage must be a non-negative number or 'auto', got {shrinkage!r}")
         record = ShortGPTConfig.from_model(model)
         if record is not None and record.mode == "prefill_skip":
             raise InvalidRequest(
@@ -531,9 +599,16 @@ class LinearRecovery(RecoveryMethod):
             )
 
     def fit(
-        self, driver: Driver, removing: list[int], *, ridge: float = 0.0, batch_size: int = 8, progress: bool = True
+        self,
+        driver: Driver,
+        removing: list[int],
+        *,
+        ridge: float = 0.0,
+        shrinkage: float | str = 0.0,
+        batch_size: int = 8,
+        progress: bool = True,
     ) -> LinearRepair:
-        return fit_gaps(self.name, driver, removing, float(ridge), progress)
+        return fit_gaps(self.name, driver, removing, float(ridge), progress, shrinkage)
 
     def apply(
         self,
@@ -543,6 +618,7 @@ class LinearRecovery(RecoveryMethod):
         *,
         fitted: LinearRepair | None = None,
         ridge: float = 0.0,
+        shrinkage: float | str = 0.0,
         batch_size: int = 8,
         progress: bool = True,
     ) -> tuple[nn.Module, dict[str, Any]]:

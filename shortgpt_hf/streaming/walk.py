@@ -398,6 +398,7 @@ def fit_linear_sequentially(
     *,
     method: str = "linear",
     ridge: float = 0.0,
+    shrinkage: float | str = 0.0,
     tokenizer: Any = None,
     seq_len: int = 256,
     batch_size: int = 8,
@@ -416,7 +417,7 @@ def fit_linear_sequentially(
     adds (``M``) and outputs (``Y``), and what its last layer outputs (``L``).
     ``M`` and ``Y`` wait (tokens x hidden each, on ``activations_device``) until
     the walk reaches the gap's end. Options as for `score_layers_sequentially`
-    and the method (``ridge``; ``max_tokens=None``: all of the calibration)."""
+    and the method (``ridge``, ``shrinkage``; ``max_tokens=None``: all of the calibration)."""
     driver = dense_driver(
         name_or_path,
         calibration,
@@ -430,7 +431,7 @@ def fit_linear_sequentially(
         checkpoint=_checkpoint,
         what=f"sequential {method} repair",
     )
-    return fit_removal(driver, method, removed_layers, {"ridge": ridge}, progress)
+    return fit_removal(driver, method, removed_layers, {"ridge": ridge, "shrinkage": shrinkage}, progress)
 
 
 def fit_removal(
