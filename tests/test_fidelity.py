@@ -86,25 +86,26 @@ def test_eval_reference_on_the_command_line(tmp_path, text_file, capsys, monkeyp
 
 @pytest.mark.slow
 def test_real_smollm2_plain_removal_drifts_from_dense_in_every_genre(smollm2_path):
-    """SmolLM2-135M without its 8 lowest-BI layers, on the held-out suite (about 4,000 scored tokens per
-    genre): on the plays, KL 1.148 nats per token, top-1 agreement 0.416, perplexity 2.91x dense; every
-    genre drifts, and the genres the calibration never reads drift more (unseen mean 3.76x); as the
-    README states. About 70 s on 2 cores."""
+    """SmolLM2-135M without its 8 lowest-BI layers: on the held-out plays (4,080 scored tokens), KL 1.148
+    nats per token, top-1 agreement 0.416, perplexity 2.91x dense, as the README states; on the suite
+    (1,024 tokens per genre here), every genre drifts, and the genres the calibration never reads drift
+    more. About 50 s on 2 cores."""
     from shortgpt_hf import load_model
 
     dense, tok = load_model(str(smollm2_path))
     pruned, _ = load_model(str(smollm2_path))
     prune(pruned, [12, 13, 14, 15, 16, 17, 25, 26])
-    report = evaluate(pruned, tok, ["suite"], reference=dense, progress=False)
-    drama = figures(report, "drama")
+    plays = evaluate(pruned, tok, ["ppl"], reference=dense, progress=False)
+    drama = figures(plays, "shakespeare-heldout")
     assert drama["kl_mean"] == pytest.approx(1.148, abs=0.01) and drama["kl_p99"] > 3 * drama["kl_mean"]
     assert drama["top1_agreement"] == pytest.approx(0.416, abs=0.005)
     assert drama["perplexity_ratio"] == pytest.approx(2.907, abs=0.01)
-    assert report.get("perplexity:drama", "perplexity") == pytest.approx(150.5, abs=0.1)
-    ratios = {name: figures(report, name)["perplexity_ratio"] for name in ("technical", "code", "legal")}
-    assert ratios == pytest.approx({"technical": 3.05, "code": 4.07, "legal": 4.17}, abs=0.02)
-    assert report.get("suite:unseen", "perplexity_ratio_mean") == pytest.approx(3.76, abs=0.02)
-    assert report.get("suite:unseen", "kl_mean_mean") > drama["kl_mean"]
+    assert plays.get("perplexity", "perplexity") == pytest.approx(150.5, abs=0.1)
+    suite = evaluate(pruned, tok, ["suite"], reference=dense, max_tokens=1024, progress=False)  # a quarter: cheaper
+    ratios = {name: figures(suite, name)["perplexity_ratio"] for name in ("drama", "technical", "code", "legal")}
+    assert all(ratio > 2.5 for ratio in ratios.values())  # every genre drifts
+    assert suite.get("suite:unseen", "perplexity_ratio_mean") > ratios["drama"]
+    assert suite.get("suite:unseen", "kl_mean_mean") > figures(suite, "drama")["kl_mean"]
 
 
 def test_fidelity_reaches_the_model_card(text_file):
