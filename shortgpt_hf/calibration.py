@@ -149,22 +149,24 @@ def is_mixture(calibration: CalibrationData) -> bool:
     return isinstance(calibration, dict) and "input_ids" not in calibration
 
 
-def check_mixture(mixture: dict[Any, Any]) -> dict[str, float]:
-    """The mixture with its weights checked (positive numbers) and every source readable (cheap: before loading)."""
+def mixture_weights(mixture: dict[Any, Any]) -> dict[str, float]:
+    """The mixture's weights, checked: positive numbers, for sources that are files or folders."""
     if not mixture:
         raise InvalidRequest("a calibration mixture needs at least one source")
-    checked = {}
     for source, weight in mixture.items():
+        if isinstance(source, dict):
+            raise InvalidRequest("a calibration mixture's sources are files or folders, not mixtures")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
             raise InvalidRequest(f"the weight of calibration source {source} must be a positive number, got {weight!r}")
-        if isinstance(source, dict) or is_mixture(source):
-            raise InvalidRequest("a calibration mixture's sources are files or folders, not mixtures")
-        if Path(source).is_dir():
-            check_sources(source)
-        else:
-            read_text_file(source)
-        checked[str(source)] = float(weight)
-    return checked
+    return {str(source): float(weight) for source, weight in mixture.items()}
+
+
+def check_mixture(mixture: dict[Any, Any]) -> dict[str, float]:
+    """The mixture's weights, checked, with every source read once to refuse an unreadable one before loading."""
+    weights = mixture_weights(mixture)
+    for source in weights:
+        check_sources(source)
+    return weights
 
 
 def check_sources(calibration: str | os.PathLike | dict[Any, Any]) -> None:
@@ -183,7 +185,7 @@ def _mixture_windows(
 ) -> tuple[list[torch.Tensor], str]:
     """Each source's windows, cut so that the sources' shares of the tokens follow their weights:
     of ``max_tokens`` when given, else of the most tokens every source can supply in proportion."""
-    weights = check_mixture(mixture)
+    weights = mixture_weights(mixture)  # each source is read once, below, and refused there if it cannot be
     parts = {source: prepare_calibration(source, tokenizer, seq_len) for source in weights}
     total = sum(weights.values())
     if max_tokens is None:
