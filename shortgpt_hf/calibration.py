@@ -16,7 +16,7 @@ from typing import Any, Union
 import torch
 
 from .errors import InvalidRequest, SourceUnavailable, fault
-from .texts import DEFAULT_CALIBRATION_DESCRIPTION, calibration_texts
+from .texts import CALIBRATION_SOURCES
 
 CalibrationData = Union[None, str, os.PathLike, Sequence[str], torch.Tensor, Sequence[torch.Tensor], dict, Any]
 
@@ -51,8 +51,6 @@ class TokenWindows:
 def _texts_and_description(
     calibration: CalibrationData, text_column: str
 ) -> tuple[list[str] | None, list[torch.Tensor] | None, str]:
-    if calibration is None:
-        return calibration_texts(), None, DEFAULT_CALIBRATION_DESCRIPTION
     if isinstance(calibration, (str, os.PathLike)) and Path(calibration).is_dir():
         files = sorted(Path(calibration).rglob("*.txt"))
         if not files:
@@ -183,18 +181,28 @@ def check_sources(calibration: str | os.PathLike | dict[Any, Any]) -> None:
 def _mixture_windows(
     mixture: dict[Any, Any], tokenizer: Any, seq_len: int, max_tokens: int | None
 ) -> tuple[list[torch.Tensor], str]:
-    """Each source's windows, cut so that the sources' shares of the tokens follow their weights:
-    of ``max_tokens`` when given, else of the most tokens every source can supply in proportion."""
     weights = mixture_weights(mixture)  # each source is read once, below, and refused there if it cannot be
     parts = {source: prepare_calibration(source, tokenizer, seq_len) for source in weights}
+    return _shared_out(parts, weights, max_tokens, {s: part.description for s, part in parts.items()})
+
+
+def _default_windows(tokenizer: Any, seq_len: int, max_tokens: int | None) -> tuple[list[torch.Tensor], str]:
+    parts = {name: prepare_calibration(read(), tokenizer, seq_len) for name, read in CALIBRATION_SOURCES.items()}
+    return _shared_out(parts, dict.fromkeys(parts, 1.0), max_tokens, {name: name for name in parts})
+
+
+def _shared_out(
+    parts: dict[str, TokenWindows], weights: dict[str, float], max_tokens: int | None, names: dict[str, str]
+) -> tuple[list[torch.Tensor], str]:
+    """Each source's windows, cut so that the sources' shares of the tokens follow their weights:
+    of ``max_tokens`` when given, else of the most tokens every source can supply in proportion."""
     total = sum(weights.values())
     if max_tokens is None:
         max_tokens = int(min(parts[s].num_tokens * total / w for s, w in weights.items()))
     windows: list[torch.Tensor] = []
     for source, weight in weights.items():
         windows += _first_tokens(parts[source].windows, round(max_tokens * weight / total))
-    shares = "+".join(f"{parts[s].description}*{w:g}" for s, w in weights.items())
-    return windows, f"mix:{shares}"
+    return windows, "mix:" + "+".join(f"{names[s]}*{w:g}" for s, w in weights.items())
 
 
 def _first_tokens(windows: list[torch.Tensor], max_tokens: int) -> list[torch.Tensor]:
@@ -217,9 +225,13 @@ def prepare_calibration(
     """Tokenize and cut calibration data into windows of at most ``seq_len`` tokens.
 
     A mixture (``{source: weight}``, sources being text files or folders of
-    ``.txt`` files) gives each source its weight's share of ``max_tokens``."""
-    if is_mixture(calibration):
-        windows, description = _mixture_windows(calibration, tokenizer, seq_len, max_tokens)
+    ``.txt`` files) gives each source its weight's share of ``max_tokens``;
+    ``None`` is the packaged mixture (`texts.CALIBRATION_SOURCES`), in equal shares."""
+    if calibration is None or is_mixture(calibration):
+        if calibration is None:
+            windows, description = _default_windows(tokenizer, seq_len, max_tokens)
+        else:
+            windows, description = _mixture_windows(calibration, tokenizer, seq_len, max_tokens)
         return _checked(TokenWindows([w for w in windows if len(w) > 0], description, seq_len), seq_len)
     if seq_len < 2:
         raise InvalidRequest(f"the window length (seq_len / --seq-len) must be at least 2 tokens, got {seq_len}")

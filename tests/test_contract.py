@@ -67,7 +67,7 @@ def test_registries_refuse_a_second_entry_under_a_taken_name():
         FAMILIES.add("llama", Family("Llama again"))
     with pytest.raises(InvalidRequest, match="unknown metric 'nope'; choose from bi, angular"):
         ShortGPTConfig(metric="nope")
-    with pytest.raises(InvalidRequest, match="unknown recovery method 'nope'; choose from linear, lora"):
+    with pytest.raises(InvalidRequest, match="unknown recovery method 'nope'; choose from linear, cosine, lora"):
         ShortGPTConfig(recovery="nope")
 
 

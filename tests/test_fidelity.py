@@ -120,21 +120,38 @@ def test_fidelity_reaches_the_model_card(text_file):
     assert card.count(f"on file:{text_file.name}: first 600 tokens") == 1  # one note: the same windows
 
 
-def test_the_suite_covers_four_genres_none_of_them_calibration_text():
-    """Every domain reads text; no 200-character stretch of it occurs in the packaged calibration."""
+def test_the_suite_covers_five_genres_none_of_them_calibration_text():
+    """Every domain reads text; no 200-character stretch of it occurs in the default calibration."""
     from shortgpt_hf.domains import DOMAINS
-    from shortgpt_hf.texts import calibration_texts
+    from shortgpt_hf.texts import CALIBRATION_SOURCES, calibration_texts
 
-    assert [d.name for d in DOMAINS] == ["drama", "technical", "code", "legal"]
-    assert [d.name for d in DOMAINS if not d.calibrated] == ["technical", "code", "legal"]
-    from shortgpt_hf.domains import code_calibration_texts
-
-    calibration = "\n".join(calibration_texts() + code_calibration_texts())  # the plays, and code to calibrate on
+    assert [d.name for d in DOMAINS] == ["drama", "encyclopedia", "code", "technical", "legal"]
+    assert [d.name for d in DOMAINS if not d.calibrated] == ["technical", "legal"]
+    assert list(CALIBRATION_SOURCES) == ["shakespeare", "wikipedia", "python-stdlib"]
+    calibration = "\n".join(calibration_texts())
     for domain in DOMAINS:
         text = "\n".join(domain.read())
         assert len(text) > 12_000, domain.name  # enough for 4,096 tokens of most tokenizers
         stretches = [text[i : i + 200] for i in range(0, len(text) - 200, 1000)]
         assert not [s for s in stretches if s in calibration], domain.name
+
+
+@pytest.mark.slow
+def test_no_evaluation_window_occurs_in_the_default_calibration(smollm2_path):
+    """Token by token with a real tokenizer: no 64-token stretch of the suite's text is in the
+    default calibration's token windows (a text-level check could miss what tokenization joins)."""
+    from transformers import AutoTokenizer
+
+    from shortgpt_hf.calibration import prepare_calibration
+    from shortgpt_hf.domains import DOMAINS
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    calibration = prepare_calibration(None, tok, 256)
+    seen = {tuple(w[i : i + 64].tolist()) for w in calibration.windows for i in range(0, len(w) - 63)}
+    for domain in DOMAINS:
+        ids = [tok(t, add_special_tokens=False).input_ids for t in domain.read()]
+        stretches = [tuple(row[i : i + 64]) for row in ids for i in range(0, len(row) - 63, 64)]
+        assert stretches and not seen.intersection(stretches), domain.name
 
 
 def test_the_suite_reports_each_genre_and_the_unseen_mean():

@@ -17,6 +17,7 @@ import pkgutil
 
 from ..registry import RECOVERY_METHODS
 from .base import RecoveryMethod, recover, register
+from .cosine import CosineRecovery
 from .linear import LinearRecovery, LinearRepair, linear_maps
 from .lora import LoraRecovery, adjacent_layers, heal, pruned_reference, save_healed
 
@@ -25,6 +26,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "RECOVERY_METHODS",
+    "CosineRecovery",
     "LinearRecovery",
     "LinearRepair",
     "LoraRecovery",

@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -128,8 +128,9 @@ class NormalEquations:
     a map, relative to the size of the state it repairs, costs nothing extra.
     """
 
-    def __init__(self, diagonal: bool):
-        self.diagonal = diagonal
+    def __init__(self, diagonal: bool, keep_rows: bool = False):
+        self.diagonal, self.keep_rows = diagonal, keep_rows
+        self.rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (M, B, L) when keep_rows
         self.mm: torch.Tensor | float = 0.0
         self.mb: torch.Tensor | float = 0.0
         self.bb = 0.0
@@ -141,13 +142,16 @@ class NormalEquations:
         """These equations with their held-out slice added back: all of the calibration."""
         if self.held is None:
             return self
-        whole = NormalEquations(self.diagonal)
+        whole = NormalEquations(self.diagonal, self.keep_rows)
         for part in (self, self.held):
+            whole.rows += part.rows
             whole.mm, whole.mb = whole.mm + part.mm, whole.mb + part.mb
             whole.bb, whole.ll, whole.tokens = whole.bb + part.bb, whole.ll + part.ll, whole.tokens + part.tokens
         return whole
 
     def add(self, m: torch.Tensor, b: torch.Tensor, target: torch.Tensor) -> None:
+        if self.keep_rows:  # an objective with no closed form needs the rows themselves
+            self.rows.append((m.float(), b.float(), target.float()))
         m, b = m.double(), b.double()
         if self.diagonal:
             self.mm = self.mm + (m * m).sum(0)
@@ -233,6 +237,7 @@ class _GapEquations(LayerObserver):
         parked: torch.device | None,
         solve: Callable[[Gap, NormalEquations], Any],
         held_every: int | None = None,
+        keep_rows: bool = False,
     ):
         self.where, self.parked, self.solve, self.held_every = where, parked, solve, held_every
         self.solved: dict[Gap, Any] = {}
@@ -241,7 +246,7 @@ class _GapEquations(LayerObserver):
         self.ending = {last: [g for g in gaps if g.last == last] for last in {g.last for g in gaps}}
         self.deepest = {p: max(g.last for g in gaps if g.before == p) for p in {g.before for g in gaps}}
         self.open: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (batch, p) -> (M, Y) rows
-        self.equations = {gap: NormalEquations(fold.diagonal and gap.before >= 0) for gap in gaps}
+        self.equations = {gap: NormalEquations(fold.diagonal and gap.before >= 0, keep_rows) for gap in gaps}
 
     def _rows(self, t: Any, mask: torch.Tensor, what: str) -> torch.Tensor:
         rows = check_finite(token_rows(t, mask), f"{self.where} ({what})")
@@ -261,7 +266,7 @@ class _GapEquations(LayerObserver):
             m, y_before = (t.to(target.device) for t in self.open[batch, gap.before])
             equations = self.equations[gap]
             if self.held_every and batch % self.held_every == self.held_every - 1:  # the held-out slice
-                equations.held = equations.held or NormalEquations(equations.diagonal)
+                equations.held = equations.held or NormalEquations(equations.diagonal, equations.keep_rows)
                 equations = equations.held
             equations.add(m, target - y_before + m, target)
             if self.deepest[gap.before] == layer:
@@ -278,11 +283,14 @@ def gather(
     solve: Callable[[Gap, NormalEquations], T],
     progress: bool = True,
     held_every: int | None = None,
+    keep_rows: bool = False,
 ) -> dict[Gap, T]:
     """One calibration pass of ``driver`` over every gap in ``gaps``: ``solve(gap, equations)`` of each.
-    With ``held_every`` k, every k-th batch goes to the equations' held-out slice instead."""
+    With ``held_every`` k, every k-th batch goes to the equations' held-out slice instead; with
+    ``keep_rows`` the equations also keep every token's ``(M, B, L)`` rows (float32: memory grows
+    with the calibration)."""
     where = describe(driver.model)
-    observer = _GapEquations(gaps, fold_rule(driver.model), where, driver.parked, solve, held_every)
+    observer = _GapEquations(gaps, fold_rule(driver.model), where, driver.parked, solve, held_every, keep_rows)
     driver.run(observer, f"linear repair: activations ({driver.how})", progress)
     return observer.solved
 
@@ -549,9 +557,18 @@ class LinearRepair:
 
 
 def fit_gaps(
-    method: str, driver: Driver, removing: list[int], ridge: float, progress: bool, shrinkage: float | str = 0.0
+    method: str,
+    driver: Driver,
+    removing: list[int],
+    ridge: float,
+    progress: bool,
+    shrinkage: float | str = 0.0,
+    refine: Callable[[NormalEquations, torch.Tensor, str], torch.Tensor] | None = None,
 ) -> LinearRepair:
-    """Fit a least-squares map for each gap of removing ``removing`` (current indices) from the driver's model."""
+    """Fit a least-squares map for each gap of removing ``removing`` (current indices) from the driver's model.
+
+    ``refine(equations, map, where)``, when given, takes each least-squares map as its starting
+    point and returns the map another objective prefers; the equations then keep their rows."""
     record = ShortGPTConfig.from_model(driver.model)
     original = record.kept_layers if record is not None else list(range(driver.num_layers))
     gaps = gaps_of(removing)
@@ -559,12 +576,41 @@ def fit_gaps(
     held_every = HELD_EVERY if shrinkage == "auto" else None
 
     def solve(gap: Gap, eq: NormalEquations) -> LinearMap:
-        return fitted_map(gap, eq, original, ridge, gap in skipped, shrinkage)
+        fitted = fitted_map(gap, eq, original, ridge, gap in skipped, shrinkage)
+        if refine is None or fitted.map is None:
+            return fitted
+        t = refine(eq, fitted.map, f"the gap at layers {fitted.removed}").detach()
+        return replace(fitted, map=t, residual=eq.residual(t.double()))
 
-    fitted = gather(driver, gaps, solve, progress, held_every)
+    fitted = gather(driver, gaps, solve, progress, held_every, keep_rows=refine is not None)
     maps = [fitted[gap] for gap in gaps]
     windows = driver.windows
     return LinearRepair(method, [original[i] for i in removing], maps, ridge, windows.num_tokens, windows.description)
+
+
+def fold_repair(model: nn.Module, fitted: LinearRepair | None, method: str) -> tuple[nn.Module, dict[str, Any]]:
+    """What a training-free method's ``apply`` does: fold the maps fitted before removal, keep them
+    for a recipe, and return what the step records."""
+    if fitted is None:
+        raise InvalidRequest(f"{method} repair needs maps fitted before removal: use prune(..., recovery={method!r})")
+    fold_maps(model, fitted.maps)
+    step = len((model.config.shortgpt or {}).get("recovery") or [])
+    entry, tensors = fitted.record(step)
+    attach_maps(model, tensors)
+    return model, {k: v for k, v in entry.items() if k not in ("method", "data")}
+
+
+def check_linear_options(model: nn.Module, ridge: Any) -> None:
+    """Refusals every least-squares-based method shares: a family with nowhere to fold, a bad
+    ridge, a model that skips layers in prefill."""
+    fold_rule(model)
+    if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+        raise InvalidRequest(f"ridge must be a non-negative number, got {ridge!r}")
+    record = ShortGPTConfig.from_model(model)
+    if record is not None and record.mode == "prefill_skip":
+        raise InvalidRequest(
+            "this model skips layers during prefill; call disable_prefill_skip(model) before pruning and repairing it"
+        )
 
 
 @register
@@ -584,19 +630,11 @@ class LinearRecovery(RecoveryMethod):
         batch_size: int = 8,
         progress: bool = True,
     ) -> None:
-        fold_rule(model)
-        if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
-            raise InvalidRequest(f"ridge must be a non-negative number, got {ridge!r}")
+        check_linear_options(model, ridge)
         if shrinkage != "auto" and not (
             isinstance(shrinkage, (int, float)) and math.isfinite(shrinkage) and shrinkage >= 0
         ):
             raise InvalidRequest(f"shrinkage must be a non-negative number or 'auto', got {shrinkage!r}")
-        record = ShortGPTConfig.from_model(model)
-        if record is not None and record.mode == "prefill_skip":
-            raise InvalidRequest(
-                "this model skips layers during prefill; "
-                "call disable_prefill_skip(model) before pruning and repairing it"
-            )
 
     def fit(
         self,
@@ -622,13 +660,7 @@ class LinearRecovery(RecoveryMethod):
         batch_size: int = 8,
         progress: bool = True,
     ) -> tuple[nn.Module, dict[str, Any]]:
-        if fitted is None:
-            raise InvalidRequest("linear repair needs maps fitted before removal: use prune(..., recovery='linear')")
-        fold_maps(model, fitted.maps)
-        step = len((model.config.shortgpt or {}).get("recovery") or [])
-        entry, tensors = fitted.record(step)
-        attach_maps(model, tensors)
-        return model, {k: v for k, v in entry.items() if k not in ("method", "data")}
+        return fold_repair(model, fitted, self.name)
 
 
 def repair_aware_order(

@@ -397,8 +397,6 @@ def fit_linear_sequentially(
     calibration: CalibrationData = None,
     *,
     method: str = "linear",
-    ridge: float = 0.0,
-    shrinkage: float | str = 0.0,
     tokenizer: Any = None,
     seq_len: int = 256,
     batch_size: int = 8,
@@ -408,6 +406,7 @@ def fit_linear_sequentially(
     activations_device: str | torch.device | None = None,
     progress: bool = True,
     _checkpoint: Checkpoint | None = None,
+    **options: Any,
 ) -> LinearRepair:
     """The training-free repair ``method`` of removing ``removed_layers`` from a dense model
     that need not fit in memory: the maps ``prune(..., recovery=method)`` fits, from one walk
@@ -417,7 +416,8 @@ def fit_linear_sequentially(
     adds (``M``) and outputs (``Y``), and what its last layer outputs (``L``).
     ``M`` and ``Y`` wait (tokens x hidden each, on ``activations_device``) until
     the walk reaches the gap's end. Options as for `score_layers_sequentially`
-    and the method (``ridge``, ``shrinkage``; ``max_tokens=None``: all of the calibration)."""
+    and the method's own ``options`` (``ridge``, ``shrinkage`` for ``linear``; ``max_tokens=None``: all of
+    the calibration)."""
     driver = dense_driver(
         name_or_path,
         calibration,
@@ -431,7 +431,7 @@ def fit_linear_sequentially(
         checkpoint=_checkpoint,
         what=f"sequential {method} repair",
     )
-    return fit_removal(driver, method, removed_layers, {"ridge": ridge, "shrinkage": shrinkage}, progress)
+    return fit_removal(driver, method, removed_layers, options, progress)
 
 
 def fit_removal(
