@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationData
 from .config import ShortGPTConfig
 from .errors import InvalidRequest
-from .evaluation import DEFAULT_TASKS, EvalReport, EvalResult, check_tasks, evaluate
+from .evaluation import EvalReport, EvalResult, check_tasks, evaluate
 from .layers import find_decoder_layers
 from .pruning import prune, restored_after
 from .reading import tokenizer_for
@@ -36,6 +36,7 @@ from .selection import removal_count
 
 SCHEMA_VERSION = 1
 SCHEDULES = ("one-shot", "iterative")
+ABLATION_TASKS = ("ppl", "mc")  # one text per run: an ablation evaluates dozens of prunes
 
 
 def default_metrics() -> list[str]:
@@ -185,7 +186,7 @@ def ablate(
     ratios: Sequence[float] = (0.1, 0.2, 0.3),
     metrics: Sequence[str] | None = None,
     schedules: Sequence[str] = ("one-shot",),
-    tasks: Sequence[str] = DEFAULT_TASKS,
+    tasks: Sequence[str] = ABLATION_TASKS,
     calibration: CalibrationData = None,
     calibration_tokens: int = 8192,
     recoveries: Sequence[str] = ("none",),

@@ -17,6 +17,7 @@ from torch import nn
 
 from .builtin import BUILTINS
 from .config import ShortGPTConfig, hub_tags
+from .domains import DOMAINS
 from .errors import InvalidRequest
 from .families import auto_class, is_vision_language
 from .layers import count_parameters
@@ -93,6 +94,12 @@ def _eval_rows(eval_results: list[dict[str, Any]] | None) -> list[dict[str, Any]
             }
         )
     return rows
+
+
+def _suite_order(domains: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A record's genres in the suite's order (a saved config.json sorts its keys), unknown ones last."""
+    order = [d.name for d in DOMAINS]
+    return sorted(domains.items(), key=lambda item: (order.index(item[0]) if item[0] in order else len(order), item[0]))
 
 
 def model_card(
@@ -191,6 +198,8 @@ def model_card(
             )
         ),
         recovery=recovery,
+        fidelity=record.fidelity if record.mode == "remove" else None,
+        fidelity_rows=_suite_order((record.fidelity or {}).get("domains", {})),
         kind=kind,
         loader=loader,
         processor="AutoProcessor" if pipeline_tag == "image-text-to-text" else "AutoTokenizer",

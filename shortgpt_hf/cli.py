@@ -29,7 +29,7 @@ from .ablation import default_metrics, recovery_choices
 from .builtin import DEFAULT_MODEL
 from .calibration import read_text_file
 from .errors import InvalidRequest, ShortGPTError, fault
-from .evaluation import HEADLINE
+from .evaluation import DEFAULT_TASKS, HEADLINE, SUMMARY_TOKENS
 from .registry import METRICS, RECOVERY_METHODS
 from .tables import ablation_tables, eval_table, score_table, show
 
@@ -255,8 +255,8 @@ def prune(
     recovery_tokens: Annotated[
         Optional[int],
         typer.Option(
-            help="Calibration tokens for the repair (default: all of --calibration; the packaged plays are 153k "
-            "tokens, about 9 minutes on 2 CPU cores for SmolLM2-135M, 32768 take 2)."
+            help="Calibration tokens for the repair (default: all of --calibration; the packaged mixture is about "
+            "110k tokens of SmolLM2-135M, minutes on 2 CPU cores; 32768 take about 1)."
         ),
     ] = None,
     verify: Annotated[
@@ -264,6 +264,13 @@ def prune(
         typer.Option(
             help="Check cache parity and the saved checkpoint's logits (layer by layer: the written checkpoint's "
             "logits against the base's with the layers skipped, reading each once more)."
+        ),
+    ] = True,
+    measure: Annotated[
+        bool,
+        typer.Option(
+            help="Measure the result against its base on every genre of the held-out suite (KL divergence, top-1 "
+            f"agreement, perplexity ratio; the first {SUMMARY_TOKENS} tokens of each) and keep it in the record."
         ),
     ] = True,
     load: Annotated[
@@ -306,6 +313,7 @@ def prune(
         recovery=None if recovery == "none" else [{"method": recovery, **({"ridge": ridge} if ridge else {})}],
         recovery_tokens=recovery_tokens,
         verify=verify,
+        measure=measure,
     )
     result = prune_to_folder(
         model,
@@ -322,6 +330,10 @@ def prune(
         + (f" by {record.metric}" if result.scores else "")
     )
     say(f"layers: {result.num_layers_before} -> {record.num_hidden_layers}")
+    if record.fidelity is not None:
+        _print_fidelity(record.fidelity)
+    elif measure and result.kind == "checkpoint":
+        say("fidelity not measured: a checkpoint written layer by layer is never built (shortgpt eval it --reference)")
     for step in result.recovery:
         say(f"{step['method']} repair on {step['tokens']:,} tokens: {_gaps(step)}")
         _print_perplexities(step)
@@ -388,6 +400,22 @@ def _print_perplexities(step: dict[str, Any]) -> None:
         f"{step['perplexity_after']:.2f} (repaired)"
     )
     say(f"  measured on {step['perplexity_settings']} of the held-out play {HELDOUT_PLAYS[0]}")
+
+
+def _print_fidelity(fidelity: dict[str, Any]) -> None:
+    """The record's drift from the base, genre by genre, then the means: what to judge a prune by first."""
+    say(f"against the dense model, on the held-out suite ({fidelity['settings']} of each genre):")
+    say(f"  {'genre':<20}{'ppl x dense':>12}{'KL mean':>9}{'KL p99':>8}{'top-1':>7}")
+    unseen = fidelity["unseen"]
+    rows = [(name, f) for name, f in fidelity["domains"].items()]
+    rows += [("mean", fidelity["mean"]), ("unseen mean", fidelity["unseen_mean"])]
+    for name, f in rows:
+        label = f"{name} (unseen)" if name in unseen else name
+        say(
+            f"  {label:<20}{f['perplexity_ratio']:>12.3f}{f['kl_mean']:>9.3f}{f['kl_p99']:>8.2f}"
+            f"{f['top1_agreement']:>7.3f}"
+        )
+    say(f"  unseen: {', '.join(unseen)}, genres the default calibration never reads")
 
 
 def _gaps(step: dict[str, Any]) -> str:
@@ -506,8 +534,12 @@ def eval_(
         ),
     ] = None,
     tasks: Annotated[
-        str, typer.Option(help="Comma-separated: ppl, ppl:FILE, mc, mc:general_knowledge+emoji_movie, mc:TASK.json.")
-    ] = "ppl,mc",
+        str,
+        typer.Option(
+            help="Comma-separated: suite (every genre of the held-out suite), ppl, ppl:FILE, mc, "
+            "mc:general_knowledge+emoji_movie, mc:TASK.json."
+        ),
+    ] = ",".join(DEFAULT_TASKS),
     lm_eval_tasks: Annotated[
         Optional[str],
         typer.Option(help="Comma-separated lm-evaluation-harness tasks (needs lm-eval and the tasks' data)."),

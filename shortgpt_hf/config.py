@@ -130,7 +130,9 @@ class ShortGPTConfig:
     how they were chosen. ``layer_scores`` has one entry per original layer
     (``None`` for a layer already removed when scored); ``calibration`` is what
     the scores were computed on; ``recovery`` lists the steps applied, each with
-    its figures; ``request`` is the request that produced it. With
+    its figures; ``fidelity`` (when ``measure`` was on) holds the result's drift from
+    its base on every genre of the held-out suite (`evaluation.fidelity_record`);
+    ``request`` is the request that produced it. With
     ``mode="prefill_skip"`` nothing is gone: the listed layers are skipped while
     a prompt is processed and run for every decoded token; ``prefill_boundary``
     says whether the last prompt token runs dense.
@@ -146,6 +148,7 @@ class ShortGPTConfig:
     prefill_boundary: bool | None = None
     original_num_parameters: int | None = None
     recovery: Any = None  # request: steps to run; record: the steps applied, with their figures
+    fidelity: dict[str, Any] | None = None  # record: the result against its base on the held-out suite
     model_type: str | None = None
     base_model_name_or_path: str | None = None
     base_revision: str | None = None

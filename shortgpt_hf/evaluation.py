@@ -27,7 +27,7 @@ from .fidelity import FidelityTotals, ReferenceLogits
 from .layers import eval_mode, input_device
 from .records import EvalResult, JsonRecord
 
-DEFAULT_TASKS = ("ppl", "mc")
+DEFAULT_TASKS = ("suite", "mc")  # every genre, unseen ones included, before any single text
 HELDOUT_DATASET = "shakespeare-heldout"
 
 
@@ -336,6 +336,30 @@ def _suite_results(
     return results
 
 
+FIDELITY_METRICS = ("perplexity_ratio", "kl_mean", "kl_p99", "top1_agreement")
+SUMMARY_TOKENS = 1024  # per genre, for the record a prune keeps: a first look; `evaluate` measures more
+
+
+def fidelity_record(report: EvalReport) -> dict[str, Any]:
+    """A suite report against a reference, as a record keeps it (``config.shortgpt["fidelity"]``):
+    per genre the perplexity ratio, KL(dense ‖ pruned) mean and 99th percentile and top-1
+    agreement, then their means over all genres and over the unseen ones."""
+    domains = {d.name: {m: round(report.get(f"fidelity:{d.name}", m), 4) for m in FIDELITY_METRICS} for d in DOMAINS}
+    unseen = [d.name for d in DOMAINS if not d.calibrated]
+    settings = next(r.settings for r in report.results if r.task == f"fidelity:{DOMAINS[0].name}")
+
+    def mean(names: list[str]) -> dict[str, float]:
+        return {m: round(sum(domains[n][m] for n in names) / len(names), 4) for m in FIDELITY_METRICS}
+
+    return {
+        "settings": settings,
+        "domains": domains,
+        "mean": mean(list(domains)),
+        "unseen": unseen,
+        "unseen_mean": mean(unseen),
+    }
+
+
 def _text_results(
     model: nn.Module,
     tokenizer: Any,
@@ -399,10 +423,11 @@ def evaluate(
     - ``"ppl"``: perplexity on the packaged held-out plays (``"ppl:FILE"``: a
       text file), windows of ``seq_len`` moved by ``stride``, the first
       ``max_tokens`` tokens (defaults: `HEADLINE`, the same as `perplexity`);
-    - ``"suite"``: perplexity on every genre of the held-out suite (`domains`:
-      drama, technical prose, code, legal text), each with the same windows;
-      with a ``reference``, also the means of the fidelity figures over all
-      genres and over those the packaged calibration never reads (unseen);
+    - ``"suite"`` (default): perplexity on every genre of the held-out suite
+      (`domains`: drama, encyclopedia, code, technical prose, legal text), each
+      with the same windows; with a ``reference``, also the means of the
+      fidelity figures over all genres and over those the default calibration
+      never reads (unseen);
     - ``"mc"``: every packaged BIG-bench multiple-choice task
       (``"mc:general_knowledge+emoji_movie"`` or ``"mc:path/task.json"``),
       ``mc_limit`` questions each (seeded sample);

@@ -34,7 +34,7 @@ from .atomic import check_destination
 from .calibration import CalibrationData, check_sources
 from .config import ShortGPTConfig
 from .errors import InvalidRequest, VerificationFailed
-from .evaluation import HEADLINE, PerplexitySettings, perplexity
+from .evaluation import HEADLINE, SUMMARY_TOKENS, PerplexitySettings, evaluate, fidelity_record, perplexity
 from .layers import count_parameters, find_decoder_layers, probe_ids
 from .loading import load_from_base, load_model
 from .pruning import carry_out
@@ -55,7 +55,7 @@ from .streaming import (
     score_layers_sequentially,
 )
 from .streaming.checkpoint import meta_skeleton
-from .streaming.walk import fit_removal, walked_logits
+from .streaming.walk import WalkedReference, fit_removal, walked_logits
 from .surgery import check_supported, remove_layers
 from .texts import heldout_texts
 from .verification import logits_close, parity_tolerance, uncached_logits, verify_pruned
@@ -179,7 +179,10 @@ def prune_pretrained(
     source, streaming, reason, n = _start(name_or_path, config, layer_by_layer, from_pretrained_kwargs)
     if not streaming:
         model, tok = load_model(str(name_or_path), revision=source.revision, **from_pretrained_kwargs)
-        return _in_memory(model, tokenizer or tok, config, calibration_data, reason, progress)
+        result = _in_memory(model, tokenizer or tok, config, calibration_data, reason, progress)
+        _measure_fidelity(result.model, tokenizer or tok, source, config, from_pretrained_kwargs, progress)
+        result.config = ShortGPTConfig.from_model(result.model)
+        return result
     dtype = _walk_dtype(from_pretrained_kwargs.get("dtype"))
     scores, removed, repair = _walk(source, config, calibration_data, tokenizer, dtype, progress)
     record = pruned_record(source.location, removed, scores, repair, config.request_dict())
@@ -188,6 +191,7 @@ def prune_pretrained(
         _verify_walked(model, source, removed, repair, dtype)
     if repair is not None and config.measure:
         _measure_walked(model, source, removed, tokenizer, config.seq_len, dtype, progress)
+    _measure_fidelity(model, tokenizer or load_tokenizer(source), source, config, from_pretrained_kwargs, progress)
     return PruneResult(
         ShortGPTConfig.from_model(model),
         LAYER_BY_LAYER,
@@ -227,6 +231,8 @@ def prune_to_folder(
     if not streaming:
         model, tok = load_model(str(name_or_path), revision=source.revision, **from_pretrained_kwargs)
         result = _in_memory(model, tok, config, calibration_data, reason, progress)
+        _measure_fidelity(result.model, tok, source, config, from_pretrained_kwargs, progress)
+        result.config = ShortGPTConfig.from_model(result.model)
         if recipe:
             result.folder = save_recipe(result.model, out_dir, tok, overwrite=overwrite, verify=config.verify)
         else:
@@ -367,6 +373,22 @@ def _verify_walked(
             "removed, walked layer by layer"
         )
     verify_pruned(model)
+
+
+def _measure_fidelity(
+    model: nn.Module, tokenizer: Any, source: Source, config: ShortGPTConfig, load_kwargs: dict, progress: bool
+) -> None:
+    """Record in ``config.shortgpt["fidelity"]`` how far the result drifts from its base on every genre
+    of the held-out suite (`evaluation.fidelity_record`). The base is walked layer by layer from its
+    checkpoint, so a second copy of the model is never in memory."""
+    if not config.measure or config.mode != "remove":
+        return
+    reference = WalkedReference(source.location, dtype=_walk_dtype(load_kwargs.get("dtype")), progress=False)
+    report = evaluate(
+        model, tokenizer, ["suite"], reference=reference, seq_len=config.seq_len, max_tokens=SUMMARY_TOKENS,
+        progress=progress,
+    )  # fmt: skip
+    model.config.shortgpt = {**model.config.shortgpt, "fidelity": fidelity_record(report)}
 
 
 def _measure_walked(
