@@ -175,7 +175,8 @@ def _training_free_methods() -> list[str]:
 def score(
     model: ModelArg = DEFAULT_MODEL,
     calibration: Annotated[
-        Optional[Path], typer.Option(help="UTF-8 text file (default: packaged Shakespeare).")
+        Optional[Path],
+        typer.Option(help="UTF-8 text file (default: the packaged mixture of plays, Wikipedia articles and code)."),
     ] = None,
     metric: Annotated[str, typer.Option(help=f"One of: {', '.join(METRICS)}.")] = "bi",
     lowest: Annotated[int, typer.Option(help="How many lowest-scoring layers to mark.")] = 8,
@@ -234,9 +235,9 @@ def prune(
     calibration: Annotated[
         Optional[list[str]],
         typer.Option(
-            help="UTF-8 text file, or folder of .txt files (default: packaged Shakespeare). Repeat it for a "
-            "mixture, each as FILE or FILE:WEIGHT (e.g. --calibration news.txt:2 --calibration code/): each source "
-            "gets its weight's share of the tokens."
+            help="UTF-8 text file, or folder of .txt files (default: the packaged mixture of plays, Wikipedia "
+            "articles and code). Repeat it for a mixture, each as FILE or FILE:WEIGHT (e.g. --calibration "
+            "news.txt:2 --calibration code/): each source gets its weight's share of the tokens."
         ),
     ] = None,
     seq_len: int = 256,
@@ -673,7 +674,7 @@ def ablate(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
     calibration: Annotated[
-        Optional[Path], typer.Option(help="UTF-8 text file (default: packaged Shakespeare).")
+        Optional[Path], typer.Option(help="UTF-8 text file (default: the packaged mixture of three genres).")
     ] = None,
     calibration_tokens: Annotated[int, typer.Option(help="Calibration tokens for scoring.")] = 8192,
     limit: Annotated[Optional[int], typer.Option(help="At most this many questions per multiple-choice task.")] = None,
@@ -681,6 +682,13 @@ def ablate(
         int, typer.Option(help="Held-out tokens for perplexity (windows as in shortgpt eval).")
     ] = HEADLINE.max_tokens,
     seed: Annotated[int, typer.Option(help="Seed of the random baseline.")] = 0,
+    fidelity: Annotated[
+        bool,
+        typer.Option(
+            help="Also measure every run against the dense model on each perplexity text: KL(dense || run), top-1 "
+            "agreement, perplexity ratio (a second copy of the model, or walked layer by layer if it does not fit)."
+        ),
+    ] = False,
     dtype: DtypeOption = "auto",
     device_map: DeviceMapOption = None,
 ) -> None:
@@ -706,6 +714,7 @@ def ablate(
     target = out_dir or Path(f"{Path(model.rstrip('/')).name}-ablation")
     check_destination(target, overwrite)
     m, tok = _load(model, dtype, device_map)
+    reference = _reference(model, dtype, device_map) if fidelity else None
     result = run_ablation(
         m,
         tok,
@@ -717,6 +726,7 @@ def ablate(
         name=model,
         mc_limit=limit,
         max_tokens=max_tokens,
+        reference=reference,
     )
     with atomic_folder(target, overwrite) as tmp:
         result.to_json(tmp / "ablation.json")
@@ -773,7 +783,7 @@ def heal(
         Path, typer.Option("--out", help="Where to write the adapter (or, with --merge, the merged checkpoint).")
     ],
     data: Annotated[
-        Optional[Path], typer.Option(help="Training text file (default: packaged calibration plays).")
+        Optional[Path], typer.Option(help="Training text file (default: the packaged calibration mixture).")
     ] = None,
     teacher: Annotated[
         Optional[str], typer.Option(help="Dense model to distill from (built-in name, folder or Hub id).")

@@ -11,6 +11,7 @@ from conftest import assert_one_line_error, run_cli
 from tiny_models import tiny_model, tiny_tokenizer
 
 from shortgpt_hf import evaluate, prune, save_pruned
+from shortgpt_hf.domains import DOMAINS
 from shortgpt_hf.evaluation import perplexity_batches
 
 TEXT = " ".join(f"t{3 + (13 * i) % 120}" for i in range(700))  # about 700 tokens for the tiny tokenizer
@@ -85,11 +86,13 @@ def test_eval_reference_on_the_command_line(tmp_path, text_file, capsys, monkeyp
 
 
 @pytest.mark.slow
-def test_real_smollm2_plain_removal_drifts_from_dense_in_every_genre(smollm2_path):
+def test_real_smollm2_repair_beats_plain_removal_on_every_unseen_genre(smollm2_path):
     """SmolLM2-135M without its 8 lowest-BI layers: on the held-out plays (4,080 scored tokens), KL 1.148
-    nats per token, top-1 agreement 0.416, perplexity 2.91x dense, as the README states; on the suite
-    (1,024 tokens per genre here), every genre drifts, and the genres the calibration never reads drift
-    more. About 50 s on 2 cores."""
+    nats per token, top-1 agreement 0.416, perplexity 2.91x dense, as the README states. On the suite
+    (1,024 tokens per genre here) every genre drifts (each above 2.5x dense). The linear repair fitted
+    on the default calibration (8,192 tokens of the mixture) brings each unseen genre below plain
+    removal (measured: technical 2.35x against 2.85x, legal 2.55x against 3.28x) and the mean KL from
+    1.24 to 0.98. About 80 s on 2 cores."""
     from shortgpt_hf import load_model
 
     dense, tok = load_model(str(smollm2_path))
@@ -101,11 +104,18 @@ def test_real_smollm2_plain_removal_drifts_from_dense_in_every_genre(smollm2_pat
     assert drama["top1_agreement"] == pytest.approx(0.416, abs=0.005)
     assert drama["perplexity_ratio"] == pytest.approx(2.907, abs=0.01)
     assert plays.get("perplexity", "perplexity") == pytest.approx(150.5, abs=0.1)
-    suite = evaluate(pruned, tok, ["suite"], reference=dense, max_tokens=1024, progress=False)  # a quarter: cheaper
-    ratios = {name: figures(suite, name)["perplexity_ratio"] for name in ("drama", "technical", "code", "legal")}
-    assert all(ratio > 2.5 for ratio in ratios.values())  # every genre drifts
-    assert suite.get("suite:unseen", "perplexity_ratio_mean") > ratios["drama"]
-    assert suite.get("suite:unseen", "kl_mean_mean") > figures(suite, "drama")["kl_mean"]
+    plain = evaluate(pruned, tok, ["suite"], reference=dense, max_tokens=1024, progress=False)  # a quarter: cheaper
+    assert all(figures(plain, d.name)["perplexity_ratio"] > 2.5 for d in DOMAINS)  # every genre drifts
+
+    repaired, _ = load_model(str(smollm2_path))
+    options = {"max_tokens": 8192, "progress": False}
+    prune(repaired, [12, 13, 14, 15, 16, 17, 25, 26], tokenizer=tok, recovery="linear", recovery_options=options)
+    assert "mix:shakespeare*1+wikipedia*1+python-stdlib*1" in repaired.config.shortgpt["recovery"][0]["data"]
+    fixed = evaluate(repaired, tok, ["suite"], reference=dense, max_tokens=1024, progress=False)
+    for domain in [d for d in DOMAINS if not d.calibrated]:
+        assert figures(fixed, domain.name)["perplexity_ratio"] < 0.9 * figures(plain, domain.name)["perplexity_ratio"]
+    assert fixed.get("suite:all", "kl_mean_mean") < 0.9 * plain.get("suite:all", "kl_mean_mean")
+    assert fixed.get("suite:unseen", "kl_mean_mean") < plain.get("suite:unseen", "kl_mean_mean")
 
 
 def test_fidelity_reaches_the_model_card(text_file):

@@ -171,7 +171,7 @@ def recover(
     """Run recovery ``method`` on a pruned model and record it in ``config.shortgpt["recovery"]``.
 
     ``data`` is the calibration or training text (default: the packaged
-    calibration plays), cut into ``seq_len``-token windows, at most
+    calibration mixture), cut into ``seq_len``-token windows, at most
     ``max_tokens`` of them in all; with ``eval_data``, held-out perplexity before and
     after is measured and recorded. ``options`` go to the method. A method
     that learns from the removed layers themselves (``linear``) cannot run on

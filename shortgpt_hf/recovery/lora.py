@@ -416,7 +416,7 @@ def heal(
 ) -> nn.Module:
     """Train LoRA adapters on a pruned model and return the ``PeftModel``.
 
-    ``data``: calibration-style text (default: the packaged calibration plays).
+    ``data``: calibration-style text (default: the packaged calibration mixture).
     ``method``: "lora", or "qlora" on a 4-bit base. Options: ``layers`` ("all",
     "adjacent" (kept layers next to a removed gap) or post-pruning indices),
     ``target_modules`` (default: every linear layer of the family's decoder
