@@ -2,6 +2,7 @@
 the perplexity ratio. A model against itself is perfectly faithful; the streamed figures equal an
 independent computation from both models' full logits over the whole text, whatever the batching."""
 
+import json
 import math
 
 import pytest
@@ -200,3 +201,24 @@ def test_a_reference_larger_than_memory_is_walked_layer_by_layer(tmp_path, text_
     )
     assert code in (0, None), err
     assert f"reference {tmp_path / 'dense'}: layer by layer, from the safetensors shards" in stdout
+
+
+def test_ablate_measures_every_run_against_the_dense_model(tmp_path, text_file, capsys, monkeypatch):
+    """``shortgpt ablate --fidelity``: the dense baseline is its own reference (KL 0, top-1 1), every
+    run drifts from it, and the figures reach ablation.json."""
+    dense = tiny_model("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    tiny_tokenizer().save_pretrained(tmp_path / "dense")
+    args = ["--ratios", "0.2", "--metrics", "sequential", "--tasks", f"ppl:{text_file}", "--max-tokens", "300"]
+    code, _, err = run_cli(
+        capsys, monkeypatch, "ablate", tmp_path / "dense", *args, "--fidelity", "--out", tmp_path / "abl"
+    )
+    assert code in (0, None), err
+    data = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+
+    def kl(results: list[dict]) -> tuple[float, float]:
+        row = {r["metric"]: r["value"] for r in results if r["task"].startswith("fidelity:")}
+        return row["kl_mean"], row["top1_agreement"]
+
+    assert kl(data["dense"]) == (pytest.approx(0, abs=1e-6), 1.0)
+    assert [kl(run["results"])[0] > 1e-4 for run in data["runs"]] == [True]
