@@ -43,7 +43,7 @@ WORDS = " ".join(f"t{3 + (7 * i) % 120}" for i in range(600))  # text the tiny t
 FITTED = [name for name, method in RECOVERY_METHODS.items() if method.needs_removed_layers]
 TRAINED = [name for name, method in RECOVERY_METHODS.items() if not method.needs_removed_layers]
 COMMANDS = ("score", "prune", "ablate")
-QUICK = {"lora": {"steps": 2, "batch_size": 2}}  # options that keep a training method to a second
+QUICK = {"lora": {"steps": 2, "batch_size": 2}, "partial": {"steps": 2, "batch_size": 2}}  # a training method in a second
 
 
 def checkpoint(tmp_path: Path, family: str = "llama") -> Path:
@@ -67,7 +67,7 @@ def test_registries_refuse_a_second_entry_under_a_taken_name():
         FAMILIES.add("llama", Family("Llama again"))
     with pytest.raises(InvalidRequest, match="unknown metric 'nope'; choose from bi, angular"):
         ShortGPTConfig(metric="nope")
-    with pytest.raises(InvalidRequest, match="unknown recovery method 'nope'; choose from linear, cosine, lora"):
+    with pytest.raises(InvalidRequest, match="unknown recovery method 'nope'; choose from linear, cosine, lora, partial"):
         ShortGPTConfig(recovery="nope")
 
 
@@ -166,7 +166,8 @@ def test_every_recovery_method_runs_through_prune_recover_and_the_ablation(metho
     if method in TRAINED:  # a training method also runs on its own, after the removal
         pruned = prune(tiny_model("llama"), [2, 3])
         again = recover(pruned, method, TOKENS, seq_len=32, **options)
-        assert [s["method"] for s in ShortGPTConfig.from_model(again.get_base_model()).recovery] == [method]
+        base = getattr(again, "get_base_model", lambda: again)()  # a PEFT model, or the model itself
+        assert [s["method"] for s in ShortGPTConfig.from_model(base).recovery] == [method]
     else:  # a training-free one needs the layers it replaces: recover() after the fact says so
         with pytest.raises(ShortGPTError, match=f"prune\\(model, ..., recovery='{method}'\\)"):
             recover(prune(tiny_model("llama"), [2, 3]), method, TOKENS)

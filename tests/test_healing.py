@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shortgpt_hf import ShortGPTConfig, ShortGPTError, perplexity, prune, save_pruned
 from shortgpt_hf.recovery import adjacent_layers, heal, save_healed
-from shortgpt_hf.recovery.lora import healing_loss
+from shortgpt_hf.recovery.training import healing_loss
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(6))
 TOKENS = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(7))
@@ -147,7 +147,7 @@ def test_a_new_recovery_method_is_one_registered_class(saved_pruned, monkeypatch
     steps = ShortGPTConfig.from_model(out).recovery
     assert [s["method"] for s in steps] == ["scale-head"] and steps[0]["factor"] == 0.5 and steps[0]["tokens"] == 8 * 32
     assert steps[0]["perplexity_before"] != steps[0]["perplexity_after"] and steps[0]["data"].startswith("tokens")
-    with pytest.raises(ShortGPTError, match="unknown recovery method 'nope'; choose from linear, cosine, lora, scale-"):
+    with pytest.raises(ShortGPTError, match="unknown recovery method 'nope'; choose from linear, cosine, lora, partial, scale-"):
         recover(saved_pruned, "nope", TOKENS)
     with pytest.raises(ShortGPTError, match="recovery method 'lora': got an unexpected keyword argument 'stepz'"):
         heal(saved_pruned, TOKENS, stepz=3)
@@ -423,3 +423,32 @@ def test_lora_config_with_one_layer_index(saved_pruned, tmp_path):
         progress=False,
     )
     assert healed.get_base_model().config.shortgpt["recovery"][-1]["layers"] == [1]
+
+
+def test_partial_tuning_trains_only_the_last_layers_and_stays_native(tmp_path):
+    """``partial``: the last kept layers and the final norm change, nothing before them does, every
+    parameter is trainable again afterwards, and the result saves and loads as a plain checkpoint."""
+    from shortgpt_hf.recovery import recover
+
+    model = prune(tiny_model("llama"), [2, 3])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    out = recover(model, "partial", TOKENS, seq_len=32, layers=1, steps=3, lr=1e-3, batch_size=2, progress=False)
+    assert out is model and all(p.requires_grad for p in model.parameters())
+    last = len(model.model.layers) - 1
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(n.startswith((f"model.layers.{last}.", "model.norm.")) for n in changed)
+    step = ShortGPTConfig.from_model(model).recovery[-1]
+    assert step["method"] == "partial" and step["layers"] == [last] and step["head"] is False and step["steps"] == 3
+    save_pruned(model, tmp_path / "tuned", tiny_tokenizer())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
+    torch.testing.assert_close(reloaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_partial_tuning_refuses_a_tied_head_and_a_bad_layer_count():
+    from shortgpt_hf.recovery import recover
+
+    tied = prune(tiny_model("gemma3_text"), [2])  # its head is its input embeddings
+    with pytest.raises(ShortGPTError, match="tied to its input embeddings"):
+        recover(tied, "partial", TOKENS, head=True)
+    with pytest.raises(ShortGPTError, match="must be between 1 and 5, got 9"):
+        recover(tied, "partial", TOKENS, layers=9)

@@ -15,16 +15,13 @@ saved (a full checkpoint, or a recipe), warns when it is saved nowhere, and
 
 from __future__ import annotations
 
-import functools
 import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..calibration import CalibrationData, TokenWindows
 from ..compat import quiet_peft
@@ -32,10 +29,11 @@ from ..config import ShortGPTConfig
 from ..errors import ShortGPTError
 from ..evaluation import HEADLINE
 from ..families import describe, is_vision_language
-from ..layers import find_decoder_layers, input_device
+from ..layers import find_decoder_layers
 from ..reading import read_recipe
 from ..sources import resolve
 from .base import RecoveryMethod, recover, register
+from .training import check_training, train
 
 METHODS = ("lora", "qlora")
 
@@ -85,83 +83,6 @@ def _check_method(method: str, model: nn.Module) -> None:
             )
 
 
-LOSS_CHUNK_ELEMENTS = 2**23  # logits per chunk of the loss: 32 MiB for each float32 temporary
-
-
-def healing_loss(
-    logits: torch.Tensor,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    teacher_logits: torch.Tensor | None = None,
-    kd_weight: float = 0.5,
-    temperature: float = 1.0,
-    chunk_tokens: int | None = None,
-) -> torch.Tensor:
-    """The training loss: next-token cross-entropy averaged over the real tokens, or with
-    ``teacher_logits`` ``(1 - kd_weight) * CE + kd_weight * KL``, KL(teacher || student)
-    at ``temperature`` averaged over the real tokens and scaled by T^2 as usual.
-
-    Computed ``chunk_tokens`` tokens at a time (default: `LOSS_CHUNK_ELEMENTS` logits),
-    gradient included (`_ChunkedLoss`): the float32 log-probabilities of both models
-    (each batch x seq x vocab floats, 192 MiB for SmolLM2 at the CLI's 4 x 256 tokens)
-    then exist one chunk at a time, not several of them whole until the backward
-    pass, and neither model's logits outlive the forward pass. The value and the
-    gradient are the unchunked ones up to float rounding.
-    """
-    # Position i predicts token i + 1: the last position and padding predict nothing.
-    targets = F.pad(ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100), (0, 1), value=-100)
-    chunk = chunk_tokens or max(1, LOSS_CHUNK_ELEMENTS // logits.shape[-1])
-    weight = kd_weight if teacher_logits is not None else 0.0
-    return _ChunkedLoss.apply(logits, targets, mask.float(), teacher_logits, weight, temperature, chunk)
-
-
-class _ChunkedLoss(torch.autograd.Function):
-    """`healing_loss` with its gradient computed in the forward pass, chunk by chunk, from
-    the closed forms (softmax minus one-hot for the cross-entropy; the student's minus the
-    teacher's tempered probabilities, over T, for the KL): autograd would keep every chunk's
-    intermediates until the backward pass, and recomputing them there (checkpointing) would
-    cost a second pass over the vocabulary. Only the gradient, one logits-sized tensor, is
-    kept; neither model's logits are."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        weights: torch.Tensor,
-        teacher: torch.Tensor | None,
-        kd_weight: float,
-        temperature: float,
-        chunk: int,
-    ) -> torch.Tensor:
-        grad = torch.empty_like(logits)
-        logits, teacher = logits.flatten(0, 1), None if teacher is None else teacher.flatten(0, 1)
-        targets, weights, flat_grad = targets.flatten(), weights.flatten(), grad.flatten(0, 1)
-        ce_scale = (1 - kd_weight) / (targets != -100).sum()
-        kd_scale = kd_weight * temperature**2 / weights.sum()
-        loss = torch.zeros((), device=logits.device)
-        for start in range(0, len(logits), chunk):
-            rows = slice(start, start + chunk)
-            z, real, w = logits[rows].float(), (targets[rows] != -100).unsqueeze(-1), weights[rows].unsqueeze(-1)
-            y = targets[rows].clamp(min=0).unsqueeze(-1)
-            log_p = z.log_softmax(-1)
-            loss -= ce_scale * (log_p.gather(-1, y) * real).sum()
-            g = log_p.exp_().scatter_add_(-1, y, -real.float()).mul_(ce_scale * real)
-            if teacher is not None:
-                log_q = (z / temperature).log_softmax(-1)
-                log_t = (teacher[rows].float() / temperature).log_softmax(-1)
-                loss += kd_scale * (F.kl_div(log_q, log_t, log_target=True, reduction="none") * w).sum()
-                g += log_q.exp_().sub_(log_t.exp_()).mul_(w * kd_scale / temperature)
-            flat_grad[rows] = g
-        ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_output, *[None] * 6)
-
-
 @register
 class LoraRecovery(RecoveryMethod):
     """LoRA (or QLoRA) adapters trained with PEFT in a plain accelerate loop; see `heal`."""
@@ -185,16 +106,7 @@ class LoraRecovery(RecoveryMethod):
             # batches would leave the vision side untrained: train it with PEFT directly.
             raise ShortGPTError(f"healing supports text-only causal LMs; {describe(model)} is a vision-language model")
         _check_method("qlora" if quantized else "lora", model)
-        if not 0 <= kd_weight <= 1:
-            raise ShortGPTError(
-                f"the distillation weight (kd_weight / --kd-weight) must be between 0 and 1, got {kd_weight}"
-            )
-        if steps < 1:
-            raise ShortGPTError(f"the number of training steps (steps / --steps) must be at least 1, got {steps}")
-        if gradient_accumulation_steps < 1:
-            raise ShortGPTError(f"gradient_accumulation_steps must be at least 1, got {gradient_accumulation_steps}")
-        if temperature <= 0:
-            raise ShortGPTError(f"temperature must be positive, got {temperature}")
+        check_training(steps, kd_weight, temperature, gradient_accumulation_steps)
 
     def apply(
         self,
@@ -219,10 +131,7 @@ class LoraRecovery(RecoveryMethod):
         progress: bool = True,
         callback: Any = None,
     ) -> tuple[nn.Module, dict[str, Any]]:
-        from accelerate import Accelerator
-        from accelerate.utils import GradientAccumulationPlugin
         from peft import get_peft_model
-        from torch.utils.data import DataLoader
 
         reference = pruned_reference(model)
         if reference is None:
@@ -243,74 +152,20 @@ class LoraRecovery(RecoveryMethod):
 
             peft_model = prepare_model_for_kbit_training(peft_model)
 
-        # The dataloader's end must not force a premature optimizer step: the data is cycled.
-        plugin = GradientAccumulationPlugin(num_steps=gradient_accumulation_steps, sync_with_dataloader=False)
-        # cpu=True on a machine with no accelerator: without it, processes started by `accelerate launch`
-        # or torchrun would each train alone instead of as one gloo group.
-        accelerator = Accelerator(cpu=not _has_accelerator(), gradient_accumulation_plugin=plugin)
-        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
-        # Not given to accelerator.prepare, which would step it once per process: it is stepped once per
-        # optimizer step below, so the schedule ends at ``steps`` whatever the number of processes.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps)
+        peft_model, run = train(
+            peft_model,
+            windows,
+            tokenizer,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            teacher=teacher,
+            kd_weight=kd_weight,
+            temperature=temperature,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            progress=progress,
+            callback=callback,
         )
-        pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-        loader = DataLoader(
-            windows.windows, batch_size=batch_size, collate_fn=functools.partial(TokenWindows.pad, pad_id=pad_id)
-        )
-        peft_model, optimizer, loader = accelerator.prepare(
-            peft_model, optimizer, loader
-        )  # each process gets its own share
-        distilling = teacher is not None and kd_weight > 0
-        if teacher is not None:
-            teacher.eval()
-            teacher_device = input_device(teacher)
-
-        def batch_loss(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            """The loss of one batch. A function of its own so that both models' logits are freed
-            when it returns (the loss keeps only their gradient): alive in the backward pass, with the
-            student's activations, or into the next step, they would add two batch x seq x vocab tensors."""
-            logits = peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            teacher_logits = None
-            if distilling:
-                with torch.inference_mode():
-                    teacher_logits = teacher(
-                        input_ids=ids.to(teacher_device), attention_mask=mask.to(teacher_device), use_cache=False
-                    ).logits.to(logits.device)
-            return healing_loss(logits, ids, mask, teacher_logits, kd_weight, temperature)
-
-        def cycled() -> Any:
-            while True:
-                yield from loader
-
-        batches = cycled()
-        peft_model.train()
-        tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
-        bar = tqdm(
-            range(steps),
-            desc=f"healing ({'CE+KD' if teacher is not None else 'CE'})",
-            disable=not (progress and accelerator.is_main_process),
-        )
-        for step in bar:
-            for _ in range(gradient_accumulation_steps):
-                ids, mask = next(batches)
-                with accelerator.accumulate(peft_model):
-                    loss = batch_loss(ids, mask)
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                tokens += mask.sum()
-            rate = scheduler.get_last_lr()[0]  # the rate this step was taken with
-            scheduler.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if callback is not None:
-                callback(
-                    step + 1,
-                    accelerator.unwrap_model(peft_model),
-                    {"loss": loss.item(), "lr": rate, "process": accelerator.process_index},
-                )
-        peft_model = accelerator.unwrap_model(peft_model)
-        peft_model.eval()
         config = peft_model.peft_config[peft_model.active_adapter]
         details = {
             "quantized": quantized,
@@ -321,15 +176,7 @@ class LoraRecovery(RecoveryMethod):
             else config.target_modules,
             "layers": layers if isinstance(layers, str) else _transformed(config.layers_to_transform),
             "variant": ("DoRA" if config.use_dora else "LoRA") + (", rsLoRA" if config.use_rslora else ""),
-            "steps": steps,
-            "processes": accelerator.num_processes,
-            "gradient_accumulation_steps": gradient_accumulation_steps,
-            "tokens": int(accelerator.reduce(tokens, reduction="sum")),
-            "lr": lr,
-            "teacher": (teacher.name_or_path or "in-memory model") if teacher is not None else None,
-            "kd_weight": kd_weight if teacher is not None else 0.0,
-            "temperature": temperature if teacher is not None else None,
-            "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+            **run,
         }
         return peft_model, details
 
@@ -339,11 +186,6 @@ def _transformed(layers: int | list[int] | None) -> str | list[int]:
     if layers is None:
         return "all"
     return [layers] if isinstance(layers, int) else list(layers)
-
-
-def _has_accelerator() -> bool:
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
 def _lora_config(

@@ -1,0 +1,124 @@
+"""Partial-layer tuning: train the last few kept layers whole, everything before them frozen.
+
+Lu et al. ("Reassessing Layer Pruning in LLMs", 2024) found that after layer
+pruning, fine-tuning only the last layers (and the output head) recovers more
+than LoRA on every layer at a similar cost: the layers after the last gap are
+the ones that must learn to read the changed hidden states. The result is a
+plain model, not an adapter: its weights are saved like any pruned
+checkpoint's (``save_pruned``) and load with no PEFT.
+
+Training is the loop every training recovery shares (`training.train`): on
+CPU, a GPU or several processes, optionally distilled from the dense model.
+The output head is trained only when asked (``head=True``), and refused when
+it is tied to the input embeddings (training it would change them too).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration import TokenWindows
+from ..errors import InvalidRequest
+from ..families import describe, is_vision_language
+from ..layers import find_decoder_layers
+from .base import RecoveryMethod, register
+from .training import check_training, train
+
+
+def _tied(model: nn.Module) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+@register
+class PartialTuning(RecoveryMethod):
+    """The last ``layers`` kept decoder layers (and the final norm; the head with ``head=True``) trained whole."""
+
+    name = "partial"
+    summary = "the last few kept layers (and the final norm) fine-tuned whole, the rest frozen; a native model"
+
+    def check(
+        self,
+        model: nn.Module,
+        *,
+        layers: int = 2,
+        head: bool = False,
+        steps: int = 50,
+        kd_weight: float = 0.5,
+        temperature: float = 1.0,
+        gradient_accumulation_steps: int = 1,
+        **options: Any,
+    ) -> None:
+        if is_vision_language(model.config):
+            raise InvalidRequest(f"partial tuning supports text-only causal LMs; {describe(model)} is vision-language")
+        n = len(find_decoder_layers(model).layers)
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= n:
+            raise InvalidRequest(f"layers (the last kept layers to train) must be between 1 and {n}, got {layers!r}")
+        if head and _tied(model):
+            raise InvalidRequest(
+                "this model's output head is tied to its input embeddings: training it would change them too "
+                "(use head=False)"
+            )
+        check_training(steps, kd_weight, temperature, gradient_accumulation_steps)
+
+    def apply(
+        self,
+        model: nn.Module,
+        windows: TokenWindows,
+        tokenizer: Any,
+        *,
+        layers: int = 2,
+        head: bool = False,
+        steps: int = 50,
+        lr: float = 5e-5,
+        batch_size: int = 4,
+        teacher: nn.Module | None = None,
+        kd_weight: float = 0.5,
+        temperature: float = 1.0,
+        gradient_accumulation_steps: int = 1,
+        seed: int = 0,
+        progress: bool = True,
+        callback: Any = None,
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        found = find_decoder_layers(model)
+        trained = [*found.layers[-layers:], _final_norm(model)] + ([model.get_output_embeddings()] if head else [])
+        before = {p: p.requires_grad for p in model.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for module in trained:
+            for p in module.parameters():
+                p.requires_grad_(True)
+        torch.manual_seed(seed)
+        try:
+            model, run = train(
+                model,
+                windows,
+                tokenizer,
+                steps=steps,
+                lr=lr,
+                batch_size=batch_size,
+                teacher=teacher,
+                kd_weight=kd_weight,
+                temperature=temperature,
+                gradient_accumulation_steps=gradient_accumulation_steps,
+                progress=progress,
+                callback=callback,
+            )
+        finally:
+            for p, flag in before.items():
+                p.requires_grad_(flag)
+        n = len(found.layers)
+        return model, {"layers": list(range(n - layers, n)), "head": head, **run}
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last decoder layer and the head (``model.norm`` in most families)."""
+    base = getattr(model, model.base_model_prefix, model)
+    for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
+        norm = getattr(base, name, None)
+        if isinstance(norm, nn.Module):
+            return norm
+    raise InvalidRequest(f"partial tuning found no final norm in {describe(model)}")
