@@ -43,7 +43,7 @@ WORDS = " ".join(f"t{3 + (7 * i) % 120}" for i in range(600))  # text the tiny t
 FITTED = [name for name, method in RECOVERY_METHODS.items() if method.needs_removed_layers]
 TRAINED = [name for name, method in RECOVERY_METHODS.items() if not method.needs_removed_layers]
 COMMANDS = ("score", "prune", "ablate")
-QUICK = {"lora": {"steps": 2, "batch_size": 2}, "partial": {"steps": 2, "batch_size": 2}}  # a training method in a second
+QUICK = {"lora": {"steps": 2, "batch_size": 2}, "partial": {"steps": 2, "batch_size": 2}}  # each in a second
 
 
 def checkpoint(tmp_path: Path, family: str = "llama") -> Path:
@@ -67,7 +67,7 @@ def test_registries_refuse_a_second_entry_under_a_taken_name():
         FAMILIES.add("llama", Family("Llama again"))
     with pytest.raises(InvalidRequest, match="unknown metric 'nope'; choose from bi, angular"):
         ShortGPTConfig(metric="nope")
-    with pytest.raises(InvalidRequest, match="unknown recovery method 'nope'; choose from linear, cosine, lora, partial"):
+    with pytest.raises(InvalidRequest, match="unknown recovery method 'nope'; choose from linear, cosine, lora, part"):
         ShortGPTConfig(recovery="nope")
 
 
