@@ -147,7 +147,7 @@ def test_a_new_recovery_method_is_one_registered_class(saved_pruned, monkeypatch
     steps = ShortGPTConfig.from_model(out).recovery
     assert [s["method"] for s in steps] == ["scale-head"] and steps[0]["factor"] == 0.5 and steps[0]["tokens"] == 8 * 32
     assert steps[0]["perplexity_before"] != steps[0]["perplexity_after"] and steps[0]["data"].startswith("tokens")
-    with pytest.raises(ShortGPTError, match="recovery method 'nope'; choose from linear, cosine, lora, partial, scale-"):
+    with pytest.raises(ShortGPTError, match="method 'nope'; choose from linear, cosine, lora, partial, scale-"):
         recover(saved_pruned, "nope", TOKENS)
     with pytest.raises(ShortGPTError, match="recovery method 'lora': got an unexpected keyword argument 'stepz'"):
         heal(saved_pruned, TOKENS, stepz=3)
