@@ -35,6 +35,7 @@ from shortgpt_hf import evaluate, load_builtin, prune, score_layers
 from shortgpt_hf.domains import DOMAINS
 from shortgpt_hf.multiple_choice import PACKAGED_TASKS
 from shortgpt_hf.pruning import restored_after
+from shortgpt_hf.selection import removal_count
 from shortgpt_hf.texts import CALIBRATION_SOURCES
 
 GENRES = [d.name for d in DOMAINS]
@@ -57,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     dense, tok = load_builtin(args.model)
     model, _ = load_builtin(args.model)
-    count = round(0.25 * len(model.model.layers))
+    count = removal_count(len(model.model.layers), ratio=0.25)  # halves up: 5 of 18, 8 of 30
     with tempfile.TemporaryDirectory() as folder:
         plays = Path(folder) / "plays.txt"
         plays.write_text("\n\n".join(CALIBRATION_SOURCES["shakespeare"]()))
