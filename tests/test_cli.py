@@ -3,6 +3,7 @@ one-line error with a non-zero exit and no output folder."""
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from tiny_models import tiny_auto, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shortgpt_hf import ShortGPTConfig
+from shortgpt_hf.domains import DOMAINS
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +170,11 @@ def test_main_job_on_builtin_model_reloads_natively(tmp_path, capsys, monkeypatc
     assert "layers: 30 -> 22" in stdout and "parameters: 134,515,008 -> 106,194,240" in stdout
     record = ShortGPTConfig.from_dict(json.loads((out / "config.json").read_text())["shortgpt"])
     assert len(record.removed_layers) == 8 and record.metric == "bi" and record.calibration["num_tokens"] == 2048
+    # the drift from dense, genre by genre, printed as the README's first screen shows it (the same 8 layers)
+    assert sorted(record.fidelity["domains"]) == sorted(d.name for d in DOMAINS)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    shown = readme[readme.index("against the dense model, on the held-out suite") :].split("```")[0].splitlines()
+    assert len(shown) == 9 and all(line in stdout.splitlines() for line in shown)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 28, 2476]])
     expected = model(input_ids=ids).logits[0, -1, :5].tolist()
