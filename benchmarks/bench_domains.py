@@ -40,6 +40,7 @@ from shortgpt_hf.texts import CALIBRATION_SOURCES
 
 GENRES = [d.name for d in DOMAINS]
 MEASURES = ("perplexity_ratio", "kl_mean", "top1_agreement")
+QUICK = ("plain removal", "linear, mixture (default calibration)", "cosine, mixture")
 
 
 def figures(report) -> dict:
@@ -54,6 +55,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="a built-in model")
     parser.add_argument("--tokens", type=int, default=32768, help="calibration tokens of each repair")
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each genre to measure on")
+    parser.add_argument("--quick", action="store_true", help="only plain removal and the two objectives on the mixture")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     dense, tok = load_builtin(args.model)
@@ -64,7 +67,9 @@ def main() -> None:
         plays.write_text("\n\n".join(CALIBRATION_SOURCES["shakespeare"]()))
         bi_mixture = score_layers(model, tokenizer=tok, progress=False).lowest(count)
         bi_plays = score_layers(model, str(plays), tokenizer=tok, progress=False).lowest(count)
-        aware = score_layers(model, metric="linear_residual", tokenizer=tok, progress=False).lowest(count)
+        aware = None
+        if not args.quick:
+            aware = score_layers(model, metric="linear_residual", tokenizer=tok, progress=False).lowest(count)
         variants = {
             "plain removal": (bi_mixture, None, None, {}),
             "linear, plays only": (bi_mixture, "linear", str(plays), {}),
@@ -73,7 +78,9 @@ def main() -> None:
             "cosine, mixture": (bi_mixture, "cosine", None, {}),
             "linear, mixture, layers chosen by linear_residual": (aware, "linear", None, {}),
         }
-        if bi_plays != bi_mixture:
+        if args.quick:
+            variants = {k: v for k, v in variants.items() if k in QUICK}
+        elif bi_plays != bi_mixture:
             variants["plain removal, BI on the plays"] = (bi_plays, None, None, {})
             variants["linear, mixture, BI on the plays"] = (bi_plays, "linear", None, {})
         results = {}
@@ -85,10 +92,13 @@ def main() -> None:
                     kwargs = dict(recovery=method, recovery_options=options, recovery_data=calibration)
                 with timing() as cost:
                     prune(model, layers, tokenizer=tok, **kwargs)
-                report = evaluate(model, tok, ["suite", "mc"], reference=dense, progress=False)
+                report = evaluate(
+                    model, tok, ["suite", "mc"], reference=dense, max_tokens=args.eval_tokens, progress=False
+                )
                 steps = model.config.shortgpt.get("recovery") or []  # read before the model is restored
                 shrunk = [gap["shrinkage"] for step in steps for gap in step["gaps"]]
             results[label] = figures(report) | {"layers": layers, "fit_s": round(cost.wall, 1), "shrinkage": shrunk}
+            print(f"{label}: done", flush=True)
         dense_mc = evaluate(dense, tok, ["mc"], progress=False)
     print(f"{args.model}, {count} layers removed; BI on the mixture: {bi_mixture}; BI on the plays: {bi_plays}")
     print(f"linear_residual on the mixture: {aware}")

@@ -15,7 +15,7 @@ the step count comes from a short timing probe):
   genre does.
 
 Each is measured against the dense model on the suite's five genres
-(perplexity ratio, KL, top-1 agreement; about 4,000 tokens per genre), with
+(perplexity ratio, KL, top-1 agreement; the first 2,048 tokens of each genre), with
 the mean over the two genres no training text comes from (unseen), and
 zero-shot multiple-choice accuracy (BIG-bench general_knowledge, emoji_movie).
 """
@@ -52,7 +52,7 @@ def main() -> None:
         return prune(model, layers, tokenizer=tok, recovery="linear", recovery_options=options)
 
     def measured(model) -> dict:
-        return figures(evaluate(model, tok, ["suite", "mc"], reference=dense, progress=False))
+        return figures(evaluate(model, tok, ["suite", "mc"], reference=dense, max_tokens=2048, progress=False))
 
     with tempfile.TemporaryDirectory() as folder:
         plays = Path(folder) / "plays.txt"
