@@ -615,7 +615,11 @@ def check_linear_options(model: nn.Module, ridge: Any) -> None:
 
 @register
 class LinearRecovery(RecoveryMethod):
-    """A least-squares linear map per removed gap, folded into native weights; no training."""
+    """A least-squares linear map per removed gap, folded into native weights; no training.
+
+    ``shrinkage="auto"`` by default: on the held-out suite it gave the best mean over the genres no
+    calibration reads of every training-free variant measured (least squares unshrunk, ReplaceMe's
+    cosine objective, the repair-aware selection), if by little; ``shrinkage=0`` is plain least squares."""
 
     name = "linear"
     summary = "a least-squares map per removed gap, folded into the kept weights; no training"
@@ -626,7 +630,7 @@ class LinearRecovery(RecoveryMethod):
         model: nn.Module,
         *,
         ridge: float = 0.0,
-        shrinkage: float | str = 0.0,
+        shrinkage: float | str = "auto",
         batch_size: int = 8,
         progress: bool = True,
     ) -> None:
@@ -642,7 +646,7 @@ class LinearRecovery(RecoveryMethod):
         removing: list[int],
         *,
         ridge: float = 0.0,
-        shrinkage: float | str = 0.0,
+        shrinkage: float | str = "auto",
         batch_size: int = 8,
         progress: bool = True,
     ) -> LinearRepair:
@@ -656,7 +660,7 @@ class LinearRecovery(RecoveryMethod):
         *,
         fitted: LinearRepair | None = None,
         ridge: float = 0.0,
-        shrinkage: float | str = 0.0,
+        shrinkage: float | str = "auto",
         batch_size: int = 8,
         progress: bool = True,
     ) -> tuple[nn.Module, dict[str, Any]]:
