@@ -143,20 +143,47 @@ def token_streams(
 
 
 def is_mixture(calibration: CalibrationData) -> bool:
-    """A weighted mixture of sources: ``{"news.txt": 1, "code/": 2}`` (files or folders of ``.txt``)."""
-    return isinstance(calibration, dict) and "input_ids" not in calibration
+    """A weighted mixture of sources: ``{"news.txt": 1, "code/": 2}`` (files or folders of ``.txt``), or
+    in Python a list of ``(data, weight)`` pairs, each data any other calibration form (a Dataset, texts...)."""
+    if isinstance(calibration, dict):
+        return "input_ids" not in calibration
+    return (
+        isinstance(calibration, list)
+        and bool(calibration)
+        and all(isinstance(pair, tuple) and len(pair) == 2 and _is_number(pair[1]) for pair in calibration)
+    )
+
+
+def _is_number(weight: Any) -> bool:
+    return isinstance(weight, (int, float)) and not isinstance(weight, bool)
+
+
+def mixture_pairs(mixture: Any) -> list[tuple[Any, float]]:
+    """The mixture's ``(source, weight)`` pairs, checked: positive weights, no mixture inside a mixture."""
+    pairs = list(mixture.items()) if isinstance(mixture, dict) else list(mixture)
+    if not pairs:
+        raise InvalidRequest("a calibration mixture needs at least one source")
+    for source, weight in pairs:
+        if is_mixture(source):
+            raise InvalidRequest("a calibration mixture's sources are files, folders or data, not mixtures")
+        if not _is_number(weight) or not weight > 0:
+            raise InvalidRequest(
+                f"the weight of calibration source {_named(source)} must be a positive number, got {weight!r}"
+            )
+    return [(source, float(weight)) for source, weight in pairs]
+
+
+def _named(source: Any) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
 
 
 def mixture_weights(mixture: dict[Any, Any]) -> dict[str, float]:
-    """The mixture's weights, checked: positive numbers, for sources that are files or folders."""
-    if not mixture:
-        raise InvalidRequest("a calibration mixture needs at least one source")
-    for source, weight in mixture.items():
-        if isinstance(source, dict):
-            raise InvalidRequest("a calibration mixture's sources are files or folders, not mixtures")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise InvalidRequest(f"the weight of calibration source {source} must be a positive number, got {weight!r}")
-    return {str(source): float(weight) for source, weight in mixture.items()}
+    """A mixture of files and folders (what a ShortGPTConfig records) as ``{path: weight}``, checked."""
+    pairs = mixture_pairs(mixture)
+    bad = [_named(source) for source, _ in pairs if not isinstance(source, (str, os.PathLike))]
+    if bad:
+        raise InvalidRequest(f"a calibration mixture's sources here are files or folders, got {', '.join(bad)}")
+    return {str(source): weight for source, weight in pairs}
 
 
 def check_mixture(mixture: dict[Any, Any]) -> dict[str, float]:
@@ -179,30 +206,29 @@ def check_sources(calibration: str | os.PathLike | dict[Any, Any]) -> None:
 
 
 def _mixture_windows(
-    mixture: dict[Any, Any], tokenizer: Any, seq_len: int, max_tokens: int | None
+    mixture: Any, tokenizer: Any, seq_len: int, max_tokens: int | None
 ) -> tuple[list[torch.Tensor], str]:
-    weights = mixture_weights(mixture)  # each source is read once, below, and refused there if it cannot be
-    parts = {source: prepare_calibration(source, tokenizer, seq_len) for source in weights}
-    return _shared_out(parts, weights, max_tokens, {s: part.description for s, part in parts.items()})
+    pairs = mixture_pairs(mixture)  # each source is read once, below, and refused there if it cannot be
+    parts = [(prepare_calibration(source, tokenizer, seq_len), weight) for source, weight in pairs]
+    return _shared_out([(part.description, part, weight) for part, weight in parts], max_tokens)
 
 
 def _default_windows(tokenizer: Any, seq_len: int, max_tokens: int | None) -> tuple[list[torch.Tensor], str]:
-    parts = {name: prepare_calibration(read(), tokenizer, seq_len) for name, read in CALIBRATION_SOURCES.items()}
-    return _shared_out(parts, dict.fromkeys(parts, 1.0), max_tokens, {name: name for name in parts})
+    parts = [(name, prepare_calibration(read(), tokenizer, seq_len), 1.0) for name, read in CALIBRATION_SOURCES.items()]
+    return _shared_out(parts, max_tokens)
 
 
-def _shared_out(
-    parts: dict[str, TokenWindows], weights: dict[str, float], max_tokens: int | None, names: dict[str, str]
-) -> tuple[list[torch.Tensor], str]:
-    """Each source's windows, cut so that the sources' shares of the tokens follow their weights:
-    of ``max_tokens`` when given, else of the most tokens every source can supply in proportion."""
-    total = sum(weights.values())
+def _shared_out(parts: list[tuple[str, TokenWindows, float]], max_tokens: int | None) -> tuple[list[torch.Tensor], str]:
+    """Each ``(name, windows, weight)`` source's windows, cut so that the sources' shares of the tokens
+    follow their weights: of ``max_tokens`` when given, else of the most tokens every source can
+    supply in proportion."""
+    total = sum(weight for _, _, weight in parts)
     if max_tokens is None:
-        max_tokens = int(min(parts[s].num_tokens * total / w for s, w in weights.items()))
+        max_tokens = int(min(part.num_tokens * total / weight for _, part, weight in parts))
     windows: list[torch.Tensor] = []
-    for source, weight in weights.items():
-        windows += _first_tokens(parts[source].windows, round(max_tokens * weight / total))
-    return windows, "mix:" + "+".join(f"{names[s]}*{w:g}" for s, w in weights.items())
+    for _, part, weight in parts:
+        windows += _first_tokens(part.windows, round(max_tokens * weight / total))
+    return windows, "mix:" + "+".join(f"{name}*{weight:g}" for name, _, weight in parts)
 
 
 def _first_tokens(windows: list[torch.Tensor], max_tokens: int) -> list[torch.Tensor]:

@@ -31,6 +31,26 @@ def test_each_source_gets_its_share_of_the_tokens(sources):
     assert sum(t < 50 for t in ids) == sum(t >= 50 for t in ids) == 900  # a has 900; the folder 1,400
 
 
+def test_a_mixture_of_datasets_and_texts_in_python(sources):
+    """In Python a mixture is also a list of ``(data, weight)`` pairs, each any calibration form:
+    a datasets.Dataset beside a list of strings and a file, with their shares; bad pairs are refused."""
+    from datasets import Dataset
+
+    a, _ = sources
+    dataset = Dataset.from_dict({"text": [" ".join(f"t{50 + i % 40}" for i in range(600))]})
+    texts = [" ".join(f"t{100 + i % 20}" for i in range(600))]
+    windows = prepare_calibration([(dataset, 2), (texts, 1), (str(a), 1)], tiny_tokenizer(), 50, max_tokens=400)
+    ids = [int(t) for w in windows.windows for t in w]
+    assert (
+        sum(50 <= t < 100 for t in ids) == 200 and sum(t >= 100 for t in ids) == 100 and sum(t < 50 for t in ids) == 100
+    )
+    assert windows.description == f"mix:dataset:text[1]*2+texts:1*1+file:{a.name}*1"
+    with pytest.raises(InvalidRequest, match="weight of calibration source Dataset must be a positive number, got 0"):
+        prepare_calibration([(dataset, 0)], tiny_tokenizer(), 50)
+    with pytest.raises(InvalidRequest, match="sources are files, folders or data, not mixtures"):
+        prepare_calibration([([(texts, 1)], 1)], tiny_tokenizer(), 50)
+
+
 def test_a_request_keeps_its_sources_through_json(sources, tmp_path):
     a, b = sources
     request = ShortGPTConfig(calibration=[a, b])
