@@ -179,10 +179,9 @@ def prune_pretrained(
     source, streaming, reason, n = _start(name_or_path, config, layer_by_layer, from_pretrained_kwargs)
     if not streaming:
         model, tok = load_model(str(name_or_path), revision=source.revision, **from_pretrained_kwargs)
-        result = _in_memory(model, tokenizer or tok, config, calibration_data, reason, progress)
-        _measure_fidelity(result.model, tokenizer or tok, source, config, from_pretrained_kwargs, progress)
-        result.config = ShortGPTConfig.from_model(result.model)
-        return result
+        return _in_memory(
+            model, tokenizer or tok, config, calibration_data, reason, progress, source, from_pretrained_kwargs
+        )
     dtype = _walk_dtype(from_pretrained_kwargs.get("dtype"))
     scores, removed, repair = _walk(source, config, calibration_data, tokenizer, dtype, progress)
     record = pruned_record(source.location, removed, scores, repair, config.request_dict())
@@ -230,9 +229,7 @@ def prune_to_folder(
     source, streaming, reason, n = _start(name_or_path, config, layer_by_layer, from_pretrained_kwargs)
     if not streaming:
         model, tok = load_model(str(name_or_path), revision=source.revision, **from_pretrained_kwargs)
-        result = _in_memory(model, tok, config, calibration_data, reason, progress)
-        _measure_fidelity(result.model, tok, source, config, from_pretrained_kwargs, progress)
-        result.config = ShortGPTConfig.from_model(result.model)
+        result = _in_memory(model, tok, config, calibration_data, reason, progress, source, from_pretrained_kwargs)
         if recipe:
             result.folder = save_recipe(result.model, out_dir, tok, overwrite=overwrite, verify=config.verify)
         else:
@@ -286,7 +283,10 @@ def _in_memory(
     calibration_data: CalibrationData,
     reason: str,
     progress: bool,
+    source: Source,
+    load_kwargs: dict[str, Any],
 ) -> PruneResult:
+    """Carry out ``config`` on the loaded model, then measure the result against its base."""
     before, num_before = count_parameters(model), len(find_decoder_layers(model).layers)
     carried = carry_out(
         model,
@@ -296,6 +296,7 @@ def _in_memory(
         eval_data=heldout_texts()[:1] if config.measure else None,
         progress=progress,
     )
+    _measure_fidelity(carried.model, tokenizer, source, config, load_kwargs, progress)
     record = ShortGPTConfig.from_model(model)
     return PruneResult(
         record,
@@ -384,10 +385,8 @@ def _measure_fidelity(
     if not config.measure or config.mode != "remove":
         return
     reference = WalkedReference(source.location, dtype=_walk_dtype(load_kwargs.get("dtype")), progress=False)
-    report = evaluate(
-        model, tokenizer, ["suite"], reference=reference, seq_len=config.seq_len, max_tokens=SUMMARY_TOKENS,
-        progress=progress,
-    )  # fmt: skip
+    settings = dict(seq_len=config.seq_len, max_tokens=SUMMARY_TOKENS, progress=progress)
+    report = evaluate(model, tokenizer, ["suite"], reference=reference, **settings)
     model.config.shortgpt = {**model.config.shortgpt, "fidelity": fidelity_record(report)}
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_one_line_error, run_cli
 from tiny_models import tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
 
 from shortgpt_hf import evaluate, prune, save_pruned
 from shortgpt_hf.domains import DOMAINS
@@ -222,3 +223,28 @@ def test_ablate_measures_every_run_against_the_dense_model(tmp_path, text_file, 
 
     assert kl(data["dense"]) == (pytest.approx(0, abs=1e-6), 1.0)
     assert [kl(run["results"])[0] > 1e-4 for run in data["runs"]] == [True]
+
+
+def test_every_prune_keeps_its_drift_from_the_base_and_the_card_shows_it(tmp_path):
+    """A prune measures its result against the base on the suite (walked layer by layer) and keeps it in
+    ``config.shortgpt["fidelity"]``: per genre, then the means; ``measure=False`` skips it."""
+    from shortgpt_hf import ShortGPTConfig, model_card
+    from shortgpt_hf.pipeline import prune_to_folder
+
+    dense = tiny_model("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    tiny_tokenizer().save_pretrained(tmp_path / "dense")
+    request = ShortGPTConfig(layers=[2, 3], seq_len=32, verify=False)
+    result = prune_to_folder(tmp_path / "dense", request, tmp_path / "out", layer_by_layer=False, progress=False)
+    fidelity = result.config.fidelity
+    assert list(fidelity["domains"]) == [d.name for d in DOMAINS] and fidelity["unseen"] == ["technical", "legal"]
+    assert all(f["kl_mean"] >= 0 and 0 <= f["top1_agreement"] <= 1 for f in fidelity["domains"].values())  # unk text
+    unseen = [fidelity["domains"][name]["kl_mean"] for name in fidelity["unseen"]]
+    assert fidelity["unseen_mean"]["kl_mean"] == pytest.approx(sum(unseen) / 2, abs=1e-4)
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["shortgpt"]["fidelity"]
+    assert saved == fidelity
+    card = str(model_card(AutoModelForCausalLM.from_pretrained(tmp_path / "out")))
+    assert "## Fidelity to the base model" in card and "| legal (unseen) |" in card
+    quiet = ShortGPTConfig(layers=[2, 3], seq_len=32, verify=False, measure=False)
+    skipped = prune_to_folder(tmp_path / "dense", quiet, tmp_path / "quiet", layer_by_layer=False, progress=False)
+    assert skipped.config.fidelity is None
