@@ -7,6 +7,7 @@ description that is stored with the scores (and later on the model card).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -225,9 +226,14 @@ def _shared_out(parts: list[tuple[str, TokenWindows, float]], max_tokens: int | 
     total = sum(weight for _, _, weight in parts)
     if max_tokens is None:
         max_tokens = int(min(part.num_tokens * total / weight for _, part, weight in parts))
+    exact = [max_tokens * weight / total for _, _, weight in parts]
+    shares = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(parts)), key=lambda i: shares[i] - exact[i])  # largest remainder first
+    for i in by_remainder[: max_tokens - sum(shares)]:  # the shares add up to max_tokens exactly
+        shares[i] += 1
     windows: list[torch.Tensor] = []
-    for _, part, weight in parts:
-        windows += _first_tokens(part.windows, round(max_tokens * weight / total))
+    for (_, part, _), share in zip(parts, shares, strict=True):
+        windows += _first_tokens(part.windows, share)
     return windows, "mix:" + "+".join(f"{name}*{weight:g}" for name, _, weight in parts)
 
 

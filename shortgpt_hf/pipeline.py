@@ -35,6 +35,7 @@ from .calibration import CalibrationData, check_sources
 from .config import ShortGPTConfig
 from .errors import InvalidRequest, VerificationFailed
 from .evaluation import HEADLINE, SUMMARY_TOKENS, PerplexitySettings, evaluate, fidelity_record, perplexity
+from .families import describe, is_vision_language
 from .layers import count_parameters, find_decoder_layers, probe_ids
 from .loading import load_from_base, load_model
 from .pruning import carry_out
@@ -383,6 +384,9 @@ def _measure_fidelity(
     of the held-out suite (`evaluation.fidelity_record`). The base is walked layer by layer from its
     checkpoint, so a second copy of the model is never in memory."""
     if not config.measure or config.mode != "remove":
+        return
+    if is_vision_language(model.config):  # the walk reads text-only checkpoints; the suite is text anyway
+        logger.info("fidelity not measured: %s is a vision-language model", describe(model))
         return
     reference = WalkedReference(source.location, dtype=_walk_dtype(load_kwargs.get("dtype")), progress=False)
     settings = dict(seq_len=config.seq_len, max_tokens=SUMMARY_TOKENS, progress=progress)
