@@ -33,7 +33,7 @@ from torch import nn
 from .atomic import check_destination
 from .calibration import CalibrationData, check_sources
 from .config import ShortGPTConfig
-from .errors import InvalidRequest, VerificationFailed
+from .errors import InvalidRequest, ShortGPTError, VerificationFailed
 from .evaluation import HEADLINE, SUMMARY_TOKENS, PerplexitySettings, evaluate, fidelity_record, perplexity
 from .families import describe, is_vision_language
 from .layers import count_parameters, find_decoder_layers, probe_ids
@@ -380,15 +380,22 @@ def _verify_walked(
 def _measure_fidelity(
     model: nn.Module, tokenizer: Any, source: Source, config: ShortGPTConfig, load_kwargs: dict, progress: bool
 ) -> None:
-    """Record in ``config.shortgpt["fidelity"]`` how far the result drifts from its base on every genre
-    of the held-out suite (`evaluation.fidelity_record`). The base is walked layer by layer from its
-    checkpoint, so a second copy of the model is never in memory."""
+    """Record in ``config.shortgpt["fidelity"]`` how far the result drifts from its dense base on every
+    genre of the held-out suite (`evaluation.fidelity_record`). The base (the source itself, or the one
+    a pruned source records) is walked layer by layer from its checkpoint, so a second copy of the
+    model is never in memory; a base that cannot be walked is said in the log and skipped."""
     if not config.measure or config.mode != "remove":
         return
     if is_vision_language(model.config):  # the walk reads text-only checkpoints; the suite is text anyway
         logger.info("fidelity not measured: %s is a vision-language model", describe(model))
         return
-    reference = WalkedReference(source.location, dtype=_walk_dtype(load_kwargs.get("dtype")), progress=False)
+    record = ShortGPTConfig.from_model(model)
+    base = source.location if source.kind == "model" and not source.pruned else record.base_model_name_or_path
+    try:
+        reference = WalkedReference(base, dtype=_walk_dtype(load_kwargs.get("dtype")), progress=False)
+    except ShortGPTError as e:
+        logger.info("fidelity not measured: its dense base %s cannot be walked (%s)", base, e)
+        return
     settings = dict(seq_len=config.seq_len, max_tokens=SUMMARY_TOKENS, progress=progress)
     report = evaluate(model, tokenizer, ["suite"], reference=reference, **settings)
     model.config.shortgpt = {**model.config.shortgpt, "fidelity": fidelity_record(report)}
