@@ -264,7 +264,7 @@ class ShortGPTConfig:
         return count
 
     def trained_steps(self) -> list[str]:
-        """The requested recovery methods that train the pruned model (and so return a PEFT model)."""
+        """The requested recovery methods that train the pruned model (LoRA returns a PEFT model)."""
         return [s["method"] for s in self.recovery or [] if not RECOVERY_METHODS[s["method"]].needs_removed_layers]
 
     def request_dict(self) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from .config import ShortGPTConfig
 from .errors import InvalidRequest, ShortGPTError, VerificationFailed
 from .evaluation import HEADLINE, SUMMARY_TOKENS, PerplexitySettings, evaluate, fidelity_record, perplexity
 from .families import describe, is_vision_language
-from .layers import count_parameters, find_decoder_layers, probe_ids
+from .layers import count_parameters, find_decoder_layers, input_device, probe_ids
 from .loading import load_from_base, load_model
 from .pruning import carry_out
 from .reading import load_tokenizer, num_layers_of, text_config_of
@@ -152,8 +152,8 @@ def check_request(source: Source, config: ShortGPTConfig, streaming: bool) -> in
     trained = config.trained_steps()
     if trained:
         raise InvalidRequest(
-            f"recovery {trained[0]!r} trains the pruned model and gives a PEFT model, which this job neither "
-            "returns nor writes: prune here, then heal (or carry out the request with prune(model, config))"
+            f"recovery {trained[0]!r} trains the pruned model, which this job does not do while loading or writing: "
+            "prune here, then train it (or carry out the request in memory with prune(model, config))"
         )
     if streaming and config.mode == "prefill_skip":
         raise InvalidRequest("prefill skipping keeps every layer in memory; it cannot go layer by layer")
@@ -391,13 +391,14 @@ def _measure_fidelity(
         return
     record = ShortGPTConfig.from_model(model)
     base = source.location if source.kind == "model" and not source.pruned else record.base_model_name_or_path
-    try:
-        reference = WalkedReference(base, dtype=_walk_dtype(load_kwargs.get("dtype")), progress=False)
-    except ShortGPTError as e:
+    dtype, device = _walk_dtype(load_kwargs.get("dtype")), input_device(model)
+    settings = dict(seq_len=config.seq_len, max_tokens=SUMMARY_TOKENS, progress=progress)
+    try:  # the walk opens the base's shards only here: a base that cannot be read fails here, not the prune
+        reference = WalkedReference(base, dtype=dtype, device=device, progress=False)
+        report = evaluate(model, tokenizer, ["suite"], reference=reference, **settings)
+    except (ShortGPTError, torch.OutOfMemoryError) as e:
         logger.info("fidelity not measured: its dense base %s cannot be walked (%s)", base, e)
         return
-    settings = dict(seq_len=config.seq_len, max_tokens=SUMMARY_TOKENS, progress=progress)
-    report = evaluate(model, tokenizer, ["suite"], reference=reference, **settings)
     model.config.shortgpt = {**model.config.shortgpt, "fidelity": fidelity_record(report)}
 
 

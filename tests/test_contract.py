@@ -256,7 +256,7 @@ def test_from_pretrained_with_a_request_builds_what_shortgpt_prune_writes(
 
 def test_from_pretrained_refuses_what_it_cannot_return(tmp_path):
     folder = checkpoint(tmp_path)
-    with pytest.raises(InvalidRequest, match="recovery 'lora' trains the pruned model and gives a PEFT model"):
+    with pytest.raises(InvalidRequest, match="recovery 'lora' trains the pruned model, which this job does not do"):
         PrunedForCausalLM.from_pretrained(folder, shortgpt_config=ShortGPTConfig(layers=[1], recovery="lora"))
     with pytest.raises(InvalidRequest, match="not also as removed_layers"):
         PrunedForCausalLM.from_pretrained(folder, shortgpt_config=ShortGPTConfig(layers=[1]), removed_layers=[1])

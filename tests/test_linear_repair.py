@@ -492,3 +492,19 @@ def test_automatic_shrinkage_is_chosen_on_a_held_out_slice():
     assert repair.entry["gaps"][0]["shrinkage"] == chosen.shrinkage
     with pytest.raises(ShortGPTError, match="shrinkage must be a non-negative number or 'auto'"):
         prune(tiny_model("llama"), [2], recovery="linear", recovery_data=tokens, recovery_options={"shrinkage": "x"})
+
+
+def test_the_cosine_repair_lowers_the_cosine_distance_from_the_least_squares_start():
+    """``cosine`` starts from the least-squares map and must end with a lower mean cosine distance
+    between the repaired state and the true one, on the same rows, with a different map."""
+    from shortgpt_hf.recovery.cosine import cosine_distance, refine_for_cosine
+    from shortgpt_hf.recovery.linear import gaps_of, gather
+
+    model = tiny_model("llama")
+    driver = in_memory_driver(model, TOKENS, None, 32, None)
+    [gap] = gaps_of([2, 3])
+    equations = gather(driver, [gap], lambda gap, eq: eq, progress=False, keep_rows=True)[gap]
+    start = equations.solve(0.0, "the gap").float()
+    refined = refine_for_cosine(equations, start, "the gap", steps=20)
+    before, after = float(cosine_distance(equations, start)), float(cosine_distance(equations, refined))
+    assert after < before and not torch.allclose(refined, start)

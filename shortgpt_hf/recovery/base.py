@@ -152,7 +152,8 @@ def run(model: nn.Module, step: RecoveryStep, fitted: Any = None) -> nn.Module:
             perplexity_settings=settings.describe(),
         )
     base = recovered_base(recovered)
-    base.config.shortgpt = {**base.config.shortgpt, "recovery": [*(base.config.shortgpt.get("recovery") or []), entry]}
+    record = {k: v for k, v in base.config.shortgpt.items() if k != "fidelity"}  # measured before this step: stale
+    base.config.shortgpt = {**record, "recovery": [*(record.get("recovery") or []), entry]}
     return recovered
 
 

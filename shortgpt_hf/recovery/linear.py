@@ -476,6 +476,15 @@ SHRINKAGES = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # what shrinkage="auto" choo
 HELD_EVERY = 5  # shrinkage="auto" holds every fifth calibration batch out to choose on
 
 
+def _held_error(eq: NormalEquations, held: NormalEquations, ridge: float, where: str, shrinkage: float) -> float:
+    """The error a map fitted without the held-out slice leaves on it; a shrinkage the fitting part
+    alone cannot solve for (too few tokens for an unshrunk map) is never chosen."""
+    try:
+        return held.residual(eq.solve(ridge, where, shrinkage))
+    except ShortGPTError:
+        return math.inf
+
+
 def fitted_map(
     gap: Gap,
     eq: NormalEquations,
@@ -496,7 +505,7 @@ def fitted_map(
         if held is None:  # too few batches to hold any out: no evidence for shrinking
             shrinkage = 0.0
         else:
-            shrinkage = min(SHRINKAGES, key=lambda s: held.residual(eq.solve(ridge, where, s)))
+            shrinkage = min(SHRINKAGES, key=lambda s: _held_error(eq, held, ridge, where, s))
     eq = eq.merged()
     plain = eq.residual(None)
     if skip:

@@ -57,6 +57,11 @@ class PartialTuning(RecoveryMethod):
         n = len(find_decoder_layers(model).layers)
         if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= n:
             raise InvalidRequest(f"layers (the last kept layers to train) must be between 1 and {n}, got {layers!r}")
+        if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+            raise InvalidRequest(
+                "partial tuning updates the weights themselves, and most small updates round away in 16-bit "
+                "weights: load the model in float32 (LoRA trains float32 adapters on a 16-bit model)"
+            )
         if head and _tied(model):
             raise InvalidRequest(
                 "this model's output head is tied to its input embeddings: training it would change them too "
@@ -84,7 +89,17 @@ class PartialTuning(RecoveryMethod):
         callback: Any = None,
     ) -> tuple[nn.Module, dict[str, Any]]:
         found = find_decoder_layers(model)
+        n = len(found.layers)
+        if layers > n:  # checked against the dense model before removal; the pruned one may have fewer
+            raise InvalidRequest(
+                f"layers (the last kept layers to train) must be at most {n} after removal, got {layers}"
+            )
         trained = [*found.layers[-layers:], _final_norm(model)] + ([model.get_output_embeddings()] if head else [])
+        for module in trained:  # new tensors, not the old ones updated in place: a failed run can be undone
+            for owner in module.modules():
+                for name, p in list(owner._parameters.items()):
+                    if p is not None:
+                        owner._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
         before = {p: p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -110,7 +125,6 @@ class PartialTuning(RecoveryMethod):
         finally:
             for p, flag in before.items():
                 p.requires_grad_(flag)
-        n = len(found.layers)
         return model, {"layers": list(range(n - layers, n)), "head": head, **run}
 
 
