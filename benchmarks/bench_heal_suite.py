@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import tempfile
+import time
 from pathlib import Path
 
 from bench_domains import GENRES, MEASURES, figures
@@ -79,10 +80,10 @@ def main() -> None:
         }
         chosen = {k: v for k, v in variants.items() if not args.only or any(word in k for word in args.only)}
         for label, (method, data, options) in chosen.items():
-            model = repaired()
-            with timing() as probe:  # the cost of a step, measured on a copy that is then dropped
-                recover(model, method, data, tokenizer=tok, steps=3, **{**TRAIN, **options})
-            steps = max(5, int(args.budget / (probe.wall / 3)))
+            stamps: list[float] = []  # the cost of a step alone, from a short run on a copy that is dropped:
+            probe = {**TRAIN, **options, "callback": lambda *_, at=stamps: at.append(time.perf_counter())}
+            recover(repaired(), method, data, tokenizer=tok, steps=5, **probe)  # data preparation is not a step
+            steps = max(5, int(args.budget / ((stamps[-1] - stamps[0]) / (len(stamps) - 1))))
             model = repaired()
             with timing() as spent:
                 model = recover(model, method, data, tokenizer=tok, steps=steps, **{**TRAIN, **options})
