@@ -152,7 +152,7 @@ def run(model: nn.Module, step: RecoveryStep, fitted: Any = None) -> nn.Module:
             perplexity_settings=settings.describe(),
         )
     base = recovered_base(recovered)
-    record = {k: v for k, v in base.config.shortgpt.items() if k != "fidelity"}  # measured before this step: stale
+    record = {**base.config.shortgpt, "fidelity": None}  # measured before this step, if at all: stale now
     base.config.shortgpt = {**record, "recovery": [*(record.get("recovery") or []), entry]}
     return recovered
 
