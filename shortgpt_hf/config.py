@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import inspect
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -75,10 +74,7 @@ def _check_options(step: dict[str, Any]) -> None:
             f"recovery step option {fixed[0]!r} is set by the request for every step "
             "(seq_len, recovery_tokens, calibration), not by one step"
         )
-    try:
-        inspect.signature(method.apply).bind_partial(None, None, None, **options)
-    except TypeError as e:
-        raise InvalidRequest(f"recovery method {step['method']!r}: {e}") from None
+    method.refuse_unknown(options)
 
 
 def _calibration_sources(calibration: Any) -> str | dict[str, float] | None:

@@ -8,9 +8,10 @@ the model card; ``compare`` sets a pruned model's report beside its base's.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,11 +321,14 @@ def _suite_results(
 ) -> list[EvalResult]:
     """Every domain of the held-out suite (`domains`) and, against a ``reference``, the mean fidelity
     figures over all domains and over the unseen ones (the genres the packaged calibration never reads)."""
+    texts = [domain.read() for domain in DOMAINS]
+    if reference is not None and not isinstance(reference, nn.Module):
+        keys = ("seq_len", "stride", "max_tokens", "batch_size")
+        reference = _OneWalk(reference, [perplexity_batches(tokenizer, t, *(options[k] for k in keys)) for t in texts])
     results = []
-    for domain in DOMAINS:
-        results += _text_results(
-            model, tokenizer, domain.read(), domain.name, options, reference, task=f"perplexity:{domain.name}"
-        )
+    for domain, text in zip(DOMAINS, texts, strict=True):
+        task = f"perplexity:{domain.name}"
+        results += _text_results(model, tokenizer, text, domain.name, options, reference, task=task)
     if reference is None:
         return results
     groups = {"all": [d.name for d in DOMAINS], "unseen": [d.name for d in DOMAINS if not d.calibrated]}
@@ -334,6 +338,23 @@ def _suite_results(
             mean = sum(values) / len(values)
             results.append(EvalResult(f"suite:{group}", "+".join(names), f"{metric}_mean", mean, better, len(values)))
     return results
+
+
+class _OneWalk:
+    """A reference walked layer by layer (`ReferenceLogits`) once for every genre of the suite, its
+    logits handed out genre by genre: walking it per genre would read every shard of the base once
+    per genre. The genres must ask for their batches in the order given here (checked)."""
+
+    def __init__(self, reference: ReferenceLogits, parts: list[list[tuple[torch.Tensor, ...]]]):
+        self._expected = [ids for part in parts for ids, *_ in part]
+        self._logits = reference.logits([(ids, mask) for part in parts for ids, mask, *_ in part])
+        self._given = 0
+
+    def logits(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[torch.Tensor]:
+        start, self._given = self._given, self._given + len(batches)
+        if [tuple(ids.shape) for ids, _ in batches] != [tuple(e.shape) for e in self._expected[start : self._given]]:
+            raise ShortGPTError("the suite asked the walked reference for batches it was not walked over")
+        return itertools.islice(self._logits, len(batches))
 
 
 FIDELITY_METRICS = ("perplexity_ratio", "kl_mean", "kl_p99", "top1_agreement")

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from shortgpt_hf import evaluate, prune, save_pruned
 from shortgpt_hf.domains import DOMAINS
-from shortgpt_hf.evaluation import perplexity_batches
+from shortgpt_hf.evaluation import FIDELITY_METRICS, perplexity_batches
 
 TEXT = " ".join(f"t{3 + (13 * i) % 120}" for i in range(700))  # about 700 tokens for the tiny tokenizer
 SETTINGS = dict(seq_len=64, stride=None, max_tokens=600)
@@ -202,6 +202,28 @@ def test_a_reference_larger_than_memory_is_walked_layer_by_layer(tmp_path, text_
     )
     assert code in (0, None), err
     assert f"reference {tmp_path / 'dense'}: layer by layer, from the safetensors shards" in stdout
+
+
+def test_the_suite_walks_its_reference_once_for_every_genre(tmp_path, monkeypatch):
+    """Against a walked reference the suite reads the base's shards once, not once per genre,
+    and every genre still gets the in-memory reference's figures."""
+    from shortgpt_hf.streaming import WalkedReference
+
+    dense = tiny_model("llama")
+    dense.save_pretrained(tmp_path / "dense", max_shard_size="20KB")
+    pruned = prune(tiny_model("llama"), [2, 3])
+    settings = dict(seq_len=64, max_tokens=256, batch_size=3, progress=False)
+    in_memory = evaluate(pruned, tiny_tokenizer(), ["suite"], reference=dense, **settings)
+    walks = []
+    walked = WalkedReference(tmp_path / "dense", device="cpu", progress=False)
+    walk = walked.logits
+    monkeypatch.setattr(walked, "logits", lambda batches: walks.append(len(batches)) or walk(batches))
+    streamed = evaluate(pruned, tiny_tokenizer(), ["suite"], reference=walked, **settings)
+    assert walks == [len(DOMAINS) * 2]  # 256 tokens in 64-token windows, 3 to a batch: 2 batches a genre
+    for domain in DOMAINS:
+        for metric in FIDELITY_METRICS:
+            expected = in_memory.get(f"fidelity:{domain.name}", metric)
+            assert streamed.get(f"fidelity:{domain.name}", metric) == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
 def test_ablate_measures_every_run_against_the_dense_model(tmp_path, text_file, capsys, monkeypatch):

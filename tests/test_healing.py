@@ -452,3 +452,28 @@ def test_partial_tuning_refuses_a_tied_head_and_a_bad_layer_count():
         recover(tied, "partial", TOKENS, head=True)
     with pytest.raises(ShortGPTError, match="must be between 1 and 5, got 9"):
         recover(tied, "partial", TOKENS, layers=9)
+
+
+@pytest.mark.parametrize("method", ["lora", "partial"])
+def test_the_training_methods_share_one_set_of_options(method, saved_pruned):
+    """Both training methods take every `TrainingOptions` field, refuse the same bad values in one
+    line before training, and each trains at its own default rate unless given one."""
+    from dataclasses import fields
+
+    from shortgpt_hf.recovery import RECOVERY_METHODS, TrainingOptions, recover
+
+    chosen = RECOVERY_METHODS[method]
+    assert {f.name for f in fields(TrainingOptions)} <= chosen.option_names()
+    for bad, message in (
+        (dict(lr=0.0), "the learning rate .* must be positive"),
+        (dict(batch_size=0), "batch_size must be at least 1"),
+        (dict(kd_weight=2.0), "between 0 and 1"),
+        (dict(steps=0), "at least 1, got 0"),
+        (dict(stepz=3), f"recovery method '{method}': got an unexpected keyword argument 'stepz'"),
+    ):
+        with pytest.raises(ShortGPTError, match=message):
+            recover(saved_pruned, method, TOKENS, seq_len=32, **bad)
+    assert not ShortGPTConfig.from_model(saved_pruned).recovery  # nothing ran
+    out = recover(saved_pruned, method, TOKENS, seq_len=32, steps=1, batch_size=2, progress=False)
+    step = ShortGPTConfig.from_model(out.get_base_model() if method == "lora" else out).recovery[-1]
+    assert step["lr"] == chosen.default_lr and step["steps"] == 1 and step["tokens"] == 2 * 32

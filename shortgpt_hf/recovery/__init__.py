@@ -4,7 +4,8 @@
 model and records it in ``config.shortgpt["recovery"]``;
 ``prune(model, ..., recovery=name)`` runs it as part of the removal (the only
 way for a method that learns from the removed layers, like ``linear``).
-`heal` is the LoRA method's own entry point.
+`heal` is the LoRA method's own entry point. The methods that train (``lora``,
+``partial``) share one loop and its options (`TrainingOptions`).
 
 A new method is one new module in this package: a `RecoveryMethod` subclass
 decorated with ``@register``. Every module here is imported below, so the
@@ -20,6 +21,8 @@ from .base import RecoveryMethod, recover, register
 from .cosine import CosineRecovery
 from .linear import LinearRecovery, LinearRepair, linear_maps
 from .lora import LoraRecovery, adjacent_layers, heal, pruned_reference, save_healed
+from .partial import PartialTuning
+from .training import TrainingOptions, TrainingRecovery
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -30,7 +33,10 @@ __all__ = [
     "LinearRecovery",
     "LinearRepair",
     "LoraRecovery",
+    "PartialTuning",
     "RecoveryMethod",
+    "TrainingOptions",
+    "TrainingRecovery",
     "adjacent_layers",
     "heal",
     "linear_maps",

@@ -47,6 +47,19 @@ class RecoveryMethod(ABC):
     summary: ClassVar[str]
     needs_removed_layers: ClassVar[bool] = False
 
+    def option_names(self) -> set[str]:
+        """The options this method takes: the keyword parameters of `apply`, but for ``fitted``,
+        which the pipeline passes. A method whose `apply` takes ``**options`` overrides this."""
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        parameters = [p for p in inspect.signature(self.apply).parameters.values() if p.kind in named]
+        return {p.name for p in parameters[3:]} - {"fitted"}  # after the model, windows and tokenizer
+
+    def refuse_unknown(self, options: dict[str, Any]) -> None:
+        """A misspelt option fails in one line when a request or a step is built, not after minutes of work."""
+        unknown = sorted(set(options) - self.option_names())
+        if unknown:
+            raise InvalidRequest(f"recovery method {self.name!r}: got an unexpected keyword argument {unknown[0]!r}")
+
     def check(self, model: nn.Module, **options: Any) -> None:
         """Refuse bad options or an unsupported model before any data is prepared (cheap).
 
@@ -76,7 +89,7 @@ def register(cls: type[RecoveryMethod]) -> type[RecoveryMethod]:
 def takes_option(method: str, option: str) -> bool:
     """Whether registered method ``method`` accepts ``option`` (``progress``, say), so a caller
     can pass a common option only to the methods that have it."""
-    return option in inspect.signature(RECOVERY_METHODS.get_or_refuse(method).apply).parameters
+    return option in RECOVERY_METHODS.get_or_refuse(method).option_names()
 
 
 def recovered_base(model: nn.Module) -> nn.Module:
@@ -125,10 +138,7 @@ def plan(
     """Check ``method`` and its ``options`` against ``model`` and prepare the calibration windows
     (all of ``data``, or its first ``max_tokens`` tokens)."""
     chosen = RECOVERY_METHODS.get_or_refuse(method)
-    try:  # a misspelt option fails here, in one line, not after minutes of evaluation
-        inspect.signature(chosen.apply).bind_partial(model, None, None, **options)
-    except TypeError as e:
-        raise InvalidRequest(f"recovery method {method!r}: {e}") from None
+    chosen.refuse_unknown(options)
     chosen.check(model, **options)
     if tokenizer is None and not (is_tokenized(data) and (eval_data is None or is_tokenized(eval_data))):
         tokenizer = tokenizer_for(model)

@@ -32,8 +32,8 @@ from ..families import describe, is_vision_language
 from ..layers import find_decoder_layers
 from ..reading import read_recipe
 from ..sources import resolve
-from .base import RecoveryMethod, recover, register
-from .training import check_training, train
+from .base import recover, register
+from .training import TrainingRecovery, train
 
 METHODS = ("lora", "qlora")
 
@@ -84,29 +84,31 @@ def _check_method(method: str, model: nn.Module) -> None:
 
 
 @register
-class LoraRecovery(RecoveryMethod):
+class LoraRecovery(TrainingRecovery):
     """LoRA (or QLoRA) adapters trained with PEFT in a plain accelerate loop; see `heal`."""
 
     name = "lora"
     summary = "LoRA adapters trained with PEFT (optionally distilled from the dense model); returns a PEFT model"
+    default_lr = 2e-4
 
     def check(
         self,
         model: nn.Module,
         *,
         quantized: bool = False,
-        kd_weight: float = 0.5,
-        steps: int = 50,
-        temperature: float = 1.0,
-        gradient_accumulation_steps: int = 1,
-        **options: Any,
+        peft_config: Any = None,
+        r: int | None = None,
+        alpha: int | None = None,
+        target_modules: list[str] | str | None = None,
+        layers: str | list[int] | None = None,
+        **training: Any,
     ) -> None:
         if is_vision_language(model.config):
             # PEFT's AutoPeftModelForCausalLM could not reload the adapter, and text-only
             # batches would leave the vision side untrained: train it with PEFT directly.
             raise ShortGPTError(f"healing supports text-only causal LMs; {describe(model)} is a vision-language model")
         _check_method("qlora" if quantized else "lora", model)
-        check_training(steps, kd_weight, temperature, gradient_accumulation_steps)
+        self.training(training)
 
     def apply(
         self,
@@ -120,18 +122,11 @@ class LoraRecovery(RecoveryMethod):
         alpha: int | None = None,
         target_modules: list[str] | str | None = None,
         layers: str | list[int] | None = None,
-        steps: int = 50,
-        lr: float = 2e-4,
-        batch_size: int = 4,
-        teacher: nn.Module | None = None,
-        kd_weight: float = 0.5,
-        temperature: float = 1.0,
-        gradient_accumulation_steps: int = 1,
-        seed: int = 0,
-        progress: bool = True,
-        callback: Any = None,
+        **training: Any,
     ) -> tuple[nn.Module, dict[str, Any]]:
         from peft import get_peft_model
+
+        options = self.training(training)
 
         reference = pruned_reference(model)
         if reference is None:
@@ -144,7 +139,7 @@ class LoraRecovery(RecoveryMethod):
         else:
             model.name_or_path = model.config.name_or_path = reference  # PEFT copies it into the adapter as its base
         config = _lora_config(model, peft_config, r, alpha, target_modules, layers, reference)
-        torch.manual_seed(seed)
+        torch.manual_seed(options.seed)  # the adapters' initialization
         with quiet_peft():
             peft_model = get_peft_model(model, config)
         if quantized:
@@ -152,20 +147,7 @@ class LoraRecovery(RecoveryMethod):
 
             peft_model = prepare_model_for_kbit_training(peft_model)
 
-        peft_model, run = train(
-            peft_model,
-            windows,
-            tokenizer,
-            steps=steps,
-            lr=lr,
-            batch_size=batch_size,
-            teacher=teacher,
-            kd_weight=kd_weight,
-            temperature=temperature,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            progress=progress,
-            callback=callback,
-        )
+        peft_model, run = train(peft_model, windows, tokenizer, options)
         config = peft_model.peft_config[peft_model.active_adapter]
         details = {
             "quantized": quantized,

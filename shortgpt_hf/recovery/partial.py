@@ -24,8 +24,8 @@ from ..calibration import TokenWindows
 from ..errors import InvalidRequest
 from ..families import describe, is_vision_language
 from ..layers import find_decoder_layers
-from .base import RecoveryMethod, register
-from .training import check_training, train
+from .base import register
+from .training import TrainingRecovery, train
 
 
 def _tied(model: nn.Module) -> bool:
@@ -34,11 +34,12 @@ def _tied(model: nn.Module) -> bool:
 
 
 @register
-class PartialTuning(RecoveryMethod):
+class PartialTuning(TrainingRecovery):
     """The last ``layers`` kept decoder layers (and the final norm; the head with ``head=True``) trained whole."""
 
     name = "partial"
     summary = "the last few kept layers (and the final norm) fine-tuned whole, the rest frozen; a native model"
+    default_lr = 5e-5
 
     def check(
         self,
@@ -46,11 +47,7 @@ class PartialTuning(RecoveryMethod):
         *,
         layers: int = 2,
         head: bool = False,
-        steps: int = 50,
-        kd_weight: float = 0.5,
-        temperature: float = 1.0,
-        gradient_accumulation_steps: int = 1,
-        **options: Any,
+        **training: Any,
     ) -> None:
         if is_vision_language(model.config):
             raise InvalidRequest(f"partial tuning supports text-only causal LMs; {describe(model)} is vision-language")
@@ -67,7 +64,7 @@ class PartialTuning(RecoveryMethod):
                 "this model's output head is tied to its input embeddings: training it would change them too "
                 "(use head=False)"
             )
-        check_training(steps, kd_weight, temperature, gradient_accumulation_steps)
+        self.training(training)
 
     def apply(
         self,
@@ -77,17 +74,9 @@ class PartialTuning(RecoveryMethod):
         *,
         layers: int = 2,
         head: bool = False,
-        steps: int = 50,
-        lr: float = 5e-5,
-        batch_size: int = 4,
-        teacher: nn.Module | None = None,
-        kd_weight: float = 0.5,
-        temperature: float = 1.0,
-        gradient_accumulation_steps: int = 1,
-        seed: int = 0,
-        progress: bool = True,
-        callback: Any = None,
+        **training: Any,
     ) -> tuple[nn.Module, dict[str, Any]]:
+        options = self.training(training)
         found = find_decoder_layers(model)
         n = len(found.layers)
         if layers > n:  # checked against the dense model before removal; the pruned one may have fewer
@@ -106,22 +95,9 @@ class PartialTuning(RecoveryMethod):
         for module in trained:
             for p in module.parameters():
                 p.requires_grad_(True)
-        torch.manual_seed(seed)
+        torch.manual_seed(options.seed)
         try:
-            model, run = train(
-                model,
-                windows,
-                tokenizer,
-                steps=steps,
-                lr=lr,
-                batch_size=batch_size,
-                teacher=teacher,
-                kd_weight=kd_weight,
-                temperature=temperature,
-                gradient_accumulation_steps=gradient_accumulation_steps,
-                progress=progress,
-                callback=callback,
-            )
+            model, run = train(model, windows, tokenizer, options)
         finally:
             for p, flag in before.items():
                 p.requires_grad_(flag)

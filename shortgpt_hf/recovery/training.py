@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,22 +21,70 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import TokenWindows
-from ..errors import ShortGPTError
+from ..errors import InvalidRequest
 from ..layers import input_device
+from .base import RecoveryMethod
 
 
-def check_training(steps: int, kd_weight: float, temperature: float, gradient_accumulation_steps: int) -> None:
-    """Refuse training options that cannot work, in one line, before any data is prepared."""
-    if not 0 <= kd_weight <= 1:
-        raise ShortGPTError(
-            f"the distillation weight (kd_weight / --kd-weight) must be between 0 and 1, got {kd_weight}"
-        )
-    if steps < 1:
-        raise ShortGPTError(f"the number of training steps (steps / --steps) must be at least 1, got {steps}")
-    if gradient_accumulation_steps < 1:
-        raise ShortGPTError(f"gradient_accumulation_steps must be at least 1, got {gradient_accumulation_steps}")
-    if temperature <= 0:
-        raise ShortGPTError(f"temperature must be positive, got {temperature}")
+@dataclass(frozen=True)
+class TrainingOptions:
+    """How a training recovery trains: the options `lora` and `partial` share, each method's
+    own (which layers, what rank) aside. Checked when built, so a bad value fails in one line
+    before any data is prepared.
+
+    ``lr`` None means the method's own default (`TrainingRecovery.default_lr`): LoRA's
+    adapters start at zero and take a larger rate than whole layers do. With ``teacher``
+    (the dense model) the loss is ``(1 - kd_weight) * CE + kd_weight * KL`` at ``temperature``.
+    ``callback(step, model, logs)`` is called after each optimizer step (``logs`` has
+    ``loss``, ``lr`` and ``process``).
+    """
+
+    steps: int = 50
+    lr: float | None = None
+    batch_size: int = 4
+    teacher: nn.Module | None = None
+    kd_weight: float = 0.5
+    temperature: float = 1.0
+    gradient_accumulation_steps: int = 1
+    seed: int = 0
+    progress: bool = True
+    callback: Callable[[int, nn.Module, dict[str, Any]], None] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.kd_weight <= 1:
+            raise InvalidRequest(
+                f"the distillation weight (kd_weight / --kd-weight) must be between 0 and 1, got {self.kd_weight}"
+            )
+        if self.steps < 1:
+            raise InvalidRequest(f"the number of training steps (steps / --steps) must be at least 1, got {self.steps}")
+        if self.gradient_accumulation_steps < 1:
+            raise InvalidRequest(
+                f"gradient_accumulation_steps must be at least 1, got {self.gradient_accumulation_steps}"
+            )
+        if self.temperature <= 0:
+            raise InvalidRequest(f"temperature must be positive, got {self.temperature}")
+        if self.lr is not None and not self.lr > 0:
+            raise InvalidRequest(f"the learning rate (lr / --lr) must be positive, got {self.lr}")
+        if self.batch_size < 1:
+            raise InvalidRequest(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+TRAINING_OPTIONS = frozenset(f.name for f in fields(TrainingOptions))
+
+
+class TrainingRecovery(RecoveryMethod):
+    """A recovery method that trains part of the model with `train`: its `apply` takes its own
+    options by name and the shared `TrainingOptions` as ``**training``."""
+
+    default_lr: ClassVar[float]
+
+    def option_names(self) -> set[str]:
+        return super().option_names() | TRAINING_OPTIONS
+
+    def training(self, given: dict[str, Any]) -> TrainingOptions:
+        """The shared options from what the caller gave (checked), with this method's learning rate."""
+        options = TrainingOptions(**given)
+        return options if options.lr is not None else replace(options, lr=self.default_lr)
 
 
 LOSS_CHUNK_ELEMENTS = 2**23  # logits per chunk of the loss: 32 MiB for each float32 temporary
@@ -124,29 +173,23 @@ def train(
     model: nn.Module,
     windows: TokenWindows,
     tokenizer: Any,
-    *,
-    steps: int,
-    lr: float,
-    batch_size: int,
-    teacher: nn.Module | None,
-    kd_weight: float,
-    temperature: float,
-    gradient_accumulation_steps: int,
-    progress: bool,
-    callback: Callable[[int, nn.Module, dict[str, Any]], None] | None,
+    options: TrainingOptions,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train what in ``model`` has ``requires_grad`` for ``steps`` optimizer steps (10% warm-up, then
-    linear decay to zero); return the model, unwrapped and in eval mode, and what the run records."""
+    """Train what in ``model`` has ``requires_grad`` for ``options.steps`` optimizer steps (10% warm-up,
+    then linear decay to zero); return the model, unwrapped and in eval mode, and what the run records."""
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin
     from torch.utils.data import DataLoader
+
+    steps, teacher, kd_weight = options.steps, options.teacher, options.kd_weight
+    gradient_accumulation_steps = options.gradient_accumulation_steps
 
     # The dataloader's end must not force a premature optimizer step: the data is cycled.
     plugin = GradientAccumulationPlugin(num_steps=gradient_accumulation_steps, sync_with_dataloader=False)
     # cpu=True on a machine with no accelerator: without it, processes started by `accelerate launch`
     # or torchrun would each train alone instead of as one gloo group.
     accelerator = Accelerator(cpu=not _has_accelerator(), gradient_accumulation_plugin=plugin)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.lr)
     # Not given to accelerator.prepare, which would step it once per process: it is stepped once per
     # optimizer step below, so the schedule ends at ``steps`` whatever the number of processes.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -154,7 +197,7 @@ def train(
     )
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     loader = DataLoader(
-        windows.windows, batch_size=batch_size, collate_fn=functools.partial(TokenWindows.pad, pad_id=pad_id)
+        windows.windows, batch_size=options.batch_size, collate_fn=functools.partial(TokenWindows.pad, pad_id=pad_id)
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)  # each process gets its own share
     distilling = teacher is not None and kd_weight > 0
@@ -173,7 +216,7 @@ def train(
                 teacher_logits = teacher(
                     input_ids=ids.to(teacher_device), attention_mask=mask.to(teacher_device), use_cache=False
                 ).logits.to(logits.device)
-        return healing_loss(logits, ids, mask, teacher_logits, kd_weight, temperature)
+        return healing_loss(logits, ids, mask, teacher_logits, kd_weight, options.temperature)
 
     def cycled() -> Any:
         while True:
@@ -185,7 +228,7 @@ def train(
     bar = tqdm(
         range(steps),
         desc=f"healing ({'CE+KD' if teacher is not None else 'CE'})",
-        disable=not (progress and accelerator.is_main_process),
+        disable=not (options.progress and accelerator.is_main_process),
     )
     for step in bar:
         for _ in range(gradient_accumulation_steps):
@@ -199,8 +242,8 @@ def train(
         rate = scheduler.get_last_lr()[0]  # the rate this step was taken with
         scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if callback is not None:
-            callback(
+        if options.callback is not None:
+            options.callback(
                 step + 1,
                 accelerator.unwrap_model(model),
                 {"loss": loss.item(), "lr": rate, "process": accelerator.process_index},
@@ -212,9 +255,9 @@ def train(
         "processes": accelerator.num_processes,
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "tokens": int(accelerator.reduce(tokens, reduction="sum")),
-        "lr": lr,
+        "lr": options.lr,
         "teacher": (teacher.name_or_path or "in-memory model") if teacher is not None else None,
         "kd_weight": kd_weight if teacher is not None else 0.0,
-        "temperature": temperature if teacher is not None else None,
+        "temperature": options.temperature if teacher is not None else None,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
