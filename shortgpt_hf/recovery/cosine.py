@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibration import TokenWindows
 from ..drivers import Driver
 from ..errors import InvalidRequest, ShortGPTError
-from .base import RecoveryMethod, register
-from .linear import LinearRepair, NormalEquations, check_linear_options, fit_gaps, fold_repair
+from .base import register
+from .linear import FoldedRepair, LinearRepair, NormalEquations, fit_gaps
 
 
 def cosine_distance(eq: NormalEquations, t: torch.Tensor) -> torch.Tensor:
@@ -62,17 +61,14 @@ def refine_for_cosine(eq: NormalEquations, start: torch.Tensor, where: str, step
 
 
 @register
-class CosineRecovery(RecoveryMethod):
+class CosineRecovery(FoldedRepair):
     """A map per removed gap fitted for cosine distance (ReplaceMe), folded as least squares is; no training."""
 
     name = "cosine"
     summary = "a map per removed gap fitted for cosine distance (ReplaceMe), folded into the kept weights; no training"
-    needs_removed_layers = True
 
-    def check(
-        self, model: nn.Module, *, ridge: float = 0.0, steps: int = 50, batch_size: int = 8, progress: bool = True
-    ) -> None:
-        check_linear_options(model, ridge)
+    def check(self, model: nn.Module, *, steps: Any = 50, **options: Any) -> None:
+        super().check(model, **options)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InvalidRequest(f"steps (L-BFGS iterations of the cosine fit) must be at least 1, got {steps!r}")
 
@@ -90,17 +86,3 @@ class CosineRecovery(RecoveryMethod):
             return refine_for_cosine(eq, start, where, steps)
 
         return fit_gaps(self.name, driver, removing, float(ridge), progress, refine=refine)
-
-    def apply(
-        self,
-        model: nn.Module,
-        windows: TokenWindows,
-        tokenizer: Any,
-        *,
-        fitted: LinearRepair | None = None,
-        ridge: float = 0.0,
-        steps: int = 50,
-        batch_size: int = 8,
-        progress: bool = True,
-    ) -> tuple[nn.Module, dict[str, Any]]:
-        return fold_repair(model, fitted, self.name)

@@ -43,6 +43,7 @@ picks layers greedily by the error left after each gap's best map.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -609,21 +610,38 @@ def fold_repair(model: nn.Module, fitted: LinearRepair | None, method: str) -> t
     return model, {k: v for k, v in entry.items() if k not in ("method", "data")}
 
 
-def check_linear_options(model: nn.Module, ridge: Any) -> None:
-    """Refusals every least-squares-based method shares: a family with nowhere to fold, a bad
-    ridge, a model that skips layers in prefill."""
-    fold_rule(model)
-    if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
-        raise InvalidRequest(f"ridge must be a non-negative number, got {ridge!r}")
-    record = ShortGPTConfig.from_model(model)
-    if record is not None and record.mode == "prefill_skip":
-        raise InvalidRequest(
-            "this model skips layers during prefill; call disable_prefill_skip(model) before pruning and repairing it"
-        )
+class FoldedRepair(RecoveryMethod):
+    """A training-free repair: maps fitted on the layers being removed (`fit`), folded into the kept
+    weights (`apply`, the same for every such method). The keyword parameters of `fit` are the
+    method's options, in that one place."""
+
+    needs_removed_layers = True
+
+    def option_names(self) -> set[str]:
+        parameters = inspect.signature(self.fit).parameters.values()
+        return {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    def check(self, model: nn.Module, *, ridge: Any = 0.0, **options: Any) -> None:
+        """Refusals every least-squares-based method shares: a family with nowhere to fold, a bad
+        ridge, a model that skips layers in prefill."""
+        fold_rule(model)
+        if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+            raise InvalidRequest(f"ridge must be a non-negative number, got {ridge!r}")
+        record = ShortGPTConfig.from_model(model)
+        if record is not None and record.mode == "prefill_skip":
+            raise InvalidRequest(
+                "this model skips layers during prefill; call disable_prefill_skip(model) before pruning and "
+                "repairing it"
+            )
+
+    def apply(
+        self, model: nn.Module, windows: TokenWindows, tokenizer: Any, *, fitted: LinearRepair | None = None, **_: Any
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        return fold_repair(model, fitted, self.name)
 
 
 @register
-class LinearRecovery(RecoveryMethod):
+class LinearRecovery(FoldedRepair):
     """A least-squares linear map per removed gap, folded into native weights; no training.
 
     ``shrinkage="auto"`` by default: on the held-out suite it gave the best mean over the genres no
@@ -632,18 +650,9 @@ class LinearRecovery(RecoveryMethod):
 
     name = "linear"
     summary = "a least-squares map per removed gap, folded into the kept weights; no training"
-    needs_removed_layers = True
 
-    def check(
-        self,
-        model: nn.Module,
-        *,
-        ridge: float = 0.0,
-        shrinkage: float | str = "auto",
-        batch_size: int = 8,
-        progress: bool = True,
-    ) -> None:
-        check_linear_options(model, ridge)
+    def check(self, model: nn.Module, *, shrinkage: Any = "auto", **options: Any) -> None:
+        super().check(model, **options)
         if shrinkage != "auto" and not (
             isinstance(shrinkage, (int, float)) and math.isfinite(shrinkage) and shrinkage >= 0
         ):
@@ -660,20 +669,6 @@ class LinearRecovery(RecoveryMethod):
         progress: bool = True,
     ) -> LinearRepair:
         return fit_gaps(self.name, driver, removing, float(ridge), progress, shrinkage)
-
-    def apply(
-        self,
-        model: nn.Module,
-        windows: TokenWindows,
-        tokenizer: Any,
-        *,
-        fitted: LinearRepair | None = None,
-        ridge: float = 0.0,
-        shrinkage: float | str = "auto",
-        batch_size: int = 8,
-        progress: bool = True,
-    ) -> tuple[nn.Module, dict[str, Any]]:
-        return fold_repair(model, fitted, self.name)
 
 
 def repair_aware_order(
