@@ -390,11 +390,16 @@ def _measure_fidelity(
         logger.info("fidelity not measured: %s is a vision-language model", describe(model))
         return
     record = ShortGPTConfig.from_model(model)
-    base = source.location if source.kind == "model" and not source.pruned else record.base_model_name_or_path
-    dtype, device = _walk_dtype(load_kwargs.get("dtype")), input_device(model)
+    dense = source.kind == "model" and not source.pruned
+    base = source.location if dense else record.base_model_name_or_path
+    walk = dict(dtype=_walk_dtype(load_kwargs.get("dtype")), device=input_device(model), progress=False)
     settings = dict(seq_len=config.seq_len, max_tokens=SUMMARY_TOKENS, progress=progress)
     try:  # the walk opens the base's shards only here: a base that cannot be read fails here, not the prune
-        reference = WalkedReference(base, dtype=dtype, device=device, progress=False)
+        if dense:  # the source as it was resolved: the same revision, token and cache
+            reference = WalkedReference(source, **walk)
+        else:
+            hub = {k: v for k, v in load_kwargs.items() if k in HUB_KWARGS}
+            reference = WalkedReference(base, revision=record.base_revision, **walk, **hub)
         report = evaluate(model, tokenizer, ["suite"], reference=reference, **settings)
     except (ShortGPTError, torch.OutOfMemoryError) as e:
         logger.info("fidelity not measured: its dense base %s cannot be walked (%s)", base, e)

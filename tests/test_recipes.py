@@ -234,6 +234,13 @@ with warnings.catch_warnings(record=True) as caught:
 out["stale_warning"] = [str(w.message) for w in caught if missing in str(w.message)]
 out["base_revision"] = PrunedForCausalLM.from_pretrained(
     "tiny-org/tiny-base", removed_layers=[1]).config.shortgpt["base_revision"]
+from shortgpt_hf.streaming import WalkedReference  # a reference walked at the revision a record names
+out["walked_revision"] = WalkedReference("tiny-org/tiny-base", revision=good).source.revision
+try:
+    WalkedReference("tiny-org/tiny-base", revision=missing)
+    out["walked_missing"] = None
+except ShortGPTError as e:
+    out["walked_missing"] = str(e)
 print(json.dumps(out))
 """
 
@@ -277,3 +284,4 @@ def test_hub_ids_resolve_through_the_cache_offline(tmp_path):
     torch.testing.assert_close(torch.tensor(out["local"]), expected, atol=1e-5, rtol=1e-5)
     assert out["stale_warning"] and good in out["stale_warning"][0]
     assert out["base_revision"] == good
+    assert out["walked_revision"] == good and missing in out["walked_missing"]

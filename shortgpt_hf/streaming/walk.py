@@ -517,14 +517,19 @@ class WalkedReference:
 
     def __init__(
         self,
-        name_or_path: str | Path,
+        name_or_path: str | Path | Source,
         *,
+        revision: str | None = None,
         dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         activations_device: str | torch.device | None = None,
         progress: bool = True,
+        **hub_kwargs: Any,
     ):
-        self.source = resolve(name_or_path)
+        """``revision`` and ``hub_kwargs`` (``token``, ``cache_dir``...) read a Hub id as
+        ``from_pretrained`` would; a `Source` already resolved is read as it was resolved."""
+        resolved = isinstance(name_or_path, Source)
+        self.source = name_or_path if resolved else resolve(name_or_path, revision, **hub_kwargs)
         if self.source.kind != "model":
             raise InvalidRequest(f"a walked reference reads a model's checkpoint; {self.source.describe()} is not one")
         self.options = dict(dtype=dtype, device=device, activations_device=activations_device, progress=progress)
