@@ -416,7 +416,10 @@ def _print_fidelity(fidelity: dict[str, Any]) -> None:
             f"  {label:<20}{f['perplexity_ratio']:>12.3f}{f['kl_mean']:>9.3f}{f['kl_p99']:>8.2f}"
             f"{f['top1_agreement']:>7.3f}"
         )
-    say(f"  unseen: {', '.join(unseen)}, genres the default calibration never reads")
+    said = f"  unseen: {', '.join(unseen)}, genres the default calibration never reads"
+    if not fidelity.get("default_calibration", True):
+        said += " (this prune was calibrated on other text, which may be of those genres)"
+    say(said)
 
 
 def _gaps(step: dict[str, Any]) -> str:

@@ -361,10 +361,12 @@ FIDELITY_METRICS = ("perplexity_ratio", "kl_mean", "kl_p99", "top1_agreement")
 SUMMARY_TOKENS = 1024  # per genre, for the record a prune keeps: a first look; `evaluate` measures more
 
 
-def fidelity_record(report: EvalReport) -> dict[str, Any]:
+def fidelity_record(report: EvalReport, default_calibration: bool = True) -> dict[str, Any]:
     """A suite report against a reference, as a record keeps it (``config.shortgpt["fidelity"]``):
     per genre the perplexity ratio, KL(dense ‖ pruned) mean and 99th percentile and top-1
-    agreement, then their means over all genres and over the unseen ones."""
+    agreement, then their means over all genres and over the unseen ones. The unseen genres are
+    those the packaged calibration never reads; ``default_calibration`` (kept) says whether the
+    model was calibrated on it, for text of a user's own may be of those genres."""
     domains = {d.name: {m: round(report.get(f"fidelity:{d.name}", m), 4) for m in FIDELITY_METRICS} for d in DOMAINS}
     unseen = [d.name for d in DOMAINS if not d.calibrated]
     settings = next(r.settings for r in report.results if r.task == f"fidelity:{DOMAINS[0].name}")
@@ -378,6 +380,7 @@ def fidelity_record(report: EvalReport) -> dict[str, Any]:
         "mean": mean(list(domains)),
         "unseen": unseen,
         "unseen_mean": mean(unseen),
+        "default_calibration": default_calibration,
     }
 
 

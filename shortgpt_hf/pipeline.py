@@ -191,7 +191,8 @@ def prune_pretrained(
         _verify_walked(model, source, removed, repair, dtype)
     if repair is not None and config.measure:
         _measure_walked(model, source, removed, tokenizer, config.seq_len, dtype, progress)
-    _measure_fidelity(model, tokenizer or load_tokenizer(source), source, config, from_pretrained_kwargs, progress)
+    tok = tokenizer or load_tokenizer(source)
+    _measure_fidelity(model, tok, source, config, from_pretrained_kwargs, progress, calibration_data)
     return PruneResult(
         ShortGPTConfig.from_model(model),
         LAYER_BY_LAYER,
@@ -297,7 +298,7 @@ def _in_memory(
         eval_data=heldout_texts()[:1] if config.measure else None,
         progress=progress,
     )
-    _measure_fidelity(carried.model, tokenizer, source, config, load_kwargs, progress)
+    _measure_fidelity(carried.model, tokenizer, source, config, load_kwargs, progress, calibration_data)
     record = ShortGPTConfig.from_model(model)
     return PruneResult(
         record,
@@ -378,7 +379,13 @@ def _verify_walked(
 
 
 def _measure_fidelity(
-    model: nn.Module, tokenizer: Any, source: Source, config: ShortGPTConfig, load_kwargs: dict, progress: bool
+    model: nn.Module,
+    tokenizer: Any,
+    source: Source,
+    config: ShortGPTConfig,
+    load_kwargs: dict,
+    progress: bool,
+    calibration_data: CalibrationData,
 ) -> None:
     """Record in ``config.shortgpt["fidelity"]`` how far the result drifts from its dense base on every
     genre of the held-out suite (`evaluation.fidelity_record`). The base (the source itself, or the one
@@ -404,7 +411,8 @@ def _measure_fidelity(
     except (ShortGPTError, torch.OutOfMemoryError) as e:
         logger.info("fidelity not measured: its dense base %s cannot be walked (%s)", base, e)
         return
-    model.config.shortgpt = {**model.config.shortgpt, "fidelity": fidelity_record(report)}
+    default = calibration_data is None and config.calibration is None  # what "unseen" is relative to
+    model.config.shortgpt = {**model.config.shortgpt, "fidelity": fidelity_record(report, default)}
 
 
 def _measure_walked(

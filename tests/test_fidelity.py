@@ -267,6 +267,18 @@ def test_every_prune_keeps_its_drift_from_the_base_and_the_card_shows_it(tmp_pat
     assert saved == fidelity
     card = str(model_card(AutoModelForCausalLM.from_pretrained(tmp_path / "out")))
     assert "## Fidelity to the base model" in card and "| legal (unseen) |" in card
+    assert fidelity["default_calibration"] is True and "the calibration never reads" in card
+    own = prune_to_folder(  # on text of the user's own, "unseen" only means unseen by the default calibration
+        tmp_path / "dense",
+        request,
+        tmp_path / "own",
+        layer_by_layer=False,
+        progress=False,
+        calibration_data=["ab " * 400],
+    )
+    assert own.config.fidelity["default_calibration"] is False
+    own_card = str(model_card(AutoModelForCausalLM.from_pretrained(tmp_path / "own")))
+    assert "this model was calibrated\non other text, which may be of those genres" in own_card
     quiet = ShortGPTConfig(layers=[2, 3], seq_len=32, verify=False, measure=False)
     skipped = prune_to_folder(tmp_path / "dense", quiet, tmp_path / "quiet", layer_by_layer=False, progress=False)
     assert skipped.config.fidelity is None
