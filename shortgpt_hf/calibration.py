@@ -207,10 +207,10 @@ def check_sources(calibration: str | os.PathLike | dict[Any, Any]) -> None:
 
 
 def _mixture_windows(
-    mixture: Any, tokenizer: Any, seq_len: int, max_tokens: int | None
+    mixture: Any, tokenizer: Any, seq_len: int, max_tokens: int | None, text_column: str
 ) -> tuple[list[torch.Tensor], str]:
     pairs = mixture_pairs(mixture)  # each source is read once, below, and refused there if it cannot be
-    parts = [(prepare_calibration(source, tokenizer, seq_len), weight) for source, weight in pairs]
+    parts = [(prepare_calibration(source, tokenizer, seq_len, None, text_column), w) for source, w in pairs]
     return _shared_out([(part.description, part, weight) for part, weight in parts], max_tokens)
 
 
@@ -258,12 +258,13 @@ def prepare_calibration(
 
     A mixture (``{source: weight}``, sources being text files or folders of
     ``.txt`` files) gives each source its weight's share of ``max_tokens``;
-    ``None`` is the packaged mixture (`texts.CALIBRATION_SOURCES`), in equal shares."""
+    ``None`` is the packaged mixture (`texts.CALIBRATION_SOURCES`), in equal shares. A Dataset,
+    alone or in a mixture, is read from its ``text_column``."""
     if calibration is None or is_mixture(calibration):
         if calibration is None:
             windows, description = _default_windows(tokenizer, seq_len, max_tokens)
         else:
-            windows, description = _mixture_windows(calibration, tokenizer, seq_len, max_tokens)
+            windows, description = _mixture_windows(calibration, tokenizer, seq_len, max_tokens, text_column)
         return _checked(TokenWindows([w for w in windows if len(w) > 0], description, seq_len), seq_len)
     if seq_len < 2:
         raise InvalidRequest(f"the window length (seq_len / --seq-len) must be at least 2 tokens, got {seq_len}")

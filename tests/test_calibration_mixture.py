@@ -45,6 +45,9 @@ def test_a_mixture_of_datasets_and_texts_in_python(sources):
         sum(50 <= t < 100 for t in ids) == 200 and sum(t >= 100 for t in ids) == 100 and sum(t < 50 for t in ids) == 100
     )
     assert windows.description == f"mix:dataset:text[1]*2+texts:1*1+file:{a.name}*1"
+    body = dataset.rename_column("text", "body")  # a mixture reads its Datasets from the column asked for
+    by_column = prepare_calibration([(body, 1), (texts, 1)], tiny_tokenizer(), 50, 200, text_column="body")
+    assert by_column.description == "mix:dataset:body[1]*1+texts:1*1" and by_column.num_tokens == 200
     with pytest.raises(InvalidRequest, match="weight of calibration source Dataset must be a positive number, got 0"):
         prepare_calibration([(dataset, 0)], tiny_tokenizer(), 50)
     with pytest.raises(InvalidRequest, match="sources are files, folders or data, not mixtures"):
