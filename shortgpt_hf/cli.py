@@ -246,8 +246,9 @@ def prune(
     recovery: Annotated[
         str,
         typer.Option(
-            help="Repair the removal as part of it: none, or linear (a least-squares map per removed gap, "
-            "folded into the kept weights; no training). LoRA healing is `shortgpt heal`."
+            help="Repair the removal as part of it, with no training: none, linear (a least-squares map per "
+            "removed gap, folded into the kept weights) or cosine (the same map fitted for cosine distance). "
+            "Healing that trains is `shortgpt heal`."
         ),
     ] = "none",
     ridge: Annotated[
@@ -300,7 +301,7 @@ def prune(
     if recovery != "none" and recovery not in _training_free_methods():
         raise InvalidRequest(
             f"--recovery must be none or one of {', '.join(_training_free_methods())}, got {recovery!r} "
-            "(LoRA healing: shortgpt heal)"
+            "(healing that trains: shortgpt heal)"
         )
     config = ShortGPTConfig(
         layers=_parse_layers(layers) if layers is not None else None,

@@ -396,7 +396,7 @@ def test_cli_prunes_with_linear_repair_and_eval_compares_it_with_plain_removal_a
     )
     assert code == 2 and not (tmp_path / "x").exists()
     assert_one_line_error(
-        err, "--recovery must be none or one of linear, cosine, got 'lora' (LoRA healing: shortgpt heal)"
+        err, "--recovery must be none or one of linear, cosine, got 'lora' (healing that trains: shortgpt heal)"
     )
     code, _, err = run_cli(capsys, monkeypatch, "eval", tmp_path / "plain", tmp_path / "linear", "--with-base")
     assert code == 2
