@@ -40,6 +40,7 @@ from .layers import count_parameters, find_decoder_layers, input_device, probe_i
 from .loading import load_from_base, load_model
 from .pruning import carry_out
 from .reading import load_tokenizer, num_layers_of, text_config_of
+from .recovery.base import recovered_base
 from .registry import METRICS, RECOVERY_METHODS
 from .saving import save_pruned, save_recipe
 from .scoring import LayerScores
@@ -387,32 +388,64 @@ def _measure_fidelity(
     progress: bool,
     calibration_data: CalibrationData,
 ) -> None:
-    """Record in ``config.shortgpt["fidelity"]`` how far the result drifts from its dense base on every
-    genre of the held-out suite (`evaluation.fidelity_record`). The base (the source itself, or the one
-    a pruned source records) is walked layer by layer from its checkpoint, so a second copy of the
-    model is never in memory; a base that cannot be walked is said in the log and skipped."""
+    """`record_fidelity` for a prune that measures: against the source itself, as it was resolved
+    (the same revision, token and cache), or against the base a pruned source records."""
     if not config.measure or config.mode != "remove":
-        return
-    if is_vision_language(model.config):  # the walk reads text-only checkpoints; the suite is text anyway
-        logger.info("fidelity not measured: %s is a vision-language model", describe(model))
         return
     record = ShortGPTConfig.from_model(model)
     dense = source.kind == "model" and not source.pruned
-    base = source.location if dense else record.base_model_name_or_path
-    walk = dict(dtype=_walk_dtype(load_kwargs.get("dtype")), device=input_device(model), progress=False)
-    settings = dict(seq_len=config.seq_len, max_tokens=SUMMARY_TOKENS, progress=progress)
-    try:  # the walk opens the base's shards only here: a base that cannot be read fails here, not the prune
-        if dense:  # the source as it was resolved: the same revision, token and cache
-            reference = WalkedReference(source, **walk)
-        else:
-            hub = {k: v for k, v in load_kwargs.items() if k in HUB_KWARGS}
-            reference = WalkedReference(base, revision=record.base_revision, **walk, **hub)
-        report = evaluate(model, tokenizer, ["suite"], reference=reference, **settings)
-    except (ShortGPTError, torch.OutOfMemoryError) as e:
-        logger.info("fidelity not measured: its dense base %s cannot be walked (%s)", base, e)
+    record_fidelity(
+        model,
+        tokenizer,
+        source if dense else record.base_model_name_or_path,
+        revision=None if dense else record.base_revision,
+        hub={} if dense else {k: v for k, v in load_kwargs.items() if k in HUB_KWARGS},
+        dtype=_walk_dtype(load_kwargs.get("dtype")),
+        seq_len=config.seq_len,
+        default_calibration=calibration_data is None and config.calibration is None,
+        progress=progress,
+    )
+
+
+def record_fidelity(
+    model: nn.Module,
+    tokenizer: Any,
+    base: str | Source,
+    *,
+    revision: str | None = None,
+    hub: dict[str, Any] | None = None,
+    dtype: Any = None,
+    seq_len: int = HEADLINE.seq_len,
+    default_calibration: bool = True,
+    progress: bool = True,
+) -> None:
+    """Record in ``config.shortgpt["fidelity"]`` how far a pruned (or pruned and healed) model drifts
+    from its dense ``base`` on every genre of the held-out suite (`evaluation.fidelity_record`; the
+    first `SUMMARY_TOKENS` of each). The base is walked layer by layer from its checkpoint, so a
+    second copy of the model is never in memory; one that cannot be walked (or a vision-language
+    model) is said in the log and skipped, never failing what measured it. ``default_calibration``:
+    whether the model was calibrated (and healed) on the packaged mixture, which "unseen" refers to."""
+    inner = recovered_base(model)  # a PEFT model's record is its base model's
+    if is_vision_language(inner.config):  # the walk reads text-only checkpoints; the suite is text anyway
+        logger.info("fidelity not measured: %s is a vision-language model", describe(inner))
         return
-    default = calibration_data is None and config.calibration is None  # what "unseen" is relative to
-    model.config.shortgpt = {**model.config.shortgpt, "fidelity": fidelity_record(report, default)}
+    walk = dict(dtype=dtype, device=input_device(inner), progress=False, **(hub or {}))
+    try:  # the walk opens the base's shards only here: a base that cannot be read fails here, not the caller
+        reference = WalkedReference(base, revision=revision, **walk)
+        report = evaluate(
+            model,
+            tokenizer,
+            ["suite"],
+            reference=reference,
+            seq_len=seq_len,
+            progress=progress,
+            max_tokens=SUMMARY_TOKENS,
+        )
+    except (ShortGPTError, torch.OutOfMemoryError) as e:
+        name = base.location if isinstance(base, Source) else base
+        logger.info("fidelity not measured: its dense base %s cannot be walked (%s)", name, e)
+        return
+    inner.config.shortgpt = {**inner.config.shortgpt, "fidelity": fidelity_record(report, default_calibration)}
 
 
 def _measure_walked(

@@ -255,14 +255,23 @@ def test_heal_command_merges_into_native_checkpoint(tiny_dirs, tmp_path, capsys,
         "adjacent",
     )
     assert code == 0, err
-    assert "held-out perplexity" in stdout and "merged checkpoint saved to" in stdout
+    assert f"healed: 2 steps (128 tokens, distilled from {tiny_dirs / 'llama'})" in stdout  # the recorded base
+    assert "against the dense model, on the held-out suite" in stdout and "merged checkpoint saved to" in stdout
     record = ShortGPTConfig.from_dict(json.loads((healed / "config.json").read_text())["shortgpt"])
     assert (
         record.removed_layers == [2]
         and record.recovery[-1]["steps"] == 2
         and record.recovery[-1]["layers"] == "adjacent"
+        and record.recovery[-1]["kd_weight"] == 1.0
     )
+    assert record.fidelity["domains"] and record.fidelity["default_calibration"] is True  # measured after healing
     assert AutoModelForCausalLM.from_pretrained(healed).config.num_hidden_layers == 5
+    args = ["--steps", "1", "--seq-len", "32", "--batch-size", "2", "--merge", "--kd-weight", "0", "--no-measure"]
+    code, stdout, err = run_cli(capsys, monkeypatch, "heal", pruned, "--out", tmp_path / "ce", *args)
+    assert code == 0, err
+    assert "healed: 1 step (64 tokens, on cross-entropy)" in stdout and "against the dense model" not in stdout
+    record = json.loads((tmp_path / "ce" / "config.json").read_text())["shortgpt"]
+    assert record["recovery"][-1]["teacher"] is None and record["fidelity"] is None
     code, _, err = run_cli(capsys, monkeypatch, "heal", pruned, "--out", healed, "--steps", "1")
     assert code == 2
     assert_one_line_error(err, "not empty")

@@ -477,3 +477,36 @@ def test_the_training_methods_share_one_set_of_options(method, saved_pruned):
     out = recover(saved_pruned, method, TOKENS, seq_len=32, steps=1, batch_size=2, progress=False)
     step = ShortGPTConfig.from_model(out.get_base_model() if method == "lora" else out).recovery[-1]
     assert step["lr"] == chosen.default_lr and step["steps"] == 1 and step["tokens"] == 2 * 32
+
+
+def test_healing_distils_from_the_recorded_base_by_default(tmp_path):
+    """The default teacher is the dense model the pruned one records: training with it is training
+    with that model given by hand; cross-entropy is a different run; a base recorded but gone is
+    refused in one line before anything trains."""
+    import shutil
+
+    from shortgpt_hf.recovery import recover
+
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+
+    def pruned() -> torch.nn.Module:
+        return prune(AutoModelForCausalLM.from_pretrained(tmp_path / "dense"), [2])
+
+    train = dict(seq_len=32, layers=1, steps=2, lr=1e-3, batch_size=2, progress=False)
+    by_default = recover(pruned(), "partial", TOKENS, **train)
+    given = recover(
+        pruned(), "partial", TOKENS, teacher=AutoModelForCausalLM.from_pretrained(tmp_path / "dense"), **train
+    )
+    on_text = recover(pruned(), "partial", TOKENS, teacher=None, **train)
+    step = ShortGPTConfig.from_model(by_default).recovery[-1]
+    assert step["teacher"] == ShortGPTConfig.from_model(by_default).base_model_name_or_path and step["kd_weight"] == 1.0
+    last = by_default.model.layers[-1].mlp.down_proj.weight
+    torch.testing.assert_close(last, given.model.layers[-1].mlp.down_proj.weight)
+    assert not torch.allclose(last, on_text.model.layers[-1].mlp.down_proj.weight)
+    assert ShortGPTConfig.from_model(on_text).recovery[-1]["teacher"] is None
+
+    orphan = pruned()
+    shutil.rmtree(tmp_path / "dense")
+    with pytest.raises(ShortGPTError, match="the teacher to distil from: no such folder: .*kd_weight=0"):
+        recover(orphan, "partial", TOKENS, **train)
+    assert not ShortGPTConfig.from_model(orphan).recovery

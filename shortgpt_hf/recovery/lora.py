@@ -1,10 +1,10 @@
-"""The LoRA recovery method: healing with PEFT adapters, optionally distilled from the dense model.
+"""The LoRA recovery method: healing with PEFT adapters, distilled from the dense model by default.
 
 A short fine-tune of low-rank adapters wins back much of what removing layers
 cost (Gromov et al. heal with QLoRA). The loop is plain accelerate, so the same
-code runs on CPU, one GPU, or several under ``accelerate launch``; with a
-teacher (the dense model) the loss mixes next-token cross-entropy with KL to
-the teacher's distribution.
+code runs on CPU, one GPU, or several under ``accelerate launch``; the loss is
+KL to the dense model's next-token distribution (cross-entropy on the text
+alone, or a mix, on request).
 
 The adapter must name the PRUNED model as its base: an adapter that records
 the unpruned base makes ``AutoPeftModelForCausalLM`` load the full model and put
@@ -108,7 +108,7 @@ class LoraRecovery(TrainingRecovery):
             # batches would leave the vision side untrained: train it with PEFT directly.
             raise ShortGPTError(f"healing supports text-only causal LMs; {describe(model)} is a vision-language model")
         _check_method("qlora" if quantized else "lora", model)
-        self.training(training)
+        self.training(model, training, load=False)
 
     def apply(
         self,
@@ -126,7 +126,7 @@ class LoraRecovery(TrainingRecovery):
     ) -> tuple[nn.Module, dict[str, Any]]:
         from peft import get_peft_model
 
-        options = self.training(training)
+        options = self.training(model, training, load=True)
 
         reference = pruned_reference(model)
         if reference is None:
@@ -246,10 +246,14 @@ def heal(
     ``target_modules`` (default: every linear layer of the family's decoder
     block, never the output head), ``r``, ``alpha``; or instead of those four,
     ``peft_config``: any peft ``LoraConfig`` (DoRA, rsLoRA, your own targets).
-    Training: ``steps`` (optimizer steps), ``lr`` (10% warm-up, then linear
-    decay to zero at the last step), ``batch_size`` (per process),
-    ``gradient_accumulation_steps``, ``seed``. With ``teacher`` the loss is
-    ``(1 - kd_weight) * CE + kd_weight * KL`` at ``temperature``.
+    Training (`TrainingOptions`): ``steps`` (optimizer steps), ``lr`` (10%
+    warm-up, then linear decay to zero at the last step), ``batch_size`` (per
+    process), ``gradient_accumulation_steps``, ``seed``. The loss is
+    ``(1 - kd_weight) * CE + kd_weight * KL`` at ``temperature`` to ``teacher``:
+    by default ``"base"``, the dense model the pruned one records (loaded for
+    the purpose), with ``kd_weight=1``; ``teacher=None`` or ``kd_weight=0``
+    trains on cross-entropy alone, which adapts the model to ``data`` rather
+    than keeping the dense model's behaviour elsewhere.
     With ``eval_data``, held-out perplexity before and after is recorded in
     the ``config.shortgpt["recovery"]`` entry. ``callback(step, peft_model, logs)``
     is called after each optimizer step (for curves; ``logs`` has ``loss``,

@@ -64,7 +64,7 @@ class PartialTuning(TrainingRecovery):
                 "this model's output head is tied to its input embeddings: training it would change them too "
                 "(use head=False)"
             )
-        self.training(training)
+        self.training(model, training, load=False)
 
     def apply(
         self,
@@ -76,7 +76,7 @@ class PartialTuning(TrainingRecovery):
         head: bool = False,
         **training: Any,
     ) -> tuple[nn.Module, dict[str, Any]]:
-        options = self.training(training)
+        options = self.training(model, training, load=True)
         found = find_decoder_layers(model)
         n = len(found.layers)
         if layers > n:  # checked against the dense model before removal; the pruned one may have fewer

@@ -1,16 +1,18 @@
-"""The training loop every training recovery shares: plain accelerate, optionally distilled from the dense model.
+"""The training loop every training recovery shares: plain accelerate, distilled from the dense model by default.
 
 One loop, so that LoRA adapters (`lora`) and tuning a few whole layers
 (`partial`) train the same way: on CPU, one GPU, or several processes under
 ``accelerate launch`` (each process gets its own share of the batches and the
-schedule still ends at ``steps``); the loss is next-token cross-entropy, or
-with a teacher (the dense model) ``(1 - kd_weight) * CE + kd_weight * KL``.
-What trains is whatever in the model has ``requires_grad``.
+schedule still ends at ``steps``); the loss is ``(1 - kd_weight) * CE +
+kd_weight * KL`` to a teacher, by default the dense base with ``kd_weight=1``,
+or next-token cross-entropy alone. What trains is whatever in the model has
+``requires_grad``.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
@@ -21,9 +23,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import TokenWindows
-from ..errors import InvalidRequest
+from ..config import ShortGPTConfig
+from ..errors import InvalidRequest, ShortGPTError
 from ..layers import input_device
-from .base import RecoveryMethod
+from ..sources import resolve
+from .base import RecoveryMethod, recovered_base
+
+BASE_TEACHER = "base"  # the dense model a pruned one records as its base
 
 
 @dataclass(frozen=True)
@@ -33,8 +39,13 @@ class TrainingOptions:
     before any data is prepared.
 
     ``lr`` None means the method's own default (`TrainingRecovery.default_lr`): LoRA's
-    adapters start at zero and take a larger rate than whole layers do. With ``teacher``
-    (the dense model) the loss is ``(1 - kd_weight) * CE + kd_weight * KL`` at ``temperature``.
+    adapters start at zero and take a larger rate than whole layers do. With a ``teacher``
+    the loss is ``(1 - kd_weight) * CE + kd_weight * KL`` at ``temperature``. By default
+    the teacher is ``"base"``, the dense model this one was pruned from, and ``kd_weight``
+    is 1 (KL alone): on held-out genres no training text comes from, distilling kept the
+    dense model's behaviour better than cross-entropy on the same text, which adapts the
+    model to that text instead (see `dense_teacher` for what a teacher can be; None, or
+    ``kd_weight=0``, trains on cross-entropy alone).
     ``callback(step, model, logs)`` is called after each optimizer step (``logs`` has
     ``loss``, ``lr`` and ``process``).
     """
@@ -42,8 +53,8 @@ class TrainingOptions:
     steps: int = 50
     lr: float | None = None
     batch_size: int = 4
-    teacher: nn.Module | None = None
-    kd_weight: float = 0.5
+    teacher: nn.Module | str | None = BASE_TEACHER
+    kd_weight: float = 1.0
     temperature: float = 1.0
     gradient_accumulation_steps: int = 1
     seed: int = 0
@@ -81,10 +92,51 @@ class TrainingRecovery(RecoveryMethod):
     def option_names(self) -> set[str]:
         return super().option_names() | TRAINING_OPTIONS
 
-    def training(self, given: dict[str, Any]) -> TrainingOptions:
-        """The shared options from what the caller gave (checked), with this method's learning rate."""
+    def training(self, model: nn.Module, given: dict[str, Any], *, load: bool) -> TrainingOptions:
+        """The shared options from what the caller gave, checked, with this method's learning rate
+        and (``load``) the teacher model itself, or only found (`check`), so that a missing one is
+        refused before any data is prepared."""
         options = TrainingOptions(**given)
-        return options if options.lr is not None else replace(options, lr=self.default_lr)
+        options = options if options.lr is not None else replace(options, lr=self.default_lr)
+        return replace(options, teacher=dense_teacher(model, options, load=load))
+
+
+def dense_teacher(model: nn.Module, options: TrainingOptions, *, load: bool = True) -> nn.Module | None:
+    """The model ``options.teacher`` stands for. ``"base"``: the dense model ``model`` was pruned
+    from, by the name and revision its record keeps; another name or folder: that model. Either is
+    loaded in the student's dtype, on its input device (spread like it with a device map). A model
+    is used as given; None, or ``kd_weight=0``, is no teacher. A pruned model that records no base
+    heals on cross-entropy, with a warning; a base recorded but not found is refused."""
+    from ..loading import load_model  # here: loading imports the recovery package, which imports this
+
+    teacher = options.teacher
+    if teacher is None or options.kd_weight == 0 or isinstance(teacher, nn.Module):
+        return teacher if options.kd_weight > 0 else None
+    student = recovered_base(model)
+    name, revision = str(teacher), None
+    if teacher == BASE_TEACHER:
+        record = ShortGPTConfig.from_model(student)
+        name, revision = (record.base_model_name_or_path, record.base_revision) if record else (None, None)
+        if not name:
+            if load:
+                warnings.warn(
+                    "this pruned model records no dense base to distil from (teacher='base'), so it heals on "
+                    "cross-entropy alone: pass teacher=<the dense model> to distil",
+                    stacklevel=4,
+                )
+            return None
+    try:
+        resolve(name, revision)
+    except ShortGPTError as e:
+        raise InvalidRequest(
+            f"the teacher to distil from: {e} (give another with teacher= / --teacher, or none with kd_weight=0)"
+        ) from None
+    if not load:
+        return None
+    spread = len(set((getattr(student, "hf_device_map", None) or {}).values())) > 1
+    placement = {"device_map": "auto"} if spread else {}
+    dense, _ = load_model(name, tokenizer=False, revision=revision, dtype=student.dtype, **placement)
+    return dense if spread else dense.to(input_device(student))
 
 
 LOSS_CHUNK_ELEMENTS = 2**23  # logits per chunk of the loss: 32 MiB for each float32 temporary
