@@ -73,10 +73,10 @@ def main() -> None:
         plays.write_text("\n\n".join(CALIBRATION_SOURCES["shakespeare"]()))
         distilled = {"teacher": dense, "kd_weight": 1.0}
         variants = {
-            "linear + LoRA, cross-entropy on the mixture": ("lora", None, {}),
+            "linear + LoRA, cross-entropy on the mixture": ("lora", None, {"teacher": None}),
             "linear + LoRA, distilled from dense on the mixture": ("lora", None, distilled),
             "linear + last 2 layers tuned, distilled on the mixture": ("partial", None, {**distilled, "lr": 1e-4}),
-            "linear + LoRA, cross-entropy on the plays only": ("lora", str(plays), {}),
+            "linear + LoRA, cross-entropy on the plays only": ("lora", str(plays), {"teacher": None}),
         }
         chosen = {k: v for k, v in variants.items() if not args.only or any(word in k for word in args.only)}
         for label, (method, data, options) in chosen.items():

@@ -24,7 +24,7 @@ from shortgpt_hf import load_builtin, perplexity, prune, score_layers
 from shortgpt_hf.recovery import heal
 from shortgpt_hf.texts import calibration_texts, heldout_texts
 
-TRAIN = dict(lr=1e-3, seq_len=128, batch_size=2, progress=False)
+TRAIN = dict(lr=1e-3, seq_len=128, batch_size=2, kd_weight=0.5, progress=False)  # as recorded: CE + KD at 0.5
 EVAL = dict(seq_len=128, max_tokens=2048)
 
 

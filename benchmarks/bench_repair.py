@@ -36,7 +36,7 @@ from shortgpt_hf.pruning import restored_after
 from shortgpt_hf.selection import removal_count
 from shortgpt_hf.texts import calibration_texts, heldout_texts
 
-TRAIN = dict(lr=1e-3, seq_len=128, batch_size=2, progress=False)
+TRAIN = dict(lr=1e-3, seq_len=128, batch_size=2, teacher=None, progress=False)  # cross-entropy, as recorded
 
 
 def plus(*costs: Seconds) -> dict:
