@@ -97,8 +97,9 @@ def test_healing_refusals(saved_pruned, tmp_path):
 
 def test_healing_lowers_heldout_perplexity_on_real_model(smollm2_path, tmp_path):
     """SmolLM2-135M with its 8 lowest-BI layers (25%) removed; 24 LoRA steps of
-    2 x 128 tokens on the calibration plays; perplexity on a different play
-    (Othello) must drop clearly. ~1-2 minutes on 2 cores."""
+    2 x 128 tokens on the calibration plays, distilled from the dense model it
+    was loaded from (the default teacher); perplexity on a different play
+    (Othello) must drop clearly. ~2 minutes on 2 cores."""
     from shortgpt_hf.texts import calibration_texts, heldout_texts
 
     tok = AutoTokenizer.from_pretrained(smollm2_path)
