@@ -1,6 +1,7 @@
 """Does healing recover general ability, or adapt to its training text? Measured on the held-out suite.
 
-SmolLM2-135M with its 8 lowest-BI layers removed (25%) and the training-free
+SmolLM2-135M (or ``--model gemma3-270m``) with 25% of its layers removed by
+Block Influence (8 of 30; 5 of 18) and the training-free
 repair (``linear``, 32,768 tokens of the default mixture) applied, then healed
 for the same wall-clock budget each (2 x 128-token batches; LoRA r=8 on
 every linear layer of the decoder blocks, lr 1e-3) (``--budget`` seconds;
@@ -15,7 +16,7 @@ the step count comes from a short timing probe):
   genre does.
 
 Each is measured against the dense model on the suite's five genres
-(perplexity ratio, KL, top-1 agreement; the first 2,048 tokens of each genre), with
+(perplexity ratio, KL, top-1 agreement; the first ``--eval-tokens`` of each genre), with
 the mean over the two genres no training text comes from (unseen), and
 zero-shot multiple-choice accuracy (BIG-bench general_knowledge, emoji_movie).
 """
@@ -35,6 +36,7 @@ from harness import command_line, machine_info, timing, write_json
 from shortgpt_hf import evaluate, load_builtin, prune, score_layers
 from shortgpt_hf.multiple_choice import PACKAGED_TASKS
 from shortgpt_hf.recovery import recover
+from shortgpt_hf.selection import removal_count
 from shortgpt_hf.texts import CALIBRATION_SOURCES
 
 TRAIN = dict(lr=1e-3, seq_len=128, batch_size=2, progress=False)
@@ -42,17 +44,20 @@ TRAIN = dict(lr=1e-3, seq_len=128, batch_size=2, progress=False)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="a built-in model")
     parser.add_argument("--budget", type=float, default=600, help="seconds of training per variant")
+    parser.add_argument("--eval-tokens", type=int, default=2048, help="tokens of each genre measured")
     parser.add_argument("--tokens", type=int, default=32768, help="calibration tokens of the training-free repair")
     parser.add_argument("--only", nargs="*", default=None, help="run only the variants whose labels contain a word")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
-    dense, tok = load_builtin("smollm2-135m")
-    layers = score_layers(dense, tokenizer=tok, progress=False).lowest(8)
+    dense, tok = load_builtin(args.model)
+    count = removal_count(len(dense.model.layers), ratio=0.25)  # halves up: 5 of 18, 8 of 30
+    layers = score_layers(dense, tokenizer=tok, progress=False).lowest(count)
 
-    plain, _ = load_builtin("smollm2-135m")
+    plain, _ = load_builtin(args.model)
     prune(plain, layers)
-    base, _ = load_builtin("smollm2-135m")
+    base, _ = load_builtin(args.model)
     options = {"max_tokens": args.tokens, "progress": False}
     prune(base, layers, tokenizer=tok, recovery="linear", recovery_options=options)
 
@@ -60,7 +65,9 @@ def main() -> None:
         return copy.deepcopy(base)
 
     def measured(model) -> dict:
-        return figures(evaluate(model, tok, ["suite", "mc"], reference=dense, max_tokens=2048, progress=False))
+        return figures(
+            evaluate(model, tok, ["suite", "mc"], reference=dense, max_tokens=args.eval_tokens, progress=False)
+        )
 
     def say(label: str, row: dict) -> None:  # each result as it comes: a long run keeps what it finished
         print(f"{label}: " + json.dumps(row), flush=True)
@@ -99,7 +106,14 @@ def main() -> None:
         print(f"| {label} | " + " | ".join(f"{row['mc'][t]:.3f}" for t in PACKAGED_TASKS) + " |")
     if args.json:
         write_json(
-            args.json, {"machine": machine_info(), "command": command_line(), "layers": layers, "results": results}
+            args.json,
+            {
+                "machine": machine_info(),
+                "command": command_line(),
+                "model": args.model,
+                "layers": layers,
+                "results": results,
+            },
         )
 
 
