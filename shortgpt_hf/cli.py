@@ -419,7 +419,7 @@ def _print_fidelity(fidelity: dict[str, Any]) -> None:
         )
     said = f"  unseen: {', '.join(unseen)}, genres the default calibration never reads"
     if not fidelity.get("default_calibration", True):
-        said += " (this prune was calibrated on other text, which may be of those genres)"
+        said += " (this model was calibrated or healed on other text, which may be of those genres)"
     say(said)
 
 

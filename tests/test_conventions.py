@@ -56,8 +56,13 @@ def test_a_pruned_checkpoint_keeps_its_base_dtype(bf16_dir, tmp_path, capsys, mo
     assert "torch.bfloat16" in stdout
 
 
-def test_heal_says_step_in_the_singular_and_how_perplexity_was_measured(tmp_path, capsys, monkeypatch):
-    model = tiny_model("llama")
+def test_heal_says_step_in_the_singular_and_how_fidelity_was_measured(tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from shortgpt_hf.evaluation import SUMMARY_TOKENS
+
+    tiny_model("llama").save_pretrained(tmp_path / "dense")  # a base the pruned model records, to distil from
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     prune(model, layers=[1, 2])
     save_pruned(model, tmp_path / "pruned", tiny_tokenizer())
     data = tmp_path / "train.txt"
@@ -80,8 +85,10 @@ def test_heal_says_step_in_the_singular_and_how_perplexity_was_measured(tmp_path
     )
     assert code in (0, None), err
     text = " ".join(stdout.split())
-    assert "after 1 step (" in text and "after 1 steps" not in text
-    assert f"measured on {PerplexitySettings(seq_len=32).describe()} of the held-out play othello" in text
+    assert "healed: 1 step (" in text and "1 steps" not in text
+    settings = PerplexitySettings(seq_len=32, max_tokens=SUMMARY_TOKENS).describe()
+    assert f"against the dense model, on the held-out suite ({settings} of each genre)" in text
+    assert "(this model was calibrated or healed on other text, which may be of those genres)" in text  # --data
 
 
 def test_every_perplexity_carries_its_settings_to_the_report_and_the_card():

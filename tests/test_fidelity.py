@@ -278,7 +278,7 @@ def test_every_prune_keeps_its_drift_from_the_base_and_the_card_shows_it(tmp_pat
     )
     assert own.config.fidelity["default_calibration"] is False
     own_card = str(model_card(AutoModelForCausalLM.from_pretrained(tmp_path / "own")))
-    assert "this model was calibrated\non other text, which may be of those genres" in own_card
+    assert "this model was calibrated\nor healed on other text, which may be of those genres" in own_card
     quiet = ShortGPTConfig(layers=[2, 3], seq_len=32, verify=False, measure=False)
     skipped = prune_to_folder(tmp_path / "dense", quiet, tmp_path / "quiet", layer_by_layer=False, progress=False)
     assert skipped.config.fidelity is None
