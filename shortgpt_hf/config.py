@@ -118,7 +118,8 @@ class ShortGPTConfig:
     the recovery steps to run, in order: a method name, or a list of names or
     ``{"method": name, **options}`` dicts (a training-free method, fitted on the
     layers being removed, comes first; ``recovery_tokens`` caps its calibration
-    tokens); ``measure`` records held-out perplexity before and after each step.
+    tokens); ``measure`` records held-out perplexity before and after each step and
+    the result's fidelity to its dense base on the held-out suite.
     ``verify`` checks the result against the model with those layers skipped.
     ``mode="prefill_skip"`` (ShortGPT-gen) skips the layers during prefill only.
 

@@ -351,7 +351,8 @@ def test_cli_prunes_with_linear_repair_and_eval_compares_it_with_plain_removal_a
     from shortgpt_hf import heal, save_healed
 
     common = ["--layers", "13,14,25"]  # BI's lowest three: no scoring pass needed
-    code, out, err = run_cli(capsys, monkeypatch, "prune", smollm2_path, *common, "--out", tmp_path / "plain")
+    args = (*common, "--no-measure")  # plain removal is measured by the eval below
+    code, out, err = run_cli(capsys, monkeypatch, "prune", smollm2_path, *args, "--out", tmp_path / "plain")
     assert code == 0, err
     code, out, err = run_cli(
         capsys,
