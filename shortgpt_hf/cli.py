@@ -824,6 +824,8 @@ def heal(
     Cost, for SmolLM2-135M on 2 idle CPU cores: about 5 s a step and a 4.4 GiB
     peak with the teacher (3 s and 3.6 GiB with --kd-weight 0); 50 steps take
     about 4.5 minutes (3 without a teacher), several times longer on shared cores."""
+    from accelerate import PartialState
+
     from .atomic import check_destination
     from .config import ShortGPTConfig
     from .pipeline import record_fidelity
@@ -849,7 +851,7 @@ def heal(
         data,
         tokenizer=tok,
         steps=steps,
-        **({} if lr is None else {"lr": lr}),
+        lr=lr,
         r=r,
         alpha=alpha,
         layers=chosen,
@@ -857,23 +859,26 @@ def heal(
         batch_size=batch_size,
         teacher=teacher,
         kd_weight=kd_weight,
-        eval_data=None,
     )
     step = healed.get_base_model().config.shortgpt["recovery"][-1]
     distilled = f", distilled from {step['teacher']}" if step["teacher"] else ", on cross-entropy"
     say(f"healed: {steps} step{'s' if steps != 1 else ''} ({step['tokens']:,} tokens{distilled})")
-    if measure and record.base_model_name_or_path:
-        record_fidelity(
-            healed,
-            tok,
-            record.base_model_name_or_path,
-            revision=record.base_revision,
-            seq_len=seq_len,
-            default_calibration=data is None,
-        )
-        fidelity = healed.get_base_model().config.shortgpt["fidelity"]
-        if fidelity:
-            _print_fidelity(fidelity)
+    if measure and PartialState().is_main_process:  # under accelerate launch, one process measures and says it
+        if not record.base_model_name_or_path:
+            say("fidelity not measured: this pruned model records no dense base")
+        else:
+            pruned_on_default = (record.fidelity or {}).get("default_calibration", True)
+            record_fidelity(
+                healed,
+                tok,
+                record.base_model_name_or_path,
+                revision=record.base_revision,
+                seq_len=seq_len,
+                default_calibration=data is None and pruned_on_default,
+            )
+            fidelity = healed.get_base_model().config.shortgpt["fidelity"]
+            if fidelity:
+                _print_fidelity(fidelity)
     saved = save_healed(healed, out_dir, tok, merge=merge, overwrite=overwrite)
     say(f"{'merged checkpoint' if merge else 'adapter'} saved to {saved}")
 

@@ -352,7 +352,10 @@ class _OneWalk:
 
     def logits(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[torch.Tensor]:
         start, self._given = self._given, self._given + len(batches)
-        if [tuple(ids.shape) for ids, _ in batches] != [tuple(e.shape) for e in self._expected[start : self._given]]:
+        expected = self._expected[start : self._given]
+        if len(expected) != len(batches) or not all(
+            torch.equal(i, e) for (i, _), e in zip(batches, expected, strict=False)
+        ):
             raise ShortGPTError("the suite asked the walked reference for batches it was not walked over")
         return itertools.islice(self._logits, len(batches))
 

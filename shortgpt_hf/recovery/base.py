@@ -47,16 +47,21 @@ class RecoveryMethod(ABC):
     summary: ClassVar[str]
     needs_removed_layers: ClassVar[bool] = False
 
-    def option_names(self) -> set[str]:
+    def option_names(self) -> set[str] | None:
         """The options this method takes: the keyword parameters of `apply`, but for ``fitted``,
-        which the pipeline passes. A method whose `apply` takes ``**options`` overrides this."""
+        which the pipeline passes; None (any) when `apply` takes ``**options`` and the method
+        says no more. A method that checks its ``**options`` itself overrides this."""
+        parameters = inspect.signature(self.apply).parameters.values()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return None
         named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        parameters = [p for p in inspect.signature(self.apply).parameters.values() if p.kind in named]
-        return {p.name for p in parameters[3:]} - {"fitted"}  # after the model, windows and tokenizer
+        after_data = [p for p in parameters if p.kind in named][3:]  # after the model, windows and tokenizer
+        return {p.name for p in after_data} - {"fitted"}
 
     def refuse_unknown(self, options: dict[str, Any]) -> None:
         """A misspelt option fails in one line when a request or a step is built, not after minutes of work."""
-        unknown = sorted(set(options) - self.option_names())
+        names = self.option_names()
+        unknown = sorted(set(options) - names) if names is not None else []
         if unknown:
             raise InvalidRequest(f"recovery method {self.name!r}: got an unexpected keyword argument {unknown[0]!r}")
 
@@ -89,7 +94,8 @@ def register(cls: type[RecoveryMethod]) -> type[RecoveryMethod]:
 def takes_option(method: str, option: str) -> bool:
     """Whether registered method ``method`` accepts ``option`` (``progress``, say), so a caller
     can pass a common option only to the methods that have it."""
-    return option in RECOVERY_METHODS.get_or_refuse(method).option_names()
+    names = RECOVERY_METHODS.get_or_refuse(method).option_names()
+    return names is None or option in names
 
 
 def recovered_base(model: nn.Module) -> nn.Module:

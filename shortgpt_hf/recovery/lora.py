@@ -88,7 +88,7 @@ class LoraRecovery(TrainingRecovery):
     """LoRA (or QLoRA) adapters trained with PEFT in a plain accelerate loop; see `heal`."""
 
     name = "lora"
-    summary = "LoRA adapters trained with PEFT (optionally distilled from the dense model); returns a PEFT model"
+    summary = "LoRA adapters trained with PEFT, distilled from the dense base by default; returns a PEFT model"
     default_lr = 2e-4
 
     def check(

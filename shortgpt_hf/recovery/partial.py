@@ -8,7 +8,7 @@ plain model, not an adapter: its weights are saved like any pruned
 checkpoint's (``save_pruned``) and load with no PEFT.
 
 Training is the loop every training recovery shares (`training.train`): on
-CPU, a GPU or several processes, optionally distilled from the dense model.
+CPU, a GPU or several processes, distilled from the dense base by default.
 The output head is trained only when asked (``head=True``), and refused when
 it is tied to the input embeddings (training it would change them too).
 """

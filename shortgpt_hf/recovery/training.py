@@ -12,6 +12,7 @@ or next-token cross-entropy alone. What trains is whatever in the model has
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -25,8 +26,8 @@ from tqdm.auto import tqdm
 from ..calibration import TokenWindows
 from ..config import ShortGPTConfig
 from ..errors import InvalidRequest, ShortGPTError
-from ..layers import input_device
-from ..sources import resolve
+from ..layers import input_device, text_config
+from ..sources import recorded_name, resolve
 from .base import RecoveryMethod, recovered_base
 
 BASE_TEACHER = "base"  # the dense model a pruned one records as its base
@@ -90,7 +91,9 @@ class TrainingRecovery(RecoveryMethod):
     default_lr: ClassVar[float]
 
     def option_names(self) -> set[str]:
-        return super().option_names() | TRAINING_OPTIONS
+        named = (inspect.Parameter.KEYWORD_ONLY,)
+        parameters = inspect.signature(self.apply).parameters.values()
+        return {p.name for p in parameters if p.kind in named} | TRAINING_OPTIONS
 
     def training(self, model: nn.Module, given: dict[str, Any], *, load: bool) -> TrainingOptions:
         """The shared options from what the caller gave, checked, with this method's learning rate
@@ -103,20 +106,26 @@ class TrainingRecovery(RecoveryMethod):
 
 def dense_teacher(model: nn.Module, options: TrainingOptions, *, load: bool = True) -> nn.Module | None:
     """The model ``options.teacher`` stands for. ``"base"``: the dense model ``model`` was pruned
-    from, by the name and revision its record keeps; another name or folder: that model. Either is
-    loaded in the student's dtype, on its input device (spread like it with a device map). A model
-    is used as given; None, or ``kd_weight=0``, is no teacher. A pruned model that records no base
-    heals on cross-entropy, with a warning; a base recorded but not found is refused."""
+    from, by the name and revision its record keeps (a model not pruned yet, as `prune` runs a
+    method, is its own base); another name or folder: that model. Either is loaded in the
+    student's dtype, spread with ``device_map="auto"`` when the student is spread over devices,
+    else moved to the training device by `train`. A model is used as given; None, or
+    ``kd_weight=0``, is no teacher. A pruned model that records no base heals on cross-entropy,
+    with a warning; a base recorded but not found is refused, as is a teacher whose vocabulary
+    is not the student's."""
     from ..loading import load_model  # here: loading imports the recovery package, which imports this
 
     teacher = options.teacher
-    if teacher is None or options.kd_weight == 0 or isinstance(teacher, nn.Module):
-        return teacher if options.kd_weight > 0 else None
     student = recovered_base(model)
+    if teacher is None or options.kd_weight == 0 or isinstance(teacher, nn.Module):
+        chosen = teacher if options.kd_weight > 0 else None
+        return _same_vocabulary(chosen, student)
     name, revision = str(teacher), None
     if teacher == BASE_TEACHER:
         record = ShortGPTConfig.from_model(student)
-        name, revision = (record.base_model_name_or_path, record.base_revision) if record else (None, None)
+        name, revision = (
+            (record.base_model_name_or_path, record.base_revision) if record else recorded_name(student.name_or_path)
+        )
         if not name:
             if load:
                 warnings.warn(
@@ -131,12 +140,29 @@ def dense_teacher(model: nn.Module, options: TrainingOptions, *, load: bool = Tr
         raise InvalidRequest(
             f"the teacher to distil from: {e} (give another with teacher= / --teacher, or none with kd_weight=0)"
         ) from None
+    if getattr(student, "is_loaded_in_4bit", False):
+        raise InvalidRequest(
+            "a 4-bit (QLoRA) student would get a full-precision teacher by name: load the teacher as you want it "
+            "and pass the model (teacher=...), or train on cross-entropy (kd_weight=0)"
+        )
     if not load:
         return None
     spread = len(set((getattr(student, "hf_device_map", None) or {}).values())) > 1
     placement = {"device_map": "auto"} if spread else {}
     dense, _ = load_model(name, tokenizer=False, revision=revision, dtype=student.dtype, **placement)
-    return dense if spread else dense.to(input_device(student))
+    return _same_vocabulary(dense, student)
+
+
+def _same_vocabulary(teacher: nn.Module | None, student: nn.Module) -> nn.Module | None:
+    """``teacher``, or a one-line refusal when its next-token distribution is over another vocabulary."""
+    if teacher is not None:
+        ours, theirs = text_config(student).vocab_size, text_config(recovered_base(teacher)).vocab_size
+        if ours != theirs:
+            raise InvalidRequest(
+                f"the teacher predicts over {theirs:,} tokens and this model over {ours:,}: distil from a model "
+                "with the same tokenizer"
+            )
+    return teacher
 
 
 LOSS_CHUNK_ELEMENTS = 2**23  # logits per chunk of the loss: 32 MiB for each float32 temporary
@@ -147,7 +173,7 @@ def healing_loss(
     ids: torch.Tensor,
     mask: torch.Tensor,
     teacher_logits: torch.Tensor | None = None,
-    kd_weight: float = 0.5,
+    kd_weight: float = 1.0,
     temperature: float = 1.0,
     chunk_tokens: int | None = None,
 ) -> torch.Tensor:
@@ -254,6 +280,8 @@ def train(
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)  # each process gets its own share
     distilling = teacher is not None and kd_weight > 0
     if teacher is not None:
+        if not getattr(teacher, "hf_device_map", None):  # like the student, on the device this process trains on
+            teacher.to(accelerator.device)
         teacher.eval()
         teacher_device = input_device(teacher)
 
@@ -279,7 +307,7 @@ def train(
     tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
     bar = tqdm(
         range(steps),
-        desc=f"healing ({'CE+KD' if teacher is not None else 'CE'})",
+        desc=f"healing ({'CE' if not distilling else 'KD' if kd_weight == 1 else 'CE+KD'})",
         disable=not (options.progress and accelerator.is_main_process),
     )
     for step in bar:
