@@ -106,7 +106,8 @@ def perplexity(
     ``max_tokens`` tokens, in windows of ``seq_len`` tokens moved by ``stride``
     (default: disjoint windows, see `PerplexitySettings`; smaller: more context
     per token, at about ``seq_len / stride`` times the cost)."""
-    nll, count, _ = _log_likelihood(model, tokenizer, texts, seq_len, stride, max_tokens, batch_size, progress)
+    batches = perplexity_batches(tokenizer, texts, seq_len, stride, max_tokens, batch_size)
+    nll, count, _ = _log_likelihood(model, batches, progress)
     return math.exp(nll / count)
 
 
@@ -171,18 +172,13 @@ def negative_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> tuple
 @torch.no_grad()
 def _log_likelihood(
     model: nn.Module,
-    tokenizer: Any,
-    texts: CalibrationData,
-    seq_len: int,
-    stride: int | None,
-    max_tokens: int | None,
-    batch_size: int,
+    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     progress: bool,
     reference: nn.Module | ReferenceLogits | None = None,
 ) -> tuple[float, int, FidelityTotals | None]:
-    """Summed negative log-likelihood and the number of tokens it covers; with a ``reference``
-    model, also its fidelity totals on the same windows, one batch of both models' logits at a time."""
-    batches = perplexity_batches(tokenizer, texts, seq_len, stride, max_tokens, batch_size)
+    """Summed negative log-likelihood over `perplexity_batches` and the number of tokens it covers;
+    with a ``reference`` model, also its fidelity totals on the same windows, one batch of both
+    models' logits at a time."""
     device = input_device(model)
     nll, count = 0.0, 0
     totals = FidelityTotals() if reference is not None else None
@@ -313,7 +309,7 @@ def _perplexity_results(
     """``ppl`` or ``ppl:FILE``: see `_text_results`."""
     source = spec.partition(":")[2] or None
     dataset = f"file:{Path(source).name}" if source else HELDOUT_DATASET
-    return _text_results(model, tokenizer, source, dataset, options, reference)
+    return _text_results(model, _batches(tokenizer, source, options), dataset, options, reference)
 
 
 def _suite_results(
@@ -321,14 +317,13 @@ def _suite_results(
 ) -> list[EvalResult]:
     """Every domain of the held-out suite (`domains`) and, against a ``reference``, the mean fidelity
     figures over all domains and over the unseen ones (the genres the packaged calibration never reads)."""
-    texts = [domain.read() for domain in DOMAINS]
+    parts = [_batches(tokenizer, domain.read(), options) for domain in DOMAINS]
     if reference is not None and not isinstance(reference, nn.Module):
-        keys = ("seq_len", "stride", "max_tokens", "batch_size")
-        reference = _OneWalk(reference, [perplexity_batches(tokenizer, t, *(options[k] for k in keys)) for t in texts])
+        reference = _OneWalk(reference, parts)
     results = []
-    for domain, text in zip(DOMAINS, texts, strict=True):
+    for domain, batches in zip(DOMAINS, parts, strict=True):
         task = f"perplexity:{domain.name}"
-        results += _text_results(model, tokenizer, text, domain.name, options, reference, task=task)
+        results += _text_results(model, batches, domain.name, options, reference, task=task)
     if reference is None:
         return results
     groups = {"all": [d.name for d in DOMAINS], "unseen": [d.name for d in DOMAINS if not d.calibrated]}
@@ -346,6 +341,7 @@ class _OneWalk:
     per genre. The genres must ask for their batches in the order given here (checked)."""
 
     def __init__(self, reference: ReferenceLogits, parts: list[list[tuple[torch.Tensor, ...]]]):
+        # the same batch objects come back, genre by genre: no genre is tokenized twice
         self._expected = [ids for part in parts for ids, *_ in part]
         self._logits = reference.logits([(ids, mask) for part in parts for ids, mask, *_ in part])
         self._given = 0
@@ -353,9 +349,7 @@ class _OneWalk:
     def logits(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[torch.Tensor]:
         start, self._given = self._given, self._given + len(batches)
         expected = self._expected[start : self._given]
-        if len(expected) != len(batches) or not all(
-            torch.equal(i, e) for (i, _), e in zip(batches, expected, strict=False)
-        ):
+        if len(expected) != len(batches) or not all(i is e for (i, _), e in zip(batches, expected, strict=False)):
             raise ShortGPTError("the suite asked the walked reference for batches it was not walked over")
         return itertools.islice(self._logits, len(batches))
 
@@ -387,18 +381,23 @@ def fidelity_record(report: EvalReport, default_calibration: bool = True) -> dic
     }
 
 
+def _batches(tokenizer: Any, texts: CalibrationData, options: dict[str, Any]) -> list[tuple[torch.Tensor, ...]]:
+    """`perplexity_batches` of ``texts`` with the evaluation's windows."""
+    keys = ("seq_len", "stride", "max_tokens", "batch_size")
+    return perplexity_batches(tokenizer, texts, *(options[k] for k in keys))
+
+
 def _text_results(
     model: nn.Module,
-    tokenizer: Any,
-    texts: CalibrationData,
+    batches: list[tuple[torch.Tensor, ...]],
     dataset: str,
     options: dict[str, Any],
     reference: nn.Module | ReferenceLogits | None,
     task: str = "perplexity",
 ) -> list[EvalResult]:
-    """The perplexity of one text and, against a ``reference`` model, its fidelity figures on the same windows."""
-    keys = ("seq_len", "stride", "max_tokens", "batch_size", "progress")
-    nll, count, totals = _log_likelihood(model, tokenizer, texts, *(options[k] for k in keys), reference=reference)
+    """The perplexity of one text's `_batches` and, against a ``reference`` model, its fidelity
+    figures on the same windows."""
+    nll, count, totals = _log_likelihood(model, batches, options["progress"], reference=reference)
     settings = PerplexitySettings(options["seq_len"], options["stride"], options["max_tokens"]).describe()
     results = [EvalResult(task, dataset, "perplexity", math.exp(nll / count), False, count, settings=settings)]
     if totals is not None:

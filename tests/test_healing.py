@@ -457,8 +457,8 @@ def test_partial_tuning_refuses_a_tied_head_and_a_bad_layer_count():
 
 @pytest.mark.parametrize("method", ["lora", "partial"])
 def test_the_training_methods_share_one_set_of_options(method, saved_pruned):
-    """Both training methods take every `TrainingOptions` field, refuse the same bad values in one
-    line before training, and each trains at its own default rate unless given one."""
+    """Both training methods refuse the same bad shared options in one line before training, and
+    each trains at its own default rate unless given one."""
     from shortgpt_hf.recovery import RECOVERY_METHODS, recover
 
     chosen = RECOVERY_METHODS[method]

@@ -91,6 +91,13 @@ def register(cls: type[RecoveryMethod]) -> type[RecoveryMethod]:
     return cls
 
 
+def keyword_options(function: Any) -> set[str]:
+    """The keyword-only parameters of ``function``: the options a method names in its signature
+    (`FoldedRepair` in ``fit``'s, `TrainingRecovery` in ``apply``'s beside the shared ones)."""
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
 def takes_option(method: str, option: str) -> bool:
     """Whether registered method ``method`` accepts ``option`` (``progress``, say), so a caller
     can pass a common option only to the methods that have it."""

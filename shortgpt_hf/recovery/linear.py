@@ -43,7 +43,6 @@ picks layers greedily by the error left after each gap's best map.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -62,7 +61,7 @@ from ..errors import InvalidRequest, ShortGPTError, SourceUnavailable, Unsupport
 from ..families import Fold, describe, family_of, is_vision_language
 from ..layers import find_decoder_layers, text_config
 from ..metrics import Metric, Scored, register_metric
-from .base import RecoveryMethod, register
+from .base import RecoveryMethod, keyword_options, register
 
 if TYPE_CHECKING:
     from ..sources import Source
@@ -618,8 +617,7 @@ class FoldedRepair(RecoveryMethod):
     needs_removed_layers = True
 
     def option_names(self) -> set[str]:
-        parameters = inspect.signature(self.fit).parameters.values()
-        return {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        return keyword_options(self.fit)
 
     def check(self, model: nn.Module, *, ridge: Any = 0.0, **options: Any) -> None:
         """Refusals every least-squares-based method shares: a family with nowhere to fold, a bad

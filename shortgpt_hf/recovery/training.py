@@ -12,7 +12,6 @@ or next-token cross-entropy alone. What trains is whatever in the model has
 from __future__ import annotations
 
 import functools
-import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -28,7 +27,7 @@ from ..config import ShortGPTConfig
 from ..errors import InvalidRequest, ShortGPTError
 from ..layers import input_device, text_config
 from ..sources import recorded_name, resolve
-from .base import RecoveryMethod, recovered_base
+from .base import RecoveryMethod, keyword_options, recovered_base
 
 BASE_TEACHER = "base"  # the dense model a pruned one records as its base
 
@@ -91,9 +90,7 @@ class TrainingRecovery(RecoveryMethod):
     default_lr: ClassVar[float]
 
     def option_names(self) -> set[str]:
-        named = (inspect.Parameter.KEYWORD_ONLY,)
-        parameters = inspect.signature(self.apply).parameters.values()
-        return {p.name for p in parameters if p.kind in named} | TRAINING_OPTIONS
+        return keyword_options(self.apply) | TRAINING_OPTIONS
 
     def training(self, model: nn.Module, given: dict[str, Any], *, load: bool) -> TrainingOptions:
         """The shared options from what the caller gave, checked, with this method's learning rate
